@@ -1,0 +1,20 @@
+"""fastsae: sparse autoencoders with fused sparse kernels behind a drop-in torch module."""
+
+__version__ = "0.1.0"
+
+from fastsae.config import SAEConfig
+from fastsae.formats import load
+from fastsae.ops import available_backends, requested_backend, use_backend
+from fastsae.sae import SAE, TrainOutput
+from fastsae.sparse import SparseActivations
+
+__all__ = [
+    "SAE",
+    "SAEConfig",
+    "SparseActivations",
+    "TrainOutput",
+    "available_backends",
+    "load",
+    "requested_backend",
+    "use_backend",
+]

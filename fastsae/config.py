@@ -1,0 +1,132 @@
+"""`SAEConfig`: one dataclass for an SAE's shape, architecture and options, serialised to the
+SAELens v6 `cfg.json` (fastsae-only keys ride along; SAELens ignores keys it does not know)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+# Other names for the same architecture ("standard" is SAELens').
+ARCHITECTURE_ALIASES = {"standard": "relu", "relu": "relu"}
+
+# How the decoder's row norms are handled (ReLU's L1 penalty, and training constraints):
+#   "norm_weighted": L1 penalty sum_i |f_i| * ||W_dec,i|| (the April 2024 update; SAELens' loss)
+#   "unit_norm":     rows kept at unit norm, gradient's parallel component removed (the 2023 paper)
+#   "none":          plain L1 penalty sum_i |f_i|, decoder unconstrained
+DECODER_NORMS = ("norm_weighted", "unit_norm", "none")
+
+# normalize_activations values: "none"; "expected_average_only_in" scales the data outside the
+# SAE (in the activation store), so the SAE itself computes as with "none".
+NORMALIZE_ACTIVATIONS = ("none", "expected_average_only_in")
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def dtype_from_str(name: str) -> torch.dtype:
+    key = str(name).removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[key]
+
+
+def dtype_to_str(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass
+class SAEConfig:
+    d_in: int
+    d_sae: int
+    architecture: str = "topk"
+    k: Optional[int] = None  # topk and batchtopk: active latents per row (batchtopk: on average)
+    apply_b_dec_to_input: bool = True
+    rescale_acts_by_decoder_norm: bool = False  # topk/batchtopk: select on pre-acts * ||W_dec,i||
+    decoder_norm: str = "norm_weighted"
+    decoder_init_norm: Optional[float] = 0.1  # initial decoder row norm (None: kaiming rows as drawn)
+    jumprelu_init_threshold: float = 0.01
+    jumprelu_bandwidth: float = 0.05
+    topk_threshold_lr: float = 0.01  # batchtopk: EMA rate of the inference threshold
+    normalize_activations: str = "none"
+    dtype: str = "float32"
+    device: str = "cpu"
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.architecture, str) or self.architecture.lower() not in ARCHITECTURE_ALIASES and (
+            self.architecture.lower() not in ARCHITECTURES
+        ):
+            raise ValueError(
+                f"architecture: expected one of {ARCHITECTURES} (or 'standard' for relu), got {self.architecture!r}"
+            )
+        self.architecture = ARCHITECTURE_ALIASES.get(self.architecture.lower(), self.architecture.lower())
+        for name in ("d_in", "d_sae"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        if self.architecture in ("topk", "batchtopk"):
+            if self.k is None:
+                raise ValueError(f"k: the {self.architecture} architecture needs k (1 <= k <= d_sae={self.d_sae})")
+            if not _is_int(self.k) or not 1 <= self.k <= self.d_sae:
+                raise ValueError(f"k: expected an integer with 1 <= k <= d_sae={self.d_sae}, got {self.k!r}")
+        elif self.rescale_acts_by_decoder_norm:
+            raise ValueError(
+                f"rescale_acts_by_decoder_norm applies to topk and batchtopk, not {self.architecture!r}"
+            )
+        if self.decoder_norm not in DECODER_NORMS:
+            raise ValueError(f"decoder_norm: expected one of {DECODER_NORMS}, got {self.decoder_norm!r}")
+        if self.normalize_activations not in NORMALIZE_ACTIVATIONS:
+            raise ValueError(
+                f"normalize_activations: fastsae supports {NORMALIZE_ACTIVATIONS}, got {self.normalize_activations!r}"
+            )
+        if self.jumprelu_bandwidth <= 0:
+            raise ValueError(f"jumprelu_bandwidth: expected > 0, got {self.jumprelu_bandwidth}")
+        self.dtype = dtype_to_str(dtype_from_str(self.dtype))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return dtype_from_str(self.dtype)
+
+    # ------------------------------------------------------------ cfg.json
+
+    def to_dict(self) -> dict[str, Any]:
+        """The SAELens v6 inference cfg.json. BatchTopK saves as JumpReLU (as SAELens does), with
+        `fastsae_architecture` so fastsae loads it back as BatchTopK."""
+        d = dataclasses.asdict(self)
+        arch = self.architecture
+        d["architecture"] = {"relu": "standard", "batchtopk": "jumprelu"}.get(arch, arch)
+        if arch == "batchtopk":
+            d["fastsae_architecture"] = "batchtopk"
+        if arch not in ("topk", "batchtopk"):
+            d.pop("k")
+            d.pop("rescale_acts_by_decoder_norm")
+        d["reshape_activations"] = "none"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
+        """From a SAELens v6 cfg.json (or our own): unknown keys are ignored, as SAELens does."""
+        d = dict(d)
+        arch = d.pop("fastsae_architecture", None) or d.get("architecture")
+        if arch is None:
+            raise ValueError("cfg: missing 'architecture'")
+        d["architecture"] = arch
+        if d.get("reshape_activations", "none") != "none":
+            raise ValueError(f"reshape_activations: fastsae supports 'none', got {d['reshape_activations']!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {key: value for key, value in d.items() if key in names}
+        if kwargs.get("metadata") is None:
+            kwargs["metadata"] = {}
+        return cls(**kwargs)

@@ -1,0 +1,152 @@
+"""fastsae's torch.library custom ops: schemas, fake (meta) implementations and autograd.
+
+Each op's real implementation asks `dispatch.select` for the backend at call time, so the
+FASTSAE_BACKEND variable and `use_backend` apply to eager and compiled code alike.
+
+Forward ops:  fastsae::topk_encode, fastsae::sparse_decode
+Backward ops: fastsae::topk_encode_backward, fastsae::sparse_decode_backward
+The autograd glue below does the cheap [N, k] elementwise work (ReLU mask, decoder-norm
+factors, bias sums) in torch and hands the heavy sparse products to the backward ops.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastsae import reference
+from fastsae.ops import dispatch
+
+
+def _backend(t: Tensor):
+    return dispatch.select(t.device)[1]
+
+
+# ---------------------------------------------------------------- topk_encode
+
+
+@torch.library.custom_op("fastsae::topk_encode", mutates_args=())
+def topk_encode(
+    x: Tensor,
+    enc_weight: Tensor,
+    b_enc: Tensor,
+    b_dec: Optional[Tensor],
+    dec_norm: Optional[Tensor],
+    k: int,
+    dead_mask: Optional[Tensor],
+    k_aux: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _backend(x).topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux)
+
+
+@topk_encode.register_fake
+def _(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux):
+    n = x.shape[0]
+    return (
+        x.new_empty(n, k),
+        x.new_empty(n, k, dtype=torch.int64),
+        x.new_empty(n, k_aux),
+        x.new_empty(n, k_aux, dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("fastsae::topk_encode_backward", mutates_args=())
+def topk_encode_backward(
+    grad_pre: Tensor, indices: Tensor, x: Tensor, enc_weight: Tensor, b_dec: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _backend(x).topk_encode_backward(grad_pre, indices, x, enc_weight, b_dec)
+
+
+@topk_encode_backward.register_fake
+def _(grad_pre, indices, x, enc_weight, b_dec):
+    return torch.empty_like(x), torch.empty_like(enc_weight), enc_weight.new_empty(enc_weight.shape[0])
+
+
+def _topk_encode_setup(ctx, inputs, output):
+    x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux = inputs
+    values, indices, aux_values, aux_indices = output
+    ctx.has_b_dec = b_dec is not None
+    ctx.has_dec_norm = dec_norm is not None
+    ctx.k_aux = k_aux
+    ctx.save_for_backward(x, enc_weight, b_dec, dec_norm, dead_mask, values, indices, aux_values, aux_indices)
+
+
+def _topk_encode_grad(ctx, grad_values, grad_indices, grad_aux_values, grad_aux_indices):
+    x, enc_weight, b_dec, dec_norm, dead_mask, values, indices, aux_values, aux_indices = ctx.saved_tensors
+    if grad_values is None:
+        grad_values = torch.zeros_like(values)
+    # ReLU on the kept values: no gradient where the value was clamped to zero.
+    grad_act = torch.where(values > 0, grad_values, torch.zeros_like(grad_values))
+    acts, idx = values, indices
+    if ctx.k_aux > 0 and grad_aux_values is not None:
+        # Aux slots past the number of dead latents are constants.
+        grad_aux = torch.where(dead_mask[aux_indices], grad_aux_values, torch.zeros_like(grad_aux_values))
+        grad_act = torch.cat([grad_act, grad_aux], dim=1)
+        acts = torch.cat([values, aux_values], dim=1)
+        idx = torch.cat([indices, aux_indices], dim=1)
+
+    grad_dec_norm = None
+    if ctx.has_dec_norm:
+        norm = dec_norm[idx]
+        # act = pre * norm: d act/d pre = norm, d act/d norm = pre = act / norm.
+        grad_pre = grad_act * norm
+        grad_dec_norm = reference.scatter_sum(grad_act * acts / norm, idx, dec_norm.shape[0])
+    else:
+        grad_pre = grad_act
+
+    grad_x_in, grad_enc_weight, grad_b_enc = topk_encode_backward(grad_pre, idx, x, enc_weight, b_dec)
+    grad_b_dec = -grad_x_in.sum(0) if ctx.has_b_dec else None
+    return grad_x_in, grad_enc_weight, grad_b_enc, grad_b_dec, grad_dec_norm, None, None, None
+
+
+torch.library.register_autograd("fastsae::topk_encode", _topk_encode_grad, setup_context=_topk_encode_setup)
+
+
+# ---------------------------------------------------------------- sparse_decode
+
+
+@torch.library.custom_op("fastsae::sparse_decode", mutates_args=())
+def sparse_decode(
+    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Optional[Tensor], dec_norm: Optional[Tensor]
+) -> Tensor:
+    return _backend(values).sparse_decode(values, indices, W_dec, b_dec, dec_norm)
+
+
+@sparse_decode.register_fake
+def _(values, indices, W_dec, b_dec, dec_norm):
+    return W_dec.new_empty(values.shape[0], W_dec.shape[1])
+
+
+@torch.library.custom_op("fastsae::sparse_decode_backward", mutates_args=())
+def sparse_decode_backward(
+    grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, dec_norm: Optional[Tensor]
+) -> tuple[Tensor, Tensor]:
+    return _backend(values).sparse_decode_backward(grad_out, values, indices, W_dec, dec_norm)
+
+
+@sparse_decode_backward.register_fake
+def _(grad_out, values, indices, W_dec, dec_norm):
+    return torch.empty_like(values), torch.empty_like(W_dec)
+
+
+def _sparse_decode_setup(ctx, inputs, output):
+    values, indices, W_dec, b_dec, dec_norm = inputs
+    ctx.has_b_dec = b_dec is not None
+    ctx.has_dec_norm = dec_norm is not None
+    ctx.save_for_backward(values, indices, W_dec, dec_norm)
+
+
+def _sparse_decode_grad(ctx, grad_out):
+    values, indices, W_dec, dec_norm = ctx.saved_tensors
+    grad_values, grad_W_dec = sparse_decode_backward(grad_out.contiguous(), values, indices, W_dec, dec_norm)
+    grad_b_dec = grad_out.sum(0) if ctx.has_b_dec else None
+    grad_dec_norm = None
+    if ctx.has_dec_norm:
+        # out uses values / norm: d/d norm = -grad_coef * values / norm^2 = -grad_values * values / norm.
+        grad_dec_norm = -reference.scatter_sum(grad_values * values / dec_norm[indices], indices, dec_norm.shape[0])
+    return grad_values, None, grad_W_dec, grad_b_dec, grad_dec_norm
+
+
+torch.library.register_autograd("fastsae::sparse_decode", _sparse_decode_grad, setup_context=_sparse_decode_setup)

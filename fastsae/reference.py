@@ -1,0 +1,174 @@
+"""Pure-torch implementations of fastsae's ops.
+
+This module is the oracle every backend is tested against and the `torch` backend (the
+fallback that works on any device). It never imports a kernel.
+
+Shapes and layouts (all ops take 2-D activations; the module flattens leading dims):
+  x            [N, d_in]
+  enc_weight   [d_sae, d_in]   one row per latent (the transpose of SAELens' W_enc)
+  W_dec        [d_sae, d_in]   one row per latent (as in SAELens)
+  values       [N, m]          activations of the selected latents
+  indices      [N, m] int64    which latent each value belongs to
+  dec_norm     [d_sae]         decoder row norms, when activations are rescaled by them
+
+Precision: reductions accumulate in at least float32 and results come back in the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Temporary [rows, m, d] products are processed in chunks of at most this many elements, so
+# the fallback's memory stays O(N * d) rather than O(N * m * d).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _row_chunks(n_rows: int, per_row: int):
+    step = max(1, _CHUNK_ELEMENTS // max(1, per_row))
+    for start in range(0, n_rows, step):
+        yield start, min(n_rows, start + step)
+
+
+def gather_sum(coef: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
+    """out[n] = sum_j coef[n, j] * weight[indices[n, j]], accumulated in float32 or wider."""
+    acc = _acc_dtype(weight.dtype)
+    n, m = indices.shape
+    if m == 0:
+        return weight.new_zeros(n, weight.shape[1])
+    out = torch.empty(n, weight.shape[1], dtype=acc, device=weight.device)
+    w = weight.to(acc)
+    for a, b in _row_chunks(n, m * weight.shape[1]):
+        out[a:b] = F.embedding_bag(indices[a:b], w, per_sample_weights=coef[a:b].to(acc), mode="sum")
+    return out.to(weight.dtype)
+
+
+def gather_dot(rows: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
+    """out[n, j] = rows[n] . weight[indices[n, j]], accumulated in float32 or wider."""
+    acc = _acc_dtype(weight.dtype)
+    n, m = indices.shape
+    out = torch.empty(n, m, dtype=acc, device=weight.device)
+    for a, b in _row_chunks(n, m * weight.shape[1]):
+        picked = weight[indices[a:b]].to(acc)  # [rows, m, d]
+        out[a:b] = torch.bmm(picked, rows[a:b].to(acc).unsqueeze(-1)).squeeze(-1)
+    return out.to(weight.dtype)
+
+
+def scatter_outer(coef: Tensor, indices: Tensor, rows: Tensor, d_sae: int) -> Tensor:
+    """out[i] = sum over (n, j) with indices[n, j] == i of coef[n, j] * rows[n].
+
+    The transpose of `gather_sum`: the gradient of a weight matrix read through `indices`.
+    """
+    acc = _acc_dtype(rows.dtype)
+    n, m = indices.shape
+    d = rows.shape[1]
+    out = torch.zeros(d_sae, d, dtype=acc, device=rows.device)
+    for a, b in _row_chunks(n, m * d):
+        contrib = coef[a:b].to(acc).unsqueeze(-1) * rows[a:b].to(acc).unsqueeze(1)  # [rows, m, d]
+        out.index_add_(0, indices[a:b].reshape(-1), contrib.reshape(-1, d))
+    return out.to(rows.dtype)
+
+
+def scatter_sum(coef: Tensor, indices: Tensor, d_sae: int) -> Tensor:
+    """out[i] = sum over (n, j) with indices[n, j] == i of coef[n, j]."""
+    acc = _acc_dtype(coef.dtype)
+    out = torch.zeros(d_sae, dtype=acc, device=coef.device)
+    out.index_add_(0, indices.reshape(-1), coef.reshape(-1).to(acc))
+    return out.to(coef.dtype)
+
+
+def pre_activations(
+    x: Tensor, enc_weight: Tensor, b_enc: Tensor, b_dec: Optional[Tensor], dec_norm: Optional[Tensor]
+) -> Tensor:
+    """The dense [N, d_sae] pre-activations, (x - b_dec) W_enc + b_enc, optionally times the
+    decoder norms (SAELens' rescale_acts_by_decoder_norm)."""
+    x_in = x - b_dec if b_dec is not None else x
+    pre = torch.addmm(b_enc, x_in, enc_weight.t())
+    if dec_norm is not None:
+        pre = pre * dec_norm
+    return pre
+
+
+def topk_encode(
+    x: Tensor,
+    enc_weight: Tensor,
+    b_enc: Tensor,
+    b_dec: Optional[Tensor],
+    dec_norm: Optional[Tensor],
+    k: int,
+    dead_mask: Optional[Tensor],
+    k_aux: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top-k of the pre-activations per row, ReLU applied to the kept values (SAELens' TopK).
+
+    With k_aux > 0, also the top k_aux pre-activations among latents where dead_mask is True
+    (AuxK, Gao et al.), without ReLU; slots beyond the number of dead latents hold value 0.
+    Returns (values, indices, aux_values, aux_indices); the aux pair is [N, 0] when k_aux == 0.
+    """
+    pre = pre_activations(x, enc_weight, b_enc, b_dec, dec_norm)
+    top = pre.topk(k, dim=-1, sorted=False)
+    values = top.values.relu()
+    n = x.shape[0]
+    if k_aux > 0:
+        assert dead_mask is not None
+        masked = pre.masked_fill(~dead_mask, float("-inf"))
+        aux = masked.topk(k_aux, dim=-1, sorted=False)
+        aux_values = torch.where(dead_mask[aux.indices], aux.values, torch.zeros_like(aux.values))
+        aux_indices = aux.indices
+    else:
+        aux_values = x.new_zeros(n, 0)
+        aux_indices = torch.zeros(n, 0, dtype=torch.int64, device=x.device)
+    return values, top.indices, aux_values, aux_indices
+
+
+def topk_encode_backward(
+    grad_pre: Tensor, indices: Tensor, x: Tensor, enc_weight: Tensor, b_dec: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of the encoder from the gradient of the pre-activations at `indices` only.
+
+    grad_pre [N, m] is d loss / d pre[n, indices[n, j]] (ReLU and decoder-norm factors already
+    applied). Returns (grad_x_in, grad_enc_weight, grad_b_enc) where x_in = x - b_dec, so
+    grad_x = grad_x_in and grad_b_dec = -grad_x_in.sum(0).
+    """
+    x_in = x - b_dec if b_dec is not None else x
+    d_sae = enc_weight.shape[0]
+    grad_x_in = gather_sum(grad_pre, indices, enc_weight).to(x.dtype)
+    grad_enc_weight = scatter_outer(grad_pre, indices, x_in, d_sae).to(enc_weight.dtype)
+    grad_b_enc = scatter_sum(grad_pre, indices, d_sae).to(enc_weight.dtype)
+    return grad_x_in, grad_enc_weight, grad_b_enc
+
+
+def sparse_decode(
+    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Optional[Tensor], dec_norm: Optional[Tensor]
+) -> Tensor:
+    """x_hat[n] = sum_j values[n, j] * W_dec[indices[n, j]] / dec_norm[indices[n, j]] + b_dec."""
+    coef = values / dec_norm[indices] if dec_norm is not None else values
+    out = gather_sum(coef, indices, W_dec)
+    if b_dec is not None:
+        out = out + b_dec
+    return out
+
+
+def sparse_decode_backward(
+    grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, dec_norm: Optional[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Returns (grad_values, grad_W_dec) of `sparse_decode` (b_dec's gradient is grad_out.sum(0);
+    dec_norm's is -scatter_sum(grad_values * values / dec_norm[indices]))."""
+    d_sae = W_dec.shape[0]
+    grad_coef = gather_dot(grad_out, indices, W_dec)
+    if dec_norm is not None:
+        norm = dec_norm[indices]
+        coef = values / norm
+        grad_values = grad_coef / norm
+    else:
+        coef = values
+        grad_values = grad_coef
+    grad_W_dec = scatter_outer(coef, indices, grad_out, d_sae)
+    return grad_values.to(values.dtype), grad_W_dec.to(W_dec.dtype)

@@ -1,0 +1,324 @@
+"""`fastsae.SAE`: a drop-in sparse autoencoder module.
+
+Parameters carry SAELens' names and shapes: W_enc [d_in, d_sae], b_enc [d_sae],
+W_dec [d_sae, d_in], b_dec [d_in] and, for JumpReLU, threshold [d_sae]. W_enc is stored
+latent-major ([d_sae, d_in] in memory, seen through a transpose) so that each latent's encoder
+row is contiguous for the sparse kernels; `sae.W_enc` still looks exactly like SAELens'.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from fastsae import ops
+from fastsae.activations import JumpReLU, Step, batch_topk
+from fastsae.config import SAEConfig
+from fastsae.sparse import SparseActivations
+
+
+@dataclass
+class TrainOutput:
+    """What `SAE.training_forward` returns. Losses are scalars; `loss` is their weighted sum."""
+
+    x_hat: Tensor
+    acts: Union[SparseActivations, Tensor]  # sparse for topk, dense [N, d_sae] otherwise
+    mse_loss: Tensor
+    sparsity_loss: Tensor
+    aux_loss: Tensor
+    loss: Tensor
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder: `SAE(SAEConfig(...))` or `SAE(d_in=..., d_sae=..., architecture=..., k=...)`.
+
+    - `sae(x)`: the reconstruction, shaped like x ([..., d_in]).
+    - `sae.encode(x)`: dense activations [..., d_sae]; `sae.encode_sparse(x)`: `SparseActivations`.
+    - `sae.decode(a)`: from dense activations or `SparseActivations`.
+    - `sae.training_forward(x, ...)`: reconstruction plus the architecture's losses.
+    - `sae.save(dir)` / `fastsae.load(dir)`: SAELens v6 folders.
+    """
+
+    def __init__(self, cfg: Optional[SAEConfig] = None, **kwargs):
+        super().__init__()
+        if cfg is None:
+            cfg = SAEConfig(**kwargs)
+        elif kwargs:
+            raise ValueError(f"SAE: pass either a SAEConfig or keyword options, not both (got {sorted(kwargs)})")
+        if not isinstance(cfg, SAEConfig):
+            raise ValueError(f"SAE: expected a fastsae.SAEConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        d_in, d_sae = cfg.d_in, cfg.d_sae
+        factory = dict(dtype=cfg.torch_dtype, device=torch.device(cfg.device))
+
+        w_dec = torch.empty(d_sae, d_in, dtype=torch.float32, device=factory["device"])
+        nn.init.kaiming_uniform_(w_dec, a=math.sqrt(5))
+        if cfg.decoder_norm == "unit_norm":
+            w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+        elif cfg.decoder_init_norm is not None:
+            w_dec = w_dec / w_dec.norm(dim=1, keepdim=True) * cfg.decoder_init_norm
+        w_dec = w_dec.to(cfg.torch_dtype)
+        self.W_dec = nn.Parameter(w_dec)
+        # Tied initialisation (W_enc = W_dec^T), stored latent-major.
+        self.W_enc = nn.Parameter(w_dec.clone().t())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
+        if cfg.architecture == "jumprelu":
+            self.threshold = nn.Parameter(torch.full((d_sae,), cfg.jumprelu_init_threshold, **factory))
+        if cfg.architecture == "batchtopk":
+            # The inference threshold: an EMA of the smallest positive training activation.
+            self.register_buffer("topk_threshold", torch.zeros((), dtype=torch.float64, device=factory["device"]))
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    @property
+    def architecture(self) -> str:
+        return self.cfg.architecture
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    @property
+    def enc_weight(self) -> Tensor:
+        """The encoder latent-major, [d_sae, d_in] (a view of W_enc)."""
+        return self.W_enc.t()
+
+    def _dec_norm(self) -> Optional[Tensor]:
+        return self.W_dec.norm(dim=1) if self.cfg.rescale_acts_by_decoder_norm else None
+
+    def _b_dec_in(self) -> Optional[Tensor]:
+        return self.b_dec if self.cfg.apply_b_dec_to_input else None
+
+    def extra_repr(self) -> str:
+        extra = f", k={self.cfg.k}" if self.cfg.k is not None else ""
+        return f"d_in={self.d_in}, d_sae={self.d_sae}, architecture={self.architecture!r}{extra}, dtype={self.dtype}"
+
+    # ------------------------------------------------------------ input checks
+
+    def _check_tensor(self, t, what: str, width: int, width_name: str) -> None:
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.ndim < 1 or t.shape[-1] != width:
+            raise ValueError(f"{what}: expected shape [..., {width}] ({width_name}={width}), got {tuple(t.shape)}")
+        if t.dtype != self.dtype:
+            raise ValueError(f"{what}: expected dtype {self.dtype} (the SAE's), got {t.dtype}")
+        if t.device != self.device:
+            raise ValueError(f"{what}: expected device {self.device} (the SAE's), got {t.device}")
+
+    def _flat_input(self, x: Tensor) -> Tensor:
+        self._check_tensor(x, "input", self.d_in, "d_in")
+        return x.reshape(-1, self.d_in)
+
+    # ------------------------------------------------------------ encode
+
+    def _pre_dense(self, x2: Tensor) -> Tensor:
+        x_in = x2 - self.b_dec if self.cfg.apply_b_dec_to_input else x2
+        pre = x_in @ self.W_enc + self.b_enc
+        dec_norm = self._dec_norm()
+        return pre * dec_norm if dec_norm is not None else pre
+
+    def _acts_dense(self, x2: Tensor, pre: Optional[Tensor] = None) -> Tensor:
+        """Dense activations [N, d_sae] for relu, jumprelu and batchtopk."""
+        pre = self._pre_dense(x2) if pre is None else pre
+        arch = self.architecture
+        if arch == "relu":
+            return pre.relu()
+        if arch == "jumprelu":
+            return JumpReLU.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth)
+        if arch == "batchtopk":
+            if self.training:
+                return batch_topk(pre.relu(), self.cfg.k)
+            return pre.relu() * (pre > self.topk_threshold).to(pre.dtype)
+        raise AssertionError(arch)
+
+    def _topk_flat(self, x2: Tensor, dead_mask: Optional[Tensor] = None, k_aux: int = 0):
+        return ops.topk_encode(
+            x2, self.enc_weight, self.b_enc, self._b_dec_in(), self._dec_norm(), self.cfg.k, dead_mask, k_aux
+        )
+
+    def encode_sparse(self, x: Tensor) -> SparseActivations:
+        """Activations as `SparseActivations` with x's leading dims: [..., m]."""
+        lead = x.shape[:-1] if isinstance(x, Tensor) else ()
+        x2 = self._flat_input(x)
+        if self.architecture == "topk":
+            values, indices, _, _ = self._topk_flat(x2)
+            sparse = SparseActivations(values, indices, self.d_sae)
+        else:
+            sparse = SparseActivations.from_dense(self._acts_dense(x2))
+        m = sparse.width
+        return SparseActivations(sparse.values.reshape(*lead, m), sparse.indices.reshape(*lead, m), self.d_sae)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense activations [..., d_sae], as SAELens' encode returns them."""
+        lead = x.shape[:-1] if isinstance(x, Tensor) else ()
+        x2 = self._flat_input(x)
+        if self.architecture == "topk":
+            values, indices, _, _ = self._topk_flat(x2)
+            dense = SparseActivations(values, indices, self.d_sae).to_dense()
+        else:
+            dense = self._acts_dense(x2)
+        return dense.reshape(*lead, self.d_sae)
+
+    # ------------------------------------------------------------ decode
+
+    def decode(self, acts: Union[Tensor, SparseActivations]) -> Tensor:
+        """Reconstruction [..., d_in] from dense [..., d_sae] activations or `SparseActivations`."""
+        dec_norm = self._dec_norm()
+        if isinstance(acts, SparseActivations):
+            if acts.d_sae != self.d_sae:
+                raise ValueError(f"activations: expected d_sae={self.d_sae}, got SparseActivations with d_sae={acts.d_sae}")
+            self._check_tensor(acts.values, "activations.values", acts.width, "m")
+            if acts.indices.device != self.device:
+                raise ValueError(f"activations.indices: expected device {self.device}, got {acts.indices.device}")
+            lead = acts.values.shape[:-1]
+            flat = acts.flatten()
+            out = ops.sparse_decode(flat.values, flat.indices, self.W_dec, self.b_dec, dec_norm)
+            return out.reshape(*lead, self.d_in)
+        self._check_tensor(acts, "activations", self.d_sae, "d_sae")
+        if dec_norm is not None:
+            acts = acts / dec_norm
+        return acts @ self.W_dec + self.b_dec
+
+    # ------------------------------------------------------------ forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The reconstruction x_hat, shaped like x."""
+        lead = x.shape[:-1] if isinstance(x, Tensor) else ()
+        x2 = self._flat_input(x)
+        if self.architecture == "topk":
+            values, indices, _, _ = self._topk_flat(x2)
+            x_hat = ops.sparse_decode(values, indices, self.W_dec, self.b_dec, self._dec_norm())
+        else:
+            x_hat = self.decode(self._acts_dense(x2))
+        return x_hat.reshape(*lead, self.d_in)
+
+    def training_forward(
+        self,
+        x: Tensor,
+        *,
+        sparsity_coefficient: float = 0.0,
+        dead_mask: Optional[Tensor] = None,
+        k_aux: Optional[int] = None,
+        aux_coefficient: float = 1.0 / 32,
+    ) -> TrainOutput:
+        """Reconstruction and losses for one training batch (rows flattened).
+
+        - mse_loss: sum over d_in of (x_hat - x)^2, averaged over rows (SAELens' convention).
+        - relu: sparsity_loss = coefficient * mean over rows of sum_i |f_i| * ||W_dec,i||
+          (decoder_norm "norm_weighted" or "unit_norm"; plain |f_i| with "none").
+        - jumprelu: sparsity_loss = coefficient * mean L0, through the step pseudo-gradient.
+        - topk / batchtopk: with a bool `dead_mask` [d_sae], the AuxK loss of Gao et al.:
+          the top k_aux (default d_in // 2) dead latents reconstruct the detached residual,
+          aux_loss = aux_coefficient * min(1, n_dead / k_aux) * mean ||e_hat - e||^2.
+        BatchTopK also updates its inference threshold here.
+        """
+        x2 = self._flat_input(x)
+        zero = x2.new_zeros(())
+        sparsity = aux = zero
+        arch = self.architecture
+        aux_pair = None
+        if arch == "topk":
+            n_aux = self._aux_width(dead_mask, k_aux)
+            values, indices, aux_values, aux_indices = self._topk_flat(x2, dead_mask if n_aux else None, n_aux)
+            acts: Union[SparseActivations, Tensor] = SparseActivations(values, indices, self.d_sae)
+            x_hat = ops.sparse_decode(values, indices, self.W_dec, self.b_dec, self._dec_norm())
+            if n_aux:
+                aux_pair = (aux_values, aux_indices, n_aux)
+        else:
+            pre = self._pre_dense(x2)
+            acts = self._acts_dense(x2, pre)
+            x_hat = self.decode(acts)
+            if arch == "relu" and sparsity_coefficient:
+                weight = self.W_dec.norm(dim=1) if self.cfg.decoder_norm != "none" else 1.0
+                sparsity = sparsity_coefficient * (acts.abs() * weight).sum(-1).mean()
+            elif arch == "jumprelu" and sparsity_coefficient:
+                l0 = Step.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth).sum(-1)
+                sparsity = sparsity_coefficient * l0.mean()
+            elif arch == "batchtopk":
+                self._update_topk_threshold(acts)
+                n_aux = self._aux_width(dead_mask, k_aux)
+                if n_aux:
+                    masked = pre.masked_fill(~dead_mask, float("-inf"))
+                    top = masked.topk(n_aux, dim=-1, sorted=False)
+                    aux_pair = (top.values, top.indices, n_aux)
+        mse = (x_hat - x2).pow(2).sum(-1).mean()
+        if aux_pair is not None:
+            aux_values, aux_indices, n_aux = aux_pair
+            n_dead = int(dead_mask.sum())
+            residual = (x2 - x_hat).detach()
+            e_hat = ops.sparse_decode(aux_values, aux_indices, self.W_dec, None, self._dec_norm())
+            scale = min(1.0, n_dead / n_aux)
+            aux = aux_coefficient * scale * (e_hat - residual).pow(2).sum(-1).mean()
+        return TrainOutput(x_hat.reshape(x.shape), acts, mse, sparsity, aux, mse + sparsity + aux)
+
+    def _aux_width(self, dead_mask: Optional[Tensor], k_aux: Optional[int]) -> int:
+        if dead_mask is None:
+            return 0
+        if dead_mask.shape != (self.d_sae,) or dead_mask.dtype != torch.bool:
+            raise ValueError(
+                f"dead_mask: expected a bool tensor of shape ({self.d_sae},), got {dead_mask.dtype} {tuple(dead_mask.shape)}"
+            )
+        n_dead = int(dead_mask.sum())
+        if n_dead == 0:
+            return 0
+        k_aux = self.d_in // 2 if k_aux is None else k_aux
+        if k_aux < 1:
+            raise ValueError(f"k_aux: expected a positive integer, got {k_aux}")
+        return min(k_aux, n_dead, self.d_sae)
+
+    @torch.no_grad()
+    def _update_topk_threshold(self, acts: Tensor) -> None:
+        positive = acts[acts > 0]
+        if positive.numel():
+            lr = self.cfg.topk_threshold_lr
+            self.topk_threshold.mul_(1 - lr).add_(lr * positive.min().to(torch.float64))
+
+    # ------------------------------------------------------------ decoder constraints
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        """Scale every decoder row to unit norm (the 2023 paper's constraint)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.dtype).tiny))
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        """Remove from W_dec.grad its component along each decoder row (call between backward
+        and the optimizer step, with unit-norm rows)."""
+        if self.W_dec.grad is None:
+            return
+        direction = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.dtype).tiny)
+        parallel = (self.W_dec.grad * direction).sum(dim=1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * direction)
+
+    # ------------------------------------------------------------ persistence
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write a SAELens v6 folder (cfg.json + sae_weights.safetensors)."""
+        from fastsae.formats import saelens
+
+        return saelens.save(self, path)
+
+    @classmethod
+    def load(cls, path: Union[str, Path], device=None, dtype=None) -> "SAE":
+        from fastsae.formats import load
+
+        return load(path, device=device, dtype=dtype)

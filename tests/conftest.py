@@ -1,0 +1,28 @@
+import os
+
+import pytest
+import torch
+
+# Tests compare against float64 references: keep CPU matmuls deterministic and fast on 2 cores.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5, what: str = "") -> None:
+    """max |out - ref| <= tol * max |ref| (relative error of the whole tensor), with shapes equal."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite values"
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    err = (out.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
+    assert err <= tol * max(scale, 1e-30), f"{what}: max error {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+def assert_bf16_close(out: torch.Tensor, ref: torch.Tensor, same_dtype: torch.Tensor, atol: float, what: str = ""):
+    """flash-attention's rule: |out - ref| <= 2 |torch_same_dtype - ref| + atol (max over elements)."""
+    err = (out.double() - ref).abs().max().item()
+    base = (same_dtype.double() - ref).abs().max().item()
+    assert err <= 2 * base + atol, f"{what}: error {err:.3g} > 2 * {base:.3g} + {atol:g}"

@@ -1,0 +1,234 @@
+"""The ops (topk_encode, sparse_decode and their backward) against float64 references."""
+
+import pytest
+import torch
+from conftest import assert_rel_close
+
+from fastsae import ops, reference
+
+SHAPES = [(48, 333, 1), (48, 333, 7), (100, 1000, 16), (100, 333, 7), (48, 1000, 1)]
+
+
+def _inputs(n, d_in, d_sae, dtype=torch.float32):
+    x = torch.randn(n, d_in, dtype=dtype)
+    enc = torch.randn(d_sae, d_in, dtype=dtype) / d_in**0.5
+    b_enc = torch.randn(d_sae, dtype=dtype) * 0.1
+    b_dec = torch.randn(d_in, dtype=dtype) * 0.1
+    dec_norm = torch.rand(d_sae, dtype=dtype) + 0.5
+    return x, enc, b_enc, b_dec, dec_norm
+
+
+def _pre64(x, enc, b_enc, b_dec, dec_norm):
+    x, enc, b_enc = x.double(), enc.double(), b_enc.double()
+    pre = (x - b_dec.double() if b_dec is not None else x) @ enc.T + b_enc
+    return pre * dec_norm.double() if dec_norm is not None else pre
+
+
+def _check_topk_selection(values, indices, pre64, k, tol=1e-5):
+    """indices are k distinct latents whose float64 pre-activations are a top-k of their row
+    (up to rounding), and values are relu of those pre-activations."""
+    n = pre64.shape[0]
+    assert indices.shape == (n, k) and indices.dtype == torch.int64
+    assert ((indices >= 0) & (indices < pre64.shape[1])).all()
+    assert (indices.sort(-1).values.diff(dim=-1) != 0).all(), "duplicate latents in a row"
+    picked = pre64.gather(1, indices)
+    assert_rel_close(values, picked.relu(), tol, "values")
+    kth = pre64.topk(k, dim=-1).values[:, -1:]
+    scale = pre64.abs().max()
+    assert (picked >= kth - tol * scale).all(), "a selected latent is not among the row's top k"
+
+
+@pytest.mark.parametrize("d_in,d_sae,k", SHAPES)
+@pytest.mark.parametrize("use_b_dec,use_norm", [(True, False), (False, True), (True, True)])
+def test_topk_encode_matches_float64(d_in, d_sae, k, use_b_dec, use_norm):
+    x, enc, b_enc, b_dec, dec_norm = _inputs(37, d_in, d_sae)
+    b_dec = b_dec if use_b_dec else None
+    dec_norm = dec_norm if use_norm else None
+    values, indices, aux_v, aux_i = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k)
+    assert values.dtype == x.dtype and aux_v.shape == (37, 0) and aux_i.shape == (37, 0)
+    _check_topk_selection(values, indices, _pre64(x, enc, b_enc, b_dec, dec_norm), k)
+
+
+@pytest.mark.parametrize("n_dead,k_aux", [(50, 24), (5, 24), (1, 1)])
+def test_topk_encode_aux_selects_among_dead(n_dead, k_aux):
+    d_in, d_sae, k = 48, 333, 7
+    x, enc, b_enc, b_dec, dec_norm = _inputs(29, d_in, d_sae)
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead[torch.randperm(d_sae)[:n_dead]] = True
+    values, indices, aux_v, aux_i = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k, dead, k_aux)
+    pre64 = _pre64(x, enc, b_enc, b_dec, dec_norm)
+    _check_topk_selection(values, indices, pre64, k)
+    assert aux_v.shape == aux_i.shape == (29, k_aux)
+    real = min(n_dead, k_aux)
+    # Sort slots by value: the real ones are the dead latents' top pre-activations (raw, no ReLU),
+    # the rest (when fewer latents are dead than k_aux) hold value 0.
+    masked = pre64.masked_fill(~dead, float("-inf"))
+    expect = masked.topk(real, dim=-1).values
+    got_dead = dead[aux_i]
+    assert (got_dead.sum(-1) == real).all()
+    got = torch.where(got_dead, aux_v.double(), torch.full_like(aux_v.double(), float("-inf")))
+    assert_rel_close(got.sort(-1, descending=True).values[:, :real], expect, 1e-5, "aux values")
+    assert (aux_v[~got_dead] == 0).all()
+
+
+@pytest.mark.parametrize("d_in,d_sae,m", [(48, 333, 7), (100, 1000, 16), (100, 333, 1)])
+@pytest.mark.parametrize("use_b_dec,use_norm", [(True, False), (False, True), (True, True)])
+def test_sparse_decode_matches_float64(d_in, d_sae, m, use_b_dec, use_norm):
+    n = 41
+    values = torch.randn(n, m)
+    indices = torch.randint(0, d_sae, (n, m))  # duplicates allowed: the padded form has them
+    W_dec = torch.randn(d_sae, d_in)
+    b_dec = torch.randn(d_in) if use_b_dec else None
+    dec_norm = torch.rand(d_sae) + 0.5 if use_norm else None
+    out = ops.sparse_decode(values, indices, W_dec, b_dec, dec_norm)
+    dense = torch.zeros(n, d_sae, dtype=torch.float64).scatter_add(1, indices, values.double())
+    if use_norm:
+        dense = dense / dec_norm.double()
+    ref = dense @ W_dec.double() + (b_dec.double() if use_b_dec else 0)
+    assert_rel_close(out, ref, 1e-5, "sparse_decode")
+
+
+@pytest.mark.parametrize("use_b_dec,use_norm,k_aux", [(True, False, 0), (False, True, 0), (True, True, 5)])
+def test_topk_encode_gradcheck(use_b_dec, use_norm, k_aux):
+    """Finite differences in float64 through the op's own autograd (selection is fixed locally)."""
+    n, d_in, d_sae, k = 4, 5, 11, 3
+    x, enc, b_enc, b_dec, dec_norm = (t.double() for t in _inputs(n, d_in, d_sae))
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead[torch.randperm(d_sae)[:4]] = True  # fewer dead than k_aux: exercises the constant slots
+    args = [x, enc, b_enc, b_dec if use_b_dec else None, dec_norm if use_norm else None]
+    for t in args:
+        if t is not None:
+            t.requires_grad_(True)
+
+    def f(*tensors):
+        v, _, av, _ = ops.topk_encode(*tensors, k, dead if k_aux else None, k_aux)
+        return v, av
+
+    assert torch.autograd.gradcheck(f, tuple(args), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("use_b_dec,use_norm", [(True, False), (False, True), (True, True)])
+def test_sparse_decode_gradcheck(use_b_dec, use_norm):
+    n, d_in, d_sae, m = 4, 5, 11, 3
+    values = torch.randn(n, m, dtype=torch.float64, requires_grad=True)
+    indices = torch.randint(0, d_sae, (n, m))
+    W_dec = torch.randn(d_sae, d_in, dtype=torch.float64, requires_grad=True)
+    b_dec = torch.randn(d_in, dtype=torch.float64, requires_grad=True) if use_b_dec else None
+    dec_norm = (torch.rand(d_sae, dtype=torch.float64) + 0.5).requires_grad_() if use_norm else None
+    assert torch.autograd.gradcheck(
+        lambda v, w, b, nrm: ops.sparse_decode(v, indices, w, b, nrm), (values, W_dec, b_dec, dec_norm)
+    )
+
+
+@pytest.mark.parametrize("d_in,d_sae,k", [(48, 333, 7), (100, 1000, 16), (48, 1000, 1)])
+def test_fp32_gradients_match_float64(d_in, d_sae, k):
+    """Encode then decode in fp32 through the ops; every gradient against float64 autograd on
+    the dense formula with the same selection. Encode and decode get different norm vectors
+    (with one vector the norms cancel and its gradient is zero)."""
+    n = 23
+    x, enc, b_enc, b_dec, norm_enc = _inputs(n, d_in, d_sae)
+    norm_dec = torch.rand(d_sae) + 0.5
+    W_dec = torch.randn(d_sae, d_in) / d_in**0.5
+    grad_out = torch.randn(n, d_in)
+    names = ("x", "enc_weight", "b_enc", "b_dec", "norm_enc", "norm_dec", "W_dec")
+    base = (x, enc, b_enc, b_dec, norm_enc, norm_dec, W_dec)
+    leaves32 = [t.clone().requires_grad_() for t in base]
+    x32, enc32, be32, bd32, ne32, nd32, wd32 = leaves32
+    v, idx, _, _ = ops.topk_encode(x32, enc32, be32, bd32, ne32, k)
+    out = ops.sparse_decode(v, idx, wd32, bd32, nd32)
+    out.backward(grad_out)
+
+    leaves64 = [t.double().requires_grad_() for t in base]
+    x64, enc64, be64, bd64, ne64, nd64, wd64 = leaves64
+    pre = ((x64 - bd64) @ enc64.T + be64) * ne64
+    acts = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx).relu())
+    ref = (acts / nd64) @ wd64 + bd64
+    ref.backward(grad_out.double())
+    assert_rel_close(out, ref.detach(), 1e-5, "output")
+    for name, a, b in zip(names, leaves32, leaves64):
+        assert b.grad.abs().max() > 0, name
+        assert_rel_close(a.grad, b.grad, 1e-5, f"grad {name}")
+
+
+def test_backward_ops_match_reference_helpers():
+    """topk_encode_backward / sparse_decode_backward called directly, against dense float64 math."""
+    n, d_in, d_sae, m = 19, 48, 333, 7
+    x, enc, _, b_dec, dec_norm = _inputs(n, d_in, d_sae)
+    indices = torch.stack([torch.randperm(d_sae)[:m] for _ in range(n)])
+    grad_pre = torch.randn(n, m)
+    gx, gw, gb = torch.ops.fastsae.topk_encode_backward(grad_pre, indices, x, enc, b_dec)
+    dense_g = torch.zeros(n, d_sae, dtype=torch.float64).scatter(1, indices, grad_pre.double())
+    assert_rel_close(gx, dense_g @ enc.double(), 1e-5, "grad_x")
+    assert_rel_close(gw, dense_g.T @ (x.double() - b_dec.double()), 1e-5, "grad_enc_weight")
+    assert_rel_close(gb, dense_g.sum(0), 1e-5, "grad_b_enc")
+
+    values = torch.randn(n, m)
+    W_dec = torch.randn(d_sae, d_in)
+    grad_out = torch.randn(n, d_in)
+    gv, gwd = torch.ops.fastsae.sparse_decode_backward(grad_out, values, indices, W_dec, dec_norm)
+    norm = dec_norm.double()
+    assert_rel_close(gv, (grad_out.double() @ W_dec.double().T).gather(1, indices) / norm[indices], 1e-5, "grad_v")
+    dense_c = torch.zeros(n, d_sae, dtype=torch.float64).scatter(1, indices, values.double() / norm[indices])
+    assert_rel_close(gwd, dense_c.T @ grad_out.double(), 1e-5, "grad_W_dec")
+
+
+def test_opcheck_every_op():
+    n, d_in, d_sae, k = 6, 10, 17, 3
+    x, enc, b_enc, b_dec, dec_norm = _inputs(n, d_in, d_sae)
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead[:8] = True
+    W_dec = torch.randn(d_sae, d_in)
+    for req in (False, True):
+        leaves = [t.clone().requires_grad_(req) for t in (x, enc, b_enc, b_dec, dec_norm)]
+        torch.library.opcheck(torch.ops.fastsae.topk_encode.default, (*leaves, k, dead, 4))
+        torch.library.opcheck(torch.ops.fastsae.topk_encode.default, (*leaves[:3], None, None, k, None, 0))
+    values, indices, _, _ = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k)
+    for req in (False, True):
+        v, w, b, nrm = (t.clone().requires_grad_(req) for t in (values, W_dec, b_dec, dec_norm))
+        torch.library.opcheck(torch.ops.fastsae.sparse_decode.default, (v, indices, w, b, nrm))
+        torch.library.opcheck(torch.ops.fastsae.sparse_decode.default, (v, indices, w, None, None))
+    torch.library.opcheck(
+        torch.ops.fastsae.topk_encode_backward.default, (torch.randn(n, k), indices, x, enc, b_dec)
+    )
+    torch.library.opcheck(
+        torch.ops.fastsae.sparse_decode_backward.default, (torch.randn(n, d_in), values, indices, W_dec, dec_norm)
+    )
+
+
+def test_ops_reject_bad_arguments():
+    x, enc, b_enc, b_dec, dec_norm = _inputs(4, 10, 17)
+    with pytest.raises(ValueError, match="d_in=10"):
+        ops.topk_encode(torch.randn(4, 11), enc, b_enc, b_dec, dec_norm, 3)
+    with pytest.raises(ValueError, match="k: expected 1 <= k <= d_sae=17, got 0"):
+        ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 0)
+    with pytest.raises(ValueError, match="k: expected"):
+        ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 18)
+    with pytest.raises(ValueError, match="2-D"):
+        ops.topk_encode(x[None], enc, b_enc, b_dec, dec_norm, 3)
+    with pytest.raises(ValueError, match="dead_mask"):
+        ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 3, None, 2)
+    with pytest.raises(ValueError, match="b_enc: expected a vector of shape \\(17,\\)"):
+        ops.topk_encode(x, enc, b_enc[:5], b_dec, dec_norm, 3)
+    with pytest.raises(ValueError, match="enc_weight: expected dtype torch.float32, got torch.float64"):
+        ops.topk_encode(x, enc.double(), b_enc, b_dec, dec_norm, 3)
+    v = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="int64"):
+        ops.sparse_decode(v, torch.zeros(4, 3, dtype=torch.int32), torch.randn(17, 10))
+    with pytest.raises(ValueError, match="indices: expected shape"):
+        ops.sparse_decode(v, torch.zeros(4, 2, dtype=torch.int64), torch.randn(17, 10))
+
+
+def test_reference_fallback_bounds_memory_by_chunks(monkeypatch):
+    """The chunked loops of the torch path give the same answer as one chunk."""
+    n, d_in, d_sae, m = 50, 16, 40, 5
+    values = torch.randn(n, m)
+    indices = torch.randint(0, d_sae, (n, m))
+    W = torch.randn(d_sae, d_in)
+    rows = torch.randn(n, d_in)
+    whole = (reference.gather_sum(values, indices, W), reference.gather_dot(rows, indices, W),
+             reference.scatter_outer(values, indices, rows, d_sae))
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", m * d_in * 3)  # 3 rows per chunk
+    chunked = (reference.gather_sum(values, indices, W), reference.gather_dot(rows, indices, W),
+               reference.scatter_outer(values, indices, rows, d_sae))
+    for a, b in zip(whole, chunked):
+        assert_rel_close(b, a, 1e-6)
