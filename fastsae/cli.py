@@ -63,6 +63,29 @@ def _backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from fastsae.bench import runner
+
+    ops = tuple(args.ops.split(",")) if args.ops else runner.OPS
+    for op in ops:
+        if op not in runner.OPS:
+            raise SystemExit(f"fastsae bench: --ops: expected some of {runner.OPS}, got {op!r}")
+    backends = args.backends.split(",") if args.backends else None
+    shapes = None
+    if args.shape:
+        try:
+            shapes = [runner.Shape(*(int(v) for v in s.split(","))) for s in args.shape]
+        except (TypeError, ValueError):
+            raise SystemExit(f"fastsae bench: --shape: expected N,D_IN,D_SAE,K (integers), got {args.shape}")
+    result = runner.run_bench(
+        device=args.device, quick=args.quick, ops=ops, shapes=shapes, backends=backends, reps=args.reps
+    )
+    if args.json:
+        path = runner.write_json(result, runner.default_results_path(result) if args.json == "auto" else args.json)
+        print(f"wrote {len(result['rows'])} rows to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsae", description="Fast sparse autoencoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="runs/demo")
     demo.set_defaults(func=_demo)
+
+    bench = sub.add_parser("bench", help="time encode, decode and train_step against pure-torch baselines")
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bench.add_argument("--quick", action="store_true", help="small shapes, about a minute on 2 CPU cores")
+    bench.add_argument("--json", metavar="FILE", help="write the rows to FILE ('auto': benchmarks/results/<device>-<date>.json)")
+    bench.add_argument("--ops", help="comma-separated subset of encode,decode,train_step")
+    bench.add_argument("--backends", help="comma-separated backends (default: all that load for the device)")
+    bench.add_argument("--reps", type=int, help="timed repetitions per contender")
+    bench.add_argument("--shape", action="append", metavar="N,D_IN,D_SAE,K", help="custom shape (repeatable)")
+    bench.set_defaults(func=_bench)
 
     backends = sub.add_parser("backends", help="list the backends that load on this machine")
     backends.set_defaults(func=_backends)

@@ -1,0 +1,75 @@
+"""Regenerate README.md's performance section from benchmarks/results/*.json.
+
+    python3 benchmarks/update_readme.py
+    python3 benchmarks/update_readme.py --table RESULT.json   # one file's table, to stdout
+
+Each table names the machine its numbers were measured on; only full (non --quick, non-sweep)
+runs are used, the newest per device.
+"""
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _table(result: dict) -> str:
+    meta = result["meta"]
+    lines = [
+        f"**{meta['device']}**, {meta['dtype']}, {meta['date']} (torch {meta['torch']}; "
+        f"measured ceilings {meta['ceilings']['matmul_tflops']:.2f} TFLOP/s matmul, "
+        f"{meta['ceilings']['copy_gbps']:.0f} GB/s copy)",
+        "",
+        "| op | shape | backend | ms (median) | x floor | vs torch-dense | vs torch-sparse | peak MiB (vs dense) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rows = result["rows"]
+    seen = set()
+    for r in rows:
+        if r["is_baseline"] or (r["op"], r["shape"], r["backend"]) in seen:
+            continue
+        seen.add((r["op"], r["shape"], r["backend"]))
+        sp = {x["baseline"]: x for x in rows if (x["op"], x["shape"], x["backend"]) == (r["op"], r["shape"], r["backend"])}
+        dense = sp["torch-dense"]
+        mem = "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.0f}"
+        dmem = "-" if dense["baseline_peak_mem_bytes"] is None else f"{dense['baseline_peak_mem_bytes'] / 2**20:.0f}"
+        lines.append(
+            f"| {r['op']} | {r['shape']} | {r['backend']} | {r['ms']:.1f} | {r['of_floor']:.2f} | "
+            f"{dense['speedup']:.2f}x | {sp['torch-sparse']['speedup']:.2f}x | {mem} ({dmem}) |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--table":  # print one result file's table
+        print(_table(json.loads(Path(sys.argv[2]).read_text())))
+        return
+    newest: dict[str, tuple[str, dict]] = {}
+    for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SystemExit(f"{path}: cannot read it as JSON: {exc}")
+        meta = result.get("meta", {})
+        if "rows" not in result or meta.get("quick") or meta.get("sweep"):
+            continue
+        key = meta["device"]
+        if key not in newest or meta["date"] >= newest[key][0]:
+            newest[key] = (meta["date"], result)
+    body = "\n\n".join(_table(r) for _, r in sorted(newest.values(), key=lambda t: t[1]["meta"]["device"]))
+    body = body or "No full benchmark results yet: run `fastsae bench --json auto`."
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{readme}: missing the {START} / {END} markers")
+    text = re.sub(re.escape(START) + ".*?" + re.escape(END), f"{START}\n{body}\n{END}", text, flags=re.S)
+    readme.write_text(text)
+    print(f"updated {readme} from {len(newest)} result file(s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""`fastsae bench`: encode, decode and train_step for every available backend, against the
+pure-torch baselines, measured in the same run on the same inputs.
+
+What each op times (TopK SAE, no AuxK):
+- encode:     sae.encode_sparse(x) under torch.no_grad (baselines: their encode)
+- decode:     sae.decode(SparseActivations) (torch-dense decodes the dense [N, d_sae] matrix)
+- train_step: zero_grad, training_forward, backward, Adam step (each contender has its own copy
+              of the same initial parameters and its own Adam)
+
+Floors (how close to physics each time is), built from rates measured in the same run:
+- encode:     a bare matrix product of the encoder's shape in the same dtype
+- decode:     the bytes a sparse decode must move (each used decoder row read once, values and
+              indices read, output written) at the measured copy bandwidth
+- train_step: the encoder product + a bare Adam step on the SAE's parameters (+ on GPU the bytes
+              of the gradients the sparse passes write, at the measured bandwidth)
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+import fastsae
+from fastsae.bench import timing
+from fastsae.bench.baselines import BASELINES, make_baseline
+from fastsae.ops import dispatch
+from fastsae.sparse import SparseActivations
+
+OPS = ("encode", "decode", "train_step")
+
+
+@dataclass(frozen=True)
+class Shape:
+    n: int
+    d_in: int
+    d_sae: int
+    k: int
+
+    def __str__(self) -> str:
+        return f"N{self.n}-d{self.d_in}-s{self.d_sae}-k{self.k}"
+
+
+CPU_SHAPES = [Shape(2048, 768, 16384, 32)]
+CPU_QUICK = [Shape(1024, 256, 4096, 16)]
+GPU_SHAPES = [
+    Shape(4096, 768, 24576, 32),
+    Shape(16384, 768, 24576, 32),
+    Shape(4096, 4096, 131072, 64),
+    Shape(16384, 4096, 131072, 64),
+    Shape(8192, 1024, 131072, 32),  # sparsify's own test shape
+]
+GPU_QUICK = [Shape(4096, 768, 24576, 32)]
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Rotating:
+    """Cycles through several input sets so repeated calls do not find them in cache."""
+
+    def __init__(self, items: list):
+        self.items, self.i = items, 0
+
+    def next(self):
+        self.i = (self.i + 1) % len(self.items)
+        return self.items[self.i]
+
+
+def _contenders(op: str, shape: Shape, device: torch.device, dtype: torch.dtype, backends: list[str], n_inputs: int):
+    """{name: fn} for one op and shape; fns take no arguments and run one call."""
+    torch.manual_seed(0)
+    sae = fastsae.SAE(
+        d_in=shape.d_in, d_sae=shape.d_sae, architecture="topk", k=shape.k,
+        dtype=str(dtype).removeprefix("torch."), device=str(device),
+    )
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.01)
+        sae.b_dec.normal_(0, 0.01)
+    xs = _Rotating([torch.randn(shape.n, shape.d_in, device=device, dtype=dtype) for _ in range(n_inputs)])
+    fns: dict[str, Callable[[], object]] = {}
+
+    if op == "encode":
+        for b in backends:
+            def run(b=b):
+                with fastsae.use_backend(b), torch.no_grad():
+                    return sae.encode_sparse(xs.next())
+            fns[b] = run
+        for name in BASELINES:
+            base = make_baseline(name, sae)
+            fns[name] = lambda base=base: _no_grad(base.encode, xs.next())
+    elif op == "decode":
+        with torch.no_grad(), fastsae.use_backend("torch"):
+            sparse = [sae.encode_sparse(x) for x in xs.items]
+            dense = [s.to_dense() for s in sparse]
+        sp, de = _Rotating(sparse), _Rotating(dense)
+        for b in backends:
+            def run(b=b):
+                with fastsae.use_backend(b), torch.no_grad():
+                    return sae.decode(sp.next())
+            fns[b] = run
+        for name in BASELINES:
+            base = make_baseline(name, sae)
+            if name == "torch-dense":
+                fns[name] = lambda base=base: _no_grad(base.decode, de.next())
+            else:
+                fns[name] = lambda base=base: _no_grad(base.decode, _pair(sp.next()))
+    elif op == "train_step":
+        for b in backends:
+            model = copy.deepcopy(sae)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+            def run(b=b, model=model, opt=opt):
+                with fastsae.use_backend(b):
+                    opt.zero_grad(set_to_none=True)
+                    model.training_forward(xs.next()).loss.backward()
+                    opt.step()
+            fns[b] = run
+        for name in BASELINES:
+            base = make_baseline(name, sae)
+            opt = torch.optim.Adam(base.parameters(), lr=1e-4)
+
+            def run(base=base, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                base.loss(xs.next()).backward()
+                opt.step()
+            fns[name] = run
+    else:
+        raise ValueError(f"op: expected one of {OPS}, got {op!r}")
+
+    def synced(fn):
+        def call():
+            out = fn()
+            _sync(device)
+            return out
+        return call
+
+    return {name: synced(fn) for name, fn in fns.items()}, sae
+
+
+def _no_grad(fn, arg):
+    with torch.no_grad():
+        return fn(arg)
+
+
+def _pair(sparse: SparseActivations):
+    return sparse.values, sparse.indices
+
+
+def _floor_ms(op: str, shape: Shape, sae, device: torch.device, dtype: torch.dtype, ceilings: dict, reps: int) -> float:
+    es = torch.empty((), dtype=dtype).element_size()
+    x = torch.randn(shape.n, shape.d_in, device=device, dtype=dtype)
+    w = sae.W_enc.detach()
+    matmul_ms = timing.time_one(lambda: x @ w, device, reps)
+    bw = ceilings["copy_gbps"] * 1e9
+    if op == "encode":
+        return matmul_ms
+    used_rows = min(shape.n * shape.k, shape.d_sae)
+    if op == "decode":
+        nbytes = used_rows * shape.d_in * es + shape.n * shape.k * (es + 8) + shape.n * shape.d_in * es
+        return nbytes / bw * 1e3
+    # train_step: encoder product + Adam (measured on the same parameter sizes)
+    params = [p.detach().clone().requires_grad_() for p in sae.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.Adam(params, lr=1e-4)
+    opt.step()  # allocate state outside the timing
+    adam_ms = timing.time_one(opt.step, device, reps)
+    floor = matmul_ms + adam_ms
+    if device.type == "cuda":
+        # the dense gradients of W_enc and W_dec written once each
+        floor += 2 * shape.d_sae * shape.d_in * es / bw * 1e3
+    return floor
+
+
+def run_bench(
+    device: str = "cpu",
+    quick: bool = False,
+    ops: tuple[str, ...] = OPS,
+    shapes: Optional[list[Shape]] = None,
+    backends: Optional[list[str]] = None,
+    reps: Optional[int] = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Measure and return {"meta": ..., "rows": [...]}."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for, but torch sees no CUDA device")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if shapes is None:
+        shapes = (GPU_QUICK if quick else GPU_SHAPES) if dev.type == "cuda" else (CPU_QUICK if quick else CPU_SHAPES)
+    if backends is None:
+        backends = dispatch.available_backends(dev.type)
+        if dev.type == "cpu":
+            backends = [b for b in backends if b != "triton"]  # the interpreter is not a CPU backend
+    reps = reps or (20 if dev.type == "cuda" else (3 if quick else 5))
+    n_inputs = 4 if dev.type == "cuda" else 2
+    ceilings = timing.measure_ceilings(dev, dtype, reps=3)
+    meta = {
+        "device": _device_name(dev),
+        "device_type": dev.type,
+        "dtype": str(dtype).removeprefix("torch."),
+        "date": _dt.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "fastsae": fastsae.__version__,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "ceilings": ceilings,
+        "backends": backends,
+        "quick": quick,
+    }
+    log(f"fastsae bench on {meta['device']} ({meta['dtype']}): backends {backends}, "
+        f"ceilings {ceilings['matmul_tflops']:.2f} TFLOP/s matmul, {ceilings['copy_gbps']:.1f} GB/s copy")
+    rows = []
+    for shape in shapes:
+        for op in ops:
+            fns, sae = _contenders(op, shape, dev, dtype, backends, n_inputs)
+            warm = 2 if op == "train_step" else 1
+            if dev.type == "cuda":
+                times = {name: timing.time_cuda(fn, dev, iters=reps) for name, fn in fns.items()}
+            else:
+                times = timing.time_cpu_alternating(fns, reps=reps, warmup=warm)
+            mems = {name: timing.peak_memory_bytes(fn, dev) for name, fn in fns.items()}
+            floor = _floor_ms(op, shape, sae, dev, dtype, ceilings, reps=3)
+            rows.extend(_rows(op, shape, meta, times, mems, floor, backends))
+            log(format_table([r for r in rows if r["op"] == op and r["shape"] == str(shape)], title=f"{op} {shape}"))
+            del fns, sae
+    return {"meta": meta, "rows": rows}
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return None
+
+
+def _rows(op, shape, meta, times, mems, floor, backends) -> list[dict]:
+    rows = []
+    tokens = shape.n
+    for name in list(backends) + list(BASELINES):
+        t = times[name]
+        base_cols = {}
+        for bl in BASELINES:
+            base_cols[f"speedup_vs_{bl}"] = times[bl].median_ms / t.median_ms
+        row = {
+            "op": op,
+            "shape": str(shape),
+            "n": shape.n, "d_in": shape.d_in, "d_sae": shape.d_sae, "k": shape.k,
+            "dtype": meta["dtype"],
+            "device": meta["device"],
+            "backend": name,
+            "is_baseline": name in BASELINES,
+            "ms": t.median_ms,
+            "ms_min": t.min_ms,
+            "ms_max": t.max_ms,
+            "samples": t.samples,
+            "noise": t.noise,
+            "tokens_per_s": tokens / (t.median_ms * 1e-3),
+            "peak_mem_bytes": mems[name],
+            "floor_ms": floor,
+            "of_floor": t.median_ms / floor if floor else None,
+            **base_cols,
+        }
+        if op in ("encode", "train_step"):
+            flops = 2 * shape.n * shape.d_in * shape.d_sae
+            row["tflops"] = flops / (t.median_ms * 1e-3) / 1e12
+        rows.append(row)
+    # one row per (contender, baseline) pair, with the issue's column names
+    out = []
+    for row in rows:
+        for bl in BASELINES:
+            if row["backend"] == bl:
+                continue
+            r = dict(row)
+            r["baseline"] = bl
+            r["baseline_ms"] = times[bl].median_ms
+            r["speedup"] = r.pop(f"speedup_vs_{bl}")
+            r["baseline_peak_mem_bytes"] = mems[bl]
+            for other in BASELINES:
+                r.pop(f"speedup_vs_{other}", None)
+            out.append(r)
+    return out
+
+
+def _mb(v: Optional[int]) -> str:
+    return "-" if v is None else f"{v / 2**20:.0f}"
+
+
+def format_table(rows: list[dict], title: str = "") -> str:
+    """One line per contender: median (min-max), tokens/s, peak MiB, speed-ups, x floor."""
+    by_name: dict[str, dict] = {}
+    for r in rows:
+        d = by_name.setdefault(r["backend"], {"row": r})
+        d[r["baseline"]] = r["speedup"]
+    lines = [title] if title else []
+    lines.append(f"  {'contender':<13}{'ms (min-max)':>26}{'tokens/s':>12}{'peak MiB':>10}"
+                 f"{'vs dense':>10}{'vs sparse':>11}{'x floor':>9}")
+    for name, d in by_name.items():
+        r = d["row"]
+        spread = f"{r['ms']:.1f} ({r['ms_min']:.1f}-{r['ms_max']:.1f})"
+        vs_dense = d.get("torch-dense", 1.0 if name == "torch-dense" else None)
+        vs_sparse = d.get("torch-sparse", 1.0 if name == "torch-sparse" else None)
+        fmt = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
+        lines.append(
+            f"  {name:<13}{spread:>26}{r['tokens_per_s']:>12,.0f}{_mb(r['peak_mem_bytes']):>10}"
+            f"{fmt(vs_dense):>10}{fmt(vs_sparse):>11}{r['of_floor']:>8.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def default_results_path(result: dict) -> Path:
+    meta = result["meta"]
+    name = "".join(c if c.isalnum() else "-" for c in meta["device"].split("(")[0].strip().lower()).strip("-")
+    name = "-".join(p for p in name.split("-") if p)
+    suffix = "-quick" if meta.get("quick") else ""
+    return Path("benchmarks/results") / f"{meta['device_type']}-{name}-{meta['date']}{suffix}.json"
