@@ -148,3 +148,21 @@ def test_pickled_code_is_refused(tmp_path):
     torch.save({"encoder.weight": Evil()}, tmp_path / "ae.pt")
     with pytest.raises(ValueError, match="weights_only"):
         dictionary_learning.load(tmp_path / "ae.pt")
+
+
+def test_layouts_from_before_december_2024(tmp_path):
+    """AutoEncoderTopK then kept k in config.json only; BatchTopKSAE had no threshold (batch-dependent
+    encode), which is refused."""
+    state = state_dict("AutoEncoderTopK")
+    old = {n: v for n, v in state.items() if n not in ("k", "threshold")}
+    sae = fastsae.load(write_folder(tmp_path / "t", old, "AutoEncoderTopK", k=K))
+    x = torch.randn(13, D_IN)
+    acts = sae.encode(x)
+    ref_acts, ref_out = dl_reference("AutoEncoderTopK", state, x.double(), acts)
+    assert_rel_close(acts, ref_acts, 1e-5, "encode")
+    assert_rel_close(sae(x), ref_out, 1e-5, "forward")
+    with pytest.raises(ValueError, match="takes k from its config.json, which is missing"):
+        fastsae.load(write_folder(tmp_path / "nocfg", old))
+    old_batch = {n: v for n, v in state.items() if n != "threshold"}
+    with pytest.raises(ValueError, match="ae.pt: a BatchTopKSAE saved before dictionary_learning tracked"):
+        fastsae.load(write_folder(tmp_path / "b", old_batch, "BatchTopKSAE", k=K))

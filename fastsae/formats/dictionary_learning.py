@@ -46,6 +46,12 @@ CLASS_KEYS = {
     "BatchTopKSAE": {"k", "threshold", "encoder.weight", "encoder.bias", "decoder.weight", "b_dec"},
     "MatryoshkaBatchTopKSAE": {"k", "threshold", "group_sizes", "W_enc", "b_enc", "W_dec", "b_dec"},
 }
+# Layouts before December 2024: AutoEncoderTopK kept k in config.json only; BatchTopKSAE had no
+# threshold and encoded with the batch top-k itself (batch-dependent), which is refused.
+LEGACY_KEYS = {
+    "AutoEncoderTopK": {"encoder.weight", "encoder.bias", "decoder.weight", "b_dec"},
+    "BatchTopKSAE": {"k", "encoder.weight", "encoder.bias", "decoder.weight", "b_dec"},
+}
 
 
 def detect(path: Path) -> bool:
@@ -54,11 +60,13 @@ def detect(path: Path) -> bool:
 
 def looks_like(state: object) -> bool:
     """Whether a loaded .pt object is one of dictionary_learning's state dicts."""
-    return isinstance(state, dict) and any(set(state) == keys for keys in CLASS_KEYS.values())
+    layouts = list(CLASS_KEYS.values()) + list(LEGACY_KEYS.values())
+    return isinstance(state, dict) and any(set(state) == keys for keys in layouts)
 
 
 def _infer_class(state: dict, source: Path) -> str:
     matches = [name for name, keys in CLASS_KEYS.items() if set(state) == keys]
+    matches += [name for name, keys in LEGACY_KEYS.items() if set(state) == keys]
     if matches == ["AutoEncoderTopK", "BatchTopKSAE"]:
         raise ValueError(
             f"{source}: AutoEncoderTopK and BatchTopKSAE store the same tensors and encode differently "
@@ -97,6 +105,16 @@ def from_state_dict(state: object, source: Path, config: Optional[dict] = None, 
     dict_class = trainer.get("dict_class") or _infer_class(state, source)
     if dict_class not in CLASS_KEYS:
         raise ValueError(f"{source}: dict_class {dict_class!r}: fastsae reads {sorted(CLASS_KEYS)}")
+    if set(state) == LEGACY_KEYS.get(dict_class):
+        if dict_class == "BatchTopKSAE":
+            raise ValueError(
+                f"{source}: a BatchTopKSAE saved before dictionary_learning tracked its inference threshold: it "
+                "encodes with the batch's top k * rows, which depends on the whole batch; fastsae loads BatchTopK "
+                "SAEs with a threshold"
+            )
+        if trainer.get("k") is None:
+            raise ValueError(f"{source}: an AutoEncoderTopK without a 'k' tensor takes k from its {CONFIG_FILENAME}, which is missing")
+        state = dict(state, k=torch.tensor(int(trainer["k"])), threshold=torch.tensor(-1.0))
     keys = CLASS_KEYS[dict_class]
     if set(state) != keys:
         missing, extra = sorted(keys - set(state)), sorted(set(state) - keys)
