@@ -43,7 +43,8 @@ class SAE(nn.Module):
     - `sae.encode(x)`: dense activations [..., d_sae]; `sae.encode_sparse(x)`: `SparseActivations`.
     - `sae.decode(a)`: from dense activations or `SparseActivations`.
     - `sae.training_forward(x, ...)`: reconstruction plus the architecture's losses.
-    - `sae.save(dir)` / `fastsae.load(dir)`: SAELens v6 folders.
+    - `sae.save(dir)`: a SAELens v6 folder; `fastsae.load(path)`: SAELens, sparsify, dictionary_learning,
+      OpenAI and Gemma Scope checkpoints (see `fastsae.formats`).
     """
 
     def __init__(self, cfg: Optional[SAEConfig] = None, **kwargs):

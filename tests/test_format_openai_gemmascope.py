@@ -156,6 +156,9 @@ def test_gemma_scope_computes_what_gemma_scope_computes(tmp_path, lower_case):
     assert_rel_close(sae.encode(x), acts, 1e-5, "encode")
     assert_rel_close(sae(x), out, 1e-5, "forward")
     assert_rel_close(fastsae.load(folder / "params.npz")(x), out, 1e-5, "loading the file itself")
+    sae64 = fastsae.load(folder, dtype=torch.float64)
+    assert sae64.dtype == torch.float64 and sae64.cfg.dtype == "float64"
+    assert_rel_close(sae64(x.double()), out, 1e-12, "float64 override")
 
 
 def test_gemma_scope_bad_files(tmp_path):
