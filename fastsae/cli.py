@@ -86,6 +86,29 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    """Read a checkpoint in any format fastsae reads; write it as SAELens (default) or sparsify."""
+    from pathlib import Path
+
+    from fastsae import formats
+
+    dst = Path(args.dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.overwrite:
+        print(f"fastsae convert: error: {dst} exists and is not empty (pass --overwrite to write into it)", file=sys.stderr)
+        return 2
+    try:
+        fmt = formats.detect(args.src)
+        loaded = formats.convert(args.src, dst, to=args.to)
+    except (OSError, ValueError) as exc:
+        print(f"fastsae convert: error: {exc}", file=sys.stderr)
+        return 1
+    saes = loaded if isinstance(loaded, dict) else {"": loaded}
+    for name, sae in saes.items():
+        where = dst / name if name else dst
+        print(f"{args.src} ({fmt}{': ' + name if name else ''}) -> {where} ({args.to}): {sae}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsae", description="Fast sparse autoencoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     backends = sub.add_parser("backends", help="list the backends that load on this machine")
     backends.set_defaults(func=_backends)
+
+    convert = sub.add_parser(
+        "convert",
+        help="convert a checkpoint (SAELens, sparsify, dictionary_learning, OpenAI .pt, Gemma Scope .npz)",
+        description="Read SRC in any format fastsae reads (detected) and write DST as SAELens (default) or sparsify.",
+    )
+    convert.add_argument("src", metavar="SRC", help="checkpoint folder or file")
+    convert.add_argument("dst", metavar="DST", help="output folder")
+    convert.add_argument("--to", choices=("saelens", "sparsify"), default="saelens", help="output format")
+    convert.add_argument("--overwrite", action="store_true", help="write into DST even if it is not empty")
+    convert.set_defaults(func=_convert)
     return parser
 
 

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import torch
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated")
 # Other names for the same architecture ("standard" is SAELens').
 ARCHITECTURE_ALIASES = {"standard": "relu", "relu": "relu"}
 

@@ -1,7 +1,8 @@
 """`fastsae.SAE`: a drop-in sparse autoencoder module.
 
 Parameters carry SAELens' names and shapes: W_enc [d_in, d_sae], b_enc [d_sae],
-W_dec [d_sae, d_in], b_dec [d_in] and, for JumpReLU, threshold [d_sae]. W_enc is stored
+W_dec [d_sae, d_in], b_dec [d_in] and, for JumpReLU, threshold [d_sae]. Gated SAEs (Rajamanoharan
+et al. 2024) have no b_enc but b_gate, r_mag and b_mag [d_sae], as in SAELens. W_enc is stored
 latent-major ([d_sae, d_in] in memory, seen through a transpose) so that each latent's encoder
 row is contiguous for the sparse kernels; `sae.W_enc` still looks exactly like SAELens'.
 """
@@ -42,7 +43,8 @@ class SAE(nn.Module):
     - `sae.encode(x)`: dense activations [..., d_sae]; `sae.encode_sparse(x)`: `SparseActivations`.
     - `sae.decode(a)`: from dense activations or `SparseActivations`.
     - `sae.training_forward(x, ...)`: reconstruction plus the architecture's losses.
-    - `sae.save(dir)` / `fastsae.load(dir)`: SAELens v6 folders.
+    - `sae.save(dir)`: a SAELens v6 folder; `fastsae.load(path)`: SAELens, sparsify, dictionary_learning,
+      OpenAI and Gemma Scope checkpoints (see `fastsae.formats`).
     """
 
     def __init__(self, cfg: Optional[SAEConfig] = None, **kwargs):
@@ -67,7 +69,13 @@ class SAE(nn.Module):
         self.W_dec = nn.Parameter(w_dec)
         # Tied initialisation (W_enc = W_dec^T), stored latent-major.
         self.W_enc = nn.Parameter(w_dec.clone().t())
-        self.b_enc = nn.Parameter(torch.zeros(d_sae, **factory))
+        if cfg.architecture == "gated":
+            # Gate and magnitude paths share W_enc; the magnitude path rescales it by exp(r_mag).
+            self.b_gate = nn.Parameter(torch.zeros(d_sae, **factory))
+            self.r_mag = nn.Parameter(torch.zeros(d_sae, **factory))
+            self.b_mag = nn.Parameter(torch.zeros(d_sae, **factory))
+        else:
+            self.b_enc = nn.Parameter(torch.zeros(d_sae, **factory))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
         if cfg.architecture == "jumprelu":
             self.threshold = nn.Parameter(torch.full((d_sae,), cfg.jumprelu_init_threshold, **factory))
@@ -131,19 +139,27 @@ class SAE(nn.Module):
     # ------------------------------------------------------------ encode
 
     def _pre_dense(self, x2: Tensor) -> Tensor:
+        """Pre-activations [N, d_sae]; for gated, x_in @ W_enc (shared by both paths, no bias)."""
         x_in = x2 - self.b_dec if self.cfg.apply_b_dec_to_input else x2
+        if self.architecture == "gated":
+            return x_in @ self.W_enc
         pre = x_in @ self.W_enc + self.b_enc
         dec_norm = self._dec_norm()
         return pre * dec_norm if dec_norm is not None else pre
 
     def _acts_dense(self, x2: Tensor, pre: Optional[Tensor] = None) -> Tensor:
-        """Dense activations [N, d_sae] for relu, jumprelu and batchtopk."""
+        """Dense activations [N, d_sae] for relu, jumprelu, batchtopk and gated."""
         pre = self._pre_dense(x2) if pre is None else pre
         arch = self.architecture
         if arch == "relu":
             return pre.relu()
         if arch == "jumprelu":
             return JumpReLU.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth)
+        if arch == "gated":
+            # SAELens' GatedSAE: 1[x_in W_enc + b_gate > 0] * relu(x_in (W_enc * exp(r_mag)) + b_mag),
+            # with one matmul: (x_in W_enc) * exp(r_mag) equals it up to rounding.
+            gate = (pre + self.b_gate > 0).to(pre.dtype)
+            return gate * (pre * self.r_mag.exp() + self.b_mag).relu()
         if arch == "batchtopk":
             if self.training:
                 return batch_topk(pre.relu(), self.cfg.k)
@@ -226,6 +242,10 @@ class SAE(nn.Module):
         - relu: sparsity_loss = coefficient * mean over rows of sum_i |f_i| * ||W_dec,i||
           (decoder_norm "norm_weighted" or "unit_norm"; plain |f_i| with "none").
         - jumprelu: sparsity_loss = coefficient * mean L0, through the step pseudo-gradient.
+        - gated (SAELens' losses): sparsity_loss = coefficient * mean over rows of
+          sum_i relu(pi_gate)_i * ||W_dec,i|| (plain relu(pi_gate)_i with decoder_norm "none");
+          aux_loss = mean over rows of ||relu(pi_gate) @ W_dec + b_dec - x||^2 (weight 1, as SAELens),
+          where pi_gate = x_in @ W_enc + b_gate.
         - topk / batchtopk: with a bool `dead_mask` [d_sae], the AuxK loss of Gao et al.:
           the top k_aux (default d_in // 2) dead latents reconstruct the detached residual,
           aux_loss = aux_coefficient * min(1, n_dead / k_aux) * mean ||e_hat - e||^2.
@@ -253,6 +273,13 @@ class SAE(nn.Module):
             elif arch == "jumprelu" and sparsity_coefficient:
                 l0 = Step.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth).sum(-1)
                 sparsity = sparsity_coefficient * l0.mean()
+            elif arch == "gated":
+                gate_acts = (pre + self.b_gate).relu()
+                if sparsity_coefficient:
+                    weight = self.W_dec.norm(dim=1) if self.cfg.decoder_norm != "none" else 1.0
+                    sparsity = sparsity_coefficient * (gate_acts * weight).sum(-1).mean()
+                via_gate = gate_acts @ self.W_dec + self.b_dec
+                aux = (via_gate - x2).pow(2).sum(-1).mean()
             elif arch == "batchtopk":
                 self._update_topk_threshold(acts)
                 n_aux = self._aux_width(dead_mask, k_aux)

@@ -59,7 +59,7 @@ def test_config_errors():
     with pytest.raises(ValueError, match="needs k"):
         SAE(d_in=48, d_sae=333, architecture="batchtopk")
     with pytest.raises(ValueError, match="architecture: expected one of"):
-        SAE(d_in=48, d_sae=333, architecture="gated")
+        SAE(d_in=48, d_sae=333, architecture="mystery")
     with pytest.raises(ValueError, match="d_sae: expected a positive integer, got 0"):
         SAE(d_in=48, d_sae=0, architecture="relu")
     with pytest.raises(ValueError, match="decoder_norm"):

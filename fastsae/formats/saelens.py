@@ -1,158 +1,201 @@
-"""SAELens v6 folders: cfg.json + sae_weights.safetensors.
+"""SAELens folders: cfg.json + sae_weights.safetensors.
 
-Tensors: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], and for JumpReLU
-threshold [d_sae]. BatchTopK saves as JumpReLU with its global threshold in every slot, as SAELens
-does, and SAEs that rescale activations by decoder norms save with the norms folded in (so the
-file computes the same with or without the rescaling, in SAELens and here).
+Tensors: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]; JumpReLU adds
+threshold [d_sae]; gated has b_gate, r_mag, b_mag [d_sae] and no b_enc. BatchTopK saves as
+JumpReLU with its global threshold in every slot, as SAELens does, and SAEs that rescale
+activations by decoder norms save with the norms folded in (so the file computes the same with or
+without the rescaling, in SAELens and here).
+
+Reading follows SAELens' own loader: a cfg.json whose `sae_lens_version` (top level or in
+`metadata`) is missing or below 6.0 is the older flat format (`activation_fn_str`,
+`activation_fn_kwargs` {"k": ...}, `hook_point`, boolean `normalize_activations`,
+`finetuning_scaling_factor` ...), which SAELens 6 converts as `_from_pre_6_0` does here. Options
+that change what the SAE computes and that fastsae's SAE does not compute (hook_z reshaping,
+`constant_norm_rescale` / `layer_norm` normalisation, tanh-relu) are refused with an error.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import tempfile
+import re
 from pathlib import Path
 from typing import Union
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from fastsae.config import SAEConfig
+from fastsae.formats._common import (
+    build_sae,
+    fastsae_version,
+    read_json,
+    read_safetensors,
+    sae_tensors,
+    write_json,
+    write_safetensors,
+)
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 
+# SAELens reads a cfg.json as its 6.x format only when it carries a 6.x sae_lens_version; files
+# that fastsae writes say this one (the format's version, not an installed SAELens).
+SAELENS_FORMAT_VERSION = "6.0.0"
+
+# Keys SAELens 6 moves from a pre-6.0 cfg.json's top level into `metadata`.
+_METADATA_KEYS = (
+    "model_name", "hook_name", "model_class_name", "hook_head_index", "model_from_pretrained_kwargs",
+    "prepend_bos", "exclude_special_tokens", "neuronpedia_id", "context_size", "seqpos_slice",
+    "dataset_path", "sae_lens_version", "sae_lens_training_version", "hook_name_out", "hook_head_index_out",
+    "hook_layer",
+)
+
 
 def detect(path: Path) -> bool:
-    return path.is_dir() and ((path / CFG_FILENAME).exists() or (path / WEIGHTS_FILENAME).exists())
+    return path.is_dir() and (path / WEIGHTS_FILENAME).exists()
 
 
-def _atomic_write(target: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename over `target`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
+def _major_version(version) -> int:
+    match = re.match(r"\s*(\d+)", str(version)) if version else None
+    return int(match.group(1)) if match else 0
+
+
+def is_pre_6_0(cfg: dict) -> bool:
+    """SAELens' rule: no sae_lens_version, or one below 6.0, means the pre-6.0 layout. Files
+    fastsae wrote before it stamped a version carry `fastsae_version` and are 6.x layouts."""
+    metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    if "fastsae_version" in metadata:
+        return False
+    version = cfg.get("sae_lens_version") or metadata.get("sae_lens_version")
+    return _major_version(version) < 6
+
+
+def _from_pre_6_0(old: dict) -> dict:
+    """A pre-6.0 flat cfg.json as the 6.x dict SAEConfig reads, as SAELens' handle_pre_6_0_config."""
+    renames = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index", "activation_fn_str": "activation_fn"}
+    cfg = {renames.get(key, key): value for key, value in old.items()}
+    architecture = cfg.get("architecture") or "standard"
+    activation = cfg.get("activation_fn") or "relu"
+    kwargs = cfg.get("activation_fn_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"activation_fn_kwargs: expected a JSON object, got {kwargs!r}")
+    if activation == "topk":
+        if kwargs.get("k") is None:
+            raise ValueError("activation_fn 'topk' needs activation_fn_kwargs {'k': ...}")
+        if architecture not in ("standard", "topk"):
+            raise ValueError(f"activation_fn 'topk' with architecture {architecture!r} is not an SAELens SAE")
+        architecture = "topk"
+    elif activation != "relu":
+        raise ValueError(f"activation_fn: fastsae computes 'relu' and 'topk', got {activation!r}")
+    elif architecture == "topk":
+        raise ValueError("architecture 'topk' needs activation_fn 'topk' with activation_fn_kwargs {'k': ...}")
+    hook_name = cfg.get("hook_name") or ""
+    reshape = cfg.get("reshape_activations") or ("hook_z" if "hook_z" in str(hook_name) else "none")
+    normalize = cfg.get("normalize_activations")
+    if isinstance(normalize, bool):
+        normalize = "expected_average_only_in" if normalize else "none"
+    new = {
+        "architecture": architecture,
+        "d_in": cfg.get("d_in"),
+        "d_sae": cfg.get("d_sae"),
+        "dtype": cfg.get("dtype") or "float32",
+        "apply_b_dec_to_input": cfg.get("apply_b_dec_to_input", True),
+        "normalize_activations": normalize or "none",
+        "reshape_activations": reshape,
+        "metadata": {key: cfg[key] for key in _METADATA_KEYS if key in cfg},
+    }
+    if architecture == "topk":
+        new["k"] = kwargs["k"]
+    return new
+
+
+def _config(raw: dict, cfg_path: Path) -> tuple[SAEConfig, bool]:
+    pre_6_0 = is_pre_6_0(raw)
     try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        d = _from_pre_6_0(raw) if pre_6_0 else dict(raw)
+        if d.get("reshape_activations", "none") == "hook_z":
+            raise ValueError(
+                "reshape_activations: 'hook_z' SAEs take [..., n_heads, d_head] inputs; fastsae's SAE takes "
+                "[..., d_in] and does not reshape (supported: 'none')"
+            )
+        return SAEConfig.from_dict(d), pre_6_0
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{cfg_path}: {exc}") from exc
+
+
+def read_cfg(path: Path) -> dict:
+    return read_json(path / CFG_FILENAME, f" (an SAELens folder holds {CFG_FILENAME} and {WEIGHTS_FILENAME})")
+
+
+def load(path: Union[str, Path], device=None, dtype=None):
+    path = Path(path)
+    cfg_path = path / CFG_FILENAME
+    raw = read_cfg(path)
+    cfg, pre_6_0 = _config(raw, cfg_path)
+    weights_path = path / WEIGHTS_FILENAME
+    tensors = read_safetensors(weights_path)
+
+    # pre-6.0 fine-tuning scale (`scaling_factor`, or `finetuning_scaling_factor` in 5.x) multiplies
+    # the activations before the decoder: fold it into W_dec rows (same result up to rounding).
+    for name in ("scaling_factor", "finetuning_scaling_factor"):
+        if name not in tensors:
+            continue
+        scale = tensors.pop(name)
+        if tuple(scale.shape) != (cfg.d_sae,):
+            raise ValueError(f"{weights_path}: tensor {name!r} has shape {tuple(scale.shape)}, expected ({cfg.d_sae},)")
+        if torch.equal(scale, torch.ones_like(scale)):
+            continue
+        if not raw.get("finetuning_scaling_factor"):
+            if torch.allclose(scale, torch.ones_like(scale)):
+                continue  # SAELens drops a near-one scale that the cfg says is unused
+            raise ValueError(f"{weights_path}: holds {name!r} but {cfg_path} says finetuning_scaling_factor is false")
+        if "W_dec" in tensors and tuple(tensors["W_dec"].shape) == (cfg.d_sae, cfg.d_in):
+            tensors["W_dec"] = (tensors["W_dec"].double() * scale.double()[:, None]).to(tensors["W_dec"].dtype)
+        cfg.metadata["fastsae_folded"] = f"{name} into W_dec"
+
+    if cfg.architecture == "jumprelu" and "log_threshold" in tensors and "threshold" not in tensors:
+        tensors["threshold"] = tensors.pop("log_threshold").exp()  # older SAELens training checkpoints
+    if cfg.architecture == "batchtopk" and "threshold" in tensors:
+        # fastsae's BatchTopK saved as JumpReLU: one global threshold in every slot.
+        threshold = tensors.pop("threshold")
+        if tuple(threshold.shape) != (cfg.d_sae,):
+            raise ValueError(f"{weights_path}: tensor 'threshold' has shape {tuple(threshold.shape)}, expected ({cfg.d_sae},)")
+        tensors["topk_threshold"] = threshold[0]
+    why = f" from {cfg_path} (d_in={cfg.d_in}, d_sae={cfg.d_sae})"
+    sae = build_sae(cfg, tensors, weights_path, device=device, dtype=dtype, why=why)
+    if pre_6_0:
+        sae.cfg.metadata.setdefault("source_format", "saelens<6")
+    return sae
 
 
 def state_dict_for_saving(sae) -> dict[str, torch.Tensor]:
-    """The SAE's tensors under SAELens' names and shapes (contiguous, detached copies)."""
-    W_enc = sae.W_enc.detach().clone()
-    b_enc = sae.b_enc.detach().clone()
-    W_dec = sae.W_dec.detach().clone()
-    if sae.cfg.rescale_acts_by_decoder_norm:
-        norm = W_dec.norm(dim=1)
-        W_enc = W_enc * norm
-        b_enc = b_enc * norm
-        W_dec = W_dec / norm[:, None]
-    tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": sae.b_dec.detach().clone()}
-    if sae.architecture == "jumprelu":
-        tensors["threshold"] = sae.threshold.detach().clone()
-    elif sae.architecture == "batchtopk":
-        tensors["threshold"] = torch.full_like(b_enc, float(sae.topk_threshold))
-    return {name: t.contiguous() for name, t in tensors.items()}
+    """The SAE's tensors as SAELens 6 stores them (contiguous, detached copies)."""
+    tensors = sae_tensors(sae, fold_decoder_norm=True)
+    if sae.architecture == "batchtopk":
+        topk_threshold = tensors.pop("topk_threshold")
+        tensors["threshold"] = torch.full_like(tensors["b_enc"], float(topk_threshold))
+    return tensors
+
+
+def saelens_cfg(sae) -> dict:
+    cfg = sae.cfg.to_dict()
+    cfg["dtype"] = str(sae.dtype).removeprefix("torch.")
+    cfg["device"] = str(sae.device)
+    metadata = cfg.setdefault("metadata", {})
+    metadata["fastsae_version"] = fastsae_version()
+    if metadata.get("input_layer_norm", "").startswith("openai"):
+        # An OpenAI TopK SAE whose inputs are layer-normed outside it: SAELens' "layer_norm" is the
+        # same normalisation ((x - mean) / (std + 1e-5), unbiased std; y * std + mean), so the
+        # folder computes OpenAI's forward in SAELens. fastsae itself refuses to read it back.
+        cfg["normalize_activations"] = "layer_norm"
+    if _major_version(metadata.get("sae_lens_version")) < 6:
+        metadata["sae_lens_version"] = SAELENS_FORMAT_VERSION
+    return cfg
 
 
 def save(sae, path: Union[str, Path]) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = state_dict_for_saving(sae)
-    cfg = sae.cfg.to_dict()
-    cfg["dtype"] = str(sae.dtype).removeprefix("torch.")
-    cfg["device"] = str(sae.device)
-    cfg.setdefault("metadata", {})["fastsae_version"] = _version()
-    _atomic_write(path / WEIGHTS_FILENAME, lambda tmp: save_file(tensors, tmp))
-
-    def write_cfg(tmp):
-        with open(tmp, "w") as f:
-            json.dump(cfg, f, indent=2)
-
-    _atomic_write(path / CFG_FILENAME, write_cfg)
+    cfg = saelens_cfg(sae)
+    write_safetensors(path / WEIGHTS_FILENAME, tensors)
+    write_json(path / CFG_FILENAME, cfg)
     return path
-
-
-def _version() -> str:
-    from fastsae import __version__
-
-    return __version__
-
-
-def read_cfg(path: Path) -> dict:
-    cfg_path = path / CFG_FILENAME
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path}: missing (an SAELens folder holds {CFG_FILENAME} and {WEIGHTS_FILENAME})")
-    try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{cfg_path}: cannot read it as JSON: {exc}") from exc
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
-    return cfg
-
-
-def read_tensors(weights_path: Path) -> dict[str, torch.Tensor]:
-    if not weights_path.exists():
-        raise FileNotFoundError(f"{weights_path}: missing")
-    try:
-        return load_file(weights_path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{weights_path}: cannot read it as safetensors: {exc}") from exc
-
-
-def load(path: Union[str, Path], device=None, dtype=None):
-    from fastsae.sae import SAE
-
-    path = Path(path)
-    raw_cfg = read_cfg(path)
-    cfg_path = path / CFG_FILENAME
-    try:
-        cfg = SAEConfig.from_dict(raw_cfg)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{cfg_path}: {exc}") from exc
-    weights_path = path / WEIGHTS_FILENAME
-    tensors = read_tensors(weights_path)
-
-    expected = {
-        "W_enc": (cfg.d_in, cfg.d_sae),
-        "b_enc": (cfg.d_sae,),
-        "W_dec": (cfg.d_sae, cfg.d_in),
-        "b_dec": (cfg.d_in,),
-    }
-    if cfg.architecture in ("jumprelu", "batchtopk"):
-        expected["threshold"] = (cfg.d_sae,)
-    for name, shape in expected.items():
-        if name not in tensors:
-            raise ValueError(f"{weights_path}: missing tensor {name!r} (has {sorted(tensors)})")
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(
-                f"{weights_path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
-                f"expected {shape} from {cfg_path} (d_in={cfg.d_in}, d_sae={cfg.d_sae})"
-            )
-
-    if dtype is not None:
-        cfg.dtype = str(dtype).removeprefix("torch.")
-    if device is not None:
-        cfg.device = str(device)
-    # Build on the meta device, then fill, so no random init is wasted on a large SAE.
-    target_device = torch.device(cfg.device)
-    sae = SAE(dataclasses.replace(cfg, device="meta"))
-    sae.cfg.device = str(target_device)
-    sae.to_empty(device=target_device)
-    with torch.no_grad():
-        sae.W_enc.copy_(tensors["W_enc"])
-        sae.b_enc.copy_(tensors["b_enc"])
-        sae.W_dec.copy_(tensors["W_dec"])
-        sae.b_dec.copy_(tensors["b_dec"])
-        if cfg.architecture == "jumprelu":
-            sae.threshold.copy_(tensors["threshold"])
-        elif cfg.architecture == "batchtopk":
-            sae.topk_threshold.copy_(tensors["threshold"][0].to(torch.float64))
-    return sae

@@ -1,0 +1,189 @@
+"""EleutherAI sparsify folders: cfg.json + sae.safetensors, one folder per hook point.
+
+Tensors: encoder.weight [d_sae, d_in], encoder.bias [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
+sparsify encodes top-k of relu((x - b_dec) @ encoder.weight.T + encoder.bias) and decodes
+acts @ W_dec + b_dec. It applies the ReLU before the top-k, fastsae (like SAELens and OpenAI)
+after: the selected values are the same (relu is monotonic and keeps every positive value), and
+where a row has fewer than k positive pre-activations the extra picks are zeros either way, so
+activations and reconstructions agree. Only the indices of those zero-valued picks may differ.
+
+cfg.json options, and what fastsae does with them:
+- `k`, `num_latents` (0: d_in * `expansion_factor`), `d_in`: the SAE's shape.
+- `normalize_decoder`: a training constraint (unit-norm decoder rows); kept as
+  decoder_norm="unit_norm" (or "none"), it does not change what a loaded SAE computes.
+- `multi_topk`: a training loss (an extra 4k-latent reconstruction); inference uses k as sparsify's
+  encode does.
+- `activation: "groupmax"`, `skip_connection` (W_skip), `signed` (top-k by |pre|, no ReLU) and
+  `transcode` (a transcoder, no b_dec on the input) compute something fastsae's SAE does not:
+  they are refused with an error naming the file. Unknown keys are ignored, as sparsify does.
+A run folder (one sub-folder per hook point, as sparsify's trainer writes) loads as a dict
+{hookpoint: SAE} in natural order; sub-folders without cfg.json are skipped (e.g. `best/`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Union
+
+from fastsae.config import SAEConfig
+from fastsae.formats._common import (
+    build_sae,
+    fastsae_version,
+    read_json,
+    read_safetensors,
+    sae_tensors,
+    write_json,
+    write_safetensors,
+)
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae.safetensors"
+_TENSOR_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+
+
+def detect(path: Path) -> bool:
+    return path.is_dir() and (path / WEIGHTS_FILENAME).exists()
+
+
+def hookpoint_folders(path: Path) -> list[Path]:
+    """Sub-folders of a run folder that hold a sparse coder (a cfg.json), in natural order."""
+    if not path.is_dir():
+        return []
+    found = [p for p in path.iterdir() if p.is_dir() and (p / CFG_FILENAME).is_file()]
+    return sorted(found, key=lambda p: _natural_key(p.name))
+
+
+def is_run_folder(path: Path) -> bool:
+    return path.is_dir() and not (path / CFG_FILENAME).exists() and bool(hookpoint_folders(path))
+
+
+def _natural_key(name: str):
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
+
+
+def _int(cfg: dict, key: str, cfg_path: Path, default=None) -> int:
+    value = cfg.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{cfg_path}: {key}: expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _config(raw: dict, cfg_path: Path) -> SAEConfig:
+    refuse = {
+        "skip_connection": "a linear skip connection (W_skip) adds x @ W_skip.T to the reconstruction",
+        "signed": "signed SAEs select top-k by |pre-activation| with no ReLU",
+        "transcode": "a transcoder predicts another module's output and does not subtract b_dec from its input",
+    }
+    for key, what in refuse.items():
+        if raw.get(key):
+            raise ValueError(f"{cfg_path}: {key}=true: {what}; fastsae's SAE does not compute that")
+    activation = raw.get("activation", "topk")
+    if activation != "topk":
+        raise ValueError(f"{cfg_path}: activation {activation!r}: fastsae computes sparsify's 'topk' only")
+    if "d_in" not in raw:
+        raise ValueError(f"{cfg_path}: missing 'd_in'")
+    d_in = _int(raw, "d_in", cfg_path)
+    d_sae = _int(raw, "num_latents", cfg_path, 0) or d_in * _int(raw, "expansion_factor", cfg_path, 32)
+    k = _int(raw, "k", cfg_path, 32)
+    try:
+        return SAEConfig(
+            d_in=d_in,
+            d_sae=d_sae,
+            architecture="topk",
+            k=k,
+            apply_b_dec_to_input=True,
+            decoder_norm="unit_norm" if raw.get("normalize_decoder", True) else "none",
+            metadata={"source_format": "sparsify", "sparsify_cfg": dict(raw)},
+        )
+    except ValueError as exc:
+        raise ValueError(f"{cfg_path}: {exc}") from exc
+
+
+def load(path: Union[str, Path], device=None, dtype=None):
+    path = Path(path)
+    cfg_path = path / CFG_FILENAME
+    raw = read_json(cfg_path, f" (a sparsify folder holds {CFG_FILENAME} and {WEIGHTS_FILENAME})")
+    cfg = _config(raw, cfg_path)
+    cfg.metadata.setdefault("hook_name", path.name)
+    weights_path = path / WEIGHTS_FILENAME
+    raw_tensors = read_safetensors(weights_path)
+    if "W_skip" in raw_tensors:
+        raise ValueError(f"{weights_path}: holds W_skip (a skip connection), which fastsae's SAE does not compute")
+    missing = [name for name in _TENSOR_NAMES if name not in raw_tensors]
+    if missing:
+        hint = " (an encoder-only checkpoint cannot reconstruct)" if missing == ["W_dec"] else ""
+        raise ValueError(f"{weights_path}: missing tensor {missing[0]!r}{hint} (has {sorted(raw_tensors)})")
+    extra = sorted(set(raw_tensors) - set(_TENSOR_NAMES))
+    if extra:
+        raise ValueError(f"{weights_path}: unexpected tensors {extra} (expected {list(_TENSOR_NAMES)})")
+    encoder = raw_tensors["encoder.weight"]
+    expected = (cfg.d_sae, cfg.d_in)
+    if tuple(encoder.shape) != expected:
+        raise ValueError(
+            f"{weights_path}: tensor 'encoder.weight' has shape {tuple(encoder.shape)}, expected {expected} "
+            f"from {cfg_path} (d_in={cfg.d_in}, d_sae={cfg.d_sae})"
+        )
+    # sparsify builds the module in the dtype of the file's tensors.
+    cfg.dtype = str(encoder.dtype).removeprefix("torch.")
+    tensors = {
+        "W_enc": encoder.t(),
+        "b_enc": raw_tensors["encoder.bias"],
+        "W_dec": raw_tensors["W_dec"],
+        "b_dec": raw_tensors["b_dec"],
+    }
+    why = f" from {cfg_path} (d_in={cfg.d_in}, d_sae={cfg.d_sae})"
+    return build_sae(cfg, tensors, weights_path, device=device, dtype=dtype, why=why)
+
+
+def load_run(path: Union[str, Path], device=None, dtype=None) -> dict:
+    """A sparsify run folder as {hookpoint: SAE}; every hook point is read before any is returned."""
+    path = Path(path)
+    folders = hookpoint_folders(path)
+    if not folders:
+        raise FileNotFoundError(f"{path}: no sub-folder with {CFG_FILENAME} and {WEIGHTS_FILENAME} (a sparsify run folder)")
+    return {folder.name: load(folder, device=device, dtype=dtype) for folder in folders}
+
+
+def _check_savable(sae, path: Path) -> None:
+    if sae.architecture != "topk":
+        raise ValueError(
+            f"{path}: sparsify stores TopK SAEs; this SAE is {sae.architecture!r} (save it as SAELens instead)"
+        )
+    if sae.cfg.metadata.get("input_layer_norm"):
+        raise ValueError(f"{path}: this SAE's inputs are layer-normalised outside it, which a sparsify cfg cannot say")
+    if not sae.cfg.apply_b_dec_to_input:
+        raise ValueError(f"{path}: sparsify SAEs subtract b_dec from their input; this SAE has apply_b_dec_to_input=False")
+
+
+def save(sae, path: Union[str, Path]) -> Path:
+    """Write one sparse coder folder. Decoder-norm rescaling is folded in (same outputs to rounding)."""
+    path = Path(path)
+    _check_savable(sae, path)
+    path.mkdir(parents=True, exist_ok=True)
+    t = sae_tensors(sae, fold_decoder_norm=True)
+    tensors = {"encoder.weight": t["W_enc"].t().contiguous(), "encoder.bias": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": max(1, sae.d_sae // sae.d_in),
+        "normalize_decoder": sae.cfg.decoder_norm == "unit_norm",
+        "num_latents": sae.d_sae,
+        "k": sae.cfg.k,
+        "multi_topk": bool(sae.cfg.metadata.get("sparsify_cfg", {}).get("multi_topk", False)),
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": sae.d_in,
+    }
+    write_safetensors(path / WEIGHTS_FILENAME, tensors, metadata={"fastsae_version": fastsae_version()})
+    write_json(path / CFG_FILENAME, cfg)
+    return path
+
+
+def save_run(saes: dict, path: Union[str, Path]) -> Path:
+    """Write {hookpoint: SAE} as a sparsify run folder (one sub-folder per hook point)."""
+    path = Path(path)
+    for name, sae in saes.items():
+        _check_savable(sae, path / name)
+    for name, sae in saes.items():
+        save(sae, path / name)
+    return path
