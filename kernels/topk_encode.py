@@ -42,6 +42,8 @@ _POS_INF = tl.constexpr(float("inf"))
 # Largest k (rounded up to a power of two) whose running top-k lives in registers; larger k
 # goes through row chunks of dense pre-activations (see `_topk_by_chunks`).
 MAX_FUSED_K = 128
+# ... in row chunks of at most this many pre-activations.
+_CHUNK_ELEMENTS = 1 << 26
 # Each split should walk at least this many latent tiles, so the start-up insertions (about k
 # per row while tau is still -inf) stay a small share of its work.
 _MIN_TILES_PER_SPLIT = 2 if INTERPRET else 8
@@ -295,10 +297,10 @@ def encode_columns(
 
 def _topk_by_chunks(x_in, enc_weight, b_enc, dec_norm, latents, k, relu, values, indices):
     """k too large for registers: dense pre-activations for a chunk of rows at a time (at most
-    2^26 elements), then torch.topk. Memory stays bounded; speed is that of the dense step."""
+    _CHUNK_ELEMENTS), then torch.topk. Memory stays bounded; speed is that of the dense step."""
     n = x_in.shape[0]
     n_cols = latents.shape[0] if latents is not None else enc_weight.shape[0]
-    step = max(1, (1 << 26) // max(1, n_cols))
+    step = max(1, _CHUNK_ELEMENTS // max(1, n_cols))
     for a in range(0, n, step):
         b = min(n, a + step)
         pre = encode_columns(x_in[a:b], enc_weight, b_enc, dec_norm, latents)
