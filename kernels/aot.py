@@ -90,7 +90,7 @@ def cases() -> list[Case]:
         topk_encode._encode_columns_kernel, "bf16 aux columns " + " ".join(f"{a}={b}" for a, b in ccfg.items()),
         dict(x_ptr=bf16, w_ptr=bf16, lat_ptr=torch.int64, bias_ptr=bf16, norm_ptr=bf16, out_ptr=bf16),
         dict(HAS_LIST=True, HAS_NORM=False, EVEN_K=True, DOT_PRECISION="tf32", UPCAST=False, **ccfg),
-        aligned=("N", "D_IN", "n_cols"), **launch,
+        aligned=("N", "D_IN", "n_cols"), quick=True, **launch,
     ))
     # Sparse decode (x_hat, with norm and bias) and the encoder's grad x (neither), k = 32 / 64.
     for m, decode in ((32, True), (64, True), (64, False)):
