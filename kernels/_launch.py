@@ -61,6 +61,11 @@ def register(name: str, mutates_args: Iterable[str] = ()) -> Callable:
     return wrap
 
 
+def contiguous(*tensors):
+    """The kernels index rows as base + row * width: make every (optional) tensor dense."""
+    return tuple(t.contiguous() if t is not None else None for t in tensors)
+
+
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import INTERPRET, launch, register
+from ._launch import INTERPRET, contiguous, launch, register
 
 
 @triton.jit
@@ -88,6 +88,7 @@ def scatter_outer(
     coef: Tensor, indices: Tensor, rows: Tensor, sub: Optional[Tensor], norm: Optional[Tensor], d_sae: int
 ) -> tuple[Tensor, Tensor]:
     """(out [d_sae, D], colsum [d_sae]) in rows' dtype; see the module docstring."""
+    coef, indices, rows, sub, norm = contiguous(coef, indices, rows, sub, norm)
     n, m = indices.shape
     d = rows.shape[1]
     out = torch.empty(d_sae, d, dtype=rows.dtype, device=rows.device)

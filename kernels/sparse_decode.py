@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import INTERPRET, launch, next_pow2, register
+from ._launch import INTERPRET, contiguous, launch, next_pow2, register
 
 
 @triton.jit
@@ -107,6 +107,7 @@ def gather_dot_config(m: int) -> dict:
 def gather_sum(
     coef: Tensor, indices: Tensor, weight: Tensor, bias: Optional[Tensor], norm: Optional[Tensor]
 ) -> Tensor:
+    coef, indices, weight, bias, norm = contiguous(coef, indices, weight, bias, norm)
     n, m = indices.shape
     d = weight.shape[1]
     out = torch.empty(n, d, dtype=weight.dtype, device=weight.device)
@@ -133,6 +134,7 @@ def sparse_decode(
 @register("gather_dot")
 def gather_dot(rows: Tensor, indices: Tensor, weight: Tensor, norm: Optional[Tensor]) -> Tensor:
     """out [N, m] = rows[n] . weight[indices[n, j]] / norm[indices[n, j]], in rows' dtype."""
+    rows, indices, weight, norm = contiguous(rows, indices, weight, norm)
     n, m = indices.shape
     out = torch.empty(n, m, dtype=rows.dtype, device=rows.device)
     if n == 0 or m == 0:

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import INTERPRET, dot_precision, launch, next_pow2, register, sm_count
+from ._launch import INTERPRET, contiguous, dot_precision, launch, next_pow2, register, sm_count
 
 _NEG_INF = tl.constexpr(float("-inf"))
 _POS_INF = tl.constexpr(float("inf"))
@@ -277,6 +277,7 @@ def encode_columns(
     x_in: Tensor, enc_weight: Tensor, b_enc: Tensor, dec_norm: Optional[Tensor], latents: Optional[Tensor]
 ) -> Tensor:
     """Dense pre-activations [N, n] at `latents` (int64 [n]; all d_sae latents when None)."""
+    x_in, enc_weight, b_enc, dec_norm, latents = contiguous(x_in, enc_weight, b_enc, dec_norm, latents)
     n = x_in.shape[0]
     n_cols = latents.shape[0] if latents is not None else enc_weight.shape[0]
     out = torch.empty(n, n_cols, dtype=x_in.dtype, device=x_in.device)
@@ -324,6 +325,7 @@ def topk_encode(
     """Top-k of the pre-activations (x_in W^T + b_enc) * dec_norm per row, over `latents`
     (int64 [n], all latents when None). Returns (values [N, k] in x's dtype, ReLU'd when `relu`;
     indices [N, k] int64). `splits` > 0 forces the number of latent ranges (tests); 0 picks it."""
+    x_in, enc_weight, b_enc, dec_norm, latents = contiguous(x_in, enc_weight, b_enc, dec_norm, latents)
     n = x_in.shape[0]
     n_cols = latents.shape[0] if latents is not None else enc_weight.shape[0]
     values = torch.empty(n, k, dtype=x_in.dtype, device=x_in.device)

@@ -90,3 +90,16 @@ def test_opcheck_decode_ops():
     torch.library.opcheck(torch.ops.fastsae_triton.sparse_decode.default, (values, indices, W, b, norm))
     torch.library.opcheck(torch.ops.fastsae_triton.sparse_decode.default, (values, indices, W, None, None))
     torch.library.opcheck(torch.ops.fastsae_triton.gather_dot.default, (torch.randn(n, d_in, device=DEVICE), indices, W, norm))
+
+
+def test_non_contiguous_inputs():
+    """Views (a transposed weight, a column slice of the values) give the same answer."""
+    n, d_in, d_sae, m = 9, 48, 333, 5
+    W_t = torch.randn(d_in, d_sae, device=DEVICE)
+    wide = torch.randn(n, 2 * m, device=DEVICE)
+    values = wide[:, ::2]
+    indices = torch.randint(0, d_sae, (n, m), device=DEVICE)
+    assert not W_t.t().is_contiguous() and not values.is_contiguous()
+    with fastsae.use_backend("triton"):
+        out = ops.sparse_decode(values, indices, W_t.t())
+    assert_rel_close(out, _dense(values, indices, d_sae) @ W_t.t().double(), 1e-5, "views")

@@ -1,7 +1,8 @@
 """The `triton` backend: fastsae's four ops on the Triton kernels of `fastsae.kernels`.
 
-Same signatures and semantics as `fastsae.reference` (the oracle). Each function prepares
-contiguous inputs and calls the `fastsae_triton::*` ops, which torch.compile can trace on a GPU.
+Same signatures and semantics as `fastsae.reference` (the oracle). Each function calls the
+`fastsae_triton::*` ops (which torch.compile can trace on a GPU) and does the little glue around
+them: the b_dec subtraction, AuxK's dead-latent pass, dtype casts.
 Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (the kernels then run in
 Triton's interpreter: slow, for tests).
 """
@@ -18,10 +19,6 @@ from fastsae.kernels import sparse_backward, sparse_decode as _decode, topk_enco
 _ops = torch.ops.fastsae_triton
 
 
-def _c(t: Optional[Tensor]) -> Optional[Tensor]:
-    return t.contiguous() if t is not None else None
-
-
 def topk_encode(
     x: Tensor,
     enc_weight: Tensor,
@@ -32,7 +29,6 @@ def topk_encode(
     dead_mask: Optional[Tensor],
     k_aux: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    x, enc_weight, b_enc, dec_norm = _c(x), _c(enc_weight), _c(b_enc), _c(dec_norm)
     # b_dec is subtracted once here ([N, d_in] elementwise) rather than folded into the kernel as
     # x W^T - b_dec W^T, which would read the [d_sae, d_in] weight a second time.
     x_in = x - b_dec if b_dec is not None else x
@@ -69,7 +65,6 @@ def topk_encode(
 def topk_encode_backward(
     grad_pre: Tensor, indices: Tensor, x: Tensor, enc_weight: Tensor, b_dec: Optional[Tensor]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    grad_pre, indices, x, enc_weight, b_dec = _c(grad_pre), _c(indices), _c(x), _c(enc_weight), _c(b_dec)
     grad_x_in = _ops.sparse_decode(grad_pre, indices, enc_weight, None, None).to(x.dtype)
     grad_w, grad_b = _ops.scatter_outer(grad_pre, indices, x, b_dec, None, enc_weight.shape[0])
     return grad_x_in, grad_w.to(enc_weight.dtype), grad_b.to(enc_weight.dtype)
@@ -78,13 +73,12 @@ def topk_encode_backward(
 def sparse_decode(
     values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Optional[Tensor], dec_norm: Optional[Tensor]
 ) -> Tensor:
-    return _ops.sparse_decode(_c(values), _c(indices), _c(W_dec), _c(b_dec), _c(dec_norm))
+    return _ops.sparse_decode(values, indices, W_dec, b_dec, dec_norm)
 
 
 def sparse_decode_backward(
     grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, dec_norm: Optional[Tensor]
 ) -> tuple[Tensor, Tensor]:
-    grad_out, values, indices, W_dec, dec_norm = _c(grad_out), _c(values), _c(indices), _c(W_dec), _c(dec_norm)
     grad_values = _ops.gather_dot(grad_out, indices, W_dec, dec_norm).to(values.dtype)
     grad_W_dec, _ = _ops.scatter_outer(values, indices, grad_out, None, dec_norm, W_dec.shape[0])
     return grad_values, grad_W_dec.to(W_dec.dtype)
