@@ -42,6 +42,8 @@ def _scatter_outer_kernel(
     start = tl.load(offsets_ptr + lats, mask=lat_ok, other=0)
     length = tl.load(offsets_ptr + lats + 1, mask=lat_ok, other=0) - start
     es = tl.arange(0, BLOCK_E)
+    if HAS_SUB:
+        sub = tl.load(sub_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_L, BLOCK_E, BLOCK_D), dtype=tl.float32)
     csum = tl.zeros((BLOCK_L, BLOCK_E), dtype=tl.float32)
     for e0 in range(0, tl.max(length, axis=0), BLOCK_E):
@@ -51,7 +53,6 @@ def _scatter_outer_kernel(
         src = (entry // M)[:, :, None] * D + cols[None, None, :]
         r = tl.load(rows_ptr + src, mask=e_ok[:, :, None] & col_ok[None, None, :], other=0.0).to(tl.float32)
         if HAS_SUB:
-            sub = tl.load(sub_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             r = r - sub[None, None, :]
         acc += coef[:, :, None] * r
         csum += coef
