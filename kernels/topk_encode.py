@@ -40,9 +40,9 @@ _NEG_INF = tl.constexpr(float("-inf"))
 _POS_INF = tl.constexpr(float("inf"))
 
 # Largest k (rounded up to a power of two) whose running top-k lives in registers; larger k
-# goes through row chunks of dense pre-activations (see `_topk_by_chunks`).
+# goes through row chunks of dense pre-activations (`_topk_by_chunks`), each chunk holding at
+# most _CHUNK_ELEMENTS of them.
 MAX_FUSED_K = 128
-# ... in row chunks of at most this many pre-activations.
 _CHUNK_ELEMENTS = 1 << 26
 # Each split should walk at least this many latent tiles, so the start-up insertions (about k
 # per row while tau is still -inf) stay a small share of its work.
@@ -243,7 +243,7 @@ def columns_config(dtype: torch.dtype) -> dict:
 
 
 def merge_config(l_pad: int) -> dict:
-    if INTERPRET:  # few programs: each interpreted sort costs about a second
+    if INTERPRET:  # few programs: the interpreter pays per program and per reduction
         return dict(BLOCK_R=64, num_warps=4)
     return dict(BLOCK_R=max(1, min(16, 2048 // l_pad)), num_warps=4)
 
@@ -264,7 +264,7 @@ def _common(x: Tensor, w: Tensor, cfg: dict) -> dict:
     )
 
 
-def _check(x: Tensor, w: Tensor, n_cols: int) -> None:
+def _check(x: Tensor, n_cols: int) -> None:
     if n_cols >= 2**31 or x.shape[0] >= 2**31:
         raise ValueError(f"triton topk_encode: expected fewer than 2^31 latents and rows, got {n_cols} and {x.shape[0]}")
 
@@ -283,7 +283,7 @@ def encode_columns(
     out = torch.empty(n, n_cols, dtype=x_in.dtype, device=x_in.device)
     if n == 0 or n_cols == 0:
         return out
-    _check(x_in, enc_weight, n_cols)
+    _check(x_in, n_cols)
     cfg = columns_config(x_in.dtype)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(n_cols, cfg["BLOCK_N"]))
     launch(
@@ -332,7 +332,7 @@ def topk_encode(
     indices = torch.empty(n, k, dtype=torch.int64, device=x_in.device)
     if n == 0 or k == 0:
         return values, indices
-    _check(x_in, enc_weight, n_cols)
+    _check(x_in, n_cols)
     if not 1 <= k <= n_cols:
         raise ValueError(f"triton topk_encode: expected 1 <= k <= {n_cols} (the number of candidate latents), got {k}")
     k_pad = next_pow2(k)
