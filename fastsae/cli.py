@@ -109,6 +109,28 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _aot(args: argparse.Namespace) -> int:
+    """Compile every Triton kernel for a GPU architecture (no GPU needed) and report resources."""
+    import json
+
+    from fastsae.kernels import aot
+
+    arch = int(args.arch.lower().removeprefix("sm_").rstrip("a"))
+    header = f"{'kernel':<24} {'regs':>4} {'spill':>5} {'smem':>7} {'wgmma':>5}  config"
+    print(header)
+
+    def show(row: dict) -> None:
+        print(f"{row['kernel']:<24} {row['registers']:>4} {row['spills']:>5} {row['shared_bytes']:>7} "
+              f"{'yes' if row['uses_wgmma'] else 'no':>5}  {row['config']}", flush=True)
+
+    rows = aot.run(arch, quick=args.quick, only=args.kernel, progress=show)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"wrote {len(rows)} rows to {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsae", description="Fast sparse autoencoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", choices=("saelens", "sparsify"), default="saelens", help="output format")
     convert.add_argument("--overwrite", action="store_true", help="write into DST even if it is not empty")
     convert.set_defaults(func=_convert)
+
+    aot = sub.add_parser("aot", help="compile every Triton kernel for a GPU architecture and report registers, spills, shared memory")
+    aot.add_argument("--arch", default="sm_90", help="target architecture, e.g. sm_90 (H100)")
+    aot.add_argument("--json", help="write the rows (kernel, config, registers, spills, shared_bytes, uses_wgmma) here")
+    aot.add_argument("--quick", action="store_true", help="one configuration per kernel")
+    aot.add_argument("--kernel", help="only kernels whose name contains this")
+    aot.set_defaults(func=_aot)
     return parser
 
 

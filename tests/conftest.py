@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # No GPU: the Triton kernels run in Triton's interpreter on CPU tensors. This must be set
+    # before triton (or fastsae, which registers the triton backend's devices) is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Tests compare against float64 references: keep CPU matmuls deterministic and fast on 2 cores.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

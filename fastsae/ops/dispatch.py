@@ -36,6 +36,7 @@ class BackendSpec:
 # Registered backends. Kernel backends add their line when their module lands.
 _BACKENDS: dict[str, BackendSpec] = {
     "torch": BackendSpec("fastsae.reference", frozenset({"cpu", "cuda", "mps", "xpu", "meta"})),
+    "triton": BackendSpec("fastsae.ops.backend_triton", frozenset({"cuda", "cpu"} if os.environ.get("TRITON_INTERPRET") == "1" else {"cuda"})),
 }
 
 # auto's order of preference per device type (fastest first); unregistered names are skipped.

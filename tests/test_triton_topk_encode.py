@@ -1,0 +1,177 @@
+"""The Triton fused TopK encoder (fastsae_triton::topk_encode / encode_columns and the backend's
+AuxK pass) against float64 references, with the `triton` backend forced."""
+
+import pytest
+import torch
+from conftest import assert_bf16_close, assert_rel_close
+from triton_util import DEVICE, poisoned  # noqa: F401  (fixture)
+
+import fastsae
+from fastsae import ops
+
+pytestmark = pytest.mark.usefixtures("poisoned")
+
+
+def _inputs(n, d_in, d_sae, dtype=torch.float32):
+    x = torch.randn(n, d_in, dtype=dtype, device=DEVICE)
+    enc = (torch.randn(d_sae, d_in, device=DEVICE) / d_in**0.5).to(dtype)
+    b_enc = (torch.randn(d_sae, device=DEVICE) * 0.1).to(dtype)
+    b_dec = (torch.randn(d_in, device=DEVICE) * 0.1).to(dtype)
+    dec_norm = (torch.rand(d_sae, device=DEVICE) + 0.5).to(dtype)
+    return x, enc, b_enc, b_dec, dec_norm
+
+
+def _pre64(x_in, enc, b_enc, dec_norm):
+    pre = x_in.double() @ enc.double().T + b_enc.double()
+    return pre * dec_norm.double() if dec_norm is not None else pre
+
+
+def _check_topk(values, indices, pre64, k, tol=1e-5, relu=True):
+    """Indices: k distinct latents forming a top-k of the float64 row (up to rounding);
+    values: (ReLU of) the float64 pre-activations there."""
+    n, d = pre64.shape
+    assert indices.shape == (n, k) and indices.dtype == torch.int64
+    assert ((indices >= 0) & (indices < d)).all(), "an index is out of range (unwritten?)"
+    assert (indices.sort(-1).values.diff(dim=-1) != 0).all(), "duplicate latents in a row"
+    picked = pre64.gather(1, indices)
+    assert_rel_close(values, picked.relu() if relu else picked, tol, "values")
+    kth = pre64.topk(k, dim=-1).values[:, -1:]
+    assert (picked >= kth - tol * pre64.abs().max()).all(), "a selected latent is not among the row's top k"
+
+
+@pytest.mark.parametrize(
+    "d_in,d_sae,k,use_b_dec,use_norm",
+    [(48, 333, 1, True, False), (48, 333, 7, False, True), (100, 1000, 16, True, True), (100, 333, 7, True, False),
+     (48, 1000, 1, False, True)],
+)
+def test_topk_encode_matches_float64(d_in, d_sae, k, use_b_dec, use_norm):
+    x, enc, b_enc, b_dec, dec_norm = _inputs(37, d_in, d_sae)
+    b_dec = b_dec if use_b_dec else None
+    dec_norm = dec_norm if use_norm else None
+    with fastsae.use_backend("triton"):
+        values, indices, aux_v, aux_i = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k)
+    assert values.dtype == x.dtype and aux_v.shape == (37, 0) and aux_i.shape == (37, 0)
+    _check_topk(values, indices, _pre64(x - b_dec if use_b_dec else x, enc, b_enc, dec_norm), k)
+
+
+@pytest.mark.parametrize("splits", [2, 6])
+def test_topk_encode_any_number_of_splits(splits):
+    """The latent range split across programs and merged. Under the interpreter d_sae = 333 is
+    6 tiles of 64, so 6 splits leave the last one 13 latents, fewer than k = 16."""
+    x, enc, b_enc, _, dec_norm = _inputs(37, 48, 333)
+    values, indices = torch.ops.fastsae_triton.topk_encode(x, enc, b_enc, dec_norm, None, 16, True, splits)
+    _check_topk(values, indices, _pre64(x, enc, b_enc, dec_norm), 16)
+
+
+def test_topk_encode_without_relu_over_a_latent_list():
+    """Selection among listed latents (AuxK's pass), raw values, indices mapped back to latents."""
+    x, enc, b_enc, _, _ = _inputs(37, 48, 333)
+    b_enc = b_enc - 2.0  # most pre-activations negative: ReLU would show
+    latents = torch.randperm(333, device=DEVICE)[:150].sort().values
+    values, indices = torch.ops.fastsae_triton.topk_encode(x, enc, b_enc, None, latents, 9, False, 3)
+    pre64 = _pre64(x, enc, b_enc, None)
+    masked = torch.full_like(pre64, float("-inf"))
+    masked[:, latents] = pre64[:, latents]
+    assert torch.isin(indices, latents).all()
+    picked = pre64.gather(1, indices)
+    assert_rel_close(values, picked, 1e-5, "values")
+    assert (values < 0).any(), "no negative value kept: was ReLU applied?"
+    kth = masked.topk(9, dim=-1).values[:, -1:]
+    assert (picked >= kth - 1e-5 * pre64.abs().max()).all()
+
+
+@pytest.mark.parametrize("n_dead,k_aux", [(50, 24), (24, 24), (5, 24), (1, 1)])
+def test_topk_encode_aux_matches_float64(n_dead, k_aux):
+    """AuxK through the backend: top k_aux among dead latents (selection), all of them when there
+    are exactly k_aux, and value-0 slots at live latents when there are fewer."""
+    d_in, d_sae, k = 48, 333, 7
+    x, enc, b_enc, b_dec, dec_norm = _inputs(29, d_in, d_sae)
+    dead = torch.zeros(d_sae, dtype=torch.bool, device=DEVICE)
+    dead[torch.randperm(d_sae, device=DEVICE)[:n_dead]] = True
+    with fastsae.use_backend("triton"):
+        values, indices, aux_v, aux_i = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k, dead, k_aux)
+    pre64 = _pre64(x - b_dec, enc, b_enc, dec_norm)
+    _check_topk(values, indices, pre64, k)
+    assert aux_v.shape == aux_i.shape == (29, k_aux) and aux_i.dtype == torch.int64
+    assert ((aux_i >= 0) & (aux_i < d_sae)).all()
+    assert (aux_i.sort(-1).values.diff(dim=-1) != 0).all(), "duplicate aux latents in a row"
+    real = min(n_dead, k_aux)
+    got_dead = dead[aux_i]
+    assert (got_dead.sum(-1) == real).all()
+    masked = pre64.masked_fill(~dead, float("-inf"))
+    expect = masked.topk(real, dim=-1).values
+    got = torch.where(got_dead, aux_v.double(), torch.full_like(aux_v.double(), float("-inf")))
+    assert_rel_close(got.sort(-1, descending=True).values[:, :real], expect, 1e-5, "aux values")
+    assert (aux_v[~got_dead] == 0).all()
+    # The values are those of the latents they name (raw, no ReLU).
+    assert_rel_close(torch.where(got_dead, aux_v.double(), 0), torch.where(got_dead, pre64.gather(1, aux_i), 0), 1e-5)
+
+
+def test_topk_encode_large_k_takes_row_chunks(monkeypatch):
+    """k beyond the register-resident top-k: dense pre-activations a few rows at a time."""
+    from fastsae.kernels import topk_encode as module
+
+    monkeypatch.setattr(module, "_CHUNK_ELEMENTS", 333 * 8)  # 8 rows per chunk: 5 chunks
+    x, enc, b_enc, _, dec_norm = _inputs(37, 48, 333)
+    k = 200
+    assert k > module.MAX_FUSED_K
+    values, indices = torch.ops.fastsae_triton.topk_encode(x, enc, b_enc, dec_norm, None, k, True, 0)
+    _check_topk(values, indices, _pre64(x, enc, b_enc, dec_norm), k)
+
+
+def test_encode_columns_matches_float64():
+    x, enc, b_enc, _, dec_norm = _inputs(37, 100, 333)
+    latents = torch.tensor([5, 0, 332, 17, 17, 200], device=DEVICE)
+    out = torch.ops.fastsae_triton.encode_columns(x, enc, b_enc, dec_norm, latents)
+    assert_rel_close(out, _pre64(x, enc, b_enc, dec_norm)[:, latents], 1e-5, "listed columns")
+    out = torch.ops.fastsae_triton.encode_columns(x, enc, b_enc, None, None)
+    assert_rel_close(out, _pre64(x, enc, b_enc, None), 1e-5, "all columns")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_topk_encode_16bit(dtype):
+    """16-bit inputs: the selection is a top-k of the pre-activations of the (rounded) inputs,
+    and values are as close to float64 as torch's own same-dtype computation, or closer."""
+    d_in, d_sae, k = 100, 333, 7
+    x, enc, b_enc, b_dec, dec_norm = _inputs(37, d_in, d_sae, dtype)
+    with fastsae.use_backend("triton"):
+        values, indices, _, _ = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k)
+    assert values.dtype == dtype
+    x_in = x - b_dec  # rounded as the module rounds it
+    pre64 = _pre64(x_in, enc, b_enc, dec_norm)
+    picked = pre64.gather(1, indices)
+    same_dtype = ((x_in @ enc.T + b_enc) * dec_norm).gather(1, indices)
+    assert_bf16_close(values, picked.relu(), same_dtype.relu(), atol=1e-6, what="values")
+    kth = pre64.topk(k, dim=-1).values[:, -1:]
+    assert (picked >= kth - 1e-5 * pre64.abs().max()).all()
+    assert (indices.sort(-1).values.diff(dim=-1) != 0).all()
+
+
+def test_triton_op_rejects_k_beyond_candidates():
+    x, enc, b_enc, _, _ = _inputs(4, 48, 333)
+    latents = torch.arange(5, device=DEVICE)
+    with pytest.raises(ValueError, match="expected 1 <= k <= 5"):
+        torch.ops.fastsae_triton.topk_encode(x, enc, b_enc, None, latents, 6, True, 0)
+
+
+def test_opcheck_encoder_ops():
+    x, enc, b_enc, _, dec_norm = _inputs(6, 10, 17)
+    latents = torch.tensor([3, 1, 16, 8], device=DEVICE)
+    torch.library.opcheck(torch.ops.fastsae_triton.topk_encode.default, (x, enc, b_enc, dec_norm, None, 3, True, 0))
+    torch.library.opcheck(torch.ops.fastsae_triton.topk_encode.default, (x, enc, b_enc, None, latents, 2, False, 0))
+    torch.library.opcheck(torch.ops.fastsae_triton.encode_columns.default, (x, enc, b_enc, dec_norm, latents))
+
+
+def test_torch_compile_traces_the_ops():
+    """fullgraph torch.compile over the Triton ops (on a GPU they are triton_ops that the
+    compiler traces into; under the interpreter, opaque custom ops)."""
+    x, enc, b_enc, _, dec_norm = _inputs(37, 48, 333)
+    W_dec = torch.randn(333, 48, device=DEVICE)
+
+    def f(x):
+        v, i = torch.ops.fastsae_triton.topk_encode(x, enc, b_enc, dec_norm, None, 7, True, 0)
+        return torch.ops.fastsae_triton.sparse_decode(v, i, W_dec, None, dec_norm)
+
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    compiled = torch.compile(f, backend=backend, fullgraph=True)
+    assert_rel_close(compiled(x), f(x), 1e-6, "compiled")
