@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.set_defaults(func=_demo)
 
+    from fastsae.training.cli import add_train_parser
+
+    add_train_parser(sub)
+
     backends = sub.add_parser("backends", help="list the backends that load on this machine")
     backends.set_defaults(func=_backends)
     return parser

@@ -175,6 +175,8 @@ class Trainer:
         trainer._load_state(folder)
         ckpt.remove_stale_temporaries(out_dir)
         ckpt.truncate_metrics(out_dir, trainer.step)
+        rows = ckpt.read_metrics(out_dir)
+        trainer.last_metrics = rows[-1] if rows else {}
         return trainer
 
     # ------------------------------------------------------------ initialisation
@@ -203,16 +205,17 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
-    def train(self) -> dict:
-        """Train to `cfg.total_tokens`; returns the final metrics and the checkpoint folder."""
+    def train(self, max_steps: Optional[int] = None) -> dict:
+        """Train to `cfg.total_tokens` (or for at most `max_steps` more steps, then checkpoint);
+        returns the last metrics, the step, tokens and the checkpoint folder."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         self.sae.train()
         if not self.initialized:
             self._initialize()
-        total = cfg.total_steps
-        bar = tqdm(total=total, initial=self.step, disable=not cfg.progress, unit="step", dynamic_ncols=True,
+        total = cfg.total_steps if max_steps is None else min(cfg.total_steps, self.step + max_steps)
+        bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not cfg.progress, unit="step", dynamic_ncols=True,
                    file=sys.stderr, desc="training")
         self._bar = bar
         last_save = time.monotonic()
@@ -229,7 +232,7 @@ class Trainer:
                 bar.update(1)
                 if self.dead_strategy == "resample" and self._resample_due():
                     self.resample_dead_latents()
-                if self.step % cfg.log_every_steps == 0 or self.step == total:
+                if self.step % cfg.log_every_steps == 0 or self.step == cfg.total_steps:
                     self._log_metrics()
                 if self.out_dir is not None and (
                     (cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0)
@@ -240,12 +243,15 @@ class Trainer:
         finally:
             bar.close()
             self._bar = None
-        if self._window_steps:
+        if self._window_steps and self.step == cfg.total_steps:
             self._log_metrics()
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.last_checkpoint_step() != self.step:
             self.save_checkpoint()
         return {"step": self.step, "tokens": self.tokens_seen, "checkpoint": self.last_checkpoint,
                 "elapsed_s": self.elapsed, **self.last_metrics}
+
+    def last_checkpoint_step(self) -> Optional[int]:
+        return None if self.last_checkpoint is None else int(self.last_checkpoint.name.split("_")[-1])
 
     def _say(self, message: str) -> None:
         self.messages.append(message)
@@ -349,7 +355,8 @@ class Trainer:
         weights = torch.cat(losses).pow(2)
         if not torch.isfinite(weights).all() or weights.sum() <= 0:
             weights = torch.ones_like(weights)
-        picks = torch.multinomial(weights, n_dead, replacement=n_dead > weights.numel(), generator=self.generator)
+        # One independent draw per dead latent, as the paper describes (with replacement).
+        picks = torch.multinomial(weights, n_dead, replacement=True, generator=self.generator)
         chosen = sample[picks.to(sample.device)] - sae.b_dec
         directions = torch.nn.functional.normalize(chosen.float(), dim=1).to(sae.dtype)
 
