@@ -368,15 +368,19 @@ def test_resume_without_a_checkpoint_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["relu", "topk"])
-def test_small_synthetic_features_are_recovered(arch):
-    # 32 features in 16 dims, two on per row: both SAEs find nearly all of them.
-    data = SyntheticActivations(d_in=16, n_features=32, l0=2, n_rows=1 << 15, seed=0, chunk_rows=4096,
+@pytest.mark.parametrize("seed", [0, 1])
+def test_small_synthetic_features_are_recovered(arch, seed):
+    # 32 features in 16 dims, two on per row: both SAEs find nearly all of them. (ReLU + L1 also
+    # keeps a few small activations, so its L0 sits above the truth; TopK's is k by construction.)
+    data = SyntheticActivations(d_in=16, n_features=32, l0=2, n_rows=1 << 15, seed=seed, chunk_rows=4096,
                                 min_magnitude=0.2)
-    sae = _sae(arch, d_sae=64, **({"k": 2} if arch == "topk" else {}))
-    cfg = _cfg(total_tokens=60_000, batch_size=256, lr=4e-3, sparsity_coefficient=0.3, log_every_steps=50,
-               shuffle_buffer_rows=8192)
+    torch.manual_seed(seed)
+    sae = fastsae.SAE(d_in=16, d_sae=64, architecture=arch, **({"k": 2} if arch == "topk" else {}))
+    cfg = _cfg(total_tokens=30_000, batch_size=256, lr=8e-3, sparsity_coefficient=3.0, log_every_steps=50,
+               shuffle_buffer_rows=8192, seed=seed)
     trainer = Trainer(sae, data, cfg)
     result = trainer.train()
     score = data.score(trainer.sae)
     assert score >= 0.95, (score, result)
-    assert 1.5 <= result["l0"] <= 4.0
+    assert 1.5 <= result["l0"] <= 6.0
+    assert result["fvu"] < 0.4

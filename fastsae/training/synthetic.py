@@ -59,8 +59,9 @@ class SyntheticActivations:
         """Ground-truth feature activations [rows, n_features]."""
         on = torch.rand(rows, self.n_features, generator=generator) < self.l0 / self.n_features
         span = 1.0 - self.min_magnitude
-        magnitude = self.min_magnitude + span * torch.rand(rows, self.n_features, generator=generator)
-        return on * magnitude
+        codes = torch.zeros(rows, self.n_features)
+        codes[on] = self.min_magnitude + span * torch.rand(int(on.sum()), generator=generator)
+        return codes
 
     def load_chunk(self, index: int) -> Tensor:
         rows = self.chunk_sizes[index]
