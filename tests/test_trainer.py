@@ -376,7 +376,7 @@ def test_small_synthetic_features_are_recovered(arch, seed):
                                 min_magnitude=0.2)
     torch.manual_seed(seed)
     sae = fastsae.SAE(d_in=16, d_sae=64, architecture=arch, **({"k": 2} if arch == "topk" else {}))
-    cfg = _cfg(total_tokens=30_000, batch_size=256, lr=8e-3, sparsity_coefficient=3.0, log_every_steps=50,
+    cfg = _cfg(total_tokens=45_000, batch_size=256, lr=8e-3, sparsity_coefficient=3.0, log_every_steps=50,
                shuffle_buffer_rows=8192, seed=seed)
     trainer = Trainer(sae, data, cfg)
     result = trainer.train()

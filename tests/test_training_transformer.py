@@ -128,3 +128,19 @@ def test_packaged_minilm_is_found_and_runs():
     assert rows.shape == (60, 384) and torch.isfinite(rows).all()
     assert rows.norm(dim=1).min() > 1.0  # real activations, not zeros
     assert src.describe()["model"] == "minilm"
+
+
+def test_cli_trains_on_a_transformer_and_reports_features(tiny_bert, tmp_path, capsys):
+    from fastsae.cli import main
+
+    text = tmp_path / "corpus.txt"
+    text.write_text(" ".join(DOCS * 20))
+    rc = main(["train", "--model", str(tiny_bert), "--hook", "encoder.layer.1", "--text", str(text), "--seq-len", "16",
+               "--architecture", "topk", "--k", "3", "--d-sae", "48", "--tokens", "1000", "--batch-size", "100",
+               "--activation-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--no-progress",
+               "--report-features", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "final metrics" in out and "checkpoint:" in out
+    assert out.count("\nfeature ") == 2 and "[[" in out
+    assert list((tmp_path / "cache").glob("*/chunk_*.safetensors"))
