@@ -175,7 +175,10 @@ def open_source(spec: dict) -> ActivationSource:
         from fastsae.training.transformer import TransformerActivations
 
         return TransformerActivations(**args)
-    raise ValueError(f"data source: expected kind 'files', 'synthetic' or 'transformer', got {kind!r}")
+    raise ValueError(
+        f"data source: expected kind 'files', 'synthetic' or 'transformer', got {kind!r} "
+        f"({spec.get('repr', 'pass the source to Trainer.resume')})"
+    )
 
 
 # ---------------------------------------------------------------- the shuffled stream

@@ -102,7 +102,11 @@ class Trainer:
         self.data = data
         self.cfg = cfg
         if not cfg.data:
-            cfg.data = data.describe()
+            try:
+                cfg.data = data.describe()
+            except ValueError:  # e.g. a corpus given as strings: resume must be handed the source
+                cfg.data = {"kind": "unreopenable", "repr": repr(data)}
+        cfg.device = str(sae.device)  # a resumed run rebuilds the SAE there
         self.out_dir = Path(out_dir) if out_dir is not None else None
         if self.out_dir is not None:
             if ckpt.list_checkpoints(self.out_dir) or (self.out_dir / ckpt.METRICS_FILENAME).exists():
