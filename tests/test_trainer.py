@@ -384,3 +384,27 @@ def test_small_synthetic_features_are_recovered(arch, seed):
     assert score >= 0.95, (score, result)
     assert 1.5 <= result["l0"] <= 6.0
     assert result["fvu"] < 0.4
+
+
+def test_timed_checkpoints_replace_each_other_and_metrics_follow_the_schedule(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    writes = []
+    real_write = ckpt.write_checkpoint
+
+    def counting_write(out_dir, step, write_files, keep=1):
+        writes.append(step)
+        return real_write(out_dir, step, write_files, keep)
+
+    monkeypatch.setattr(trainer_module.ckpt, "write_checkpoint", counting_write)
+    cfg = _cfg(total_tokens=256 * 6, checkpoint_every_seconds=1e-9, progress=True, log_every_steps=3)
+    trainer = Trainer(_sae("relu"), _data(), cfg, out)
+    trainer.train()
+    assert writes == [1, 2, 3, 4, 5, 6]  # one per step at this cadence, the final one not repeated
+    assert [step for step, _ in ckpt.list_checkpoints(out)] == [6]
+    rows = read_metrics(out)
+    for row in rows:
+        assert row["lr"] == pytest.approx(cfg.lr_at(row["step"] - 1))
+        assert row["sparsity_coefficient"] == pytest.approx(cfg.sparsity_coefficient_at(row["step"] - 1))
+    bar = capsys.readouterr().err  # the progress bar shows the logged figures
+    last = rows[-1]
+    assert f"fvu {last['fvu']:.3f}" in bar and f"l0 {last['l0']:.1f}" in bar and "dead" in bar

