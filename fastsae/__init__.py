@@ -7,12 +7,15 @@ from fastsae.formats import load
 from fastsae.ops import available_backends, requested_backend, use_backend
 from fastsae.sae import SAE, TrainOutput
 from fastsae.sparse import SparseActivations
+from fastsae.training import Trainer, TrainerConfig
 
 __all__ = [
     "SAE",
     "SAEConfig",
     "SparseActivations",
     "TrainOutput",
+    "Trainer",
+    "TrainerConfig",
     "available_backends",
     "load",
     "requested_backend",

@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--shape", action="append", metavar="N,D_IN,D_SAE,K", help="custom shape (repeatable)")
     bench.set_defaults(func=_bench)
 
+    from fastsae.training.cli import add_train_parser
+
+    add_train_parser(sub)
+
     backends = sub.add_parser("backends", help="list the backends that load on this machine")
     backends.set_defaults(func=_backends)
 

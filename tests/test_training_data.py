@@ -1,0 +1,124 @@
+"""Data sources: activation files (lazy chunks, errors naming the file), the shuffled stream
+(deterministic, position-addressable, every row once per epoch) and synthetic features."""
+
+import numpy as np
+import pytest
+import torch
+
+from fastsae.training import ActivationFiles, ShuffledStream, SyntheticActivations, mean_max_cosine, save_activations
+from fastsae.training.data import open_source
+
+
+def _rows(n, d, offset=0):
+    # Row i is constant-free and identifiable: its first column holds i + offset.
+    x = torch.randn(n, d)
+    x[:, 0] = torch.arange(offset, offset + n, dtype=torch.float32)
+    return x
+
+
+def test_safetensors_file_is_read_in_chunks(tmp_path):
+    x = _rows(1000, 7)
+    path = save_activations(tmp_path / "acts.safetensors", x)
+    src = ActivationFiles(path, chunk_rows=300)
+    assert src.d_in == 7
+    assert src.chunk_sizes == [300, 300, 300, 100]
+    assert torch.equal(torch.cat([src.load_chunk(i) for i in range(4)]), x)
+    assert torch.equal(open_source(src.describe()).load_chunk(3), x[900:])
+
+
+def test_npy_is_memory_mapped_and_converted_to_float32(tmp_path, monkeypatch):
+    x = _rows(500, 5).double().numpy()
+    np.save(tmp_path / "acts.npy", x)
+    modes = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda *a, **k: modes.append(k.get("mmap_mode")) or real_load(*a, **k))
+    src = ActivationFiles(tmp_path / "acts.npy", chunk_rows=128)
+    chunk = src.load_chunk(1)
+    assert chunk.dtype == torch.float32 and chunk.shape == (128, 5)
+    assert torch.equal(chunk, torch.from_numpy(x[128:256]).float())
+    assert modes and all(m == "r" for m in modes)  # never loaded whole
+
+
+def test_folder_of_mixed_shards_in_name_order(tmp_path):
+    a, b = _rows(100, 4), _rows(50, 4, offset=100)
+    save_activations(tmp_path / "shard_0.safetensors", a)
+    np.save(tmp_path / "shard_1.npy", b.numpy())
+    (tmp_path / "notes.txt").write_text("ignored")
+    src = ActivationFiles(tmp_path, chunk_rows=64)
+    assert src.chunk_sizes == [64, 36, 50]
+    assert torch.equal(torch.cat([src.load_chunk(i) for i in range(3)]), torch.cat([a, b]))
+
+
+def test_bad_files_name_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"other": torch.zeros(3, 4)}, str(tmp_path / "wrong_key.safetensors"))
+    with pytest.raises(ValueError, match=r"wrong_key.safetensors.*'activations'.*other"):
+        ActivationFiles(tmp_path / "wrong_key.safetensors")
+    np.save(tmp_path / "flat.npy", np.zeros(10, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"flat.npy.*2-D.*\(10,\)"):
+        ActivationFiles(tmp_path / "flat.npy")
+    np.save(tmp_path / "ints.npy", np.zeros((4, 4), dtype=np.int32))
+    with pytest.raises(ValueError, match=r"ints.npy.*floating"):
+        ActivationFiles(tmp_path / "ints.npy")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"junk.safetensors"):
+        ActivationFiles(tmp_path / "junk.safetensors")
+    with pytest.raises(FileNotFoundError, match="missing.npy"):
+        ActivationFiles(tmp_path / "missing.npy")
+
+    folder = tmp_path / "mixed"
+    save_activations(folder / "a.safetensors", torch.zeros(5, 8))
+    save_activations(folder / "b.safetensors", torch.zeros(5, 9))
+    with pytest.raises(ValueError, match=r"b.safetensors: expected width 8.*got 9"):
+        ActivationFiles(folder)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .safetensors or .npy shards"):
+        ActivationFiles(tmp_path / "empty")
+
+
+def test_stream_visits_every_row_once_per_epoch_shuffled(tmp_path):
+    n = 1000
+    src = ActivationFiles(save_activations(tmp_path / "a.safetensors", _rows(n, 3)), chunk_rows=64)
+    stream = ShuffledStream(src, seed=3, buffer_rows=200)
+    epoch0 = stream.read(0, n)[:, 0].long()
+    epoch1 = stream.read(n, n)[:, 0].long()
+    assert sorted(epoch0.tolist()) == list(range(n)) == sorted(epoch1.tolist())
+    assert not torch.equal(epoch0, torch.arange(n)) and not torch.equal(epoch0, epoch1)
+    # Rows are mixed across chunks, not just chunks reordered.
+    assert (epoch0[:200] // 64).unique().numel() > 2
+
+
+def test_stream_is_a_function_of_seed_and_position(tmp_path):
+    src = ActivationFiles(save_activations(tmp_path / "a.safetensors", _rows(777, 3)), chunk_rows=50)
+    a = ShuffledStream(src, seed=1, buffer_rows=120)
+    whole = a.read(0, 2000)  # crosses epoch boundaries
+    b = ShuffledStream(src, seed=1, buffer_rows=120)
+    pieces = [b.read(p, 97) for p in range(1500, 2000, 97)]  # out of order, fresh stream
+    assert torch.equal(torch.cat(pieces)[:500], whole[1500:2000])
+    assert torch.equal(b.read(3, 10), whole[3:13])
+    other = ShuffledStream(src, seed=2, buffer_rows=120).read(0, 777)
+    assert not torch.equal(other, whole[:777])
+
+
+def test_synthetic_source_is_reproducible_and_sparse():
+    src = SyntheticActivations(d_in=16, n_features=64, l0=3, n_rows=5000, seed=4, chunk_rows=1000)
+    again = SyntheticActivations(d_in=16, n_features=64, l0=3, n_rows=5000, seed=4, chunk_rows=1000)
+    assert torch.equal(src.load_chunk(2), again.load_chunk(2))
+    assert not torch.equal(src.load_chunk(2), src.load_chunk(3))
+    assert torch.allclose(src.features.norm(dim=1), torch.ones(64))
+    codes = src.sample_codes(20000, torch.Generator().manual_seed(0))
+    assert abs((codes > 0).sum(1).float().mean().item() - 3) < 0.1
+    assert open_source(src.describe()).features.equal(src.features)
+
+
+def test_mean_max_cosine_scores_decoders():
+    features = torch.nn.functional.normalize(torch.randn(10, 8), dim=1)
+    perm = torch.randperm(10)
+    decoder = torch.cat([features[perm] * 3.0, torch.randn(5, 8)])  # scaled, shuffled, extra rows
+    assert mean_max_cosine(decoder, features) == pytest.approx(1.0, abs=1e-12)
+    half = decoder.clone()
+    half[:10][perm < 5] = -features[perm][perm < 5]  # half the features only found with the wrong sign
+    assert mean_max_cosine(half[:10], features) < 0.8
+    with pytest.raises(ValueError, match="W_dec"):
+        mean_max_cosine(torch.zeros(4, 3), features)
