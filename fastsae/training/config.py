@@ -144,7 +144,7 @@ class TrainerConfig:
         return cls(**d)
 
     def save(self, folder: Union[str, Path]) -> Path:
-        from fastsae.formats.saelens import _atomic_write
+        from fastsae.formats._common import atomic_write
 
         target = Path(folder) / TRAINER_CFG_FILENAME
 
@@ -152,7 +152,7 @@ class TrainerConfig:
             with open(tmp, "w") as f:
                 json.dump(self.to_dict(), f, indent=2)
 
-        _atomic_write(target, write)
+        atomic_write(target, write)
         return target
 
     @classmethod

@@ -189,10 +189,10 @@ class TransformerActivations:
         first = index * self.seqs_per_chunk
         rows = self._run_windows(first, min(self.n_windows, first + self.seqs_per_chunk))
         if self.cache_dir is not None:
-            from fastsae.formats.saelens import _atomic_write
+            from fastsae.formats._common import atomic_write
             from safetensors.torch import save_file
 
-            _atomic_write(path, lambda tmp: save_file({"activations": rows}, tmp))
+            atomic_write(path, lambda tmp: save_file({"activations": rows}, tmp))
         return rows
 
     def describe(self) -> dict:
