@@ -36,6 +36,7 @@ class BackendSpec:
 # Registered backends. Kernel backends add their line when their module lands.
 _BACKENDS: dict[str, BackendSpec] = {
     "torch": BackendSpec("fastsae.reference", frozenset({"cpu", "cuda", "mps", "xpu", "meta"})),
+    "cpp": BackendSpec("fastsae.ops.backend_cpp", frozenset({"cpu"})),
 }
 
 # auto's order of preference per device type (fastest first); unregistered names are skipped.
