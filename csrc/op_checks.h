@@ -3,12 +3,17 @@
 // kernels when the fastsae_cpp ops are called directly.
 #pragma once
 
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
 
 namespace fastsae_cpp {
+
+// Kernels call ATen ops (matmul, copies) on inputs that may require grad: they run below
+// autograd, as the custom op's own autograd formula covers them. Declare one per kernel entry.
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
 // The tensor an optional argument holds, or nullptr.
 inline const at::Tensor* present(const std::optional<at::Tensor>& t) {

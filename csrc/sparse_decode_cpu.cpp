@@ -28,6 +28,7 @@ const T* ptr_or_null(const Tensor& t) {
 void sparse_decode_out_cpu(const Tensor& values, const Tensor& indices, const Tensor& W_dec,
                            const std::optional<Tensor>& b_dec, const std::optional<Tensor>& dec_norm,
                            const Tensor& out) {
+  const BelowAutograd below_autograd;
   check_sparse_decode_inputs(values, indices, W_dec, b_dec, dec_norm);
   const int64_t n = values.size(0), m = values.size(1), d_sae = W_dec.size(0), d_in = W_dec.size(1);
   expect_out(out, {n, d_in}, values.scalar_type(), values, "out");
@@ -52,6 +53,7 @@ Tensor sparse_decode_cpu(const Tensor& values, const Tensor& indices, const Tens
 void sparse_decode_backward_out_cpu(const Tensor& grad_out, const Tensor& values, const Tensor& indices,
                                     const Tensor& W_dec, const std::optional<Tensor>& dec_norm,
                                     const Tensor& grad_values, const Tensor& grad_W_dec) {
+  const BelowAutograd below_autograd;
   check_sparse_decode_backward_inputs(grad_out, values, indices, W_dec, dec_norm);
   const int64_t n = values.size(0), m = values.size(1), d_sae = W_dec.size(0), d_in = W_dec.size(1);
   expect_out(grad_values, {n, m}, values.scalar_type(), values, "grad_values");

@@ -145,6 +145,7 @@ void topk_encode_kernel(const Tensor& x_in, const Tensor& enc, const Tensor& b_e
   const A* scale = norm ? norm->data_ptr<A>() : nullptr;
 
   at::parallel_for(0, n_row_blocks * parts, 1, [&](int64_t w0, int64_t w1) {
+    const BelowAutograd below_autograd;  // thread-local: worker threads need their own
     Tensor tile = at::empty({block_rows * kBlockLatents}, x_in.options());
     Tensor enc_block_acc;
     if (kConvert) enc_block_acc = at::empty({kBlockLatents, d_in}, x_in.options());
@@ -237,6 +238,7 @@ void topk_encode_out_cpu(const Tensor& x, const Tensor& enc_weight, const Tensor
                          const std::optional<Tensor>& b_dec, const std::optional<Tensor>& dec_norm, int64_t k,
                          const std::optional<Tensor>& dead_mask, int64_t k_aux, const Tensor& values,
                          const Tensor& indices, const Tensor& aux_values, const Tensor& aux_indices) {
+  const BelowAutograd below_autograd;
   check_topk_encode_inputs(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux);
   check_topk_encode_outputs(x, k, k_aux, values, indices, aux_values, aux_indices);
   const int64_t n = x.size(0), d_sae = enc_weight.size(0);
@@ -292,6 +294,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> topk_encode_cpu(const Tensor& x, cons
 void topk_encode_backward_out_cpu(const Tensor& grad_pre, const Tensor& indices, const Tensor& x,
                                   const Tensor& enc_weight, const std::optional<Tensor>& b_dec,
                                   const Tensor& grad_x_in, const Tensor& grad_enc_weight, const Tensor& grad_b_enc) {
+  const BelowAutograd below_autograd;
   check_topk_encode_backward_inputs(grad_pre, indices, x, enc_weight, b_dec);
   const int64_t n = x.size(0), m = grad_pre.size(1), d_sae = enc_weight.size(0), d_in = enc_weight.size(1);
   expect_out(grad_x_in, {n, d_in}, x.scalar_type(), x, "grad_x_in");

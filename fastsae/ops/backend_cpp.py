@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -83,10 +84,19 @@ def _build_flags() -> tuple[list[str], list[str], list[str]]:
     return cflags, ldflags, cuda_flags
 
 
+def _compiler() -> str:
+    """The C++ compiler cpp_extension will call (CXX, else c++), or ImportError if there is none."""
+    name = os.environ.get("CXX", "c++")
+    if shutil.which(name) is None:
+        raise ImportError(f"no C++ compiler to build fastsae's C++ kernels: {name!r} is not on PATH (set CXX)")
+    return name
+
+
 def _load_extension() -> bool:
     """Build or load the extension; returns whether it carries the CUDA kernels."""
     from torch.utils import cpp_extension
 
+    _compiler()
     with_cuda = _with_cuda()
     src = source_dir()
     sources = [str(src / name) for name in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
@@ -108,13 +118,12 @@ def _load_extension() -> bool:
             is_python_module=False,
             verbose=os.environ.get("FASTSAE_BUILD_VERBOSE", "") not in ("", "0"),
         )
-    except Exception as exc:  # noqa: BLE001  (compiler missing, compile error, ninja missing...)
-        detail = str(exc).strip().splitlines()
-        tail = "\n".join(detail[-15:])
-        raise ImportError(
-            f"could not build fastsae's C++ extension in {build_dir} ({type(exc).__name__}); "
-            f"is a C++ compiler installed? Last lines of the build output:\n{tail}"
-        ) from exc
+    except Exception as exc:  # noqa: BLE001  (compile error, ninja missing, ...)
+        log = build_dir / "build-error.log"
+        log.write_text(str(exc))
+        errors = [line.strip() for line in str(exc).splitlines() if "error" in line.lower() or "not found" in line]
+        summary = "; ".join(errors[:3]) or str(exc).strip().splitlines()[-1]
+        raise ImportError(f"could not build fastsae's C++ extension: {summary} (full output in {log})") from exc
     return with_cuda
 
 
