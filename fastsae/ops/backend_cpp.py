@@ -57,8 +57,12 @@ def _cpu_tag() -> str:
 
 
 def _with_cuda() -> bool:
+    """Build the CUDA kernels too: a CUDA device, torch built with CUDA, a toolkit (CUDA_HOME),
+    unless FASTSAE_BUILD_CUDA=0."""
     from torch.utils.cpp_extension import CUDA_HOME
 
+    if os.environ.get("FASTSAE_BUILD_CUDA", "1") == "0":
+        return False
     return bool(torch.cuda.is_available() and torch.version.cuda and CUDA_HOME)
 
 
@@ -80,7 +84,7 @@ def _build_flags() -> tuple[list[str], list[str], list[str]]:
     if platform.machine() in ("x86_64", "AMD64") and sys.platform.startswith("linux"):
         cflags.append("-march=native")  # built where it runs; the build folder is keyed by CPU
     ldflags = ["-fopenmp"]
-    cuda_flags = ["-O3", "--use_fast_math", "-lineinfo"]
+    cuda_flags = ["-O3", "-lineinfo"]
     return cflags, ldflags, cuda_flags
 
 
@@ -92,18 +96,16 @@ def _compiler() -> str:
     return name
 
 
-def _load_extension() -> bool:
-    """Build or load the extension; returns whether it carries the CUDA kernels."""
+def _build(with_cuda: bool) -> None:
     from torch.utils import cpp_extension
 
-    _compiler()
-    with_cuda = _with_cuda()
     src = source_dir()
     sources = [str(src / name) for name in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
     build_dir = build_directory(with_cuda)
     build_dir.mkdir(parents=True, exist_ok=True)
     if not (build_dir / f"{EXTENSION_NAME}.so").exists():
-        print(f"fastsae: compiling the C++ kernels into {build_dir} (first use; about a minute)", file=sys.stderr)
+        what = "C++ and CUDA kernels" if with_cuda else "C++ kernels"
+        print(f"fastsae: compiling the {what} into {build_dir} (first use; about a minute)", file=sys.stderr)
     cflags, ldflags, cuda_flags = _build_flags()
     try:
         cpp_extension.load(
@@ -124,7 +126,24 @@ def _load_extension() -> bool:
         errors = [line.strip() for line in str(exc).splitlines() if "error" in line.lower() or "not found" in line]
         summary = "; ".join(errors[:3]) or str(exc).strip().splitlines()[-1]
         raise ImportError(f"could not build fastsae's C++ extension: {summary} (full output in {log})") from exc
-    return with_cuda
+
+
+CUDA_BUILD_ERROR: Optional[str] = None  # why the CUDA kernels are missing, when their build failed
+
+
+def _load_extension() -> bool:
+    """Build (or load from the cache) the extension; returns whether it has the CUDA kernels.
+    If the build with CUDA fails, the CPU kernels are built alone (the cpp backend stays)."""
+    global CUDA_BUILD_ERROR
+    _compiler()
+    if _with_cuda():
+        try:
+            _build(with_cuda=True)
+            return True
+        except ImportError as exc:
+            CUDA_BUILD_ERROR = str(exc)
+    _build(with_cuda=False)
+    return False
 
 
 HAS_CUDA_KERNELS = _load_extension()
