@@ -74,17 +74,17 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-__global__ void pair_keys_kernel(const int64_t* __restrict__ idx, int count, int* __restrict__ keys,
+__global__ void pair_keys_kernel(const int64_t* __restrict__ idx, int count, unsigned* __restrict__ keys,
                                  int* __restrict__ positions) {
   const int p = blockIdx.x * blockDim.x + threadIdx.x;
   if (p < count) {
-    keys[p] = static_cast<int>(idx[p]);
+    keys[p] = static_cast<unsigned>(idx[p]);
     positions[p] = p;
   }
 }
 
 // First position q in sorted[0, count) with sorted[q] >= value.
-__device__ __forceinline__ int lower_bound(const int* __restrict__ sorted, int count, int value) {
+__device__ __forceinline__ int lower_bound(const unsigned* __restrict__ sorted, int count, unsigned value) {
   int lo = 0, hi = count;
   while (lo < hi) {
     const int mid = (lo + hi) >> 1;
@@ -95,7 +95,7 @@ __device__ __forceinline__ int lower_bound(const int* __restrict__ sorted, int c
 
 template <typename T>
 __global__ void __launch_bounds__(kColumns)
-    scatter_outer_kernel(const T* __restrict__ coef, const int* __restrict__ sorted_latents,
+    scatter_outer_kernel(const T* __restrict__ coef, const unsigned* __restrict__ sorted_latents,
                          const int* __restrict__ sorted_positions, int count, int64_t m, const T* __restrict__ rows,
                          const T* __restrict__ row_bias, int64_t d, const T* __restrict__ norm, T* __restrict__ out,
                          T* __restrict__ sums) {
@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kColumns)
   __shared__ A s_raw[kTile];
   __shared__ int64_t s_row[kTile];
   __shared__ int s_begin, s_end;
-  const int latent = blockIdx.x;
+  const unsigned latent = blockIdx.x;
   const int64_t col = static_cast<int64_t>(blockIdx.y) * kColumns + threadIdx.x;
   if (threadIdx.x == 0) {
     s_begin = lower_bound(sorted_latents, count, latent);
@@ -146,7 +146,7 @@ size_t align256(size_t bytes) { return (bytes + 255) & ~size_t{255}; }
 
 size_t sort_temp_bytes(int count, int64_t d_sae) {
   size_t bytes = 0;
-  cub::DeviceRadixSort::SortPairs(nullptr, bytes, static_cast<const int*>(nullptr), static_cast<int*>(nullptr),
+  cub::DeviceRadixSort::SortPairs(nullptr, bytes, static_cast<const unsigned*>(nullptr), static_cast<unsigned*>(nullptr),
                                   static_cast<const int*>(nullptr), static_cast<int*>(nullptr), count, 0,
                                   key_bits(d_sae));
   return bytes;
@@ -194,8 +194,8 @@ cudaError_t scatter_outer(DType dtype, const void* coef, const int64_t* idx, int
   const int count = static_cast<int>(n_rows * m);
   const size_t ints = align256(sizeof(int) * static_cast<size_t>(count));
   char* ws = static_cast<char*>(workspace);
-  int* keys = reinterpret_cast<int*>(ws);
-  int* sorted_keys = reinterpret_cast<int*>(ws + ints);
+  unsigned* keys = reinterpret_cast<unsigned*>(ws);
+  unsigned* sorted_keys = reinterpret_cast<unsigned*>(ws + ints);
   int* positions = reinterpret_cast<int*>(ws + 2 * ints);
   int* sorted_positions = reinterpret_cast<int*>(ws + 3 * ints);
   if (count > 0) {
