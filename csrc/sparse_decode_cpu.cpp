@@ -10,6 +10,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "cpu_memory.h"
 #include "op_checks.h"
 #include "sparse_rows_cpu.h"
 
@@ -78,7 +79,7 @@ std::tuple<Tensor, Tensor> sparse_decode_backward_cpu(const Tensor& grad_out, co
                                                       const std::optional<Tensor>& dec_norm) {
   check_sparse_decode_backward_inputs(grad_out, values, indices, W_dec, dec_norm);
   Tensor grad_values = at::empty(values.sizes(), values.options());
-  Tensor grad_W_dec = at::empty(W_dec.sizes(), W_dec.options());
+  Tensor grad_W_dec = empty_output(W_dec.sizes(), W_dec.options());
   sparse_decode_backward_out_cpu(grad_out, values, indices, W_dec, dec_norm, grad_values, grad_W_dec);
   return {grad_values, grad_W_dec};
 }

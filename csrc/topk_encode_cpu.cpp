@@ -17,9 +17,13 @@
 #include <torch/library.h>
 
 #include <cmath>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 #include <cstdlib>
 #include <limits>
 
+#include "cpu_memory.h"
 #include "op_checks.h"
 #include "sparse_rows_cpu.h"
 
@@ -86,27 +90,56 @@ struct RunningTopK {
   }
 };
 
-// Bias and rescale one tile row in place, and feed the values that beat the running threshold.
-// Chunks of 16 are first tested all at once (a vectorized compare), as nearly all are rejected.
+// The pre-activation of one tile entry: (x_in . w + b_enc) [* dec_norm].
 template <typename A>
-inline void scan_row(A* p, int64_t cols, int32_t first_latent, const A* bias, const A* norm, RunningTopK<A>& best) {
+inline A pre_value(const A* tile_row, const A* bias, const A* norm, int64_t t) {
+  const A v = tile_row[t] + bias[t];
+  return norm ? v * norm[t] : v;
+}
+
+// Whether any of 16 consecutive pre-activations is admitted (not below thr, or NaN). Nearly
+// all chunks are rejected, so this test is the scan's inner loop.
+template <typename A>
+inline bool chunk_may_admit(const A* tile_row, const A* bias, const A* norm, A thr) {
+  int any = 0;
+  for (int u = 0; u < 16; ++u) any |= !(pre_value(tile_row, bias, norm, u) < thr);
+  return any != 0;
+}
+
+#ifdef __AVX2__
+template <>
+inline bool chunk_may_admit<float>(const float* tile_row, const float* bias, const float* norm, float thr) {
+  __m256 lo = _mm256_add_ps(_mm256_loadu_ps(tile_row), _mm256_loadu_ps(bias));
+  __m256 hi = _mm256_add_ps(_mm256_loadu_ps(tile_row + 8), _mm256_loadu_ps(bias + 8));
   if (norm) {
-    for (int64_t t = 0; t < cols; ++t) p[t] = (p[t] + bias[t]) * norm[t];
-  } else {
-    for (int64_t t = 0; t < cols; ++t) p[t] += bias[t];
+    lo = _mm256_mul_ps(lo, _mm256_loadu_ps(norm));
+    hi = _mm256_mul_ps(hi, _mm256_loadu_ps(norm + 8));
   }
+  const __m256 t = _mm256_set1_ps(thr);
+  // _CMP_NLT_UQ: !(v < thr), true for NaN, as RunningTopK::admits
+  const __m256 hit = _mm256_or_ps(_mm256_cmp_ps(lo, t, _CMP_NLT_UQ), _mm256_cmp_ps(hi, t, _CMP_NLT_UQ));
+  return !_mm256_testz_ps(hit, hit);
+}
+#endif
+
+// Feed one tile row's pre-activations that beat the running threshold to `best`; the tile
+// itself is left as the matmul wrote it.
+template <typename A>
+inline void scan_row(const A* tile_row, int64_t cols, int32_t first_latent, const A* bias, const A* norm,
+                     RunningTopK<A>& best) {
   constexpr int64_t kChunk = 16;
   int64_t t = 0;
   for (; t + kChunk <= cols; t += kChunk) {
-    const A thr = best.threshold;
-    int any = 0;
-    for (int64_t u = 0; u < kChunk; ++u) any |= !(p[t + u] < thr);
-    if (!any) continue;
-    for (int64_t u = t; u < t + kChunk; ++u)
-      if (best.admits(p[u])) best.push(p[u], first_latent + static_cast<int32_t>(u));
+    if (!chunk_may_admit(tile_row + t, bias + t, norm ? norm + t : nullptr, best.threshold)) continue;
+    for (int64_t u = t; u < t + kChunk; ++u) {
+      const A v = pre_value(tile_row, bias, norm, u);
+      if (best.admits(v)) best.push(v, first_latent + static_cast<int32_t>(u));
+    }
   }
-  for (; t < cols; ++t)
-    if (best.admits(p[t])) best.push(p[t], first_latent + static_cast<int32_t>(t));
+  for (; t < cols; ++t) {
+    const A v = pre_value(tile_row, bias, norm, t);
+    if (best.admits(v)) best.push(v, first_latent + static_cast<int32_t>(t));
+  }
 }
 
 // One row's final selection from `cands` (modified): the `k` best, best first, written as
@@ -170,12 +203,13 @@ void topk_encode_kernel(const Tensor& x_in, const Tensor& enc, const Tensor& b_e
         const auto dead_begin = std::lower_bound(dead.begin(), dead.end(), static_cast<int32_t>(l0));
         const auto dead_end = std::lower_bound(dead_begin, dead.end(), static_cast<int32_t>(l0 + cols));
         for (int64_t r = 0; r < rows; ++r) {
-          A* row = p + r * cols;
-          scan_row(row, cols, static_cast<int32_t>(l0), bias + l0, scale ? scale + l0 : nullptr, best[r]);
+          const A* row = p + r * cols;
+          const A* block_scale = scale ? scale + l0 : nullptr;
+          scan_row(row, cols, static_cast<int32_t>(l0), bias + l0, block_scale, best[r]);
           if (k_aux_real > 0) {
             RunningTopK<A>& aux = best_aux[r];
             for (auto it = dead_begin; it != dead_end; ++it) {
-              const A v = row[*it - l0];
+              const A v = pre_value(row, bias + l0, block_scale, *it - l0);
               if (aux.admits(v)) aux.push(v, *it);
             }
           }
@@ -320,7 +354,7 @@ std::tuple<Tensor, Tensor, Tensor> topk_encode_backward_cpu(const Tensor& grad_p
                                                             const std::optional<Tensor>& b_dec) {
   check_topk_encode_backward_inputs(grad_pre, indices, x, enc_weight, b_dec);
   Tensor grad_x_in = at::empty(x.sizes(), x.options());
-  Tensor grad_enc_weight = at::empty(enc_weight.sizes(), enc_weight.options());
+  Tensor grad_enc_weight = empty_output(enc_weight.sizes(), enc_weight.options());
   Tensor grad_b_enc = at::empty({enc_weight.size(0)}, enc_weight.options());
   topk_encode_backward_out_cpu(grad_pre, indices, x, enc_weight, b_dec, grad_x_in, grad_enc_weight, grad_b_enc);
   return {grad_x_in, grad_enc_weight, grad_b_enc};
