@@ -9,11 +9,12 @@ other processes falls on all of them alike):
   torch          the same, backend "torch" (fastsae's reference ops)
   dense          SAELens' way: dense pre-activations, top-k, dense acts @ W_dec, autograd
   embedding_bag  sparsify's fallback: dense pre-activations and top-k, F.embedding_bag decode
-  floor          the encoder's one matrix product plus one Adam step on the same parameters
-Peak memory: each step runs in a fresh process; "peak" is the process' peak resident memory
-during one step (after two warm-up steps, /proc/self/clear_refs resets the high-water mark)
-and "step" is that peak minus the resident memory just before the step (parameters and Adam
-state included in the former, not in the latter).
+  floor          the encoder's one matrix product (into a preallocated output) plus one Adam
+                 step on the same parameters
+Memory: each step runs in a fresh process (Linux): after two warm-up steps, /proc/self/clear_refs
+resets the peak resident memory; reported are the peaks of forward+backward and of the whole
+step above the resident memory just before the step (so parameters and Adam state are not
+counted, gradients and temporaries are), and the process' peak.
 """
 
 from __future__ import annotations
@@ -38,49 +39,47 @@ def make_sae(args, seed: int = 0) -> fastsae.SAE:
     return fastsae.SAE(d_in=args.d_in, d_sae=args.d_sae, architecture="topk", k=args.k)
 
 
-def fastsae_step(backend: str):
-    def step(sae, opt, x):
+def fastsae_loss(backend: str):
+    def loss(sae, x):
         with fastsae.use_backend(backend):
-            out = sae.training_forward(x)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-        opt.step()
+            return sae.training_forward(x).loss
 
-    return step
+    return loss
 
 
-def dense_step(sae, opt, x):
+def dense_loss(sae, x):
     """SAELens' TopK: dense pre-activations, top-k scattered into dense acts, dense decode."""
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     top = pre.topk(sae.cfg.k, dim=-1, sorted=False)
     acts = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
     x_hat = acts @ sae.W_dec + sae.b_dec
-    loss = (x_hat - x).pow(2).sum(-1).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    return (x_hat - x).pow(2).sum(-1).mean()
 
 
-def embedding_bag_step(sae, opt, x):
+def embedding_bag_loss(sae, x):
     """sparsify's fallback: dense pre-activations and top-k, decode with F.embedding_bag."""
     pre = F.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
     top = pre.topk(sae.cfg.k, dim=-1, sorted=False)
     x_hat = F.embedding_bag(top.indices, sae.W_dec, per_sample_weights=top.values, mode="sum") + sae.b_dec
-    loss = (x_hat - x).pow(2).sum(-1).mean()
+    return (x_hat - x).pow(2).sum(-1).mean()
+
+
+def loss_fn(name: str):
+    return {"dense": dense_loss, "embedding_bag": embedding_bag_loss}.get(name) or fastsae_loss(name)
+
+
+def train_step(sae, opt, x, loss) -> None:
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    loss(sae, x).backward()
     opt.step()
 
 
-def step_fn(name: str):
-    return {"dense": dense_step, "embedding_bag": embedding_bag_step}.get(name) or fastsae_step(name)
-
-
-def floor_parts(args, sae, opt, x) -> tuple[float, float]:
-    """Seconds of the encoder's matrix product, and of one Adam step (with gradients present)."""
+def floor_parts(sae, opt, x, out) -> tuple[float, float]:
+    """Seconds of the encoder's matrix product (into a preallocated output), and of one Adam
+    step (with the gradients of the step just taken)."""
     x_in = x - sae.b_dec.detach()
     t0 = time.perf_counter()
-    x_in @ sae.W_enc.detach()
+    torch.mm(x_in, sae.W_enc.detach(), out=out)
     t1 = time.perf_counter()
     opt.step()
     t2 = time.perf_counter()
@@ -93,18 +92,18 @@ def run_timing(args) -> dict:
     for name in STEPS:
         sae = make_sae(args)
         opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-        fn = step_fn(name)
-        fn(sae, opt, x)  # warm-up: builds the extension, creates Adam's state
-        setups[name] = (sae, opt, fn)
+        train_step(sae, opt, x, loss_fn(name))  # warm-up: builds the extension, creates Adam's state
+        setups[name] = (sae, opt, loss_fn(name))
+    pre = torch.empty(args.rows, args.d_sae)
     times = {name: [] for name in STEPS + ("floor", "floor_matmul", "floor_adam")}
     for _ in range(args.repeats):
         for name in STEPS:
-            sae, opt, fn = setups[name]
+            sae, opt, loss = setups[name]
             t0 = time.perf_counter()
-            fn(sae, opt, x)
+            train_step(sae, opt, x, loss)
             times[name].append(time.perf_counter() - t0)
         sae, opt, _ = setups["cpp"]
-        mm, adam = floor_parts(args, sae, opt, x)
+        mm, adam = floor_parts(sae, opt, x, pre)
         times["floor_matmul"].append(mm)
         times["floor_adam"].append(adam)
         times["floor"].append(mm + adam)
@@ -119,21 +118,30 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _reset_peak() -> int:
+    """Reset the process' peak resident memory (VmHWM) to its current size; returns that size."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _rss_kib("VmRSS")
+
+
 def measure_memory_child(args) -> None:
-    """Runs in a fresh process: peak resident memory of one step of `args.memory_of`."""
+    """Runs in a fresh process: peak resident memory of one step of `args.memory_of`, of its
+    forward + backward and of the whole step (with Adam), above the memory before the step."""
     x = torch.randn(args.rows, args.d_in)
     sae = make_sae(args)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    fn = step_fn(args.memory_of)
-    fn(sae, opt, x)
-    fn(sae, opt, x)
+    loss = loss_fn(args.memory_of)
+    for _ in range(2):
+        train_step(sae, opt, x, loss)
     opt.zero_grad(set_to_none=True)
-    before = _rss_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak resident set size (VmHWM)
-    fn(sae, opt, x)
+    before = _reset_peak()
+    loss(sae, x).backward()
+    fwd_bwd = _rss_kib("VmHWM")
+    opt.step()
     peak = _rss_kib("VmHWM")
-    print(json.dumps({"peak_mib": peak / 1024, "step_mib": (peak - before) / 1024}))
+    print(json.dumps({"peak_mib": peak / 1024, "step_mib": (peak - before) / 1024,
+                      "fwd_bwd_mib": (fwd_bwd - before) / 1024}))
 
 
 def run_memory(args) -> dict:
@@ -171,11 +179,14 @@ def main() -> int:
     for name in STEPS:
         line = f"{name:14s}{t[name] * 1e3:7.1f} ms  {t[name] / floor:4.2f}x floor  {t['dense'] / t[name]:5.2f}x faster than dense"
         line += f"  {t['embedding_bag'] / t[name]:5.2f}x faster than embedding_bag"
-        if name in mem:
-            m = mem[name]
-            line += f"  peak {m['peak_mib']:7.1f} MiB  step {m['step_mib']:7.1f} MiB"
-            line += f" ({m['step_mib'] / mem['dense']['step_mib']:.2f} of dense)"
         print(line)
+    if mem:
+        print("memory above the state before the step (parameters, Adam state): forward+backward / whole step")
+        for name in STEPS:
+            m, d = mem[name], mem["dense"]
+            print(f"{name:14s}fwd+bwd {m['fwd_bwd_mib']:7.1f} MiB ({m['fwd_bwd_mib'] / d['fwd_bwd_mib']:.2f} of dense)"
+                  f"  step {m['step_mib']:7.1f} MiB ({m['step_mib'] / d['step_mib']:.2f} of dense)"
+                  f"  process peak {m['peak_mib']:7.1f} MiB")
     return 0
 
 

@@ -3,8 +3,10 @@
 //   out[n]          = sum_j values[n,j] / dec_norm[i] * W_dec[i] + b_dec     (i = indices[n,j])
 //   grad_values[n,j] = grad_out[n] . W_dec[i] / dec_norm[i]
 //   grad_W_dec[i]   = sum over (n,j) with indices[n,j] == i of values[n,j] / dec_norm[i] * grad_out[n]
-// Rows of the output are independent (parallel over rows); grad_W_dec is grouped by latent
-// (counting sort), so no atomics and no dense products. Float accumulation (double for double).
+// The decode is parallel over output rows. The backward groups the (n, j) pairs by latent
+// (counting sort) and makes one pass over the latents computing both gradients, each thread
+// owning its latents' rows of grad_W_dec: no atomics, no dense products, and each W_dec row
+// read once. Float accumulation (double for double).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -66,11 +68,10 @@ void sparse_decode_backward_out_cpu(const Tensor& grad_out, const Tensor& values
   const LatentGroups groups = group_by_latent(idx.data_ptr<int64_t>(), n * m, d_sae);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, values.scalar_type(), "fastsae_cpp::sparse_decode_backward", [&] {
-        const scalar_t* nrm = ptr_or_null<scalar_t>(norm);
-        gather_dot<scalar_t>(g.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), n, m, w.data_ptr<scalar_t>(), d_in, nrm,
-                             grad_values.data_ptr<scalar_t>());
-        scatter_outer<scalar_t, scalar_t>(groups, v.data_ptr<scalar_t>(), m, g.data_ptr<scalar_t>(), d_in, nrm, d_sae,
-                                          grad_W_dec.data_ptr<scalar_t>(), nullptr);
+        // grad_values (gather_dot) and grad_W_dec (scatter_outer) in one pass grouped by latent
+        scatter_outer<scalar_t, scalar_t>(groups, v.data_ptr<scalar_t>(), m, g.data_ptr<scalar_t>(), d_in,
+                                          ptr_or_null<scalar_t>(norm), d_sae, grad_W_dec.data_ptr<scalar_t>(), nullptr,
+                                          w.data_ptr<scalar_t>(), grad_values.data_ptr<scalar_t>());
       });
 }
 

@@ -1,11 +1,11 @@
 // Row-sparse primitives shared by the CPU kernels of both ops (fastsae's `cpp` backend).
 //
 // A sparse batch is values/coefficients [N, m] with int64 latent indices [N, m] into a
-// latent-major weight [d_sae, d]. Three primitives cover every sparse product of the forward
+// latent-major weight [d_sae, d]. Two primitives cover every sparse product of the forward
 // and backward passes:
 //   gather_sum     out[n]    = sum_j c[n,j] / norm[i] * W[i]          (i = idx[n,j]), + bias
-//   gather_dot     out[n,j]  = rows[n] . W[i] / norm[i]
 //   scatter_outer  out[i]    = sum over (n,j) with idx[n,j] == i of c[n,j] / norm[i] * rows[n]
+//                  and, optionally in the same pass, dots[n,j] = rows[n] . W[i] / norm[i]
 // scatter_outer groups the (n, j) pairs by latent with a counting sort, so each latent's output
 // row is owned by one thread: no atomics, no dense [N, d_sae] products, and a fixed summation
 // order (deterministic results). Everything accumulates in float (double for double inputs).
@@ -97,23 +97,6 @@ void gather_sum(const T* coef, const int64_t* idx, int64_t n_rows, int64_t m, co
   });
 }
 
-// out[n,j] = rows[n] . weight[idx[n,j]] / norm[idx[n,j]]   (norm may be null)
-template <typename T>
-void gather_dot(const T* rows, const int64_t* idx, int64_t n_rows, int64_t m, const T* weight, int64_t d,
-                const T* norm, T* out) {
-  using A = acc_t<T>;
-  at::parallel_for(0, n_rows, grain_for(m * d), [&](int64_t r0, int64_t r1) {
-    for (int64_t n = r0; n < r1; ++n) {
-      for (int64_t j = 0; j < m; ++j) {
-        const int64_t i = idx[n * m + j];
-        A s = dot<A>(d, rows + n * d, weight + i * d);
-        if (norm) s /= static_cast<A>(norm[i]);
-        out[n * m + j] = static_cast<T>(s);
-      }
-    }
-  });
-}
-
 // The (n, j) pairs of an [N, m] index matrix grouped by latent (a stable counting sort):
 // latent i's flat positions p = n * m + j are items[offsets[i] .. offsets[i + 1]), ascending.
 struct LatentGroups {
@@ -139,9 +122,11 @@ inline LatentGroups group_by_latent(const int64_t* idx, int64_t count, int64_t d
 // out[i] = sum over p in group i of coef[p] / norm[i] * rows[p / m]  (norm may be null), and
 // sums[i] = sum over p of coef[p] (when sums is not null). Every row of out is written.
 // rows has type R (the inputs' type, or the accumulation type when precomputed in it).
+// With `weight` and `dots` (the decode backward), also dots[p] = rows[p / m] . weight[i] /
+// norm[i] in the same pass: each weight row is then read once, not once per pair.
 template <typename T, typename R>
 void scatter_outer(const LatentGroups& g, const T* coef, int64_t m, const R* rows, int64_t d, const T* norm,
-                   int64_t d_sae, T* out, T* sums) {
+                   int64_t d_sae, T* out, T* sums, const T* weight = nullptr, T* dots = nullptr) {
   using A = acc_t<T>;
   constexpr bool kInPlace = std::is_same<A, T>::value;
   // Balance chunks by work: one unit per (pair, d) plus one per latent row written.
@@ -165,10 +150,16 @@ void scatter_outer(const LatentGroups& g, const T* coef, int64_t m, const R* row
       A total_coef = 0;
       for (int32_t q = g.offsets[i]; q < g.offsets[i + 1]; ++q) {
         const int64_t p = g.items[q];
+        const R* row = rows + (p / m) * d;
         A c = static_cast<A>(coef[p]);
         total_coef += c;
         if (norm) c /= static_cast<A>(norm[i]);
-        axpy(d, c, rows + (p / m) * d, acc);
+        axpy(d, c, row, acc);
+        if (dots) {
+          A s = dot<A>(d, row, weight + i * d);
+          if (norm) s /= static_cast<A>(norm[i]);
+          dots[p] = static_cast<T>(s);
+        }
       }
       if (!kInPlace)
         for (int64_t t = 0; t < d; ++t) out[i * d + t] = static_cast<T>(acc[t]);

@@ -97,18 +97,18 @@ inline A pre_value(const A* tile_row, const A* bias, const A* norm, int64_t t) {
   return norm ? v * norm[t] : v;
 }
 
-// Whether any of 16 consecutive pre-activations is admitted (not below thr, or NaN). Nearly
-// all chunks are rejected, so this test is the scan's inner loop.
+// Which of 16 consecutive pre-activations are admitted (not below thr, or NaN), as a bit mask.
+// Nearly all chunks give 0, so this test is the scan's inner loop.
 template <typename A>
-inline bool chunk_may_admit(const A* tile_row, const A* bias, const A* norm, A thr) {
-  int any = 0;
-  for (int u = 0; u < 16; ++u) any |= !(pre_value(tile_row, bias, norm, u) < thr);
-  return any != 0;
+inline uint32_t admitted_mask(const A* tile_row, const A* bias, const A* norm, A thr) {
+  uint32_t mask = 0;
+  for (int u = 0; u < 16; ++u) mask |= static_cast<uint32_t>(!(pre_value(tile_row, bias, norm, u) < thr)) << u;
+  return mask;
 }
 
 #ifdef __AVX2__
 template <>
-inline bool chunk_may_admit<float>(const float* tile_row, const float* bias, const float* norm, float thr) {
+inline uint32_t admitted_mask<float>(const float* tile_row, const float* bias, const float* norm, float thr) {
   __m256 lo = _mm256_add_ps(_mm256_loadu_ps(tile_row), _mm256_loadu_ps(bias));
   __m256 hi = _mm256_add_ps(_mm256_loadu_ps(tile_row + 8), _mm256_loadu_ps(bias + 8));
   if (norm) {
@@ -117,8 +117,9 @@ inline bool chunk_may_admit<float>(const float* tile_row, const float* bias, con
   }
   const __m256 t = _mm256_set1_ps(thr);
   // _CMP_NLT_UQ: !(v < thr), true for NaN, as RunningTopK::admits
-  const __m256 hit = _mm256_or_ps(_mm256_cmp_ps(lo, t, _CMP_NLT_UQ), _mm256_cmp_ps(hi, t, _CMP_NLT_UQ));
-  return !_mm256_testz_ps(hit, hit);
+  const uint32_t lo_bits = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(lo, t, _CMP_NLT_UQ)));
+  const uint32_t hi_bits = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(hi, t, _CMP_NLT_UQ)));
+  return lo_bits | (hi_bits << 8);
 }
 #endif
 
@@ -130,10 +131,12 @@ inline void scan_row(const A* tile_row, int64_t cols, int32_t first_latent, cons
   constexpr int64_t kChunk = 16;
   int64_t t = 0;
   for (; t + kChunk <= cols; t += kChunk) {
-    if (!chunk_may_admit(tile_row + t, bias + t, norm ? norm + t : nullptr, best.threshold)) continue;
-    for (int64_t u = t; u < t + kChunk; ++u) {
+    uint32_t hits = admitted_mask(tile_row + t, bias + t, norm ? norm + t : nullptr, best.threshold);
+    while (hits) {
+      const int64_t u = t + __builtin_ctz(hits);
+      hits &= hits - 1;
       const A v = pre_value(tile_row, bias, norm, u);
-      if (best.admits(v)) best.push(v, first_latent + static_cast<int32_t>(u));
+      if (best.admits(v)) best.push(v, first_latent + static_cast<int32_t>(u));  // the threshold may have risen
     }
   }
   for (; t < cols; ++t) {
