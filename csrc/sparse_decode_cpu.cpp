@@ -40,7 +40,7 @@ void sparse_decode_out_cpu(const Tensor& values, const Tensor& indices, const Te
   const Tensor v = values.contiguous(), w = W_dec.contiguous();
   const Tensor bias = contiguous_or_null(b_dec), norm = contiguous_or_null(dec_norm);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "fastsae_cpp::sparse_decode", [&] {
-    gather_sum<scalar_t>(v.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), n, m, w.data_ptr<scalar_t>(), d_in,
+    gather_sum<scalar_t>(v.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), n, m, w.data_ptr<scalar_t>(), d_sae, d_in,
                          ptr_or_null<scalar_t>(norm), ptr_or_null<scalar_t>(bias), out.data_ptr<scalar_t>());
   });
 }

@@ -70,33 +70,6 @@ inline void check_indices(const int64_t* idx, int64_t count, int64_t d_sae, cons
               "), got values in [", lo, ", ", hi, "]");
 }
 
-// out[n] = sum_j coef[n,j] / norm[idx[n,j]] * weight[idx[n,j]] + bias   (norm, bias may be null)
-template <typename T>
-void gather_sum(const T* coef, const int64_t* idx, int64_t n_rows, int64_t m, const T* weight, int64_t d,
-                const T* norm, const T* bias, T* out) {
-  using A = acc_t<T>;
-  constexpr bool kInPlace = std::is_same<A, T>::value;
-  at::parallel_for(0, n_rows, grain_for(m * d), [&](int64_t r0, int64_t r1) {
-    std::vector<A> buffer(kInPlace ? 0 : d);
-    for (int64_t n = r0; n < r1; ++n) {
-      A* acc = kInPlace ? reinterpret_cast<A*>(out + n * d) : buffer.data();
-      std::fill(acc, acc + d, A(0));
-      for (int64_t j = 0; j < m; ++j) {
-        const int64_t i = idx[n * m + j];
-        A c = static_cast<A>(coef[n * m + j]);
-        if (norm) c /= static_cast<A>(norm[i]);
-        axpy(d, c, weight + i * d, acc);
-      }
-      T* o = out + n * d;
-      if (bias) {
-        for (int64_t t = 0; t < d; ++t) o[t] = static_cast<T>(acc[t] + static_cast<A>(bias[t]));
-      } else if (!kInPlace) {
-        for (int64_t t = 0; t < d; ++t) o[t] = static_cast<T>(acc[t]);
-      }
-    }
-  });
-}
-
 // The (n, j) pairs of an [N, m] index matrix grouped by latent (a stable counting sort):
 // latent i's flat positions p = n * m + j are items[offsets[i] .. offsets[i + 1]), ascending.
 struct LatentGroups {
@@ -117,6 +90,46 @@ inline LatentGroups group_by_latent(const int64_t* idx, int64_t count, int64_t d
   for (int64_t p = 0; p < count; ++p) g.items[g.offsets[idx[p] + 1]++] = static_cast<int32_t>(p);
   g.offsets.pop_back();
   return g;
+}
+
+// out[n] = sum_j coef[n,j] / norm[idx[n,j]] * weight[idx[n,j]] + bias   (norm, bias may be null)
+//
+// Each thread takes a block of rows. When the block has many pairs per latent row of the
+// weight, its pairs are grouped by latent so that each weight row is read once per block
+// (sequentially) and added into the block's output rows, which stay in cache; otherwise each
+// row gathers its own weight rows.
+template <typename T>
+void gather_sum(const T* coef, const int64_t* idx, int64_t n_rows, int64_t m, const T* weight, int64_t d_sae,
+                int64_t d, const T* norm, const T* bias, T* out) {
+  using A = acc_t<T>;
+  constexpr bool kInPlace = std::is_same<A, T>::value;
+  at::parallel_for(0, n_rows, grain_for(m * d), [&](int64_t r0, int64_t r1) {
+    const int64_t rows = r1 - r0, pairs = rows * m;
+    std::vector<A> buffer(kInPlace ? 0 : rows * d);
+    A* acc = kInPlace ? reinterpret_cast<A*>(out + r0 * d) : buffer.data();
+    std::fill(acc, acc + rows * d, A(0));
+    const int64_t* block_idx = idx + r0 * m;
+    const T* block_coef = coef + r0 * m;
+    auto add_pair = [&](int64_t p, int64_t i) {
+      A c = static_cast<A>(block_coef[p]);
+      if (norm) c /= static_cast<A>(norm[i]);
+      axpy(d, c, weight + i * d, acc + (p / m) * d);
+    };
+    if (4 * pairs >= d_sae) {
+      const LatentGroups g = group_by_latent(block_idx, pairs, d_sae);
+      for (int64_t i = 0; i < d_sae; ++i)
+        for (int32_t q = g.offsets[i]; q < g.offsets[i + 1]; ++q) add_pair(g.items[q], i);
+    } else {
+      for (int64_t p = 0; p < pairs; ++p) add_pair(p, block_idx[p]);
+    }
+    T* o = out + r0 * d;
+    if (bias) {
+      for (int64_t n = 0; n < rows; ++n)
+        for (int64_t t = 0; t < d; ++t) o[n * d + t] = static_cast<T>(acc[n * d + t] + static_cast<A>(bias[t]));
+    } else if (!kInPlace) {
+      for (int64_t t = 0; t < rows * d; ++t) o[t] = static_cast<T>(acc[t]);
+    }
+  });
 }
 
 // out[i] = sum over p in group i of coef[p] / norm[i] * rows[p / m]  (norm may be null), and

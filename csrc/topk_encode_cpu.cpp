@@ -345,7 +345,7 @@ void topk_encode_backward_out_cpu(const Tensor& grad_pre, const Tensor& indices,
   const LatentGroups groups = group_by_latent(idx.data_ptr<int64_t>(), n * m, d_sae);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastsae_cpp::topk_encode_backward", [&] {
     using A = acc_t<scalar_t>;
-    gather_sum<scalar_t>(g.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), n, m, enc.data_ptr<scalar_t>(), d_in,
+    gather_sum<scalar_t>(g.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), n, m, enc.data_ptr<scalar_t>(), d_sae, d_in,
                          nullptr, nullptr, grad_x_in.data_ptr<scalar_t>());
     scatter_outer<scalar_t, A>(groups, g.data_ptr<scalar_t>(), m, x_in.data_ptr<A>(), d_in, nullptr, d_sae,
                                grad_enc_weight.data_ptr<scalar_t>(), grad_b_enc.data_ptr<scalar_t>());
