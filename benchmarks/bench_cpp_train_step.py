@@ -39,6 +39,10 @@ def make_sae(args, seed: int = 0) -> fastsae.SAE:
     return fastsae.SAE(d_in=args.d_in, d_sae=args.d_sae, architecture="topk", k=args.k)
 
 
+def make_adam(args, sae) -> torch.optim.Adam:
+    return torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True if args.fused_adam else None)
+
+
 def fastsae_loss(backend: str):
     def loss(sae, x):
         with fastsae.use_backend(backend):
@@ -91,7 +95,7 @@ def run_timing(args) -> dict:
     setups = {}
     for name in STEPS:
         sae = make_sae(args)
-        opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+        opt = make_adam(args, sae)
         train_step(sae, opt, x, loss_fn(name))  # warm-up: builds the extension, creates Adam's state
         setups[name] = (sae, opt, loss_fn(name))
     pre = torch.empty(args.rows, args.d_sae)
@@ -130,7 +134,7 @@ def measure_memory_child(args) -> None:
     forward + backward and of the whole step (with Adam), above the memory before the step."""
     x = torch.randn(args.rows, args.d_in)
     sae = make_sae(args)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    opt = make_adam(args, sae)
     loss = loss_fn(args.memory_of)
     for _ in range(2):
         train_step(sae, opt, x, loss)
@@ -149,6 +153,7 @@ def run_memory(args) -> dict:
     for name in STEPS:
         cmd = [sys.executable, __file__, "--memory-of", name, "--rows", str(args.rows), "--d-in", str(args.d_in),
                "--d-sae", str(args.d_sae), "--k", str(args.k), "--threads", str(args.threads)]
+        cmd += ["--fused-adam"] if args.fused_adam else []
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[name] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
@@ -162,6 +167,7 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--fused-adam", action="store_true", help="torch.optim.Adam(fused=True): no temporaries")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-of", choices=STEPS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -171,7 +177,7 @@ def main() -> int:
         return 0
 
     print(f"TopK training step, fp32, rows {args.rows}, d_in {args.d_in}, d_sae {args.d_sae}, k {args.k}, "
-          f"{args.threads} threads, torch {torch.__version__}")
+          f"{args.threads} threads, torch {torch.__version__}, Adam{' (fused)' if args.fused_adam else ''}")
     t = run_timing(args)
     floor = t["floor"]
     print(f"floor {floor * 1e3:7.1f} ms  (encoder matmul {t['floor_matmul'] * 1e3:.1f} ms + Adam {t['floor_adam'] * 1e3:.1f} ms)")
