@@ -144,3 +144,31 @@ def test_opcheck_kernel_decode_ops(device):
         (grad_out, values, indices, W_dec, None),
         dict(grad_values=torch.empty_like(values), grad_W_dec=torch.empty_like(W_dec)),
     )
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpu_kernels_under_other_thread_counts(threads):
+    """The CPU kernels split rows and latents by thread count: results stay correct with one
+    thread and with more threads than cores (uneven row blocks, latent chunks)."""
+    n, d_in, d_sae, m = 67, 48, 1000, 16
+    values, indices, W_dec, b_dec, dec_norm = _decode_inputs(n, m, d_in, d_sae, "cpu")
+    grad_out = torch.randn(n, d_in)
+    x = torch.randn(n, d_in)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with kernel_backend("cpu"):
+            out = ops.sparse_decode(values, indices, W_dec, b_dec, dec_norm)
+            gv, gw = torch.ops.fastsae.sparse_decode_backward(grad_out, values, indices, W_dec, dec_norm)
+            gx, ge, gb = torch.ops.fastsae.topk_encode_backward(values, indices, x, W_dec, b_dec)
+    finally:
+        torch.set_num_threads(before)
+    coef = _dense_coef64(values, indices, d_sae, dec_norm)
+    assert_rel_close(out, coef @ W_dec.double() + b_dec.double(), 1e-5, "decode")
+    norm = dec_norm.double()[indices]
+    assert_rel_close(gv, (grad_out.double() @ W_dec.double().T).gather(1, indices) / norm, 1e-5, "grad_values")
+    assert_rel_close(gw, coef.T @ grad_out.double(), 1e-5, "grad_W_dec")
+    dense = _dense_coef64(values, indices, d_sae, None)
+    assert_rel_close(gx, dense @ W_dec.double(), 1e-5, "grad_x")
+    assert_rel_close(ge, dense.T @ (x.double() - b_dec.double()), 1e-5, "grad_enc_weight")
+    assert_rel_close(gb, dense.sum(0), 1e-5, "grad_b_enc")
