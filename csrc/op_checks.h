@@ -1,0 +1,131 @@
+// Argument checks shared by the CPU kernels and the CUDA binding. The public entry points
+// (fastsae/ops/__init__.py) already raise ValueError on bad input; these guard the raw
+// kernels when the fastsae_cpp ops are called directly.
+#pragma once
+
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+namespace fastsae_cpp {
+
+// Kernels call ATen ops (matmul, copies) on inputs that may require grad: they run below
+// autograd, as the custom op's own autograd formula covers them. Declare one per kernel entry.
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
+// The tensor an optional argument holds, or nullptr.
+inline const at::Tensor* present(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? &*t : nullptr;
+}
+
+inline void expect_matrix(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, name, ": expected a 2-D tensor, got shape ", t.sizes());
+}
+
+inline void expect_shape(const at::Tensor& t, at::IntArrayRef shape, const char* name) {
+  TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
+}
+
+// Same dtype and device as `ref`.
+inline void expect_like(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(), ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), name, ": expected device ", ref.device(), ", got ", t.device());
+}
+
+inline void expect_vector(const std::optional<at::Tensor>& t, int64_t size, const at::Tensor& ref, const char* name) {
+  if (const at::Tensor* v = present(t)) {
+    expect_shape(*v, {size}, name);
+    expect_like(*v, ref, name);
+  }
+}
+
+inline void expect_indices(const at::Tensor& idx, const at::Tensor& like, const char* name) {
+  expect_shape(idx, like.sizes(), name);
+  TORCH_CHECK(idx.scalar_type() == at::kLong, name, ": expected dtype int64, got ", idx.scalar_type());
+  TORCH_CHECK(idx.device() == like.device(), name, ": expected device ", like.device(), ", got ", idx.device());
+}
+
+// An output buffer: exact shape, dtype and device, contiguous (kernels write it by raw pointer).
+inline void expect_out(const at::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype, const at::Tensor& ref,
+                       const char* name) {
+  expect_shape(t, shape, name);
+  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), name, ": expected device ", ref.device(), ", got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous output buffer");
+}
+
+// Shared checks of the ops' inputs.
+inline void check_topk_encode_inputs(const at::Tensor& x, const at::Tensor& enc_weight, const at::Tensor& b_enc,
+                                     const std::optional<at::Tensor>& b_dec,
+                                     const std::optional<at::Tensor>& dec_norm, int64_t k,
+                                     const std::optional<at::Tensor>& dead_mask, int64_t k_aux) {
+  expect_matrix(x, "x");
+  expect_matrix(enc_weight, "enc_weight");
+  expect_like(enc_weight, x, "enc_weight");
+  const int64_t d_sae = enc_weight.size(0), d_in = enc_weight.size(1);
+  TORCH_CHECK(x.size(1) == d_in, "x: expected last dimension d_in=", d_in, ", got shape ", x.sizes());
+  expect_shape(b_enc, {d_sae}, "b_enc");
+  expect_like(b_enc, x, "b_enc");
+  expect_vector(b_dec, d_in, x, "b_dec");
+  expect_vector(dec_norm, d_sae, x, "dec_norm");
+  TORCH_CHECK(k >= 1 && k <= d_sae, "k: expected 1 <= k <= d_sae=", d_sae, ", got ", k);
+  TORCH_CHECK(k_aux >= 0 && k_aux <= d_sae, "k_aux: expected 0 <= k_aux <= d_sae=", d_sae, ", got ", k_aux);
+  TORCH_CHECK(d_sae < (int64_t{1} << 31), "enc_weight: at most 2^31 - 1 latents, got ", d_sae);
+  if (k_aux > 0) {
+    const at::Tensor* dead = present(dead_mask);
+    TORCH_CHECK(dead != nullptr, "dead_mask: expected a bool mask of shape (", d_sae, ",) when k_aux > 0");
+    expect_shape(*dead, {d_sae}, "dead_mask");
+    TORCH_CHECK(dead->scalar_type() == at::kBool, "dead_mask: expected dtype bool, got ", dead->scalar_type());
+    TORCH_CHECK(dead->device() == x.device(), "dead_mask: expected device ", x.device(), ", got ", dead->device());
+  }
+}
+
+inline void check_topk_encode_outputs(const at::Tensor& x, int64_t k, int64_t k_aux, const at::Tensor& values,
+                                      const at::Tensor& indices, const at::Tensor& aux_values,
+                                      const at::Tensor& aux_indices) {
+  const int64_t n = x.size(0);
+  expect_out(values, {n, k}, x.scalar_type(), x, "values");
+  expect_out(indices, {n, k}, at::kLong, x, "indices");
+  expect_out(aux_values, {n, k_aux}, x.scalar_type(), x, "aux_values");
+  expect_out(aux_indices, {n, k_aux}, at::kLong, x, "aux_indices");
+}
+
+inline void check_topk_encode_backward_inputs(const at::Tensor& grad_pre, const at::Tensor& indices,
+                                              const at::Tensor& x, const at::Tensor& enc_weight,
+                                              const std::optional<at::Tensor>& b_dec) {
+  expect_matrix(grad_pre, "grad_pre");
+  expect_matrix(x, "x");
+  expect_matrix(enc_weight, "enc_weight");
+  expect_like(grad_pre, x, "grad_pre");
+  expect_like(enc_weight, x, "enc_weight");
+  TORCH_CHECK(grad_pre.size(0) == x.size(0), "grad_pre: expected ", x.size(0), " rows (as x), got shape ",
+              grad_pre.sizes());
+  TORCH_CHECK(x.size(1) == enc_weight.size(1), "x: expected last dimension d_in=", enc_weight.size(1),
+              ", got shape ", x.sizes());
+  expect_indices(indices, grad_pre, "indices");
+  expect_vector(b_dec, enc_weight.size(1), x, "b_dec");
+}
+
+inline void check_sparse_decode_inputs(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
+                                       const std::optional<at::Tensor>& b_dec,
+                                       const std::optional<at::Tensor>& dec_norm) {
+  expect_matrix(values, "values");
+  expect_matrix(W_dec, "W_dec");
+  expect_like(W_dec, values, "W_dec");
+  expect_indices(indices, values, "indices");
+  expect_vector(b_dec, W_dec.size(1), values, "b_dec");
+  expect_vector(dec_norm, W_dec.size(0), values, "dec_norm");
+}
+
+inline void check_sparse_decode_backward_inputs(const at::Tensor& grad_out, const at::Tensor& values,
+                                                const at::Tensor& indices, const at::Tensor& W_dec,
+                                                const std::optional<at::Tensor>& dec_norm) {
+  check_sparse_decode_inputs(values, indices, W_dec, std::nullopt, dec_norm);
+  expect_like(grad_out, values, "grad_out");
+  expect_shape(grad_out, {values.size(0), W_dec.size(1)}, "grad_out");
+}
+
+}  // namespace fastsae_cpp

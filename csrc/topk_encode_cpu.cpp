@@ -1,0 +1,375 @@
+// TopK encode and its backward on CPU (fastsae_cpp::topk_encode*, the `cpp` backend).
+//
+// Forward, blocked: the pre-activations (x - b_dec) W_enc^T + b_enc [* dec_norm] are computed a
+// [rows, latents] tile at a time through ATen's matmul into a reused, cache-sized buffer, and
+// each row keeps a running top-k (and a top-k_aux among dead latents) as the tiles stream by,
+// so the [N, d_sae] matrix is never held. Threads own disjoint row blocks; when there are fewer
+// row blocks than threads, the latents are split too and the partial top-k merged at the end.
+//
+// Semantics (fastsae/reference.py): top-k of the (rescaled) pre-activations, then ReLU on the
+// kept values; aux values are raw, and aux slots past the number of dead latents hold value 0 at
+// latents that are not dead. NaN ranks above every number, as in torch.topk.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sub.h>
+#include <torch/library.h>
+
+#include <cmath>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+#include <cstdlib>
+#include <limits>
+
+#include "cpu_memory.h"
+#include "op_checks.h"
+#include "sparse_rows_cpu.h"
+
+namespace fastsae_cpp {
+namespace {
+
+using at::Tensor;
+
+// Tile shape: block_rows x kBlockLatents pre-activations (256 x 512 floats = 512 KiB, about an
+// L2 cache), the matmul reading a [block_rows, d_in] slab of x and [kBlockLatents, d_in] of W.
+// FASTSAE_CPP_BLOCK_ROWS / FASTSAE_CPP_BLOCK_LATENTS override them (for tuning only).
+int64_t env_or(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  return v && std::atoll(v) > 0 ? std::atoll(v) : fallback;
+}
+const int64_t kMaxBlockRows = env_or("FASTSAE_CPP_BLOCK_ROWS", 256);
+const int64_t kBlockLatents = env_or("FASTSAE_CPP_BLOCK_LATENTS", 512);
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename A>
+struct Candidate {
+  A value;
+  int32_t latent;
+};
+
+// A strict total order, best first: NaN above numbers (as torch.topk), then larger values, then
+// lower latent ids (a deterministic tie-break).
+template <typename A>
+inline bool ranks_above(const Candidate<A>& a, const Candidate<A>& b) {
+  const bool a_nan = std::isnan(a.value), b_nan = std::isnan(b.value);
+  if (a_nan || b_nan) return a_nan != b_nan ? a_nan : a.latent < b.latent;
+  if (a.value != b.value) return a.value > b.value;
+  return a.latent < b.latent;
+}
+
+// The k best of a stream of candidates, in `cap` slots of storage: candidates are appended
+// while they are not below the threshold (the k-th best kept so far, -inf at first); a full
+// buffer is cut back to its k best with nth_element, which raises the threshold.
+template <typename A>
+struct RunningTopK {
+  Candidate<A>* slots = nullptr;
+  int64_t k = 0, cap = 0, count = 0;
+  A threshold = -std::numeric_limits<A>::infinity();
+
+  void reset(Candidate<A>* storage, int64_t k_, int64_t cap_) {
+    slots = storage;
+    k = k_;
+    cap = cap_;
+    count = 0;
+    threshold = -std::numeric_limits<A>::infinity();
+  }
+  // `!(v < threshold)` admits NaN and ties; anything it rejects cannot be among the k best.
+  bool admits(A v) const { return !(v < threshold); }
+  void push(A v, int32_t latent) {
+    slots[count++] = {v, latent};
+    if (count == cap) cut();
+  }
+  void cut() {
+    if (count <= k) return;
+    std::nth_element(slots, slots + (k - 1), slots + count, ranks_above<A>);
+    count = k;
+    threshold = slots[k - 1].value;
+  }
+};
+
+// The pre-activation of one tile entry: (x_in . w + b_enc) [* dec_norm].
+template <typename A>
+inline A pre_value(const A* tile_row, const A* bias, const A* norm, int64_t t) {
+  const A v = tile_row[t] + bias[t];
+  return norm ? v * norm[t] : v;
+}
+
+// Which of 16 consecutive pre-activations are admitted (not below thr, or NaN), as a bit mask.
+// Nearly all chunks give 0, so this test is the scan's inner loop.
+template <typename A>
+inline uint32_t admitted_mask(const A* tile_row, const A* bias, const A* norm, A thr) {
+  uint32_t mask = 0;
+  for (int u = 0; u < 16; ++u) mask |= static_cast<uint32_t>(!(pre_value(tile_row, bias, norm, u) < thr)) << u;
+  return mask;
+}
+
+#ifdef __AVX2__
+template <>
+inline uint32_t admitted_mask<float>(const float* tile_row, const float* bias, const float* norm, float thr) {
+  __m256 lo = _mm256_add_ps(_mm256_loadu_ps(tile_row), _mm256_loadu_ps(bias));
+  __m256 hi = _mm256_add_ps(_mm256_loadu_ps(tile_row + 8), _mm256_loadu_ps(bias + 8));
+  if (norm) {
+    lo = _mm256_mul_ps(lo, _mm256_loadu_ps(norm));
+    hi = _mm256_mul_ps(hi, _mm256_loadu_ps(norm + 8));
+  }
+  const __m256 t = _mm256_set1_ps(thr);
+  // _CMP_NLT_UQ: !(v < thr), true for NaN, as RunningTopK::admits
+  const uint32_t lo_bits = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(lo, t, _CMP_NLT_UQ)));
+  const uint32_t hi_bits = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(hi, t, _CMP_NLT_UQ)));
+  return lo_bits | (hi_bits << 8);
+}
+#endif
+
+// Feed one tile row's pre-activations that beat the running threshold to `best`; the tile
+// itself is left as the matmul wrote it.
+template <typename A>
+inline void scan_row(const A* tile_row, int64_t cols, int32_t first_latent, const A* bias, const A* norm,
+                     RunningTopK<A>& best) {
+  constexpr int64_t kChunk = 16;
+  int64_t t = 0;
+  for (; t + kChunk <= cols; t += kChunk) {
+    uint32_t hits = admitted_mask(tile_row + t, bias + t, norm ? norm + t : nullptr, best.threshold);
+    while (hits) {
+      const int64_t u = t + __builtin_ctz(hits);
+      hits &= hits - 1;
+      const A v = pre_value(tile_row, bias, norm, u);
+      if (best.admits(v)) best.push(v, first_latent + static_cast<int32_t>(u));  // the threshold may have risen
+    }
+  }
+  for (; t < cols; ++t) {
+    const A v = pre_value(tile_row, bias, norm, t);
+    if (best.admits(v)) best.push(v, first_latent + static_cast<int32_t>(t));
+  }
+}
+
+// One row's final selection from `cands` (modified): the `k` best, best first, written as
+// values (through `activation`) and int64 indices.
+template <typename T, typename A, typename F>
+inline void write_best(Candidate<A>* cands, int64_t count, int64_t k, T* values, int64_t* indices, F activation) {
+  if (count > k) std::nth_element(cands, cands + (k - 1), cands + count, ranks_above<A>);
+  std::sort(cands, cands + k, ranks_above<A>);
+  for (int64_t s = 0; s < k; ++s) {
+    values[s] = static_cast<T>(activation(cands[s].value));
+    indices[s] = cands[s].latent;
+  }
+}
+
+template <typename T>
+void topk_encode_kernel(const Tensor& x_in, const Tensor& enc, const Tensor& b_enc, const Tensor* norm,
+                        const std::vector<int32_t>& dead, int64_t k, int64_t k_aux_real, T* values, int64_t* indices,
+                        T* aux_values, int64_t* aux_indices, int64_t aux_stride) {
+  using A = acc_t<T>;
+  constexpr bool kConvert = !std::is_same<A, T>::value;
+  const int64_t n_rows = x_in.size(0), d_in = x_in.size(1), d_sae = enc.size(0);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t block_rows = std::max<int64_t>(1, std::min(kMaxBlockRows, ceil_div(n_rows, threads)));
+  const int64_t n_row_blocks = ceil_div(n_rows, block_rows);
+  const int64_t n_latent_blocks = ceil_div(d_sae, kBlockLatents);
+  const int64_t parts =
+      n_row_blocks >= threads ? 1 : std::min(n_latent_blocks, ceil_div(threads, n_row_blocks));
+  const int64_t cap = std::max<int64_t>(4 * k, k + 64);
+  const int64_t cap_aux = k_aux_real > 0 ? std::max<int64_t>(4 * k_aux_real, k_aux_real + 64) : 0;
+
+  // Each (part, row)'s best candidates, merged per row at the end.
+  std::vector<Candidate<A>> partial(parts * n_rows * k), partial_aux(parts * n_rows * k_aux_real);
+  std::vector<int64_t> partial_count(parts * n_rows), partial_count_aux(parts * n_rows);
+
+  const A* bias = b_enc.data_ptr<A>();
+  const A* scale = norm ? norm->data_ptr<A>() : nullptr;
+
+  at::parallel_for(0, n_row_blocks * parts, 1, [&](int64_t w0, int64_t w1) {
+    const BelowAutograd below_autograd;  // thread-local: worker threads need their own
+    Tensor tile = at::empty({block_rows * kBlockLatents}, x_in.options());
+    Tensor enc_block_acc;
+    if (kConvert) enc_block_acc = at::empty({kBlockLatents, d_in}, x_in.options());
+    std::vector<Candidate<A>> slots(block_rows * cap), slots_aux(block_rows * cap_aux);
+    std::vector<RunningTopK<A>> best(block_rows), best_aux(block_rows);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t row_block = w / parts, part = w % parts;
+      const int64_t r0 = row_block * block_rows, rows = std::min(block_rows, n_rows - r0);
+      for (int64_t r = 0; r < rows; ++r) {
+        best[r].reset(slots.data() + r * cap, k, cap);
+        if (k_aux_real > 0) best_aux[r].reset(slots_aux.data() + r * cap_aux, k_aux_real, cap_aux);
+      }
+      const Tensor x_rows = x_in.narrow(0, r0, rows);
+      const int64_t lb_begin = part * n_latent_blocks / parts, lb_end = (part + 1) * n_latent_blocks / parts;
+      for (int64_t lb = lb_begin; lb < lb_end; ++lb) {
+        const int64_t l0 = lb * kBlockLatents, cols = std::min(kBlockLatents, d_sae - l0);
+        Tensor w_block = enc.narrow(0, l0, cols);
+        if (kConvert) w_block = enc_block_acc.narrow(0, 0, cols).copy_(w_block);
+        Tensor pre = tile.narrow(0, 0, rows * cols).view({rows, cols});
+        at::mm_out(pre, x_rows, w_block.t());
+        A* p = pre.data_ptr<A>();
+        const auto dead_begin = std::lower_bound(dead.begin(), dead.end(), static_cast<int32_t>(l0));
+        const auto dead_end = std::lower_bound(dead_begin, dead.end(), static_cast<int32_t>(l0 + cols));
+        for (int64_t r = 0; r < rows; ++r) {
+          const A* row = p + r * cols;
+          const A* block_scale = scale ? scale + l0 : nullptr;
+          scan_row(row, cols, static_cast<int32_t>(l0), bias + l0, block_scale, best[r]);
+          if (k_aux_real > 0) {
+            RunningTopK<A>& aux = best_aux[r];
+            for (auto it = dead_begin; it != dead_end; ++it) {
+              const A v = pre_value(row, bias + l0, block_scale, *it - l0);
+              if (aux.admits(v)) aux.push(v, *it);
+            }
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t slot = part * n_rows + r0 + r;
+        best[r].cut();
+        std::copy(best[r].slots, best[r].slots + best[r].count, partial.begin() + slot * k);
+        partial_count[slot] = best[r].count;
+        if (k_aux_real > 0) {
+          best_aux[r].cut();
+          std::copy(best_aux[r].slots, best_aux[r].slots + best_aux[r].count, partial_aux.begin() + slot * k_aux_real);
+          partial_count_aux[slot] = best_aux[r].count;
+        }
+      }
+    }
+  });
+
+  // Merge the parts of each row and write the outputs.
+  auto relu = [](A v) { return std::max(v, A(0)); };  // keeps NaN, as torch.relu
+  auto identity = [](A v) { return v; };
+  at::parallel_for(0, n_rows, grain_for(parts * (k + k_aux_real) * 8), [&](int64_t r0, int64_t r1) {
+    std::vector<Candidate<A>> merged(parts * std::max(k, k_aux_real));
+    for (int64_t n = r0; n < r1; ++n) {
+      int64_t count = 0;
+      for (int64_t part = 0; part < parts; ++part) {
+        const int64_t slot = part * n_rows + n;
+        std::copy_n(partial.begin() + slot * k, partial_count[slot], merged.begin() + count);
+        count += partial_count[slot];
+      }
+      write_best<T>(merged.data(), count, k, values + n * k, indices + n * k, relu);
+      if (k_aux_real > 0) {
+        count = 0;
+        for (int64_t part = 0; part < parts; ++part) {
+          const int64_t slot = part * n_rows + n;
+          std::copy_n(partial_aux.begin() + slot * k_aux_real, partial_count_aux[slot], merged.begin() + count);
+          count += partial_count_aux[slot];
+        }
+        write_best<T>(merged.data(), count, k_aux_real, aux_values + n * aux_stride, aux_indices + n * aux_stride,
+                      identity);
+      }
+    }
+  });
+}
+
+// x - b_dec in the accumulation type, contiguous (x itself when nothing changes).
+Tensor encoder_input(const Tensor& x, const std::optional<Tensor>& b_dec) {
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor x_in = x.to(acc);
+  if (const Tensor* b = present(b_dec)) x_in = at::sub(x_in, b->to(acc));
+  return x_in.contiguous();
+}
+
+Tensor to_acc(const Tensor& t) {
+  return t.to(t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+}
+
+void topk_encode_out_cpu(const Tensor& x, const Tensor& enc_weight, const Tensor& b_enc,
+                         const std::optional<Tensor>& b_dec, const std::optional<Tensor>& dec_norm, int64_t k,
+                         const std::optional<Tensor>& dead_mask, int64_t k_aux, const Tensor& values,
+                         const Tensor& indices, const Tensor& aux_values, const Tensor& aux_indices) {
+  const BelowAutograd below_autograd;
+  check_topk_encode_inputs(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux);
+  check_topk_encode_outputs(x, k, k_aux, values, indices, aux_values, aux_indices);
+  const int64_t n = x.size(0), d_sae = enc_weight.size(0);
+  if (n == 0) return;
+
+  // Dead latents (sorted), and the latents that pad aux rows when fewer than k_aux are dead.
+  std::vector<int32_t> dead, padding;
+  if (k_aux > 0) {
+    const Tensor mask = dead_mask->contiguous();
+    const bool* m = mask.data_ptr<bool>();
+    for (int64_t i = 0; i < d_sae; ++i) {
+      if (m[i]) dead.push_back(static_cast<int32_t>(i));
+      else if (static_cast<int64_t>(padding.size()) < k_aux) padding.push_back(static_cast<int32_t>(i));
+    }
+  }
+  const int64_t k_aux_real = std::min<int64_t>(k_aux, dead.size());
+
+  const Tensor x_in = encoder_input(x, b_dec);
+  const Tensor enc = enc_weight.contiguous();
+  const Tensor bias = to_acc(b_enc);
+  const Tensor norm = present(dec_norm) ? to_acc(*dec_norm) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastsae_cpp::topk_encode", [&] {
+    scalar_t* aux_v = aux_values.data_ptr<scalar_t>();
+    int64_t* aux_i = aux_indices.data_ptr<int64_t>();
+    topk_encode_kernel<scalar_t>(x_in, enc, bias, norm.defined() ? &norm : nullptr, dead, k, k_aux_real,
+                                 values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), aux_v, aux_i, k_aux);
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t s = k_aux_real; s < k_aux; ++s) {
+        aux_v[r * k_aux + s] = scalar_t(0);
+        aux_i[r * k_aux + s] = padding[s - k_aux_real];
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> topk_encode_cpu(const Tensor& x, const Tensor& enc_weight,
+                                                           const Tensor& b_enc, const std::optional<Tensor>& b_dec,
+                                                           const std::optional<Tensor>& dec_norm, int64_t k,
+                                                           const std::optional<Tensor>& dead_mask, int64_t k_aux) {
+  check_topk_encode_inputs(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux);
+  const int64_t n = x.size(0);
+  Tensor values = at::empty({n, k}, x.options());
+  Tensor indices = at::empty({n, k}, x.options().dtype(at::kLong));
+  Tensor aux_values = at::empty({n, k_aux}, x.options());
+  Tensor aux_indices = at::empty({n, k_aux}, x.options().dtype(at::kLong));
+  topk_encode_out_cpu(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux, values, indices, aux_values,
+                      aux_indices);
+  return {values, indices, aux_values, aux_indices};
+}
+
+// Backward: grad_x_in = gather_sum(grad_pre, W), grad_enc_weight[i] = sum of grad_pre * x_in over
+// the rows that selected latent i (grouped by latent), grad_b_enc[i] = sum of grad_pre there.
+void topk_encode_backward_out_cpu(const Tensor& grad_pre, const Tensor& indices, const Tensor& x,
+                                  const Tensor& enc_weight, const std::optional<Tensor>& b_dec,
+                                  const Tensor& grad_x_in, const Tensor& grad_enc_weight, const Tensor& grad_b_enc) {
+  const BelowAutograd below_autograd;
+  check_topk_encode_backward_inputs(grad_pre, indices, x, enc_weight, b_dec);
+  const int64_t n = x.size(0), m = grad_pre.size(1), d_sae = enc_weight.size(0), d_in = enc_weight.size(1);
+  expect_out(grad_x_in, {n, d_in}, x.scalar_type(), x, "grad_x_in");
+  expect_out(grad_enc_weight, {d_sae, d_in}, x.scalar_type(), x, "grad_enc_weight");
+  expect_out(grad_b_enc, {d_sae}, x.scalar_type(), x, "grad_b_enc");
+  const Tensor idx = indices.contiguous();
+  check_indices(idx.data_ptr<int64_t>(), n * m, d_sae, "indices");
+  const Tensor g = grad_pre.contiguous();
+  const Tensor enc = enc_weight.contiguous();
+  const Tensor x_in = encoder_input(x, b_dec);
+  const LatentGroups groups = group_by_latent(idx.data_ptr<int64_t>(), n * m, d_sae);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastsae_cpp::topk_encode_backward", [&] {
+    using A = acc_t<scalar_t>;
+    gather_sum<scalar_t>(g.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), n, m, enc.data_ptr<scalar_t>(), d_sae, d_in,
+                         nullptr, nullptr, grad_x_in.data_ptr<scalar_t>());
+    scatter_outer<scalar_t, A>(groups, g.data_ptr<scalar_t>(), m, x_in.data_ptr<A>(), d_in, nullptr, d_sae,
+                               grad_enc_weight.data_ptr<scalar_t>(), grad_b_enc.data_ptr<scalar_t>());
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> topk_encode_backward_cpu(const Tensor& grad_pre, const Tensor& indices,
+                                                            const Tensor& x, const Tensor& enc_weight,
+                                                            const std::optional<Tensor>& b_dec) {
+  check_topk_encode_backward_inputs(grad_pre, indices, x, enc_weight, b_dec);
+  Tensor grad_x_in = at::empty(x.sizes(), x.options());
+  Tensor grad_enc_weight = empty_output(enc_weight.sizes(), enc_weight.options());
+  Tensor grad_b_enc = at::empty({enc_weight.size(0)}, enc_weight.options());
+  topk_encode_backward_out_cpu(grad_pre, indices, x, enc_weight, b_dec, grad_x_in, grad_enc_weight, grad_b_enc);
+  return {grad_x_in, grad_enc_weight, grad_b_enc};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastsae_cpp, CPU, m) {
+  m.impl("topk_encode", &topk_encode_cpu);
+  m.impl("topk_encode_out", &topk_encode_out_cpu);
+  m.impl("topk_encode_backward", &topk_encode_backward_cpu);
+  m.impl("topk_encode_backward_out", &topk_encode_backward_out_cpu);
+}
+
+}  // namespace fastsae_cpp

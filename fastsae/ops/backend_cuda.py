@@ -1,0 +1,33 @@
+"""The `cuda` backend: fastsae's CUDA kernels (csrc/*.cu), compiled on first use.
+
+The kernels live in the same `fastsae_cpp` extension as the CPU kernels: on a machine with a
+CUDA device and a CUDA toolkit (CUDA_HOME), `fastsae.ops.backend_cpp` builds it with its CUDA
+parts (radix top-k per row over cuBLAS pre-activations, sparse decode, grouped sparse
+backward), and torch's dispatcher sends CUDA tensors to them. The op functions are therefore
+the cpp backend's. Importing this module without the CUDA parts raises ImportError, which
+`dispatch` reports once before falling back to the next backend (triton, then torch).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME
+
+from fastsae.ops import backend_cpp
+from fastsae.ops.backend_cpp import (  # noqa: F401  (the backend's four op functions)
+    sparse_decode,
+    sparse_decode_backward,
+    topk_encode,
+    topk_encode_backward,
+)
+
+if not backend_cpp.HAS_CUDA_KERNELS:
+    if backend_cpp.CUDA_BUILD_ERROR:
+        raise ImportError(f"fastsae's CUDA kernels failed to build: {backend_cpp.CUDA_BUILD_ERROR}")
+    raise ImportError(
+        "fastsae's C++ extension is built without CUDA kernels here: they need a CUDA device and toolkit "
+        f"(torch.cuda.is_available()={torch.cuda.is_available()}, torch.version.cuda={torch.version.cuda}, "
+        f"CUDA_HOME={CUDA_HOME}, FASTSAE_BUILD_CUDA={os.environ.get('FASTSAE_BUILD_CUDA', '1')})"
+    )

@@ -1,0 +1,281 @@
+"""fastsae_cpp's TopK encode and its backward (backends `cpp` on CPU, `cuda` on GPU) against
+float64 references: selections, aux selections, every gradient, poisoned output buffers."""
+
+import pytest
+import torch
+from conftest import assert_bf16_close, assert_rel_close
+from cpp_testing import DEVICES, encoder_inputs, kernel_backend, kernel_ops, poison_like, pre_activations64
+from test_ops import _check_topk_selection
+
+from fastsae import ops, reference
+
+SHAPES = [(48, 333, 1), (48, 333, 7), (100, 1000, 16), (100, 333, 7), (48, 1000, 1), (100, 1000, 7)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("d_in,d_sae,k", SHAPES)
+@pytest.mark.parametrize("use_b_dec,use_norm", [(True, False), (False, True), (True, True)])
+def test_topk_encode_matches_float64(device, d_in, d_sae, k, use_b_dec, use_norm):
+    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(37, d_in, d_sae, device=device)
+    b_dec = b_dec if use_b_dec else None
+    dec_norm = dec_norm if use_norm else None
+    with kernel_backend(device):
+        values, indices, aux_v, aux_i = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k)
+    assert values.dtype == x.dtype and aux_v.shape == (37, 0) and aux_i.shape == (37, 0)
+    _check_topk_selection(values.cpu(), indices.cpu(), pre_activations64(x, enc, b_enc, b_dec, dec_norm).cpu(), k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_encode_selects_before_relu(device):
+    """Mostly negative pre-activations: the selection is the top-k of the raw pre-activations
+    (not of their ReLU, where all negatives tie at 0), then ReLU zeroes the kept negatives."""
+    d_in, d_sae, k = 48, 333, 16
+    x, enc, b_enc, b_dec, _ = encoder_inputs(31, d_in, d_sae, device=device)
+    b_enc = b_enc - 3.0
+    with kernel_backend(device):
+        values, indices, _, _ = ops.topk_encode(x, enc, b_enc, b_dec, None, k)
+    pre64 = pre_activations64(x, enc, b_enc, b_dec, None).cpu()
+    picked = pre64.gather(1, indices.cpu())
+    assert (picked < 0).float().mean() > 0.5, "the test needs negative kept pre-activations"
+    _check_topk_selection(values.cpu(), indices.cpu(), pre64, k)
+    assert (values.cpu()[picked < 0] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_rows,threads", [(1, 2), (3, 4), (600, 2), (5, 1)])
+def test_topk_encode_row_and_latent_blocking(device, n_rows, threads):
+    """Rows split into several blocks (600 > 256 rows per block), and few rows spread over more
+    threads, where the latents are split too and partial top-k lists merged."""
+    d_in, d_sae, k = 48, 1500, 16  # three latent blocks of 512, the last one partial
+    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(n_rows, d_in, d_sae, device=device)
+    dead = torch.rand(d_sae, device=device) < 0.2
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with kernel_backend(device):
+            values, indices, aux_v, aux_i = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k, dead, 20)
+    finally:
+        torch.set_num_threads(before)
+    pre64 = pre_activations64(x, enc, b_enc, b_dec, dec_norm).cpu()
+    _check_topk_selection(values.cpu(), indices.cpu(), pre64, k)
+    expect = pre64.masked_fill(~dead.cpu(), float("-inf")).topk(20, dim=-1).values
+    assert dead.cpu()[aux_i.cpu()].all()
+    assert_rel_close(aux_v.cpu().sort(-1, descending=True).values, expect, 1e-5, "aux values")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_dead,k_aux", [(50, 24), (5, 24), (1, 1), (0, 3), (333, 333)])
+def test_topk_encode_aux_selects_among_dead(device, n_dead, k_aux):
+    d_in, d_sae, k = 48, 333, 7
+    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(29, d_in, d_sae, device=device)
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead[torch.randperm(d_sae)[:n_dead]] = True
+    dead = dead.to(device)
+    with kernel_backend(device):
+        values, indices, aux_v, aux_i = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k, dead, k_aux)
+    pre64 = pre_activations64(x, enc, b_enc, b_dec, dec_norm).cpu()
+    values, indices, aux_v, aux_i, dead = values.cpu(), indices.cpu(), aux_v.cpu(), aux_i.cpu(), dead.cpu()
+    _check_topk_selection(values, indices, pre64, k)
+    assert aux_v.shape == aux_i.shape == (29, k_aux)
+    real = min(n_dead, k_aux)
+    got_dead = dead[aux_i]
+    # The real slots are the dead latents' top pre-activations (raw, no ReLU); padding slots hold
+    # value 0 at latents that are not dead (so no gradient reaches them).
+    assert (got_dead.sum(-1) == real).all()
+    assert (aux_v[~got_dead] == 0).all()
+    if real:
+        expect = pre64.masked_fill(~dead, float("-inf")).topk(real, dim=-1).values
+        got = torch.where(got_dead, aux_v.double(), torch.full_like(aux_v.double(), float("-inf")))
+        assert_rel_close(got.sort(-1, descending=True).values[:, :real], expect, 1e-5, "aux values")
+        real_idx = torch.where(got_dead, aux_i, -1 - torch.arange(k_aux).expand_as(aux_i))
+        assert (real_idx.sort(-1).values.diff(dim=-1) != 0).all(), "duplicate dead latents in a row"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("d_in,d_sae,k", [(48, 333, 7), (100, 1000, 16), (48, 1000, 1)])
+@pytest.mark.parametrize("k_aux", [0, 5])
+def test_topk_encode_gradients_match_float64(device, d_in, d_sae, k, k_aux):
+    """fp32 encode then decode through the ops; every gradient (x, W_enc, b_enc, b_dec, both
+    norm vectors, W_dec) against float64 autograd on the dense formula with the same selection."""
+    n = 23
+    x, enc, b_enc, b_dec, norm_enc = encoder_inputs(n, d_in, d_sae, device=device)
+    norm_dec = torch.rand(d_sae, device=device) + 0.5
+    W_dec = torch.randn(d_sae, d_in, device=device) / d_in**0.5
+    dead = torch.rand(d_sae, device=device) < 0.3
+    grad_out = torch.randn(n, d_in, device=device)
+    grad_aux = torch.randn(n, k_aux, device=device)
+    names = ("x", "enc_weight", "b_enc", "b_dec", "norm_enc", "norm_dec", "W_dec")
+    base = (x, enc, b_enc, b_dec, norm_enc, norm_dec, W_dec)
+    leaves32 = [t.clone().requires_grad_() for t in base]
+    x32, enc32, be32, bd32, ne32, nd32, wd32 = leaves32
+    with kernel_backend(device):
+        v, idx, av, ai = ops.topk_encode(x32, enc32, be32, bd32, ne32, k, dead if k_aux else None, k_aux)
+        out = ops.sparse_decode(v, idx, wd32, bd32, nd32)
+        torch.autograd.backward([out, av], [grad_out, grad_aux])
+
+    leaves64 = [t.double().requires_grad_() for t in base]
+    x64, enc64, be64, bd64, ne64, nd64, wd64 = leaves64
+    pre = ((x64 - bd64) @ enc64.T + be64) * ne64
+    acts = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx).relu())
+    ref = (acts / nd64) @ wd64 + bd64
+    aux_ref = torch.where(dead[ai], pre.gather(1, ai), torch.zeros_like(av, dtype=torch.float64))
+    torch.autograd.backward([ref, aux_ref], [grad_out.double(), grad_aux.double()])
+    assert_rel_close(out, ref.detach(), 1e-5, "output")
+    assert_rel_close(av, aux_ref.detach(), 1e-5, "aux values")
+    for name, a, b in zip(names, leaves32, leaves64):
+        assert b.grad.abs().max() > 0, name
+        assert_rel_close(a.grad, b.grad, 1e-5, f"grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("use_b_dec,use_norm,k_aux", [(True, False, 0), (False, True, 0), (True, True, 5)])
+def test_topk_encode_gradcheck(device, use_b_dec, use_norm, k_aux):
+    """Finite differences in float64 through the backend (its float64 kernels)."""
+    n, d_in, d_sae, k = 4, 5, 11, 3
+    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(n, d_in, d_sae, dtype=torch.float64, device=device)
+    dead = torch.zeros(d_sae, dtype=torch.bool, device=device)
+    dead[torch.randperm(d_sae)[:4]] = True  # fewer dead than k_aux: exercises the constant slots
+    args = [x, enc, b_enc, b_dec if use_b_dec else None, dec_norm if use_norm else None]
+    for t in args:
+        if t is not None:
+            t.requires_grad_(True)
+
+    def f(*tensors):
+        v, _, av, _ = ops.topk_encode(*tensors, k, dead if k_aux else None, k_aux)
+        return v, av
+
+    with kernel_backend(device):
+        assert torch.autograd.gradcheck(f, tuple(args), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_encode_backward_matches_float64(device):
+    """The backward op alone (duplicate latents across rows, several per latent)."""
+    n, d_in, d_sae, m = 57, 100, 333, 16
+    x, enc, _, b_dec, _ = encoder_inputs(n, d_in, d_sae, device=device)
+    indices = torch.stack([torch.randperm(d_sae)[:m] for _ in range(n)]).to(device)
+    grad_pre = torch.randn(n, m, device=device)
+    with kernel_backend(device):
+        gx, gw, gb = torch.ops.fastsae.topk_encode_backward(grad_pre, indices, x, enc, b_dec)
+    dense = torch.zeros(n, d_sae, dtype=torch.float64, device=device).scatter(1, indices, grad_pre.double())
+    assert_rel_close(gx, dense @ enc.double(), 1e-5, "grad_x")
+    assert_rel_close(gw, dense.T @ (x.double() - b_dec.double()), 1e-5, "grad_enc_weight")
+    assert_rel_close(gb, dense.sum(0), 1e-5, "grad_b_enc")
+    # latents no row selected get exact zeros
+    untouched = dense.abs().sum(0) == 0
+    assert untouched.any() and (gw[untouched] == 0).all() and (gb[untouched] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k_aux", [0, 30])
+def test_topk_encode_out_writes_every_element(device, k_aux):
+    """Output buffers filled with NaN / -7 before the kernel: every element must be written,
+    and the result equals the functional op's exactly (deterministic kernels)."""
+    kops = kernel_ops(device)
+    n, d_in, d_sae, k = 41, 100, 1000, 16
+    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(n, d_in, d_sae, device=device)
+    dead = torch.zeros(d_sae, dtype=torch.bool, device=device)
+    dead[:20] = True  # fewer dead than k_aux: padding slots must be written too
+    expect = kops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k, dead, k_aux)
+    outs = [poison_like(t) for t in expect]
+    kops.topk_encode_out(x, enc, b_enc, b_dec, dec_norm, k, dead, k_aux, values=outs[0], indices=outs[1],
+                         aux_values=outs[2], aux_indices=outs[3])
+    for name, got, ref in zip(("values", "indices", "aux_values", "aux_indices"), outs, expect):
+        assert torch.equal(got, ref), name
+
+    indices = expect[1]
+    grad_pre = torch.randn(n, k, device=device)
+    expect = kops.topk_encode_backward(grad_pre, indices, x, enc, b_dec)
+    outs = [poison_like(t) for t in expect]
+    kops.topk_encode_backward_out(grad_pre, indices, x, enc, b_dec, grad_x_in=outs[0], grad_enc_weight=outs[1],
+                                  grad_b_enc=outs[2])
+    for name, got, ref in zip(("grad_x_in", "grad_enc_weight", "grad_b_enc"), outs, expect):
+        assert torch.equal(got, ref), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_encode_bf16_within_twice_torch_error(device):
+    """bf16 as flash-attention checks it: |out - ref| <= 2 |torch_bf16 - ref| + atol, per row's
+    sorted top-k values (near-ties make the selected latents themselves ambiguous in bf16)."""
+    n, d_in, d_sae, k = 33, 100, 1000, 16
+    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(n, d_in, d_sae, device=device)
+    bf = [t.bfloat16() for t in (x, enc, b_enc, b_dec, dec_norm)]
+    with kernel_backend(device):
+        values, indices, _, _ = ops.topk_encode(*bf, k)
+    ref_values = reference.topk_encode(*(t.double() for t in bf), k, None, 0)[0]
+    torch_values = reference.topk_encode(*bf, k, None, 0)[0]
+    ordered = lambda t: t.double().sort(-1, descending=True).values  # noqa: E731
+    assert values.dtype == torch.bfloat16
+    assert_bf16_close(ordered(values), ordered(ref_values), ordered(torch_values), 1e-2, "bf16 values")
+    # the values are those of the float64 pre-activations at the chosen latents, rounded to bf16
+    pre64 = pre_activations64(*bf)
+    assert_bf16_close(values.double(), pre64.gather(1, indices).relu(), torch_values.new_zeros(()), 1e-2, "at indices")
+
+    grad_pre = torch.randn(n, k, device=device).bfloat16()
+    with kernel_backend(device):
+        got = torch.ops.fastsae.topk_encode_backward(grad_pre, indices, bf[0], bf[1], bf[3])
+    ref = reference.topk_encode_backward(grad_pre.double(), indices, bf[0].double(), bf[1].double(), bf[3].double())
+    same = reference.topk_encode_backward(grad_pre, indices, bf[0], bf[1], bf[3])
+    for name, a, r, s in zip(("grad_x_in", "grad_enc_weight", "grad_b_enc"), got, ref, same):
+        assert a.dtype == torch.bfloat16
+        assert_bf16_close(a, r, s, 1e-2, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_encode_handles_ties_and_empty_batches(device):
+    """Equal pre-activations everywhere (x = 0, constant bias): k distinct latents, value = bias;
+    an empty batch gives empty outputs."""
+    d_in, d_sae, k = 48, 700, 9
+    x = torch.zeros(6, d_in, device=device)
+    enc = torch.randn(d_sae, d_in, device=device)
+    b_enc = torch.full((d_sae,), 0.25, device=device)
+    with kernel_backend(device):
+        values, indices, _, _ = ops.topk_encode(x, enc, b_enc, None, None, k)
+        empty = ops.topk_encode(x[:0], enc, b_enc, None, None, k)
+    assert (values == 0.25).all()
+    assert (indices.sort(-1).values.diff(dim=-1) != 0).all()
+    assert empty[0].shape == (0, k) and empty[1].shape == (0, k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_ops_reject_bad_arguments(device):
+    """Direct calls of the fastsae_cpp ops get clear errors instead of a fault."""
+    kops = kernel_ops(device)
+    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(4, 10, 17, device=device)
+    with pytest.raises(RuntimeError, match="k: expected 1 <= k <= d_sae=17, got 18"):
+        kops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 18, None, 0)
+    with pytest.raises(RuntimeError, match="dead_mask: expected a bool mask"):
+        kops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 3, None, 2)
+    with pytest.raises(RuntimeError, match=r"values: expected shape \[4, 3\], got \[4, 2\]"):
+        v = torch.empty(4, 2, device=device)
+        i = torch.empty(4, 3, dtype=torch.int64, device=device)
+        kops.topk_encode_out(x, enc, b_enc, b_dec, dec_norm, 3, None, 0, values=v, indices=i,
+                             aux_values=v[:, :0], aux_indices=i[:, :0])
+    bad = torch.tensor([[0, 17, 2]], device=device)
+    with pytest.raises(RuntimeError, match=r"indices: expected latent indices in \[0, 17\)"):
+        kops.topk_encode_backward(torch.randn(1, 3, device=device), bad, x[:1], enc, b_dec)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_kernel_topk_ops(device):
+    kops = kernel_ops(device)
+    n, d_in, d_sae, k = 6, 10, 17, 3
+    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(n, d_in, d_sae, device=device)
+    dead = torch.zeros(d_sae, dtype=torch.bool, device=device)
+    dead[:8] = True
+    torch.library.opcheck(kops.topk_encode.default, (x, enc, b_enc, b_dec, dec_norm, k, dead, 4))
+    torch.library.opcheck(kops.topk_encode.default, (x, enc, b_enc, None, None, k, None, 0))
+    values, indices, aux_v, aux_i = kops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k, dead, 4)
+    torch.library.opcheck(
+        kops.topk_encode_out.default,
+        (x, enc, b_enc, b_dec, dec_norm, k, dead, 4),
+        dict(values=torch.empty_like(values), indices=torch.empty_like(indices),
+             aux_values=torch.empty_like(aux_v), aux_indices=torch.empty_like(aux_i)),
+    )
+    grad_pre = torch.randn(n, k, device=device)
+    torch.library.opcheck(kops.topk_encode_backward.default, (grad_pre, indices, x, enc, b_dec))
+    torch.library.opcheck(
+        kops.topk_encode_backward_out.default,
+        (grad_pre, indices, x, enc, None),
+        dict(grad_x_in=torch.empty_like(x), grad_enc_weight=torch.empty_like(enc), grad_b_enc=torch.empty_like(b_enc)),
+    )
