@@ -269,13 +269,10 @@ def _version(module: str) -> Optional[str]:
 
 
 def _rows(op, shape, meta, times, mems, floor, matmul_ms, backends) -> list[dict]:
-    rows = []
-    tokens = shape.n
+    """One row per (contender, baseline) pair other than a baseline against itself."""
+    out = []
     for name in list(backends) + list(BASELINES):
         t = times[name]
-        base_cols = {}
-        for bl in BASELINES:
-            base_cols[f"speedup_vs_{bl}"] = times[bl].median_ms / t.median_ms
         row = {
             "op": op,
             "shape": str(shape),
@@ -289,31 +286,23 @@ def _rows(op, shape, meta, times, mems, floor, matmul_ms, backends) -> list[dict
             "ms_max": t.max_ms,
             "samples": t.samples,
             "noise": t.noise,
-            "tokens_per_s": tokens / (t.median_ms * 1e-3),
+            "tokens_per_s": shape.n / (t.median_ms * 1e-3),
             "peak_mem_bytes": mems[name],
             "floor_ms": floor,
             "matmul_ms": matmul_ms,  # a bare product of the encoder's shape, same dtype
             "of_floor": t.median_ms / floor if floor else None,
-            **base_cols,
         }
         if op in ("encode", "train_step"):
-            flops = 2 * shape.n * shape.d_in * shape.d_sae
-            row["tflops"] = flops / (t.median_ms * 1e-3) / 1e12
-        rows.append(row)
-    # one row per (contender, baseline) pair, with the issue's column names
-    out = []
-    for row in rows:
+            row["tflops"] = 2 * shape.n * shape.d_in * shape.d_sae / (t.median_ms * 1e-3) / 1e12
         for bl in BASELINES:
-            if row["backend"] == bl:
-                continue
-            r = dict(row)
-            r["baseline"] = bl
-            r["baseline_ms"] = times[bl].median_ms
-            r["speedup"] = r.pop(f"speedup_vs_{bl}")
-            r["baseline_peak_mem_bytes"] = mems[bl]
-            for other in BASELINES:
-                r.pop(f"speedup_vs_{other}", None)
-            out.append(r)
+            if bl != name:
+                out.append({
+                    **row,
+                    "baseline": bl,
+                    "baseline_ms": times[bl].median_ms,
+                    "speedup": times[bl].median_ms / t.median_ms,
+                    "baseline_peak_mem_bytes": mems[bl],
+                })
     return out
 
 
