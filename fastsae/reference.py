@@ -128,6 +128,55 @@ def topk_encode(
     return values, top.indices, aux_values, aux_indices
 
 
+def threshold_encode(
+    x: Tensor,
+    enc_weight: Tensor,
+    b_enc: Tensor,
+    b_dec: Optional[Tensor],
+    dec_norm: Optional[Tensor],
+    cutoff: Tensor,
+    max_width: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The row-wise sparse form of the pre-activations above a per-latent cutoff (ReLU, JumpReLU).
+
+    Row n keeps the latents i with pre[n, i] > cutoff[i] (strictly; NaN is never kept), where pre
+    is `pre_activations(...)`. Returns (pre_values [N, m], indices [N, m] int64, counts [N] int64):
+    - counts[n]: how many latents row n keeps (its true count, even beyond max_width);
+    - m = min(max(counts), max_width); row n's first min(counts[n], m) slots hold its kept
+      pre-activations in ascending latent order (a row with more than max_width keeps its first
+      max_width, and the caller, seeing counts > max_width, takes the dense path instead);
+    - the other slots hold pre_value -inf at latent 0, so any activation of them is 0.
+    The dense [N, d_sae] matrix is formed a chunk of rows at a time, never whole.
+    """
+    n, d_in = x.shape
+    d_sae = enc_weight.shape[0]
+    if n == 0:
+        return x.new_empty(0, 0), torch.zeros(0, 0, dtype=torch.int64, device=x.device), torch.zeros(
+            0, dtype=torch.int64, device=x.device
+        )
+    parts = []
+    for a, b in _row_chunks(n, d_sae):
+        pre = pre_activations(x[a:b], enc_weight, b_enc, b_dec, dec_norm)
+        keep = pre > cutoff
+        rows, cols = keep.nonzero(as_tuple=True)  # row-major: ascending latent within a row
+        counts = keep.sum(1)
+        parts.append((rows + a, cols, pre[rows, cols], counts))
+    rows = torch.cat([p[0] for p in parts])
+    cols = torch.cat([p[1] for p in parts])
+    kept = torch.cat([p[2] for p in parts])
+    counts = torch.cat([p[3] for p in parts])
+    width = min(int(counts.max()), max_width)
+    # Slot of each kept entry within its row: its position minus where its row starts.
+    starts = torch.cumsum(counts, 0) - counts
+    slots = torch.arange(rows.shape[0], device=x.device) - starts[rows]
+    fits = slots < width
+    pre_values = torch.full((n, width), float("-inf"), dtype=x.dtype, device=x.device)
+    indices = torch.zeros(n, width, dtype=torch.int64, device=x.device)
+    pre_values[rows[fits], slots[fits]] = kept[fits]
+    indices[rows[fits], slots[fits]] = cols[fits]
+    return pre_values, indices, counts
+
+
 def topk_encode_backward(
     grad_pre: Tensor, indices: Tensor, x: Tensor, enc_weight: Tensor, b_dec: Optional[Tensor]
 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -21,6 +21,7 @@ __all__ = [
     "select",
     "use_backend",
     "topk_encode",
+    "threshold_encode",
     "sparse_decode",
 ]
 
@@ -74,6 +75,37 @@ def topk_encode(
     else:
         dead_mask = None
     return torch.ops.fastsae.topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux)
+
+
+def threshold_encode(
+    x: Tensor,
+    enc_weight: Tensor,
+    b_enc: Tensor,
+    b_dec: Optional[Tensor],
+    dec_norm: Optional[Tensor],
+    cutoff: Tensor,
+    max_width: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Row-wise sparse encode for ReLU/JumpReLU. x [N, d_in], enc_weight [d_sae, d_in], cutoff [d_sae]
+    -> (pre_values [N, m], indices [N, m], counts [N]): each row's pre-activations above the cutoff,
+    m = min(largest count, max_width), padding -inf; see `fastsae.reference.threshold_encode`."""
+    _expect(x.ndim == 2, f"x: expected a 2-D tensor [N, d_in], got shape {tuple(x.shape)}")
+    _check_matrix("enc_weight", enc_weight, x)
+    d_sae, d_in = enc_weight.shape
+    _expect(x.shape[1] == d_in, f"x: expected last dimension d_in={d_in}, got shape {tuple(x.shape)}")
+    _check_vector("b_enc", b_enc, d_sae, x)
+    _check_vector("b_dec", b_dec, d_in, x)
+    _check_vector("dec_norm", dec_norm, d_sae, x)
+    _expect(isinstance(cutoff, Tensor), f"cutoff: expected a tensor of shape ({d_sae},), got {type(cutoff).__name__}")
+    _check_vector("cutoff", cutoff, d_sae, x)
+    _expect(cutoff.is_floating_point(), f"cutoff: expected a floating-point tensor, got {cutoff.dtype}")
+    _expect(
+        isinstance(max_width, int) and 0 <= max_width <= d_sae,
+        f"max_width: expected an integer 0 <= max_width <= d_sae={d_sae}, got {max_width!r}",
+    )
+    # Comparisons happen in the kernels' accumulator type (fp32, or fp64 for fp64 inputs).
+    cutoff = cutoff.detach().to(torch.promote_types(x.dtype, torch.float32)).contiguous()
+    return torch.ops.fastsae.threshold_encode(x, enc_weight, b_enc, b_dec, dec_norm, cutoff, max_width)
 
 
 def sparse_decode(

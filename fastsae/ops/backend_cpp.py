@@ -232,3 +232,7 @@ def sparse_decode_backward(
     grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, dec_norm: Optional[Tensor]
 ) -> tuple[Tensor, Tensor]:
     return tuple(_ops.sparse_decode_backward(grad_out, values, indices, W_dec, dec_norm))
+
+
+# Placeholder until the kernel lands: the reference's row-chunked matmul + compaction.
+from fastsae.reference import threshold_encode  # noqa: E402,F401

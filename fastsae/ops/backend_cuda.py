@@ -16,6 +16,7 @@ import torch
 from torch.utils.cpp_extension import CUDA_HOME
 
 from fastsae.ops import backend_cpp
+from fastsae.reference import threshold_encode  # noqa: F401  (cuBLAS in row chunks + compaction; no .cu kernel yet)
 from fastsae.ops.backend_cpp import (  # noqa: F401  (the backend's four op functions)
     sparse_decode,
     sparse_decode_backward,

@@ -82,3 +82,7 @@ def sparse_decode_backward(
     grad_values = _ops.gather_dot(grad_out, indices, W_dec, dec_norm).to(values.dtype)
     grad_W_dec, _ = _ops.scatter_outer(values, indices, grad_out, None, dec_norm, W_dec.shape[0])
     return grad_values, grad_W_dec.to(W_dec.dtype)
+
+
+# Placeholder until the kernel lands: the reference's row-chunked matmul + compaction.
+from fastsae.reference import threshold_encode  # noqa: E402,F401

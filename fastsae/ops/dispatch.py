@@ -1,7 +1,8 @@
 """The one place that knows which backends exist and picks one.
 
 A backend is a module exposing the op functions of `fastsae.reference` with the same
-signatures: topk_encode, topk_encode_backward, sparse_decode, sparse_decode_backward.
+signatures: topk_encode, threshold_encode, topk_encode_backward, sparse_decode,
+sparse_decode_backward.
 Adding a backend is one module plus one `_BACKENDS` line here.
 
 The choice comes from, in order: the innermost `use_backend(...)` context, the FASTSAE_BACKEND

@@ -3,8 +3,8 @@
 Each op's real implementation asks `dispatch.select` for the backend at call time, so the
 FASTSAE_BACKEND variable and `use_backend` apply to eager and compiled code alike.
 
-Forward ops:  fastsae::topk_encode, fastsae::sparse_decode
-Backward ops: fastsae::topk_encode_backward, fastsae::sparse_decode_backward
+Forward ops:  fastsae::topk_encode, fastsae::threshold_encode, fastsae::sparse_decode
+Backward ops: fastsae::topk_encode_backward (shared by both encoders), fastsae::sparse_decode_backward
 The autograd glue below does the cheap [N, k] elementwise work (ReLU mask, decoder-norm
 factors, bias sums) in torch and hands the heavy sparse products to the backward ops.
 """
@@ -73,6 +73,22 @@ def _topk_encode_setup(ctx, inputs, output):
     ctx.save_for_backward(x, enc_weight, b_dec, dec_norm, dead_mask, values, indices, aux_values, aux_indices)
 
 
+def _encoder_grads(ctx, grad_act: Tensor, acts: Tensor, idx: Tensor, x, enc_weight, b_dec, dec_norm):
+    """The encoder's input gradients from d loss / d act at the [N, m] selected entries, where
+    act = pre (times dec_norm when rescaled); grad_act is already zero wherever act is constant."""
+    grad_dec_norm = None
+    if ctx.has_dec_norm:
+        norm = dec_norm[idx]
+        # act = pre * norm: d act/d pre = norm, d act/d norm = pre = act / norm.
+        grad_pre = grad_act * norm
+        grad_dec_norm = reference.scatter_sum(grad_act * acts / norm, idx, dec_norm.shape[0])
+    else:
+        grad_pre = grad_act
+    grad_x_in, grad_enc_weight, grad_b_enc = topk_encode_backward(grad_pre, idx, x, enc_weight, b_dec)
+    grad_b_dec = -grad_x_in.sum(0) if ctx.has_b_dec else None
+    return grad_x_in, grad_enc_weight, grad_b_enc, grad_b_dec, grad_dec_norm
+
+
 def _topk_encode_grad(ctx, grad_values, grad_indices, grad_aux_values, grad_aux_indices):
     x, enc_weight, b_dec, dec_norm, dead_mask, values, indices, aux_values, aux_indices = ctx.saved_tensors
     if grad_values is None:
@@ -86,22 +102,59 @@ def _topk_encode_grad(ctx, grad_values, grad_indices, grad_aux_values, grad_aux_
         grad_act = torch.cat([grad_act, grad_aux], dim=1)
         acts = torch.cat([values, aux_values], dim=1)
         idx = torch.cat([indices, aux_indices], dim=1)
-
-    grad_dec_norm = None
-    if ctx.has_dec_norm:
-        norm = dec_norm[idx]
-        # act = pre * norm: d act/d pre = norm, d act/d norm = pre = act / norm.
-        grad_pre = grad_act * norm
-        grad_dec_norm = reference.scatter_sum(grad_act * acts / norm, idx, dec_norm.shape[0])
-    else:
-        grad_pre = grad_act
-
-    grad_x_in, grad_enc_weight, grad_b_enc = topk_encode_backward(grad_pre, idx, x, enc_weight, b_dec)
-    grad_b_dec = -grad_x_in.sum(0) if ctx.has_b_dec else None
-    return grad_x_in, grad_enc_weight, grad_b_enc, grad_b_dec, grad_dec_norm, None, None, None
+    grads = _encoder_grads(ctx, grad_act, acts, idx, x, enc_weight, b_dec, dec_norm)
+    return *grads, None, None, None
 
 
 torch.library.register_autograd("fastsae::topk_encode", _topk_encode_grad, setup_context=_topk_encode_setup)
+
+
+# ---------------------------------------------------------------- threshold_encode
+
+
+@torch.library.custom_op("fastsae::threshold_encode", mutates_args=())
+def threshold_encode(
+    x: Tensor,
+    enc_weight: Tensor,
+    b_enc: Tensor,
+    b_dec: Optional[Tensor],
+    dec_norm: Optional[Tensor],
+    cutoff: Tensor,
+    max_width: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _backend(x).threshold_encode(x, enc_weight, b_enc, b_dec, dec_norm, cutoff, max_width)
+
+
+@threshold_encode.register_fake
+def _(x, enc_weight, b_enc, b_dec, dec_norm, cutoff, max_width):
+    # The width is the batch's largest kept count (capped): known only once the kernel has run.
+    width = torch.library.get_ctx().new_dynamic_size(max=max_width)
+    n = x.shape[0]
+    return x.new_empty(n, width), x.new_empty(n, width, dtype=torch.int64), x.new_empty(n, dtype=torch.int64)
+
+
+def _threshold_encode_setup(ctx, inputs, output):
+    x, enc_weight, b_enc, b_dec, dec_norm, cutoff, max_width = inputs
+    pre_values, indices, counts = output
+    ctx.has_b_dec = b_dec is not None
+    ctx.has_dec_norm = dec_norm is not None
+    ctx.save_for_backward(x, enc_weight, b_dec, dec_norm, pre_values, indices)
+
+
+def _threshold_encode_grad(ctx, grad_pre_values, grad_indices, grad_counts):
+    x, enc_weight, b_dec, dec_norm, pre_values, indices = ctx.saved_tensors
+    # Padding slots hold -inf (never a kept value: kept ones exceed a cutoff) and take no gradient.
+    padding = pre_values == float("-inf")
+    zero = torch.zeros((), dtype=pre_values.dtype, device=pre_values.device)
+    grad_act = torch.where(padding, zero, grad_pre_values)
+    acts = torch.where(padding, zero, pre_values)
+    grads = _encoder_grads(ctx, grad_act, acts, indices, x, enc_weight, b_dec, dec_norm)
+    return *grads, None, None
+
+
+torch.library.register_autograd(
+    "fastsae::threshold_encode", _threshold_encode_grad, setup_context=_threshold_encode_setup
+)
 
 
 # ---------------------------------------------------------------- sparse_decode
