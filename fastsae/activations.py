@@ -16,7 +16,8 @@ def _rectangle(u: Tensor) -> Tensor:
 
 class JumpReLU(torch.autograd.Function):
     """relu(x) * (x > threshold); d/dx is the true derivative, d/dthreshold the pseudo-gradient
-    -(threshold / bandwidth) * K((x - threshold) / bandwidth)."""
+    -(threshold / bandwidth) * K((x - threshold) / bandwidth). threshold broadcasts against x:
+    [d_sae] for dense x [N, d_sae], or [N, m] thresholds gathered for sparse entries."""
 
     @staticmethod
     def forward(ctx, x: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
@@ -29,7 +30,7 @@ class JumpReLU(torch.autograd.Function):
         x, threshold = ctx.saved_tensors
         bw = ctx.bandwidth
         grad_x = grad_out * ((x > threshold) & (x > 0)).to(x.dtype)
-        grad_threshold = (-(threshold / bw) * _rectangle((x - threshold) / bw) * grad_out).sum(0)
+        grad_threshold = (-(threshold / bw) * _rectangle((x - threshold) / bw) * grad_out).sum_to_size(threshold.shape)
         return grad_x, grad_threshold, None
 
 
@@ -46,7 +47,7 @@ class Step(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, threshold = ctx.saved_tensors
         bw = ctx.bandwidth
-        grad_threshold = (-(1.0 / bw) * _rectangle((x - threshold) / bw) * grad_out).sum(0)
+        grad_threshold = (-(1.0 / bw) * _rectangle((x - threshold) / bw) * grad_out).sum_to_size(threshold.shape)
         return None, grad_threshold, None
 
 

@@ -36,6 +36,18 @@ class TrainOutput:
     loss: Tensor
 
 
+def _pad_at_inactive_latent(pre: Tensor, indices: Tensor) -> Tensor:
+    """Point each row's padding slots (pre = -inf, latent 0 from the kernels) at a latent the row
+    does not hold, so a user's `scatter` of the sparse form never overwrites a real entry with 0.
+    A row's entries come in ascending latent order: the first i with indices[i] != i is free."""
+    real = pre != float("-inf")
+    if bool(real.all()):
+        return indices
+    slot = torch.arange(indices.shape[1], device=indices.device)
+    leading = ((indices == slot) & real).to(torch.int32).cumprod(1).sum(1, keepdim=True)
+    return torch.where(real, indices, leading.to(indices.dtype))
+
+
 class SAE(nn.Module):
     """A sparse autoencoder: `SAE(SAEConfig(...))` or `SAE(d_in=..., d_sae=..., architecture=..., k=...)`.
 
@@ -82,6 +94,11 @@ class SAE(nn.Module):
         if cfg.architecture == "batchtopk":
             # The inference threshold: an EMA of the smallest positive training activation.
             self.register_buffer("topk_threshold", torch.zeros((), dtype=torch.float64, device=factory["device"]))
+        # ReLU, JumpReLU (and BatchTopK at inference) take the row-wise sparse path while no row of
+        # a batch has more than this many active latents, the dense path otherwise; 0: always dense.
+        # Past ~1/32 of d_sae the gathers of the sparse path cost more than the dense products.
+        self.sparse_width_limit = max(1, d_sae // 32)
+        self._sparse_hint = True  # False after a batch overflowed, until a dense batch is sparse again
 
     # ------------------------------------------------------------ properties
 
@@ -166,6 +183,53 @@ class SAE(nn.Module):
             return pre.relu() * (pre > self.topk_threshold).to(pre.dtype)
         raise AssertionError(arch)
 
+    # ------------------------------------------------------------ row-wise sparse path
+
+    def _sparse_cutoff(self) -> Optional[Tensor]:
+        """The per-latent cutoff above which pre-activations enter the sparse form, or None where
+        the architecture (gated, batchtopk in training) has no per-latent rule."""
+        arch, d_sae = self.architecture, self.d_sae
+        if arch == "relu":
+            return torch.zeros(d_sae, dtype=torch.float32, device=self.device)
+        if arch == "jumprelu":
+            threshold = self.threshold.detach()
+            if torch.is_grad_enabled() and self.threshold.requires_grad:
+                # The threshold's pseudo-gradients see every pre-activation within bandwidth/2 of it.
+                return threshold - self.cfg.jumprelu_bandwidth / 2
+            return threshold.clamp_min(0)
+        if arch == "batchtopk" and not self.training:
+            return self.topk_threshold.clamp_min(0).to(torch.float32).expand(d_sae)
+        return None
+
+    def _sparse_pre(self, x2: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        """(pre-activations [N, m] with -inf padding, indices [N, m]) from the row-wise sparse
+        encoder, or None when the dense path should run (no rule, disabled, or a row too dense)."""
+        cutoff = self._sparse_cutoff()
+        limit = self.sparse_width_limit
+        if cutoff is None or limit <= 0 or not self._sparse_hint:
+            return None
+        limit = min(limit, self.d_sae)
+        pre, indices, counts = ops.threshold_encode(
+            x2, self.enc_weight, self.b_enc, self._b_dec_in(), self._dec_norm(), cutoff, limit
+        )
+        if pre.shape[1] == limit and int(counts.max()) > limit:
+            self._sparse_hint = False
+            return None
+        return pre, _pad_at_inactive_latent(pre, indices)
+
+    def _note_density(self, pre: Tensor) -> None:
+        """After a dense pass: go back to the sparse path once the rows fit well within the limit."""
+        cutoff = self._sparse_cutoff()
+        if cutoff is not None and self.sparse_width_limit > 0 and pre.numel():
+            widest = int((pre.detach() > cutoff).sum(-1).max())
+            self._sparse_hint = 4 * widest <= 3 * self.sparse_width_limit
+
+    def _sparse_acts(self, pre: Tensor, indices: Tensor) -> Tensor:
+        """Activations [N, m] of the sparse path's pre-activations (0 at padding and window entries)."""
+        if self.architecture == "jumprelu":
+            return JumpReLU.apply(pre, self.threshold[indices], self.cfg.jumprelu_bandwidth)
+        return pre.relu()  # relu; batchtopk at inference (the cutoff already holds its threshold)
+
     def _topk_flat(self, x2: Tensor, dead_mask: Optional[Tensor] = None, k_aux: int = 0):
         return ops.topk_encode(
             x2, self.enc_weight, self.b_enc, self._b_dec_in(), self._dec_norm(), self.cfg.k, dead_mask, k_aux
@@ -175,11 +239,17 @@ class SAE(nn.Module):
         """Activations as `SparseActivations` with x's leading dims: [..., m]."""
         lead = x.shape[:-1] if isinstance(x, Tensor) else ()
         x2 = self._flat_input(x)
+        sparse_pre = self._sparse_pre(x2) if self.architecture != "topk" else None
         if self.architecture == "topk":
             values, indices, _, _ = self._topk_flat(x2)
             sparse = SparseActivations(values, indices, self.d_sae)
+        elif sparse_pre is not None:
+            pre, indices = sparse_pre
+            sparse = SparseActivations(self._sparse_acts(pre, indices), indices, self.d_sae)
         else:
-            sparse = SparseActivations.from_dense(self._acts_dense(x2))
+            pre = self._pre_dense(x2)
+            self._note_density(pre)
+            sparse = SparseActivations.from_dense(self._acts_dense(x2, pre))
         m = sparse.width
         return SparseActivations(sparse.values.reshape(*lead, m), sparse.indices.reshape(*lead, m), self.d_sae)
 
@@ -220,11 +290,17 @@ class SAE(nn.Module):
         """The reconstruction x_hat, shaped like x."""
         lead = x.shape[:-1] if isinstance(x, Tensor) else ()
         x2 = self._flat_input(x)
+        sparse_pre = self._sparse_pre(x2) if self.architecture != "topk" else None
         if self.architecture == "topk":
             values, indices, _, _ = self._topk_flat(x2)
             x_hat = ops.sparse_decode(values, indices, self.W_dec, self.b_dec, self._dec_norm())
+        elif sparse_pre is not None:
+            pre, indices = sparse_pre
+            x_hat = ops.sparse_decode(self._sparse_acts(pre, indices), indices, self.W_dec, self.b_dec, self._dec_norm())
         else:
-            x_hat = self.decode(self._acts_dense(x2))
+            pre = self._pre_dense(x2)
+            self._note_density(pre)
+            x_hat = self.decode(self._acts_dense(x2, pre))
         return x_hat.reshape(*lead, self.d_in)
 
     def training_forward(
@@ -263,8 +339,20 @@ class SAE(nn.Module):
             x_hat = ops.sparse_decode(values, indices, self.W_dec, self.b_dec, self._dec_norm())
             if n_aux:
                 aux_pair = (aux_values, aux_indices, n_aux)
+        elif (sparse_pre := self._sparse_pre(x2) if arch in ("relu", "jumprelu") else None) is not None:
+            pre, indices = sparse_pre
+            values = self._sparse_acts(pre, indices)
+            acts = SparseActivations(values, indices, self.d_sae)
+            x_hat = ops.sparse_decode(values, indices, self.W_dec, self.b_dec, self._dec_norm())
+            if arch == "relu" and sparsity_coefficient:
+                weight = self.W_dec.norm(dim=1)[indices] if self.cfg.decoder_norm != "none" else 1.0
+                sparsity = sparsity_coefficient * (values.abs() * weight).sum(-1).mean()
+            elif arch == "jumprelu" and sparsity_coefficient:
+                l0 = Step.apply(pre, self.threshold[indices], self.cfg.jumprelu_bandwidth).sum(-1)
+                sparsity = sparsity_coefficient * l0.mean()
         else:
             pre = self._pre_dense(x2)
+            self._note_density(pre)
             acts = self._acts_dense(x2, pre)
             x_hat = self.decode(acts)
             if arch == "relu" and sparsity_coefficient:

@@ -11,9 +11,12 @@ SHAPES = [(48, 333, 1), (48, 1000, 7), (100, 333, 16), (100, 1000, 7)]
 ARCHS = ["relu", "topk", "batchtopk", "jumprelu"]
 
 
-def make_sae(arch, d_in, d_sae, k=None, dtype=torch.float32, **kw):
+def make_sae(arch, d_in, d_sae, k=None, dtype=torch.float32, path=None, **kw):
+    """path "sparse": ReLU/JumpReLU/BatchTopK-eval always take the row-wise sparse path; "dense": never."""
     k = k if arch in ("topk", "batchtopk") else None
     sae = SAE(d_in=d_in, d_sae=d_sae, architecture=arch, k=k, dtype=str(dtype).removeprefix("torch."), **kw)
+    if path is not None:
+        sae.sparse_width_limit = {"sparse": d_sae, "dense": 0}[path]
     with torch.no_grad():  # away from the all-zero biases of a fresh SAE
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.1)
@@ -67,11 +70,17 @@ def check_valid_topk(sae, x, dense_acts):
     assert (support.sum(-1) <= k).all()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+# TopK has one path; the others a row-wise sparse one and a dense one.
+ARCH_PATHS = [("topk", None)] + [(arch, path) for arch in ARCHS if arch != "topk" for path in ("sparse", "dense")]
+
+
+@pytest.mark.parametrize("arch,path", ARCH_PATHS)
 @pytest.mark.parametrize("d_in,d_sae,k", SHAPES)
 @pytest.mark.parametrize("lead", [(13,), (3, 5)])
-def test_forward_and_gradients_match_float64(arch, d_in, d_sae, k, lead):
-    sae = make_sae(arch, d_in, d_sae, k)
+def test_forward_and_gradients_match_float64(arch, d_in, d_sae, k, lead, path):
+    sae = make_sae(arch, d_in, d_sae, k, path=path)
+    if arch == "batchtopk":
+        sae.eval()  # the row-wise sparse path serves BatchTopK at inference
     x = torch.randn(*lead, d_in, requires_grad=True)
     acts = sae.encode(x)
     x_hat = sae(x)
@@ -96,11 +105,16 @@ def test_forward_and_gradients_match_float64(arch, d_in, d_sae, k, lead):
     assert_rel_close(x.grad, x64.grad.reshape(x.shape), 1e-5, "grad x")
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_sparse_and_dense_paths_agree(arch):
-    sae = make_sae(arch, 48, 333, 7)
+@pytest.mark.parametrize("arch,path", ARCH_PATHS)
+def test_sparse_and_dense_paths_agree(arch, path):
+    sae = make_sae(arch, 48, 333, 7, path=path).eval()
     x = torch.randn(3, 11, 48)
     sparse = sae.encode_sparse(x)
+    # Padding slots never share a latent with a real entry (a user's scatter stays exact).
+    flat = sparse.flatten()
+    for row_values, row_indices in zip(flat.values, flat.indices):
+        real = row_indices[row_values != 0]
+        assert not torch.isin(row_indices[row_values == 0], real).any()
     assert isinstance(sparse, SparseActivations)
     assert sparse.values.shape[:-1] == (3, 11) and sparse.shape == (3, 11, 333)
     dense = sae.encode(x)
@@ -109,6 +123,54 @@ def test_sparse_and_dense_paths_agree(arch):
     assert torch.equal(sparse.l0(), (dense != 0).sum(-1))
     if arch == "topk":
         assert sparse.width == 7
+
+
+class _CountCalls:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+def test_row_wise_sparse_path_falls_back_to_dense_and_comes_back(monkeypatch):
+    spy = _CountCalls(fastsae.ops.threshold_encode)
+    monkeypatch.setattr(fastsae.ops, "threshold_encode", spy)
+    sae = make_sae("relu", 48, 333)
+    x = torch.randn(40, 48)
+    dense = make_sae("relu", 48, 333, path="dense")
+    dense.load_state_dict(sae.state_dict())
+    widest = int((sae._pre_dense(x) > 0).sum(-1).max())
+    assert widest > 20, "the test needs rows denser than the limit below"
+
+    sae.sparse_width_limit = widest  # every row fits: the sparse path
+    assert_rel_close(sae(x), dense(x).detach(), 1e-5, "sparse path")
+    assert spy.calls == 1 and sae._sparse_hint
+
+    sae.sparse_width_limit = widest - 1  # one row too dense: the sparse pass gives up, the dense one answers
+    assert_rel_close(sae(x), dense(x).detach(), 1e-5, "after overflow")
+    assert spy.calls == 2 and not sae._sparse_hint
+    sae(x)  # still too dense: straight to the dense path, no wasted sparse pass
+    assert spy.calls == 2
+
+    with torch.no_grad():  # make the activations sparse: the next dense pass notices
+        sae.b_enc.sub_(3.0)
+        dense.b_enc.sub_(3.0)
+    sae(x)
+    assert spy.calls == 2 and sae._sparse_hint
+    assert_rel_close(sae(x), dense(x).detach(), 1e-5, "back on the sparse path")
+    assert spy.calls == 3
+
+
+def test_row_wise_sparse_path_under_torch_compile():
+    sae = make_sae("relu", 48, 333, path="sparse")
+    compiled = torch.compile(sae, backend="aot_eager")
+    x = torch.randn(19, 48, requires_grad=True)
+    out = compiled(x)
+    assert_rel_close(out, sae(x).detach(), 1e-6)
+    out.sum().backward()
+    assert sae.W_enc.grad is not None and x.grad is not None
 
 
 @pytest.mark.parametrize("k", [1, 7, 16])
@@ -131,8 +193,9 @@ def test_topk_rescale_by_decoder_norm(k):
         assert_rel_close(param.grad, p[name].grad, 1e-5, f"grad {name}")
 
 
-def test_relu_training_loss_is_saelens():
-    sae = make_sae("relu", 48, 333)
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+def test_relu_training_loss_is_saelens(path):
+    sae = make_sae("relu", 48, 333, path=path)
     x = torch.randn(29, 48)
     out = sae.training_forward(x, sparsity_coefficient=0.3)
     p = ref_params(sae)
@@ -147,8 +210,9 @@ def test_relu_training_loss_is_saelens():
         assert_rel_close(param.grad, p[name].grad, 1e-5, f"grad {name}")
 
 
-def test_relu_plain_l1_with_decoder_norm_none():
-    sae = make_sae("relu", 48, 333, decoder_norm="none")
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+def test_relu_plain_l1_with_decoder_norm_none(path):
+    sae = make_sae("relu", 48, 333, decoder_norm="none", path=path)
     with torch.no_grad():
         sae.W_dec.mul_(3.0)
     x = torch.randn(29, 48)
@@ -157,10 +221,11 @@ def test_relu_plain_l1_with_decoder_norm_none():
     assert_rel_close(out.sparsity_loss, 0.5 * acts.abs().sum(-1).mean().detach(), 1e-5)
 
 
-def test_jumprelu_threshold_pseudo_gradient():
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+def test_jumprelu_threshold_pseudo_gradient(path):
     """d loss / d threshold is Gemma Scope's pseudo-gradient (rectangle kernel), for both the
     JumpReLU activation and the L0 penalty."""
-    sae = make_sae("jumprelu", 48, 333)
+    sae = make_sae("jumprelu", 48, 333, path=path)
     bw = sae.cfg.jumprelu_bandwidth
     x = torch.randn(31, 48)
     out = sae.training_forward(x, sparsity_coefficient=0.2)

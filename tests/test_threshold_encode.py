@@ -1,0 +1,205 @@
+"""fastsae::threshold_encode (the row-wise sparse ReLU/JumpReLU encode) on every CPU backend,
+against float64: the selection, the values, the counts, the padding and every gradient.
+
+Near the cutoff a latent whose float64 pre-activation lies within rounding of it may go either
+way, so selections are compared exactly only away from the boundary (as top-k ties are)."""
+
+import pytest
+import torch
+from conftest import assert_bf16_close, assert_rel_close
+
+import fastsae
+from fastsae import ops, reference
+
+# The Triton kernels run in the interpreter here: keep its shapes small.
+BACKENDS = ["torch", "cpp", "triton"]
+SHAPES = [(48, 333), (100, 1000), (17, 65)]
+
+
+def _inputs(n, d_in, d_sae, dtype=torch.float32):
+    x = torch.randn(n, d_in, dtype=dtype)
+    enc = torch.randn(d_sae, d_in, dtype=dtype) / d_in**0.5
+    b_enc = torch.randn(d_sae, dtype=dtype) * 0.1
+    b_dec = torch.randn(d_in, dtype=dtype) * 0.1
+    dec_norm = torch.rand(d_sae, dtype=dtype) + 0.5
+    return x, enc, b_enc, b_dec, dec_norm
+
+
+def _pre64(x, enc, b_enc, b_dec, dec_norm):
+    x, enc, b_enc = x.double(), enc.double(), b_enc.double()
+    pre = (x - b_dec.double() if b_dec is not None else x) @ enc.T + b_enc
+    return pre * dec_norm.double() if dec_norm is not None else pre
+
+
+def _cutoff_keeping(pre64, fraction):
+    """A per-latent cutoff keeping about `fraction` of each latent's entries."""
+    return pre64.quantile(1 - fraction, dim=0).float()
+
+
+def check_threshold_selection(pre_values, indices, counts, pre64, cutoff, max_width, tol=1e-5):
+    """The op's output is the row-wise sparse form of pre64 > cutoff (see reference.threshold_encode)."""
+    n, d_sae = pre64.shape
+    scale = pre64.abs().max().item()
+    cut = cutoff.double()
+    sure_in = pre64 > cut + tol * scale
+    maybe_in = pre64 > cut - tol * scale
+    assert counts.shape == (n,) and counts.dtype == torch.int64
+    assert ((counts >= sure_in.sum(1)) & (counts <= maybe_in.sum(1))).all(), "counts"
+    width = min(int(counts.max()), max_width)
+    assert pre_values.shape == indices.shape == (n, width) and indices.dtype == torch.int64
+    slot = torch.arange(width)
+    real = slot < counts.clamp(max=width)[:, None]
+    # Padding: -inf at latent 0. Real slots: ascending distinct latents, above the cutoff.
+    assert (pre_values[~real] == float("-inf")).all() and (indices[~real] == 0).all(), "padding"
+    assert ((indices.diff(dim=1) > 0) | ~real[:, 1:]).all(), "real slots not in ascending latent order"
+    picked = pre64.gather(1, indices)
+    assert maybe_in.gather(1, indices)[real].all(), "a kept latent is below its cutoff"
+    assert_rel_close(pre_values[real], picked[real], tol, "pre_values")
+    # Every latent surely above its cutoff is kept, up to the row's last kept latent when the
+    # row overflowed max_width (it keeps its first max_width in latent order).
+    got = torch.zeros(n, d_sae, dtype=torch.bool)
+    got[real.nonzero(as_tuple=True)[0], indices[real]] = True
+    last = torch.where(counts > width, indices[:, -1] if width else torch.full((n,), -1), d_sae)
+    within = torch.arange(d_sae)[None, :] <= last[:, None]
+    missing = sure_in & within & ~got
+    assert not missing.any(), f"{int(missing.sum())} latents above the cutoff are missing"
+    return real
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d_in,d_sae", SHAPES)
+@pytest.mark.parametrize("use_b_dec,use_norm", [(True, False), (False, True), (False, False)])
+def test_threshold_encode_matches_float64(backend, d_in, d_sae, use_b_dec, use_norm):
+    x, enc, b_enc, b_dec, dec_norm = _inputs(37, d_in, d_sae)
+    b_dec = b_dec if use_b_dec else None
+    dec_norm = dec_norm if use_norm else None
+    pre64 = _pre64(x, enc, b_enc, b_dec, dec_norm)
+    cutoff = _cutoff_keeping(pre64, 0.08)
+    x[3] = b_dec if b_dec is not None else 0  # a row whose pre-activations are b_enc (* norm) ...
+    cutoff = torch.maximum(cutoff, (b_enc * (dec_norm if dec_norm is not None else 1)).float() + 0.01)
+    pre64 = _pre64(x, enc, b_enc, b_dec, dec_norm)  # ... all below the cutoff: it keeps nothing
+    with fastsae.use_backend(backend):
+        out = ops.threshold_encode(x, enc, b_enc, b_dec, dec_norm, cutoff, d_sae)
+    real = check_threshold_selection(*out, pre64, cutoff, d_sae)
+    assert out[2][3] == 0 and real.sum(1).max() > 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threshold_encode_relu_cutoff_single_row_and_keep_all(backend):
+    d_in, d_sae = 48, 333
+    x, enc, b_enc, b_dec, _ = _inputs(1, d_in, d_sae)
+    pre64 = _pre64(x, enc, b_enc, b_dec, None)
+    zero = torch.zeros(d_sae)
+    with fastsae.use_backend(backend):
+        relu = ops.threshold_encode(x, enc, b_enc, b_dec, None, zero, d_sae)
+        everything = ops.threshold_encode(x, enc, b_enc, b_dec, None, torch.full((d_sae,), float("-inf")), d_sae)
+    check_threshold_selection(*relu, pre64, zero, d_sae)
+    values, indices, counts = everything
+    assert counts.tolist() == [d_sae] and torch.equal(indices[0], torch.arange(d_sae))
+    assert_rel_close(values, pre64, 1e-5, "keep all")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_width", [1, 5])
+def test_threshold_encode_reports_overflow(backend, max_width):
+    """Rows with more than max_width kept latents report their true count and keep their first
+    max_width; the width is max_width."""
+    x, enc, b_enc, b_dec, dec_norm = _inputs(23, 48, 333)
+    pre64 = _pre64(x, enc, b_enc, b_dec, dec_norm)
+    cutoff = _cutoff_keeping(pre64, 0.05)
+    with fastsae.use_backend(backend):
+        out = ops.threshold_encode(x, enc, b_enc, b_dec, dec_norm, cutoff, max_width)
+    check_threshold_selection(*out, pre64, cutoff, max_width)
+    assert out[0].shape[1] == max_width and (out[2] > max_width).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threshold_encode_bf16(backend):
+    d_in, d_sae = 64, 257
+    x, enc, b_enc, b_dec, _ = _inputs(29, d_in, d_sae, torch.bfloat16)
+    pre64 = _pre64(x, enc, b_enc, b_dec, None)
+    cutoff = _cutoff_keeping(pre64, 0.1)
+    with fastsae.use_backend(backend):
+        values, indices, counts = ops.threshold_encode(x, enc, b_enc, b_dec, None, cutoff, d_sae)
+    assert values.dtype == torch.bfloat16
+    # Selection in fp32 of bf16 inputs: the boundary is blurred by one bf16 rounding of the result.
+    real = check_threshold_selection(values.float(), indices, counts, pre64, cutoff, d_sae, tol=1e-2)
+    same_dtype = reference.pre_activations(x, enc, b_enc, b_dec, None).gather(1, indices)
+    assert_bf16_close(values[real], pre64.gather(1, indices)[real], same_dtype[real], 1e-3, "bf16 values")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threshold_encode_gradients_match_float64(backend):
+    """Encode (ReLU-style cutoff), decode, every gradient against dense float64 autograd."""
+    n, d_in, d_sae = 21, 48, 333
+    x, enc, b_enc, b_dec, dec_norm = _inputs(n, d_in, d_sae)
+    W_dec = torch.randn(d_sae, d_in) / d_in**0.5
+    cutoff = _cutoff_keeping(_pre64(x, enc, b_enc, b_dec, dec_norm), 0.1)
+    grad_out = torch.randn(n, d_in)
+    base = (x, enc, b_enc, b_dec, dec_norm, W_dec)
+    leaves = [t.clone().requires_grad_() for t in base]
+    with fastsae.use_backend(backend):
+        pre, idx, _ = ops.threshold_encode(*leaves[:5], cutoff, d_sae)
+        out = ops.sparse_decode(pre.relu(), idx, leaves[5], leaves[3], None)
+        out.backward(grad_out)
+
+    ref_leaves = [t.double().requires_grad_() for t in base]
+    x64, enc64, be64, bd64, nrm64, wd64 = ref_leaves
+    pre64 = ((x64 - bd64) @ enc64.T + be64) * nrm64
+    real = pre.detach() != float("-inf")
+    kept = torch.zeros(n, d_sae, dtype=torch.bool)
+    kept[real.nonzero(as_tuple=True)[0], idx[real]] = True
+    ref = (pre64 * kept).relu() @ wd64 + bd64
+    ref.backward(grad_out.double())
+    assert_rel_close(out, ref.detach(), 1e-5, "output")
+    for name, a, b in zip(("x", "enc_weight", "b_enc", "b_dec", "dec_norm", "W_dec"), leaves, ref_leaves):
+        assert b.grad.abs().max() > 0, name
+        assert_rel_close(a.grad, b.grad, 1e-5, f"grad {name}")
+
+
+def test_threshold_encode_gradcheck():
+    n, d_in, d_sae = 4, 5, 11
+    x, enc, b_enc, b_dec, dec_norm = (t.double().requires_grad_() for t in _inputs(n, d_in, d_sae))
+    cutoff = torch.full((d_sae,), 0.05, dtype=torch.float64)
+
+    def f(*tensors):  # padding is -inf: clamp it to a constant so finite differences stay finite
+        return ops.threshold_encode(*tensors, cutoff, d_sae)[0].clamp_min(-100.0)
+
+    assert torch.autograd.gradcheck(f, (x, enc, b_enc, b_dec, dec_norm), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threshold_encode_opcheck(backend):
+    x, enc, b_enc, b_dec, dec_norm = _inputs(6, 10, 17)
+    cutoff = torch.rand(17) * 0.2
+    with fastsae.use_backend(backend):
+        for req in (False, True):
+            leaves = [t.clone().requires_grad_(req) for t in (x, enc, b_enc, b_dec, dec_norm)]
+            torch.library.opcheck(torch.ops.fastsae.threshold_encode.default, (*leaves, cutoff, 17))
+            torch.library.opcheck(torch.ops.fastsae.threshold_encode.default, (*leaves[:3], None, None, cutoff, 4))
+
+
+def test_threshold_encode_rejects_bad_arguments():
+    x, enc, b_enc, b_dec, dec_norm = _inputs(4, 10, 17)
+    cutoff = torch.zeros(17)
+    with pytest.raises(ValueError, match="cutoff: expected a vector of shape \\(17,\\), got shape \\(16,\\)"):
+        ops.threshold_encode(x, enc, b_enc, b_dec, dec_norm, cutoff[:16], 17)
+    with pytest.raises(ValueError, match="cutoff: expected a floating-point tensor, got torch.int64"):
+        ops.threshold_encode(x, enc, b_enc, b_dec, dec_norm, torch.zeros(17, dtype=torch.int64), 17)
+    with pytest.raises(ValueError, match="max_width: expected an integer 0 <= max_width <= d_sae=17, got 18"):
+        ops.threshold_encode(x, enc, b_enc, b_dec, dec_norm, cutoff, 18)
+    with pytest.raises(ValueError, match="x: expected last dimension d_in=10"):
+        ops.threshold_encode(torch.randn(4, 11), enc, b_enc, b_dec, dec_norm, cutoff, 17)
+
+
+def test_reference_threshold_encode_in_row_chunks(monkeypatch):
+    """The torch path forms the dense pre-activations a chunk of rows at a time: same answer."""
+    x, enc, b_enc, b_dec, dec_norm = _inputs(50, 16, 40)
+    cutoff = torch.rand(40) * 0.3
+    whole = reference.threshold_encode(x, enc, b_enc, b_dec, dec_norm, cutoff, 40)
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 40 * 3)  # 3 rows per chunk
+    chunked = reference.threshold_encode(x, enc, b_enc, b_dec, dec_norm, cutoff, 40)
+    assert torch.equal(whole[1], chunked[1]) and torch.equal(whole[2], chunked[2])
+    real = whole[0] != float("-inf")
+    assert torch.equal(real, chunked[0] != float("-inf"))
+    assert_rel_close(chunked[0][real], whole[0][real], 1e-6)  # matmul blocking may round differently
