@@ -7,10 +7,12 @@ Steps timed (fp32, medians over --repeats rounds that alternate the steps, so th
 other processes falls on all of them alike):
   cpp            fastsae.SAE.training_forward + backward + Adam, backend "cpp"
   torch          the same, backend "torch" (fastsae's reference ops)
+  (both with the Adam `fastsae train` runs, fastsae.training.optim.Adam: torch's update without
+  parameter-sized temporaries; --torch-adam gives them torch.optim.Adam like the baselines)
   dense          SAELens' way: dense pre-activations, top-k, dense acts @ W_dec, autograd
   embedding_bag  sparsify's fallback: dense pre-activations and top-k, F.embedding_bag decode
   floor          the encoder's one matrix product (into a preallocated output) plus one Adam
-                 step on the same parameters
+                 step on the same parameters (cpp's Adam)
 Memory: each step runs in a fresh process (Linux): after two warm-up steps, /proc/self/clear_refs
 resets the peak resident memory; reported are the peaks of forward+backward and of the whole
 step above the resident memory just before the step (so parameters and Adam state are not
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import fastsae
+from fastsae.training.optim import Adam
 
 STEPS = ("cpp", "torch", "dense", "embedding_bag")
 
@@ -39,7 +42,9 @@ def make_sae(args, seed: int = 0) -> fastsae.SAE:
     return fastsae.SAE(d_in=args.d_in, d_sae=args.d_sae, architecture="topk", k=args.k)
 
 
-def make_adam(args, sae) -> torch.optim.Adam:
+def make_adam(args, sae, step_name: str) -> torch.optim.Adam:
+    if step_name in ("cpp", "torch") and not args.torch_adam:
+        return Adam(sae.parameters(), lr=1e-4)
     return torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True if args.fused_adam else None)
 
 
@@ -95,7 +100,7 @@ def run_timing(args) -> dict:
     setups = {}
     for name in STEPS:
         sae = make_sae(args)
-        opt = make_adam(args, sae)
+        opt = make_adam(args, sae, name)
         train_step(sae, opt, x, loss_fn(name))  # warm-up: builds the extension, creates Adam's state
         setups[name] = (sae, opt, loss_fn(name))
     pre = torch.empty(args.rows, args.d_sae)
@@ -134,7 +139,7 @@ def measure_memory_child(args) -> None:
     forward + backward and of the whole step (with Adam), above the memory before the step."""
     x = torch.randn(args.rows, args.d_in)
     sae = make_sae(args)
-    opt = make_adam(args, sae)
+    opt = make_adam(args, sae, args.memory_of)
     loss = loss_fn(args.memory_of)
     for _ in range(2):
         train_step(sae, opt, x, loss)
@@ -154,6 +159,7 @@ def run_memory(args) -> dict:
         cmd = [sys.executable, __file__, "--memory-of", name, "--rows", str(args.rows), "--d-in", str(args.d_in),
                "--d-sae", str(args.d_sae), "--k", str(args.k), "--threads", str(args.threads)]
         cmd += ["--fused-adam"] if args.fused_adam else []
+        cmd += ["--torch-adam"] if args.torch_adam else []
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[name] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
@@ -167,7 +173,8 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--fused-adam", action="store_true", help="torch.optim.Adam(fused=True): no temporaries")
+    parser.add_argument("--fused-adam", action="store_true", help="torch.optim.Adam(fused=True) where torch's Adam runs")
+    parser.add_argument("--torch-adam", action="store_true", help="torch.optim.Adam for fastsae's steps too")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-of", choices=STEPS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -177,7 +184,8 @@ def main() -> int:
         return 0
 
     print(f"TopK training step, fp32, rows {args.rows}, d_in {args.d_in}, d_sae {args.d_sae}, k {args.k}, "
-          f"{args.threads} threads, torch {torch.__version__}, Adam{' (fused)' if args.fused_adam else ''}")
+          f"{args.threads} threads, torch {torch.__version__}, fastsae steps with "
+          f"{'torch' if args.torch_adam else 'fastsae'}'s Adam, baselines with torch's{' (fused)' if args.fused_adam else ''}")
     t = run_timing(args)
     floor = t["floor"]
     print(f"floor {floor * 1e3:7.1f} ms  (encoder matmul {t['floor_matmul'] * 1e3:.1f} ms + Adam {t['floor_adam'] * 1e3:.1f} ms)")

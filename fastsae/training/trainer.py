@@ -5,7 +5,8 @@ methods, `save`); it never calls a backend. Per step:
   x = the next batch of the shuffled stream (times the normalisation factor)
   refuse the batch if it holds NaN/Inf (several in a row stop training)
   loss = training_forward(x, sparsity coefficient warmed up, dead_mask for AuxK)
-  backward; unit-norm decoders: drop the gradient along each decoder row; Adam step (warm-up
+  backward; unit-norm decoders: drop the gradient along each decoder row; Adam step
+  (`fastsae.training.optim.Adam`: torch's update without its parameter-sized temporaries; warm-up
   then decay of the learning rate); unit-norm decoders: renormalise rows; JumpReLU: keep the
   thresholds positive; count tokens since each latent last fired
   relu: every N steps resample dead latents (Bricken et al. 2023)
@@ -32,6 +33,7 @@ from fastsae.sparse import SparseActivations
 from fastsae.training import checkpoint as ckpt
 from fastsae.training.config import TrainerConfig
 from fastsae.training.data import ActivationSource, ShuffledStream, open_source
+from fastsae.training.optim import Adam
 
 METRIC_NAMES = ("loss", "mse", "fvu", "l0", "sparsity_loss", "aux_loss")
 
@@ -117,7 +119,7 @@ class Trainer:
                     )
                 _clear_run(self.out_dir)
         self.stream = ShuffledStream(data, seed=cfg.seed, buffer_rows=cfg.shuffle_buffer_rows)
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+        self.optimizer = Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
         self.dead_strategy = self._resolve_dead_strategy()
 
         # Trainer state (everything a checkpoint holds besides weights and Adam's state).
