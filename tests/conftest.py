@@ -31,3 +31,20 @@ def assert_bf16_close(out: torch.Tensor, ref: torch.Tensor, same_dtype: torch.Te
     err = (out.double() - ref).abs().max().item()
     base = (same_dtype.double() - ref).abs().max().item()
     assert err <= 2 * base + atol, f"{what}: error {err:.3g} > 2 * {base:.3g} + {atol:g}"
+
+
+def encoder_inputs(n, d_in, d_sae, dtype=torch.float32, device="cpu"):
+    """x, enc_weight [d_sae, d_in], b_enc, b_dec, dec_norm: fresh random values, never zeros."""
+    x = torch.randn(n, d_in, dtype=dtype, device=device)
+    enc = torch.randn(d_sae, d_in, dtype=dtype, device=device) / d_in**0.5
+    b_enc = torch.randn(d_sae, dtype=dtype, device=device) * 0.1
+    b_dec = torch.randn(d_in, dtype=dtype, device=device) * 0.1
+    dec_norm = torch.rand(d_sae, dtype=dtype, device=device) + 0.5
+    return x, enc, b_enc, b_dec, dec_norm
+
+
+def pre_activations64(x, enc, b_enc, b_dec, dec_norm):
+    """The encoder's pre-activations in float64 (b_dec and dec_norm optional)."""
+    x, enc, b_enc = x.double(), enc.double(), b_enc.double()
+    pre = (x - b_dec.double() if b_dec is not None else x) @ enc.T + b_enc
+    return pre * dec_norm.double() if dec_norm is not None else pre

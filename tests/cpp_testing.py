@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fastsae
+from conftest import encoder_inputs, pre_activations64  # noqa: F401  (re-exported for the cpp tests)
 
 BACKEND_OF_DEVICE = {"cpu": "cpp", "cuda": "cuda"}
 
@@ -36,22 +37,6 @@ def kernel_ops(device: str):
     else:
         from fastsae.ops import backend_cpp  # noqa: F401
     return torch.ops.fastsae_cpp
-
-
-def encoder_inputs(n, d_in, d_sae, dtype=torch.float32, device="cpu"):
-    """x, enc_weight [d_sae, d_in], b_enc, b_dec, dec_norm: fresh random values, never zeros."""
-    x = torch.randn(n, d_in, dtype=dtype, device=device)
-    enc = torch.randn(d_sae, d_in, dtype=dtype, device=device) / d_in**0.5
-    b_enc = torch.randn(d_sae, dtype=dtype, device=device) * 0.1
-    b_dec = torch.randn(d_in, dtype=dtype, device=device) * 0.1
-    dec_norm = torch.rand(d_sae, dtype=dtype, device=device) + 0.5
-    return x, enc, b_enc, b_dec, dec_norm
-
-
-def pre_activations64(x, enc, b_enc, b_dec, dec_norm):
-    x, enc, b_enc = x.double(), enc.double(), b_enc.double()
-    pre = (x - b_dec.double() if b_dec is not None else x) @ enc.T + b_enc
-    return pre * dec_norm.double() if dec_norm is not None else pre
 
 
 def poison_like(t: torch.Tensor) -> torch.Tensor:

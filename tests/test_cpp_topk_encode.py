@@ -128,27 +128,6 @@ def test_topk_encode_gradients_match_float64(device, d_in, d_sae, k, k_aux):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("use_b_dec,use_norm,k_aux", [(True, False, 0), (False, True, 0), (True, True, 5)])
-def test_topk_encode_gradcheck(device, use_b_dec, use_norm, k_aux):
-    """Finite differences in float64 through the backend (its float64 kernels)."""
-    n, d_in, d_sae, k = 4, 5, 11, 3
-    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(n, d_in, d_sae, dtype=torch.float64, device=device)
-    dead = torch.zeros(d_sae, dtype=torch.bool, device=device)
-    dead[torch.randperm(d_sae)[:4]] = True  # fewer dead than k_aux: exercises the constant slots
-    args = [x, enc, b_enc, b_dec if use_b_dec else None, dec_norm if use_norm else None]
-    for t in args:
-        if t is not None:
-            t.requires_grad_(True)
-
-    def f(*tensors):
-        v, _, av, _ = ops.topk_encode(*tensors, k, dead if k_aux else None, k_aux)
-        return v, av
-
-    with kernel_backend(device):
-        assert torch.autograd.gradcheck(f, tuple(args), eps=1e-6, atol=1e-7)
-
-
-@pytest.mark.parametrize("device", DEVICES)
 def test_topk_encode_backward_matches_float64(device):
     """The backward op alone (duplicate latents across rows, several per latent)."""
     n, d_in, d_sae, m = 57, 100, 333, 16

@@ -10,7 +10,6 @@ from format_refs import rand, topk_reference
 from safetensors.torch import load_file, save_file
 
 import fastsae
-from fastsae import SAE
 
 D_IN, D_SAE, K = 24, 90, 5
 

@@ -2,26 +2,18 @@
 
 import pytest
 import torch
-from conftest import assert_rel_close
+from conftest import assert_rel_close, encoder_inputs, pre_activations64
 
 from fastsae import ops, reference
 
+# Float64 kernels of every backend that has them: gradcheck runs the op's autograd on each.
+BACKEND_DEVICES = [
+    ("torch", "cpu"),
+    ("cpp", "cpu"),
+    pytest.param("cuda", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+
 SHAPES = [(48, 333, 1), (48, 333, 7), (100, 1000, 16), (100, 333, 7), (48, 1000, 1)]
-
-
-def _inputs(n, d_in, d_sae, dtype=torch.float32):
-    x = torch.randn(n, d_in, dtype=dtype)
-    enc = torch.randn(d_sae, d_in, dtype=dtype) / d_in**0.5
-    b_enc = torch.randn(d_sae, dtype=dtype) * 0.1
-    b_dec = torch.randn(d_in, dtype=dtype) * 0.1
-    dec_norm = torch.rand(d_sae, dtype=dtype) + 0.5
-    return x, enc, b_enc, b_dec, dec_norm
-
-
-def _pre64(x, enc, b_enc, b_dec, dec_norm):
-    x, enc, b_enc = x.double(), enc.double(), b_enc.double()
-    pre = (x - b_dec.double() if b_dec is not None else x) @ enc.T + b_enc
-    return pre * dec_norm.double() if dec_norm is not None else pre
 
 
 def _check_topk_selection(values, indices, pre64, k, tol=1e-5):
@@ -41,22 +33,22 @@ def _check_topk_selection(values, indices, pre64, k, tol=1e-5):
 @pytest.mark.parametrize("d_in,d_sae,k", SHAPES)
 @pytest.mark.parametrize("use_b_dec,use_norm", [(True, False), (False, True), (True, True)])
 def test_topk_encode_matches_float64(d_in, d_sae, k, use_b_dec, use_norm):
-    x, enc, b_enc, b_dec, dec_norm = _inputs(37, d_in, d_sae)
+    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(37, d_in, d_sae)
     b_dec = b_dec if use_b_dec else None
     dec_norm = dec_norm if use_norm else None
     values, indices, aux_v, aux_i = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k)
     assert values.dtype == x.dtype and aux_v.shape == (37, 0) and aux_i.shape == (37, 0)
-    _check_topk_selection(values, indices, _pre64(x, enc, b_enc, b_dec, dec_norm), k)
+    _check_topk_selection(values, indices, pre_activations64(x, enc, b_enc, b_dec, dec_norm), k)
 
 
 @pytest.mark.parametrize("n_dead,k_aux", [(50, 24), (5, 24), (1, 1)])
 def test_topk_encode_aux_selects_among_dead(n_dead, k_aux):
     d_in, d_sae, k = 48, 333, 7
-    x, enc, b_enc, b_dec, dec_norm = _inputs(29, d_in, d_sae)
+    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(29, d_in, d_sae)
     dead = torch.zeros(d_sae, dtype=torch.bool)
     dead[torch.randperm(d_sae)[:n_dead]] = True
     values, indices, aux_v, aux_i = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k, dead, k_aux)
-    pre64 = _pre64(x, enc, b_enc, b_dec, dec_norm)
+    pre64 = pre_activations64(x, enc, b_enc, b_dec, dec_norm)
     _check_topk_selection(values, indices, pre64, k)
     assert aux_v.shape == aux_i.shape == (29, k_aux)
     real = min(n_dead, k_aux)
@@ -88,12 +80,13 @@ def test_sparse_decode_matches_float64(d_in, d_sae, m, use_b_dec, use_norm):
     assert_rel_close(out, ref, 1e-5, "sparse_decode")
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("use_b_dec,use_norm,k_aux", [(True, False, 0), (False, True, 0), (True, True, 5)])
-def test_topk_encode_gradcheck(use_b_dec, use_norm, k_aux):
+def test_topk_encode_gradcheck(backend, device, use_b_dec, use_norm, k_aux):
     """Finite differences in float64 through the op's own autograd (selection is fixed locally)."""
     n, d_in, d_sae, k = 4, 5, 11, 3
-    x, enc, b_enc, b_dec, dec_norm = (t.double() for t in _inputs(n, d_in, d_sae))
-    dead = torch.zeros(d_sae, dtype=torch.bool)
+    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(n, d_in, d_sae, dtype=torch.float64, device=device)
+    dead = torch.zeros(d_sae, dtype=torch.bool, device=device)
     dead[torch.randperm(d_sae)[:4]] = True  # fewer dead than k_aux: exercises the constant slots
     args = [x, enc, b_enc, b_dec if use_b_dec else None, dec_norm if use_norm else None]
     for t in args:
@@ -104,20 +97,24 @@ def test_topk_encode_gradcheck(use_b_dec, use_norm, k_aux):
         v, _, av, _ = ops.topk_encode(*tensors, k, dead if k_aux else None, k_aux)
         return v, av
 
-    assert torch.autograd.gradcheck(f, tuple(args), eps=1e-6, atol=1e-7)
+    with ops.use_backend(backend):
+        assert torch.autograd.gradcheck(f, tuple(args), eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("use_b_dec,use_norm", [(True, False), (False, True), (True, True)])
-def test_sparse_decode_gradcheck(use_b_dec, use_norm):
+def test_sparse_decode_gradcheck(backend, device, use_b_dec, use_norm):
     n, d_in, d_sae, m = 4, 5, 11, 3
-    values = torch.randn(n, m, dtype=torch.float64, requires_grad=True)
-    indices = torch.randint(0, d_sae, (n, m))
-    W_dec = torch.randn(d_sae, d_in, dtype=torch.float64, requires_grad=True)
-    b_dec = torch.randn(d_in, dtype=torch.float64, requires_grad=True) if use_b_dec else None
-    dec_norm = (torch.rand(d_sae, dtype=torch.float64) + 0.5).requires_grad_() if use_norm else None
-    assert torch.autograd.gradcheck(
-        lambda v, w, b, nrm: ops.sparse_decode(v, indices, w, b, nrm), (values, W_dec, b_dec, dec_norm)
-    )
+    f64 = dict(dtype=torch.float64, device=device)
+    values = torch.randn(n, m, **f64, requires_grad=True)
+    indices = torch.randint(0, d_sae, (n, m), device=device)  # duplicates allowed: the padded form has them
+    W_dec = torch.randn(d_sae, d_in, **f64, requires_grad=True)
+    b_dec = torch.randn(d_in, **f64, requires_grad=True) if use_b_dec else None
+    dec_norm = (torch.rand(d_sae, **f64) + 0.5).requires_grad_() if use_norm else None
+    with ops.use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda v, w, b, nrm: ops.sparse_decode(v, indices, w, b, nrm), (values, W_dec, b_dec, dec_norm)
+        )
 
 
 @pytest.mark.parametrize("d_in,d_sae,k", [(48, 333, 7), (100, 1000, 16), (48, 1000, 1)])
@@ -126,7 +123,7 @@ def test_fp32_gradients_match_float64(d_in, d_sae, k):
     the dense formula with the same selection. Encode and decode get different norm vectors
     (with one vector the norms cancel and its gradient is zero)."""
     n = 23
-    x, enc, b_enc, b_dec, norm_enc = _inputs(n, d_in, d_sae)
+    x, enc, b_enc, b_dec, norm_enc = encoder_inputs(n, d_in, d_sae)
     norm_dec = torch.rand(d_sae) + 0.5
     W_dec = torch.randn(d_sae, d_in) / d_in**0.5
     grad_out = torch.randn(n, d_in)
@@ -153,7 +150,7 @@ def test_fp32_gradients_match_float64(d_in, d_sae, k):
 def test_backward_ops_match_reference_helpers():
     """topk_encode_backward / sparse_decode_backward called directly, against dense float64 math."""
     n, d_in, d_sae, m = 19, 48, 333, 7
-    x, enc, _, b_dec, dec_norm = _inputs(n, d_in, d_sae)
+    x, enc, _, b_dec, dec_norm = encoder_inputs(n, d_in, d_sae)
     indices = torch.stack([torch.randperm(d_sae)[:m] for _ in range(n)])
     grad_pre = torch.randn(n, m)
     gx, gw, gb = torch.ops.fastsae.topk_encode_backward(grad_pre, indices, x, enc, b_dec)
@@ -174,7 +171,7 @@ def test_backward_ops_match_reference_helpers():
 
 def test_opcheck_every_op():
     n, d_in, d_sae, k = 6, 10, 17, 3
-    x, enc, b_enc, b_dec, dec_norm = _inputs(n, d_in, d_sae)
+    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(n, d_in, d_sae)
     dead = torch.zeros(d_sae, dtype=torch.bool)
     dead[:8] = True
     W_dec = torch.randn(d_sae, d_in)
@@ -196,7 +193,7 @@ def test_opcheck_every_op():
 
 
 def test_ops_reject_bad_arguments():
-    x, enc, b_enc, b_dec, dec_norm = _inputs(4, 10, 17)
+    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(4, 10, 17)
     with pytest.raises(ValueError, match="d_in=10"):
         ops.topk_encode(torch.randn(4, 11), enc, b_enc, b_dec, dec_norm, 3)
     with pytest.raises(ValueError, match="k: expected 1 <= k <= d_sae=17, got 0"):

@@ -6,7 +6,7 @@ way, so selections are compared exactly only away from the boundary (as top-k ti
 
 import pytest
 import torch
-from conftest import assert_bf16_close, assert_rel_close
+from conftest import assert_bf16_close, assert_rel_close, encoder_inputs, pre_activations64
 
 import fastsae
 from fastsae import ops, reference
@@ -14,21 +14,6 @@ from fastsae import ops, reference
 # The Triton kernels run in the interpreter here: keep its shapes small.
 BACKENDS = ["torch", "cpp", "triton"]
 SHAPES = [(48, 333), (100, 1000), (17, 65)]
-
-
-def _inputs(n, d_in, d_sae, dtype=torch.float32):
-    x = torch.randn(n, d_in, dtype=dtype)
-    enc = torch.randn(d_sae, d_in, dtype=dtype) / d_in**0.5
-    b_enc = torch.randn(d_sae, dtype=dtype) * 0.1
-    b_dec = torch.randn(d_in, dtype=dtype) * 0.1
-    dec_norm = torch.rand(d_sae, dtype=dtype) + 0.5
-    return x, enc, b_enc, b_dec, dec_norm
-
-
-def _pre64(x, enc, b_enc, b_dec, dec_norm):
-    x, enc, b_enc = x.double(), enc.double(), b_enc.double()
-    pre = (x - b_dec.double() if b_dec is not None else x) @ enc.T + b_enc
-    return pre * dec_norm.double() if dec_norm is not None else pre
 
 
 def _cutoff_keeping(pre64, fraction):
@@ -70,14 +55,14 @@ def check_threshold_selection(pre_values, indices, counts, pre64, cutoff, max_wi
 @pytest.mark.parametrize("d_in,d_sae", SHAPES)
 @pytest.mark.parametrize("use_b_dec,use_norm", [(True, False), (False, True), (False, False)])
 def test_threshold_encode_matches_float64(backend, d_in, d_sae, use_b_dec, use_norm):
-    x, enc, b_enc, b_dec, dec_norm = _inputs(37, d_in, d_sae)
+    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(37, d_in, d_sae)
     b_dec = b_dec if use_b_dec else None
     dec_norm = dec_norm if use_norm else None
-    pre64 = _pre64(x, enc, b_enc, b_dec, dec_norm)
+    pre64 = pre_activations64(x, enc, b_enc, b_dec, dec_norm)
     cutoff = _cutoff_keeping(pre64, 0.08)
     x[3] = b_dec if b_dec is not None else 0  # a row whose pre-activations are b_enc (* norm) ...
     cutoff = torch.maximum(cutoff, (b_enc * (dec_norm if dec_norm is not None else 1)).float() + 0.01)
-    pre64 = _pre64(x, enc, b_enc, b_dec, dec_norm)  # ... all below the cutoff: it keeps nothing
+    pre64 = pre_activations64(x, enc, b_enc, b_dec, dec_norm)  # ... all below the cutoff: it keeps nothing
     with fastsae.use_backend(backend):
         out = ops.threshold_encode(x, enc, b_enc, b_dec, dec_norm, cutoff, d_sae)
     real = check_threshold_selection(*out, pre64, cutoff, d_sae)
@@ -87,8 +72,8 @@ def test_threshold_encode_matches_float64(backend, d_in, d_sae, use_b_dec, use_n
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_threshold_encode_relu_cutoff_single_row_and_keep_all(backend):
     d_in, d_sae = 48, 333
-    x, enc, b_enc, b_dec, _ = _inputs(1, d_in, d_sae)
-    pre64 = _pre64(x, enc, b_enc, b_dec, None)
+    x, enc, b_enc, b_dec, _ = encoder_inputs(1, d_in, d_sae)
+    pre64 = pre_activations64(x, enc, b_enc, b_dec, None)
     zero = torch.zeros(d_sae)
     with fastsae.use_backend(backend):
         relu = ops.threshold_encode(x, enc, b_enc, b_dec, None, zero, d_sae)
@@ -104,8 +89,8 @@ def test_threshold_encode_relu_cutoff_single_row_and_keep_all(backend):
 def test_threshold_encode_reports_overflow(backend, max_width):
     """Rows with more than max_width kept latents report their true count and keep their first
     max_width; the width is max_width."""
-    x, enc, b_enc, b_dec, dec_norm = _inputs(23, 48, 333)
-    pre64 = _pre64(x, enc, b_enc, b_dec, dec_norm)
+    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(23, 48, 333)
+    pre64 = pre_activations64(x, enc, b_enc, b_dec, dec_norm)
     cutoff = _cutoff_keeping(pre64, 0.05)
     with fastsae.use_backend(backend):
         out = ops.threshold_encode(x, enc, b_enc, b_dec, dec_norm, cutoff, max_width)
@@ -116,8 +101,8 @@ def test_threshold_encode_reports_overflow(backend, max_width):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_threshold_encode_bf16(backend):
     d_in, d_sae = 64, 257
-    x, enc, b_enc, b_dec, _ = _inputs(29, d_in, d_sae, torch.bfloat16)
-    pre64 = _pre64(x, enc, b_enc, b_dec, None)
+    x, enc, b_enc, b_dec, _ = encoder_inputs(29, d_in, d_sae, torch.bfloat16)
+    pre64 = pre_activations64(x, enc, b_enc, b_dec, None)
     cutoff = _cutoff_keeping(pre64, 0.1)
     with fastsae.use_backend(backend):
         values, indices, counts = ops.threshold_encode(x, enc, b_enc, b_dec, None, cutoff, d_sae)
@@ -132,9 +117,9 @@ def test_threshold_encode_bf16(backend):
 def test_threshold_encode_gradients_match_float64(backend):
     """Encode (ReLU-style cutoff), decode, every gradient against dense float64 autograd."""
     n, d_in, d_sae = 21, 48, 333
-    x, enc, b_enc, b_dec, dec_norm = _inputs(n, d_in, d_sae)
+    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(n, d_in, d_sae)
     W_dec = torch.randn(d_sae, d_in) / d_in**0.5
-    cutoff = _cutoff_keeping(_pre64(x, enc, b_enc, b_dec, dec_norm), 0.1)
+    cutoff = _cutoff_keeping(pre_activations64(x, enc, b_enc, b_dec, dec_norm), 0.1)
     grad_out = torch.randn(n, d_in)
     base = (x, enc, b_enc, b_dec, dec_norm, W_dec)
     leaves = [t.clone().requires_grad_() for t in base]
@@ -159,7 +144,7 @@ def test_threshold_encode_gradients_match_float64(backend):
 
 def test_threshold_encode_gradcheck():
     n, d_in, d_sae = 4, 5, 11
-    x, enc, b_enc, b_dec, dec_norm = (t.double().requires_grad_() for t in _inputs(n, d_in, d_sae))
+    x, enc, b_enc, b_dec, dec_norm = (t.double().requires_grad_() for t in encoder_inputs(n, d_in, d_sae))
     cutoff = torch.full((d_sae,), 0.05, dtype=torch.float64)
 
     def f(*tensors):  # padding is -inf: clamp it to a constant so finite differences stay finite
@@ -170,7 +155,7 @@ def test_threshold_encode_gradcheck():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_threshold_encode_opcheck(backend):
-    x, enc, b_enc, b_dec, dec_norm = _inputs(6, 10, 17)
+    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(6, 10, 17)
     cutoff = torch.rand(17) * 0.2
     with fastsae.use_backend(backend):
         for req in (False, True):
@@ -180,7 +165,7 @@ def test_threshold_encode_opcheck(backend):
 
 
 def test_threshold_encode_rejects_bad_arguments():
-    x, enc, b_enc, b_dec, dec_norm = _inputs(4, 10, 17)
+    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(4, 10, 17)
     cutoff = torch.zeros(17)
     with pytest.raises(ValueError, match="cutoff: expected a vector of shape \\(17,\\), got shape \\(16,\\)"):
         ops.threshold_encode(x, enc, b_enc, b_dec, dec_norm, cutoff[:16], 17)
@@ -194,7 +179,7 @@ def test_threshold_encode_rejects_bad_arguments():
 
 def test_reference_threshold_encode_in_row_chunks(monkeypatch):
     """The torch path forms the dense pre-activations a chunk of rows at a time: same answer."""
-    x, enc, b_enc, b_dec, dec_norm = _inputs(50, 16, 40)
+    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(50, 16, 40)
     cutoff = torch.rand(40) * 0.3
     whole = reference.threshold_encode(x, enc, b_enc, b_dec, dec_norm, cutoff, 40)
     monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 40 * 3)  # 3 rows per chunk

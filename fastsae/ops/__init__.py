@@ -47,6 +47,18 @@ def _check_matrix(name: str, t: Tensor, ref: Tensor) -> None:
     _expect(t.device == ref.device, f"{name}: expected device {ref.device}, got {t.device}")
 
 
+def _check_encoder_args(x, enc_weight, b_enc, b_dec, dec_norm) -> int:
+    """The arguments both encoders share; returns d_sae."""
+    _expect(x.ndim == 2, f"x: expected a 2-D tensor [N, d_in], got shape {tuple(x.shape)}")
+    _check_matrix("enc_weight", enc_weight, x)
+    d_sae, d_in = enc_weight.shape
+    _expect(x.shape[1] == d_in, f"x: expected last dimension d_in={d_in}, got shape {tuple(x.shape)}")
+    _check_vector("b_enc", b_enc, d_sae, x)
+    _check_vector("b_dec", b_dec, d_in, x)
+    _check_vector("dec_norm", dec_norm, d_sae, x)
+    return d_sae
+
+
 def topk_encode(
     x: Tensor,
     enc_weight: Tensor,
@@ -59,13 +71,7 @@ def topk_encode(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused TopK encode. x [N, d_in], enc_weight [d_sae, d_in] -> (values [N, k], indices [N, k],
     aux_values [N, k_aux], aux_indices [N, k_aux]); see `fastsae.reference.topk_encode`."""
-    _expect(x.ndim == 2, f"x: expected a 2-D tensor [N, d_in], got shape {tuple(x.shape)}")
-    _check_matrix("enc_weight", enc_weight, x)
-    d_sae, d_in = enc_weight.shape
-    _expect(x.shape[1] == d_in, f"x: expected last dimension d_in={d_in}, got shape {tuple(x.shape)}")
-    _check_vector("b_enc", b_enc, d_sae, x)
-    _check_vector("b_dec", b_dec, d_in, x)
-    _check_vector("dec_norm", dec_norm, d_sae, x)
+    d_sae = _check_encoder_args(x, enc_weight, b_enc, b_dec, dec_norm)
     _expect(1 <= k <= d_sae, f"k: expected 1 <= k <= d_sae={d_sae}, got {k}")
     _expect(0 <= k_aux <= d_sae, f"k_aux: expected 0 <= k_aux <= d_sae={d_sae}, got {k_aux}")
     if k_aux > 0:
@@ -89,13 +95,7 @@ def threshold_encode(
     """Row-wise sparse encode for ReLU/JumpReLU. x [N, d_in], enc_weight [d_sae, d_in], cutoff [d_sae]
     -> (pre_values [N, m], indices [N, m], counts [N]): each row's pre-activations above the cutoff,
     m = min(largest count, max_width), padding -inf; see `fastsae.reference.threshold_encode`."""
-    _expect(x.ndim == 2, f"x: expected a 2-D tensor [N, d_in], got shape {tuple(x.shape)}")
-    _check_matrix("enc_weight", enc_weight, x)
-    d_sae, d_in = enc_weight.shape
-    _expect(x.shape[1] == d_in, f"x: expected last dimension d_in={d_in}, got shape {tuple(x.shape)}")
-    _check_vector("b_enc", b_enc, d_sae, x)
-    _check_vector("b_dec", b_dec, d_in, x)
-    _check_vector("dec_norm", dec_norm, d_sae, x)
+    d_sae = _check_encoder_args(x, enc_weight, b_enc, b_dec, dec_norm)
     _expect(isinstance(cutoff, Tensor), f"cutoff: expected a tensor of shape ({d_sae},), got {type(cutoff).__name__}")
     _check_vector("cutoff", cutoff, d_sae, x)
     _expect(cutoff.is_floating_point(), f"cutoff: expected a floating-point tensor, got {cutoff.dtype}")
