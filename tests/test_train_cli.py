@@ -55,7 +55,7 @@ def test_resume_reopens_activation_files_and_finishes_the_run(tmp_path, capsys):
 def test_train_on_files_stops_on_nan_data(tmp_path, capsys):
     acts = np.full((2048, 8), np.nan, dtype=np.float32)
     np.save(tmp_path / "bad.npy", acts)
-    rc = main(["train", "--data", str(tmp_path / "bad.npy"), "--d-sae", "16", "--batch-size", "64",
+    rc = main(["train", "--data", str(tmp_path / "bad.npy"), "--architecture", "relu", "--d-sae", "16", "--batch-size", "64",
                "--tokens", "640", "--out", str(tmp_path / "run"), "--no-progress"])
     assert rc == 1
     assert "NaN or Inf" in capsys.readouterr().err
