@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import contiguous, launch_opaque, register
-from .topk_encode import _check, _common, _num_splits, _score_tile, tile_config
+from ._launch import INTERPRET, contiguous, launch_opaque, register, sm_count
+from .topk_encode import _MAX_SPLITS, _MIN_TILES_PER_SPLIT, _check, _common, _score_tile, tile_config
 
 # The scratch (splits x cap entries per row) may hold at most this share of the dense [N, d_sae]
 # entries: more splits only when the cap is small next to d_sae.
@@ -59,7 +59,11 @@ def _threshold_select_kernel(
     n_splits = tl.num_programs(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
-    scratch_row = (rows.to(tl.int64) * n_splits + split) * cap
+    # Scratch rows of this program: a scalar 64-bit base and 32-bit offsets within the block.
+    block_base = (pid_m.to(tl.int64) * BLOCK_M * n_splits + split) * cap
+    val_base = val_ptr + block_base
+    lat_base = lat_ptr + block_base
+    scratch_row = tl.arange(0, BLOCK_M) * (n_splits * cap)
     kept = tl.zeros((BLOCK_M,), dtype=tl.int32)
 
     tile_lo = split * tiles_per_split
@@ -75,8 +79,8 @@ def _threshold_select_kernel(
         slot = kept[:, None] + tl.cumsum(keep_i, axis=1) - 1
         put = keep & (slot < cap)
         dst = scratch_row[:, None] + slot
-        tl.store(val_ptr + dst, pre.to(val_ptr.dtype.element_ty), mask=put)
-        tl.store(lat_ptr + dst, cols, mask=put)
+        tl.store(val_base + dst, pre.to(val_ptr.dtype.element_ty), mask=put)
+        tl.store(lat_base + dst, cols, mask=put)
         kept += tl.sum(keep_i, axis=1)
     tl.store(count_ptr + rows.to(tl.int64) * n_splits + split, kept, mask=row_ok)
 
@@ -115,21 +119,37 @@ def _threshold_gather_kernel(
 
 
 def select_config(dtype: torch.dtype) -> dict:
-    """`_threshold_select_kernel`: the encoder tile of `topk_encode.tile_config` (the threshold
-    epilogue, a compare, a row scan and two predicated stores per element, is lighter than a
-    top-k's with k <= 64)."""
-    return tile_config(dtype)
+    """`_threshold_select_kernel`'s tile. The epilogue's scatter (a row scan and two predicated
+    stores per element, in the blocked layouts Triton converts the wgmma accumulator to) needs
+    more registers than a top-k's: with 16-bit inputs a 64 x 128 tile over 4 warps spills
+    (~400 B), over 8 warps it does not (206 registers: one CTA per SM; `fastsae aot`). fp32
+    keeps `topk_encode.tile_config`'s narrower tile, which fits 4 warps (two CTAs per SM); fp64
+    its tile over 8 warps."""
+    cfg = tile_config(dtype)
+    if INTERPRET or dtype == torch.float32:
+        return cfg
+    if dtype == torch.float64:
+        return dict(cfg, num_warps=8)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
+
+
+def ctas_per_sm(dtype: torch.dtype) -> int:
+    """How many select programs an SM holds at once, by registers (`select_config`)."""
+    return 2 if dtype == torch.float32 else 1
 
 
 def gather_config() -> dict:
     return dict(BLOCK_R=16, BLOCK_S=64, num_warps=4)
 
 
-def _splits(n_row_blocks: int, n_tiles: int, cap: int, n_cols: int, device: torch.device) -> int:
-    """`topk_encode`'s rule (about two programs per SM, at least a few tiles each), and no more
-    than keeps the scratch within 1/_SCRATCH_SHARE of the dense entries."""
-    by_memory = max(1, n_cols // (_SCRATCH_SHARE * max(1, cap)))
-    return min(_num_splits(n_row_blocks, n_tiles, device), by_memory)
+def _splits(n_row_blocks: int, n_tiles: int, cap: int, n_cols: int, dtype: torch.dtype, device: torch.device) -> int:
+    """How many latent ranges: the count that finishes soonest in whole waves of programs (a
+    program's work is 1/splits of a row block's), the fewest on ties; at least a few tiles each,
+    and no more than keeps the scratch (splits x cap entries a row) within 1/_SCRATCH_SHARE of
+    the dense [N, d_sae] entries."""
+    slots = sm_count(device) * ctas_per_sm(dtype)
+    most = min(n_tiles // _MIN_TILES_PER_SPLIT, _MAX_SPLITS, n_cols // (_SCRATCH_SHARE * max(1, cap)))
+    return min(range(1, max(1, most) + 1), key=lambda s: (triton.cdiv(n_row_blocks * s, slots) / s, s))
 
 
 # ---------------------------------------------------------------------------- launcher
@@ -172,7 +192,7 @@ def threshold_encode(
     cfg = select_config(x_in.dtype)
     row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
     n_tiles = triton.cdiv(n_cols, cfg["BLOCK_N"])
-    want = splits if splits > 0 else _splits(row_blocks, n_tiles, max_width, n_cols, device)
+    want = splits if splits > 0 else _splits(row_blocks, n_tiles, max_width, n_cols, x_in.dtype, device)
     tiles_per_split = triton.cdiv(n_tiles, min(want, n_tiles))
     n_splits = triton.cdiv(n_tiles, tiles_per_split)
     cap = min(max_width, tiles_per_split * cfg["BLOCK_N"])
