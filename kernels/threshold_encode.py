@@ -34,7 +34,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import INTERPRET, contiguous, launch_opaque, register, sm_count
-from .topk_encode import _MAX_SPLITS, _MIN_TILES_PER_SPLIT, _check, _common, _score_tile, tile_config
+from .topk_encode import (
+    _MAX_SPLITS, _MIN_TILES_PER_SPLIT, _check, _common, _partition, _score_tile, _split_tiles, tile_config,
+)
 
 # The scratch (splits x cap entries per row) may hold at most this share of the dense [N, d_sae]
 # entries: more splits only when the cap is small next to d_sae.
@@ -66,8 +68,7 @@ def _threshold_select_kernel(
     scratch_row = tl.arange(0, BLOCK_M) * (n_splits * cap)
     kept = tl.zeros((BLOCK_M,), dtype=tl.int32)
 
-    tile_lo = split * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, tl.cdiv(n_cols, BLOCK_N))
+    tile_lo, tile_hi = _split_tiles(split, tiles_per_split, n_cols, BLOCK_N)
     for tile in range(tile_lo, tile_hi):
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         pre, lat = _score_tile(
@@ -193,8 +194,7 @@ def threshold_encode(
     row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
     n_tiles = triton.cdiv(n_cols, cfg["BLOCK_N"])
     want = splits if splits > 0 else _splits(row_blocks, n_tiles, max_width, n_cols, x_in.dtype, device)
-    tiles_per_split = triton.cdiv(n_tiles, min(want, n_tiles))
-    n_splits = triton.cdiv(n_tiles, tiles_per_split)
+    tiles_per_split, n_splits = _partition(n_tiles, want)
     cap = min(max_width, tiles_per_split * cfg["BLOCK_N"])
 
     # Only the kept entries of the scratch are ever written (and read).

@@ -97,6 +97,13 @@ def _score_tile(
 
 
 @triton.jit
+def _split_tiles(split, tiles_per_split, n_cols, BLOCK_N: tl.constexpr):
+    """The latent tiles [lo, hi) of a split (the last one may be short)."""
+    lo = split * tiles_per_split
+    return lo, tl.minimum(lo + tiles_per_split, tl.cdiv(n_cols, BLOCK_N))
+
+
+@triton.jit
 def _absorb_tile(score, tile_start, top_val, top_col, tau, tau_slot, slots, BLOCK_N: tl.constexpr):
     """Fold a [BLOCK_M, BLOCK_N] tile of scores (columns tile_start...) into the running top-k
     (top_val, top_col). tau is each row's smallest kept value and tau_slot its slot; slots at or
@@ -140,8 +147,7 @@ def _topk_select_kernel(
     tau = tl.full((BLOCK_M,), _NEG_INF, dtype=tl.float32)
     tau_slot = tl.zeros((BLOCK_M,), dtype=tl.int32)
 
-    tile_lo = split * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, tl.cdiv(n_cols, BLOCK_N))
+    tile_lo, tile_hi = _split_tiles(split, tiles_per_split, n_cols, BLOCK_N)
     for tile in range(tile_lo, tile_hi):
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         score, _ = _score_tile(
@@ -271,6 +277,12 @@ def _num_splits(n_row_blocks: int, n_tiles: int, device: torch.device) -> int:
     return max(1, min(want, n_tiles // _MIN_TILES_PER_SPLIT, _MAX_SPLITS))
 
 
+def _partition(n_tiles: int, splits: int) -> tuple[int, int]:
+    """(tiles per split, number of splits) for about `splits` equal ranges of n_tiles, none empty."""
+    tiles_per_split = triton.cdiv(n_tiles, min(splits, n_tiles))
+    return tiles_per_split, triton.cdiv(n_tiles, tiles_per_split)
+
+
 def _common(x: Tensor, w: Tensor, cfg: dict) -> dict:
     upcast = INTERPRET and x.dtype in (torch.float16, torch.bfloat16)
     return dict(
@@ -359,8 +371,7 @@ def topk_encode(
     row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
     n_tiles = triton.cdiv(n_cols, cfg["BLOCK_N"])
     n_splits = splits if splits > 0 else _num_splits(row_blocks, n_tiles, x_in.device)
-    tiles_per_split = triton.cdiv(n_tiles, min(n_splits, n_tiles))
-    n_splits = triton.cdiv(n_tiles, tiles_per_split)
+    tiles_per_split, n_splits = _partition(n_tiles, n_splits)
 
     if n_splits == 1:
         cand_val, cand_idx = values, indices
