@@ -196,6 +196,10 @@ def threshold_encode(
     want = splits if splits > 0 else _splits(row_blocks, n_tiles, max_width, n_cols, x_in.dtype, device)
     tiles_per_split, n_splits = _partition(n_tiles, want)
     cap = min(max_width, tiles_per_split * cfg["BLOCK_N"])
+    if cfg["BLOCK_M"] * n_splits * cap >= 2**31:  # a program's scratch offsets are 32-bit
+        raise ValueError(
+            f"triton threshold_encode: expected {cfg['BLOCK_M']} x splits x width < 2^31, got {n_splits} x {cap}"
+        )
 
     # Only the kept entries of the scratch are ever written (and read).
     split_val = torch.empty(n, n_splits, cap, dtype=x_in.dtype, device=device)
