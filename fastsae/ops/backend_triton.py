@@ -14,7 +14,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastsae.kernels import sparse_backward, sparse_decode as _decode, threshold_encode as _threshold, topk_encode as _encode  # noqa: F401 (registers the ops)
+from fastsae.kernels import (  # noqa: F401 (registers the ops)
+    sparse_backward,
+    sparse_decode as _decode,
+    threshold_encode as _threshold,
+    topk_encode as _encode,
+)
 
 _ops = torch.ops.fastsae_triton
 
