@@ -10,7 +10,7 @@ on a GPU they are `triton_op`s that torch.compile traces into.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 import triton
@@ -40,6 +40,12 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         wrap_triton(kernel)[grid](*args, **kwargs)
 
 
+def launch_opaque(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs) from inside an opaque op (never traced, never fake tensors)."""
+    if grid_size(grid) > 0:
+        kernel[grid](*args, **kwargs)
+
+
 def grid_size(grid) -> int:
     size = 1
     for g in grid:
@@ -47,11 +53,19 @@ def grid_size(grid) -> int:
     return size
 
 
-def register(name: str, mutates_args: Iterable[str] = ()) -> Callable:
-    """Decorator: `fastsae_triton::<name>` backed by the decorated launcher."""
+def register(name: str, mutates_args: Iterable[str] = (), fake: Optional[Callable] = None) -> Callable:
+    """Decorator: `fastsae_triton::<name>` backed by the decorated launcher.
+
+    With `fake` (a launcher whose output shapes depend on the data, hence a host sync that cannot
+    be traced), the op is an opaque `custom_op` everywhere, with `fake` as its meta
+    implementation; such a launcher starts its kernels with `launch_opaque`."""
 
     def wrap(fn):
         qualname = f"{NAMESPACE}::{name}"
+        if fake is not None:
+            op = custom_op(qualname, fn, mutates_args=tuple(mutates_args))
+            op.register_fake(fake)
+            return op
         if INTERPRET:
             op = custom_op(qualname, fn, mutates_args=tuple(mutates_args))
             op.register_fake(fn)
@@ -86,7 +100,10 @@ def sm_count(device: torch.device) -> int:
 
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot's input precision: fp32 inputs follow torch's own TF32 switch (full-precision
-    results through three TF32 products unless the user allowed TF32); 16-bit inputs ignore it."""
+    results through three TF32 products unless the user allowed TF32); 16-bit inputs ignore it,
+    and fp64 products are exact."""
+    if dtype == torch.float64:
+        return "ieee"
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "tf32x3"
     return "tf32"

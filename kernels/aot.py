@@ -18,11 +18,14 @@ from typing import Callable, Optional
 
 import torch
 
-from . import sparse_backward, sparse_decode, topk_encode
+from . import sparse_backward, sparse_decode, threshold_encode, topk_encode
 from ._launch import INTERPRET
 
 # The shapes set the sizes the runtime specialisation sees; all are multiples of 16.
-_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64", torch.int32: "i32"}
+_TYPES = {
+    torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64", torch.int64: "i64",
+    torch.int32: "i32",
+}
 
 
 @dataclass
@@ -91,6 +94,27 @@ def cases() -> list[Case]:
         dict(x_ptr=bf16, w_ptr=bf16, lat_ptr=torch.int64, bias_ptr=bf16, norm_ptr=bf16, out_ptr=bf16),
         dict(HAS_LIST=True, HAS_NORM=False, EVEN_K=True, DOT_PRECISION="tf32", UPCAST=False, **ccfg),
         aligned=("N", "D_IN", "n_cols"), quick=True, **launch,
+    ))
+    # Threshold encode (ReLU / JumpReLU): the selection pass with and without decoder norms, fp32
+    # inputs, and the gather into [N, m] (whose configuration does not depend on the shape).
+    for dtype, norm in ((bf16, False), (bf16, True), (torch.float32, False)):
+        cfg = threshold_encode.select_config(dtype)
+        launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages")}
+        out.append(Case(
+            threshold_encode._threshold_select_kernel,
+            f"{_TYPES[dtype]}{' norm' if norm else ''} " + " ".join(f"{a}={b}" for a, b in cfg.items()),
+            dict(x_ptr=dtype, w_ptr=dtype, bias_ptr=dtype, norm_ptr=dtype, cutoff_ptr=torch.float32, val_ptr=dtype,
+                 lat_ptr=torch.int32, count_ptr=torch.int32),
+            dict(HAS_NORM=norm, EVEN_K=True, DOT_PRECISION="tf32x3" if dtype == torch.float32 else "tf32", UPCAST=False,
+                 **cfg),
+            aligned=("N", "D_IN", "n_cols"), quick=(dtype == bf16 and not norm), **launch,
+        ))
+    gcfg = threshold_encode.gather_config()
+    warps = gcfg.pop("num_warps")
+    out.append(Case(
+        threshold_encode._threshold_gather_kernel, "bf16 " + " ".join(f"{a}={b}" for a, b in gcfg.items()),
+        dict(split_val_ptr=bf16, split_lat_ptr=torch.int32, split_count_ptr=torch.int32, val_ptr=bf16, idx_ptr=torch.int64),
+        dict(**gcfg), num_warps=warps, num_stages=1, aligned=("N",), quick=True,
     ))
     # Sparse decode (x_hat, with norm and bias) and the encoder's grad x (neither), k = 32 / 64.
     for m, decode in ((32, True), (64, True), (64, False)):

@@ -60,9 +60,9 @@ def _score_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """[BLOCK_M, BLOCK_N] fp32 pre-activations of `rows` at columns `cols` (a column is a latent,
-    or an entry of the latent list). Out-of-range rows/columns are clamped (loads stay in bounds
-    without masks); the caller masks them. Also returns the latent of each column."""
+    """[BLOCK_M, BLOCK_N] pre-activations of `rows` at columns `cols` (a column is a latent, or an
+    entry of the latent list), fp32 (fp64 for fp64 inputs). Out-of-range rows/columns are clamped
+    (loads stay in bounds without masks); the caller masks them. Also returns each column's latent."""
     safe_rows = tl.minimum(rows, N - 1)
     safe_cols = tl.minimum(cols, n_cols - 1)
     if HAS_LIST:
@@ -72,7 +72,10 @@ def _score_tile(
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + safe_rows.to(tl.int64)[:, None] * D_IN + ks[None, :]
     w_ptrs = w_ptr + lat.to(tl.int64)[:, None] * D_IN + ks[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if x_ptr.dtype.element_ty == tl.float64:  # tl.dot's fp64 product must accumulate in fp64
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D_IN, BLOCK_K):
         if EVEN_K:
             a = tl.load(x_ptrs)
@@ -87,10 +90,17 @@ def _score_tile(
         acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    pre = acc + tl.load(bias_ptr + lat).to(tl.float32)[None, :]
+    pre = acc + tl.load(bias_ptr + lat).to(acc.dtype)[None, :]
     if HAS_NORM:
-        pre = pre * tl.load(norm_ptr + lat).to(tl.float32)[None, :]
+        pre = pre * tl.load(norm_ptr + lat).to(acc.dtype)[None, :]
     return pre, lat
+
+
+@triton.jit
+def _split_tiles(split, tiles_per_split, n_cols, BLOCK_N: tl.constexpr):
+    """The latent tiles [lo, hi) of a split (the last one may be short)."""
+    lo = split * tiles_per_split
+    return lo, tl.minimum(lo + tiles_per_split, tl.cdiv(n_cols, BLOCK_N))
 
 
 @triton.jit
@@ -137,15 +147,14 @@ def _topk_select_kernel(
     tau = tl.full((BLOCK_M,), _NEG_INF, dtype=tl.float32)
     tau_slot = tl.zeros((BLOCK_M,), dtype=tl.int32)
 
-    tile_lo = split * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, tl.cdiv(n_cols, BLOCK_N))
+    tile_lo, tile_hi = _split_tiles(split, tiles_per_split, n_cols, BLOCK_N)
     for tile in range(tile_lo, tile_hi):
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         score, _ = _score_tile(
             x_ptr, w_ptr, lat_ptr, bias_ptr, norm_ptr, rows, cols, N, D_IN, n_cols,
             HAS_LIST, HAS_NORM, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST,
         )
-        score = tl.where(row_ok[:, None] & (cols < n_cols)[None, :], score, _NEG_INF)
+        score = tl.where(row_ok[:, None] & (cols < n_cols)[None, :], score.to(tl.float32), _NEG_INF)
         top_val, top_col, tau, tau_slot = _absorb_tile(
             score, tile * BLOCK_N, top_val, top_col, tau, tau_slot, slots, BLOCK_N
         )
@@ -212,32 +221,45 @@ def _encode_columns_kernel(
 # ---------------------------------------------------------------------------- configuration
 
 
-def select_config(k_pad: int, dtype: torch.dtype) -> dict:
-    """Tile sizes and launch options of `_topk_select_kernel` for a padded k.
+def tile_config(dtype: torch.dtype) -> dict:
+    """The encoder's tile when its epilogue is light (a top-k with k <= 64, a threshold test).
 
     H100 reasoning (kernels/NOTES.md): one warpgroup (4 warps) runs wgmma on a 64-row tile;
     BLOCK_K * element size = 128 bytes (one swizzled shared-memory row). With 4 warps a CTA may
     use up to 255 registers per thread and still leave room for a second CTA on the SM
     (2 x 128 x 255 < 64K registers; 2 x 96 KiB of pipeline buffers < 227 KiB), so one CTA's
-    CUDA-core top-k epilogue overlaps the other's tensor-core main loop. The running top-k costs
-    2 * BLOCK_M * K_PAD / (32 * num_warps) registers per thread: at k = 128 eight warps share it
-    (one CTA per SM), and fp32 inputs (three TF32 products) take a narrower tile. `fastsae aot`
-    checks each of these for spills.
+    CUDA-core epilogue overlaps the other's tensor-core main loop. fp32 inputs (three TF32
+    products) take a narrower tile; fp64 (no tensor-core path worth tuning) a small one that fits
+    shared memory. `fastsae aot` checks each of these for spills.
     """
     if INTERPRET:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=1)
-    block_k = 32 if dtype == torch.float32 else 64
-    if k_pad > 64:  # 8 warps share the running top-k: 64 registers each
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, num_warps=8, num_stages=3)
+    if dtype == torch.float64:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
     if dtype == torch.float32:  # three TF32 products per step need the registers of a narrower tile
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4)
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
+
+
+def select_config(k_pad: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and launch options of `_topk_select_kernel` for a padded k: `tile_config`, except
+    that the running top-k costs 2 * BLOCK_M * K_PAD / (32 * num_warps) registers per thread, so
+    at k = 128 eight warps share it (64 registers each; one CTA per SM)."""
+    cfg = tile_config(dtype)
+    if k_pad > 64 and not INTERPRET:
+        if dtype == torch.float64:
+            return dict(cfg, num_warps=8)
+        block_k = 32 if dtype == torch.float32 else 64
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, num_warps=8, num_stages=3)
+    return cfg
 
 
 def columns_config(dtype: torch.dtype) -> dict:
     """`_encode_columns_kernel`: a plain tiled matrix product with a bias epilogue."""
     if INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    if dtype == torch.float64:
+        return tile_config(dtype)
     block_k = 32 if dtype == torch.float32 else 64
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, num_warps=8, num_stages=3)
 
@@ -255,8 +277,14 @@ def _num_splits(n_row_blocks: int, n_tiles: int, device: torch.device) -> int:
     return max(1, min(want, n_tiles // _MIN_TILES_PER_SPLIT, _MAX_SPLITS))
 
 
+def _partition(n_tiles: int, splits: int) -> tuple[int, int]:
+    """(tiles per split, number of splits) for about `splits` equal ranges of n_tiles, none empty."""
+    tiles_per_split = triton.cdiv(n_tiles, min(splits, n_tiles))
+    return tiles_per_split, triton.cdiv(n_tiles, tiles_per_split)
+
+
 def _common(x: Tensor, w: Tensor, cfg: dict) -> dict:
-    upcast = INTERPRET and x.dtype != torch.float32
+    upcast = INTERPRET and x.dtype in (torch.float16, torch.bfloat16)
     return dict(
         EVEN_K=x.shape[1] % cfg["BLOCK_K"] == 0,
         DOT_PRECISION=dot_precision(torch.float32 if upcast else x.dtype),
@@ -264,9 +292,9 @@ def _common(x: Tensor, w: Tensor, cfg: dict) -> dict:
     )
 
 
-def _check(x: Tensor, n_cols: int) -> None:
+def _check(x: Tensor, n_cols: int, op: str = "topk_encode") -> None:
     if n_cols >= 2**31 or x.shape[0] >= 2**31:
-        raise ValueError(f"triton topk_encode: expected fewer than 2^31 latents and rows, got {n_cols} and {x.shape[0]}")
+        raise ValueError(f"triton {op}: expected fewer than 2^31 latents and rows, got {n_cols} and {x.shape[0]}")
 
 
 # ---------------------------------------------------------------------------- launchers
@@ -343,8 +371,7 @@ def topk_encode(
     row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
     n_tiles = triton.cdiv(n_cols, cfg["BLOCK_N"])
     n_splits = splits if splits > 0 else _num_splits(row_blocks, n_tiles, x_in.device)
-    tiles_per_split = triton.cdiv(n_tiles, min(n_splits, n_tiles))
-    n_splits = triton.cdiv(n_tiles, tiles_per_split)
+    tiles_per_split, n_splits = _partition(n_tiles, n_splits)
 
     if n_splits == 1:
         cand_val, cand_idx = values, indices

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fastsae.kernels import sparse_backward, sparse_decode, topk_encode
+from fastsae.kernels import sparse_backward, sparse_decode, threshold_encode, topk_encode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,12 +30,14 @@ def test_aot_compiles_every_kernel_for_h100(tmp_path):
     rows = json.loads(out.read_text())
     assert rows and set(rows[0]) == {"kernel", "config", "registers", "spills", "shared_bytes", "uses_wgmma"}
     kernels = {
-        name for module in (topk_encode, sparse_decode, sparse_backward) for name in dir(module) if name.endswith("_kernel")
+        name for module in (topk_encode, threshold_encode, sparse_decode, sparse_backward) for name in dir(module) if name.endswith("_kernel")
     }
     assert {row["kernel"] for row in rows} == kernels
     for row in rows:
         assert row["spills"] == 0, row
         assert 0 < row["registers"] <= 255, row
         assert row["shared_bytes"] <= 227 * 1024, row
-    matmuls = [row for row in rows if row["kernel"] in ("_topk_select_kernel", "_encode_columns_kernel")]
-    assert len(matmuls) == 2 and all(row["uses_wgmma"] for row in matmuls)
+    matmuls = [
+        row for row in rows if row["kernel"] in ("_topk_select_kernel", "_encode_columns_kernel", "_threshold_select_kernel")
+    ]
+    assert len(matmuls) == 3 and all(row["uses_wgmma"] for row in matmuls)

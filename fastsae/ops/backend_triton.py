@@ -14,7 +14,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastsae.kernels import sparse_backward, sparse_decode as _decode, topk_encode as _encode  # noqa: F401 (registers the ops)
+from fastsae.kernels import (  # noqa: F401 (registers the ops)
+    sparse_backward,
+    sparse_decode as _decode,
+    threshold_encode as _threshold,
+    topk_encode as _encode,
+)
 
 _ops = torch.ops.fastsae_triton
 
@@ -84,5 +89,14 @@ def sparse_decode_backward(
     return grad_values, grad_W_dec.to(W_dec.dtype)
 
 
-# Placeholder until the kernel lands: the reference's row-chunked matmul + compaction.
-from fastsae.reference import threshold_encode  # noqa: E402,F401
+def threshold_encode(
+    x: Tensor,
+    enc_weight: Tensor,
+    b_enc: Tensor,
+    b_dec: Optional[Tensor],
+    dec_norm: Optional[Tensor],
+    cutoff: Tensor,
+    max_width: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    x_in = x - b_dec if b_dec is not None else x  # once, as for topk_encode
+    return _ops.threshold_encode(x_in, enc_weight, b_enc, dec_norm, cutoff, max_width)
