@@ -83,8 +83,9 @@ struct TileGrid {
     block_rows = std::max<int64_t>(1, std::min(kMaxBlockRows, ceil_div(n_rows, threads)));
     n_row_blocks = ceil_div(n_rows, block_rows);
     n_latent_blocks = ceil_div(d_sae, kBlockLatents);
-    parts = n_row_blocks >= threads ? 1
-                                    : std::max<int64_t>(1, std::min(n_latent_blocks, ceil_div(threads, n_row_blocks)));
+    parts = n_row_blocks == 0 || n_row_blocks >= threads
+                ? 1
+                : std::max<int64_t>(1, std::min(n_latent_blocks, ceil_div(threads, n_row_blocks)));
   }
   // Partial results are laid out [parts, n_rows]: this is (part, row)'s slot.
   int64_t slot(int64_t part, int64_t row) const { return part * n_rows + row; }
