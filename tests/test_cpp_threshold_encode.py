@@ -105,11 +105,12 @@ def _with_full_and_empty_rows(x, enc):
     x[0, 0], x[1, 0] = 100.0, -100.0
 
 
-@pytest.mark.parametrize("n_rows,threads", [(1, 1), (1, 2), (3, 2), (5, 1), (600, 2), (600, 1)])
+@pytest.mark.parametrize("n_rows,threads", [(1, 1), (1, 2), (3, 4), (5, 2), (600, 2), (600, 1)])
 def test_threshold_encode_row_and_latent_blocking(n_rows, threads):
     """Rows split into several blocks (600 > 256 rows per block) and few rows over more threads,
     where the latents are split too and each row's parts joined in latent order; mostly sparse
-    rows (~5% kept) with, when there are enough rows, one dense row and one empty row."""
+    rows (~5% kept) with, when there are enough rows, one dense row and one empty row. (Latents
+    are split when rows < threads: 1 row on 2 threads, 3 rows on 4.)"""
     d_in, d_sae = 48, 1500  # three latent blocks of 512, the last one partial
     x, enc, b_enc, b_dec, dec_norm = encoder_inputs(n_rows, d_in, d_sae)
     b_enc = b_enc - 1.5
@@ -126,10 +127,11 @@ def test_threshold_encode_row_and_latent_blocking(n_rows, threads):
         assert 0.01 < counts[2:].float().mean() / d_sae < 0.15
 
 
-@pytest.mark.parametrize("n_rows,threads,max_width", [(37, 2, 30), (37, 1, 1), (3, 2, 30), (3, 2, 700), (3, 2, 0)])
+@pytest.mark.parametrize("n_rows,threads,max_width", [(37, 2, 30), (37, 1, 1), (3, 4, 30), (3, 4, 700), (3, 4, 0)])
 def test_threshold_encode_max_width_keeps_first_latents(n_rows, threads, max_width):
     """Rows keeping more than max_width latents report their true count and keep their first
-    max_width (in latent order; with 3 rows on 2 threads, across latent parts)."""
+    max_width (in latent order; with 3 rows on 4 threads, across latent parts: part 0 holds
+    latents 0-511, so 700 spans both)."""
     d_in, d_sae = 48, 1500
     x, enc, b_enc, b_dec, dec_norm = encoder_inputs(n_rows, d_in, d_sae)
     _with_full_and_empty_rows(x, enc)
