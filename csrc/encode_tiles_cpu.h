@@ -2,7 +2,7 @@
 //
 // The pre-activations (x - b_dec) W_enc^T + b_enc [* dec_norm] are computed a [rows, latents]
 // tile at a time through ATen's matmul into a reused, cache-sized fp32 (fp64 for fp64) buffer,
-// and a per-op "worker" scans each tile as it comes, so the [N, d_sae] matrix is never held.
+// and a per-op scan reads each tile as it comes, so the [N, d_sae] matrix is never held.
 // The tile holds the bare product x_in . w: bias and rescale are applied by the scan, on the
 // lanes it looks at (`pre_value`, `pre_chunk16`), so the tile is never rewritten.
 // Threads own disjoint row blocks; with fewer row blocks than threads (small batches) the
