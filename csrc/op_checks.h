@@ -57,11 +57,9 @@ inline void expect_out(const at::Tensor& t, at::IntArrayRef shape, at::ScalarTyp
   TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous output buffer");
 }
 
-// Shared checks of the ops' inputs.
-inline void check_topk_encode_inputs(const at::Tensor& x, const at::Tensor& enc_weight, const at::Tensor& b_enc,
-                                     const std::optional<at::Tensor>& b_dec,
-                                     const std::optional<at::Tensor>& dec_norm, int64_t k,
-                                     const std::optional<at::Tensor>& dead_mask, int64_t k_aux) {
+// Shared checks of the ops' inputs. The encoder's (both encode ops):
+inline void check_encoder_inputs(const at::Tensor& x, const at::Tensor& enc_weight, const at::Tensor& b_enc,
+                                 const std::optional<at::Tensor>& b_dec, const std::optional<at::Tensor>& dec_norm) {
   expect_matrix(x, "x");
   expect_matrix(enc_weight, "enc_weight");
   expect_like(enc_weight, x, "enc_weight");
@@ -71,9 +69,17 @@ inline void check_topk_encode_inputs(const at::Tensor& x, const at::Tensor& enc_
   expect_like(b_enc, x, "b_enc");
   expect_vector(b_dec, d_in, x, "b_dec");
   expect_vector(dec_norm, d_sae, x, "dec_norm");
+  TORCH_CHECK(d_sae < (int64_t{1} << 31), "enc_weight: at most 2^31 - 1 latents, got ", d_sae);
+}
+
+inline void check_topk_encode_inputs(const at::Tensor& x, const at::Tensor& enc_weight, const at::Tensor& b_enc,
+                                     const std::optional<at::Tensor>& b_dec,
+                                     const std::optional<at::Tensor>& dec_norm, int64_t k,
+                                     const std::optional<at::Tensor>& dead_mask, int64_t k_aux) {
+  check_encoder_inputs(x, enc_weight, b_enc, b_dec, dec_norm);
+  const int64_t d_sae = enc_weight.size(0);
   TORCH_CHECK(k >= 1 && k <= d_sae, "k: expected 1 <= k <= d_sae=", d_sae, ", got ", k);
   TORCH_CHECK(k_aux >= 0 && k_aux <= d_sae, "k_aux: expected 0 <= k_aux <= d_sae=", d_sae, ", got ", k_aux);
-  TORCH_CHECK(d_sae < (int64_t{1} << 31), "enc_weight: at most 2^31 - 1 latents, got ", d_sae);
   if (k_aux > 0) {
     const at::Tensor* dead = present(dead_mask);
     TORCH_CHECK(dead != nullptr, "dead_mask: expected a bool mask of shape (", d_sae, ",) when k_aux > 0");
@@ -81,6 +87,22 @@ inline void check_topk_encode_inputs(const at::Tensor& x, const at::Tensor& enc_
     TORCH_CHECK(dead->scalar_type() == at::kBool, "dead_mask: expected dtype bool, got ", dead->scalar_type());
     TORCH_CHECK(dead->device() == x.device(), "dead_mask: expected device ", x.device(), ", got ", dead->device());
   }
+}
+
+// The cutoff is compared in the kernels' accumulation type: float, or double for double x.
+inline void check_threshold_encode_inputs(const at::Tensor& x, const at::Tensor& enc_weight, const at::Tensor& b_enc,
+                                          const std::optional<at::Tensor>& b_dec,
+                                          const std::optional<at::Tensor>& dec_norm, const at::Tensor& cutoff,
+                                          int64_t max_width) {
+  check_encoder_inputs(x, enc_weight, b_enc, b_dec, dec_norm);
+  const int64_t d_sae = enc_weight.size(0);
+  expect_shape(cutoff, {d_sae}, "cutoff");
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(cutoff.scalar_type() == acc, "cutoff: expected dtype ", acc, " (the accumulation type of ",
+              x.scalar_type(), " inputs), got ", cutoff.scalar_type());
+  TORCH_CHECK(cutoff.device() == x.device(), "cutoff: expected device ", x.device(), ", got ", cutoff.device());
+  TORCH_CHECK(max_width >= 0 && max_width <= d_sae, "max_width: expected 0 <= max_width <= d_sae=", d_sae, ", got ",
+              max_width);
 }
 
 inline void check_topk_encode_outputs(const at::Tensor& x, int64_t k, int64_t k_aux, const at::Tensor& values,

@@ -1,10 +1,9 @@
 // TopK encode and its backward on CPU (fastsae_cpp::topk_encode*, the `cpp` backend).
 //
-// Forward, blocked: the pre-activations (x - b_dec) W_enc^T + b_enc [* dec_norm] are computed a
-// [rows, latents] tile at a time through ATen's matmul into a reused, cache-sized buffer, and
-// each row keeps a running top-k (and a top-k_aux among dead latents) as the tiles stream by,
-// so the [N, d_sae] matrix is never held. Threads own disjoint row blocks; when there are fewer
-// row blocks than threads, the latents are split too and the partial top-k merged at the end.
+// Forward, blocked (encode_tiles_cpu.h): the pre-activations are computed a [rows, latents] tile
+// at a time, and each row keeps a running top-k (and a top-k_aux among dead latents) as the
+// tiles stream by, so the [N, d_sae] matrix is never held. When the latents are split into
+// parts (small batches), the partial top-k lists are merged at the end.
 //
 // Semantics (fastsae/reference.py): top-k of the (rescaled) pre-activations, then ReLU on the
 // kept values; aux values are raw, and aux slots past the number of dead latents hold value 0 at
@@ -12,18 +11,13 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
-#include <ATen/ops/sub.h>
 #include <torch/library.h>
 
 #include <cmath>
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
-#include <cstdlib>
 #include <limits>
 
 #include "cpu_memory.h"
+#include "encode_tiles_cpu.h"
 #include "op_checks.h"
 #include "sparse_rows_cpu.h"
 
@@ -31,24 +25,6 @@ namespace fastsae_cpp {
 namespace {
 
 using at::Tensor;
-
-// Tile shape: block_rows x kBlockLatents pre-activations (256 x 512 floats = 512 KiB, about an
-// L2 cache), the matmul reading a [block_rows, d_in] slab of x and [kBlockLatents, d_in] of W.
-// FASTSAE_CPP_BLOCK_ROWS / FASTSAE_CPP_BLOCK_LATENTS override them (for tuning only).
-int64_t env_or(const char* name, int64_t fallback) {
-  const char* v = std::getenv(name);
-  return v && std::atoll(v) > 0 ? std::atoll(v) : fallback;
-}
-const int64_t kMaxBlockRows = env_or("FASTSAE_CPP_BLOCK_ROWS", 256);
-const int64_t kBlockLatents = env_or("FASTSAE_CPP_BLOCK_LATENTS", 512);
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-template <typename A>
-struct Candidate {
-  A value;
-  int32_t latent;
-};
 
 // A strict total order, best first: NaN above numbers (as torch.topk), then larger values, then
 // lower latent ids (a deterministic tie-break).
@@ -90,13 +66,6 @@ struct RunningTopK {
   }
 };
 
-// The pre-activation of one tile entry: (x_in . w + b_enc) [* dec_norm].
-template <typename A>
-inline A pre_value(const A* tile_row, const A* bias, const A* norm, int64_t t) {
-  const A v = tile_row[t] + bias[t];
-  return norm ? v * norm[t] : v;
-}
-
 // Which of 16 consecutive pre-activations are admitted (not below thr, or NaN), as a bit mask.
 // Nearly all chunks give 0, so this test is the scan's inner loop.
 template <typename A>
@@ -109,17 +78,11 @@ inline uint32_t admitted_mask(const A* tile_row, const A* bias, const A* norm, A
 #ifdef __AVX2__
 template <>
 inline uint32_t admitted_mask<float>(const float* tile_row, const float* bias, const float* norm, float thr) {
-  __m256 lo = _mm256_add_ps(_mm256_loadu_ps(tile_row), _mm256_loadu_ps(bias));
-  __m256 hi = _mm256_add_ps(_mm256_loadu_ps(tile_row + 8), _mm256_loadu_ps(bias + 8));
-  if (norm) {
-    lo = _mm256_mul_ps(lo, _mm256_loadu_ps(norm));
-    hi = _mm256_mul_ps(hi, _mm256_loadu_ps(norm + 8));
-  }
+  __m256 lo, hi;
+  pre_chunk16(tile_row, bias, norm, lo, hi);
   const __m256 t = _mm256_set1_ps(thr);
   // _CMP_NLT_UQ: !(v < thr), true for NaN, as RunningTopK::admits
-  const uint32_t lo_bits = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(lo, t, _CMP_NLT_UQ)));
-  const uint32_t hi_bits = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(hi, t, _CMP_NLT_UQ)));
-  return lo_bits | (hi_bits << 8);
+  return movemask16(_mm256_cmp_ps(lo, t, _CMP_NLT_UQ), _mm256_cmp_ps(hi, t, _CMP_NLT_UQ));
 }
 #endif
 
@@ -162,14 +125,9 @@ void topk_encode_kernel(const Tensor& x_in, const Tensor& enc, const Tensor& b_e
                         const std::vector<int32_t>& dead, int64_t k, int64_t k_aux_real, T* values, int64_t* indices,
                         T* aux_values, int64_t* aux_indices, int64_t aux_stride) {
   using A = acc_t<T>;
-  constexpr bool kConvert = !std::is_same<A, T>::value;
-  const int64_t n_rows = x_in.size(0), d_in = x_in.size(1), d_sae = enc.size(0);
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t block_rows = std::max<int64_t>(1, std::min(kMaxBlockRows, ceil_div(n_rows, threads)));
-  const int64_t n_row_blocks = ceil_div(n_rows, block_rows);
-  const int64_t n_latent_blocks = ceil_div(d_sae, kBlockLatents);
-  const int64_t parts =
-      n_row_blocks >= threads ? 1 : std::min(n_latent_blocks, ceil_div(threads, n_row_blocks));
+  const int64_t n_rows = x_in.size(0), d_sae = enc.size(0);
+  const TileGrid grid(n_rows, d_sae);
+  const int64_t parts = grid.parts, block_rows = grid.block_rows;
   const int64_t cap = std::max<int64_t>(4 * k, k + 64);
   const int64_t cap_aux = k_aux_real > 0 ? std::max<int64_t>(4 * k_aux_real, k_aux_real + 64) : 0;
 
@@ -180,57 +138,53 @@ void topk_encode_kernel(const Tensor& x_in, const Tensor& enc, const Tensor& b_e
   const A* bias = b_enc.data_ptr<A>();
   const A* scale = norm ? norm->data_ptr<A>() : nullptr;
 
-  at::parallel_for(0, n_row_blocks * parts, 1, [&](int64_t w0, int64_t w1) {
-    const BelowAutograd below_autograd;  // thread-local: worker threads need their own
-    Tensor tile = at::empty({block_rows * kBlockLatents}, x_in.options());
-    Tensor enc_block_acc;
-    if (kConvert) enc_block_acc = at::empty({kBlockLatents, d_in}, x_in.options());
-    std::vector<Candidate<A>> slots(block_rows * cap), slots_aux(block_rows * cap_aux);
-    std::vector<RunningTopK<A>> best(block_rows), best_aux(block_rows);
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t row_block = w / parts, part = w % parts;
-      const int64_t r0 = row_block * block_rows, rows = std::min(block_rows, n_rows - r0);
-      for (int64_t r = 0; r < rows; ++r) {
-        best[r].reset(slots.data() + r * cap, k, cap);
-        if (k_aux_real > 0) best_aux[r].reset(slots_aux.data() + r * cap_aux, k_aux_real, cap_aux);
-      }
-      const Tensor x_rows = x_in.narrow(0, r0, rows);
-      const int64_t lb_begin = part * n_latent_blocks / parts, lb_end = (part + 1) * n_latent_blocks / parts;
-      for (int64_t lb = lb_begin; lb < lb_end; ++lb) {
-        const int64_t l0 = lb * kBlockLatents, cols = std::min(kBlockLatents, d_sae - l0);
-        Tensor w_block = enc.narrow(0, l0, cols);
-        if (kConvert) w_block = enc_block_acc.narrow(0, 0, cols).copy_(w_block);
-        Tensor pre = tile.narrow(0, 0, rows * cols).view({rows, cols});
-        at::mm_out(pre, x_rows, w_block.t());
-        A* p = pre.data_ptr<A>();
+  // Per thread: the running top-k (and aux top-k) of each row of its current row block.
+  struct RowBlockBest {
+    std::vector<Candidate<A>> slots, slots_aux;
+    std::vector<RunningTopK<A>> best, best_aux;
+  };
+  for_each_pre_tile<T>(
+      x_in, enc, grid,
+      [&] {
+        return RowBlockBest{std::vector<Candidate<A>>(block_rows * cap), std::vector<Candidate<A>>(block_rows * cap_aux),
+                            std::vector<RunningTopK<A>>(block_rows), std::vector<RunningTopK<A>>(block_rows)};
+      },
+      [&](RowBlockBest& s, int64_t, int64_t, int64_t rows) {
+        for (int64_t r = 0; r < rows; ++r) {
+          s.best[r].reset(s.slots.data() + r * cap, k, cap);
+          if (k_aux_real > 0) s.best_aux[r].reset(s.slots_aux.data() + r * cap_aux, k_aux_real, cap_aux);
+        }
+      },
+      [&](RowBlockBest& s, int64_t, int64_t, int64_t rows, int64_t l0, int64_t cols, const A* p) {
         const auto dead_begin = std::lower_bound(dead.begin(), dead.end(), static_cast<int32_t>(l0));
         const auto dead_end = std::lower_bound(dead_begin, dead.end(), static_cast<int32_t>(l0 + cols));
+        const A* block_scale = scale ? scale + l0 : nullptr;
         for (int64_t r = 0; r < rows; ++r) {
           const A* row = p + r * cols;
-          const A* block_scale = scale ? scale + l0 : nullptr;
-          scan_row(row, cols, static_cast<int32_t>(l0), bias + l0, block_scale, best[r]);
+          scan_row(row, cols, static_cast<int32_t>(l0), bias + l0, block_scale, s.best[r]);
           if (k_aux_real > 0) {
-            RunningTopK<A>& aux = best_aux[r];
+            RunningTopK<A>& aux = s.best_aux[r];
             for (auto it = dead_begin; it != dead_end; ++it) {
               const A v = pre_value(row, bias + l0, block_scale, *it - l0);
               if (aux.admits(v)) aux.push(v, *it);
             }
           }
         }
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t slot = part * n_rows + r0 + r;
-        best[r].cut();
-        std::copy(best[r].slots, best[r].slots + best[r].count, partial.begin() + slot * k);
-        partial_count[slot] = best[r].count;
-        if (k_aux_real > 0) {
-          best_aux[r].cut();
-          std::copy(best_aux[r].slots, best_aux[r].slots + best_aux[r].count, partial_aux.begin() + slot * k_aux_real);
-          partial_count_aux[slot] = best_aux[r].count;
+      },
+      [&](RowBlockBest& s, int64_t part, int64_t r0, int64_t rows) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t slot = grid.slot(part, r0 + r);
+          s.best[r].cut();
+          std::copy(s.best[r].slots, s.best[r].slots + s.best[r].count, partial.begin() + slot * k);
+          partial_count[slot] = s.best[r].count;
+          if (k_aux_real > 0) {
+            s.best_aux[r].cut();
+            std::copy(s.best_aux[r].slots, s.best_aux[r].slots + s.best_aux[r].count,
+                      partial_aux.begin() + slot * k_aux_real);
+            partial_count_aux[slot] = s.best_aux[r].count;
+          }
         }
-      }
-    }
-  });
+      });
 
   // Merge the parts of each row and write the outputs.
   auto relu = [](A v) { return std::max(v, A(0)); };  // keeps NaN, as torch.relu
@@ -240,7 +194,7 @@ void topk_encode_kernel(const Tensor& x_in, const Tensor& enc, const Tensor& b_e
     for (int64_t n = r0; n < r1; ++n) {
       int64_t count = 0;
       for (int64_t part = 0; part < parts; ++part) {
-        const int64_t slot = part * n_rows + n;
+        const int64_t slot = grid.slot(part, n);
         std::copy_n(partial.begin() + slot * k, partial_count[slot], merged.begin() + count);
         count += partial_count[slot];
       }
@@ -248,7 +202,7 @@ void topk_encode_kernel(const Tensor& x_in, const Tensor& enc, const Tensor& b_e
       if (k_aux_real > 0) {
         count = 0;
         for (int64_t part = 0; part < parts; ++part) {
-          const int64_t slot = part * n_rows + n;
+          const int64_t slot = grid.slot(part, n);
           std::copy_n(partial_aux.begin() + slot * k_aux_real, partial_count_aux[slot], merged.begin() + count);
           count += partial_count_aux[slot];
         }
@@ -257,18 +211,6 @@ void topk_encode_kernel(const Tensor& x_in, const Tensor& enc, const Tensor& b_e
       }
     }
   });
-}
-
-// x - b_dec in the accumulation type, contiguous (x itself when nothing changes).
-Tensor encoder_input(const Tensor& x, const std::optional<Tensor>& b_dec) {
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  Tensor x_in = x.to(acc);
-  if (const Tensor* b = present(b_dec)) x_in = at::sub(x_in, b->to(acc));
-  return x_in.contiguous();
-}
-
-Tensor to_acc(const Tensor& t) {
-  return t.to(t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
 }
 
 void topk_encode_out_cpu(const Tensor& x, const Tensor& enc_weight, const Tensor& b_enc,

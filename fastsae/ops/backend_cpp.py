@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 EXTENSION_NAME = "fastsae_cpp"
-CPU_SOURCES = ("schema.cpp", "topk_encode_cpu.cpp", "sparse_decode_cpu.cpp")
+CPU_SOURCES = ("schema.cpp", "topk_encode_cpu.cpp", "threshold_encode_cpu.cpp", "sparse_decode_cpu.cpp")
 CUDA_SOURCES = ("cuda_binding.cpp", "topk_encode_cuda.cu", "sparse_rows_cuda.cu")
 
 
@@ -180,6 +180,14 @@ def _(grad_pre, indices, x, enc_weight, b_dec, *, grad_x_in, grad_enc_weight, gr
     return None
 
 
+@torch.library.register_fake("fastsae_cpp::threshold_encode")
+def _(x, enc_weight, b_enc, b_dec, dec_norm, cutoff, max_width):
+    # The width is the batch's largest kept count (capped): known only once the kernel has run.
+    width = torch.library.get_ctx().new_dynamic_size(max=max_width)
+    n = x.shape[0]
+    return x.new_empty(n, width), x.new_empty(n, width, dtype=torch.int64), x.new_empty(n, dtype=torch.int64)
+
+
 @torch.library.register_fake("fastsae_cpp::sparse_decode")
 def _(values, indices, W_dec, b_dec, dec_norm):
     return W_dec.new_empty(values.shape[0], W_dec.shape[1])
@@ -234,5 +242,16 @@ def sparse_decode_backward(
     return tuple(_ops.sparse_decode_backward(grad_out, values, indices, W_dec, dec_norm))
 
 
-# Placeholder until the kernel lands: the reference's row-chunked matmul + compaction.
-from fastsae.reference import threshold_encode  # noqa: E402,F401
+def threshold_encode(
+    x: Tensor,
+    enc_weight: Tensor,
+    b_enc: Tensor,
+    b_dec: Optional[Tensor],
+    dec_norm: Optional[Tensor],
+    cutoff: Tensor,
+    max_width: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    # The kernel compares in its accumulation type (fp32, fp64 for fp64 x); fastsae.ops already
+    # converts, this covers direct backend calls.
+    cutoff = cutoff.to(torch.promote_types(x.dtype, torch.float32)).contiguous()
+    return tuple(_ops.threshold_encode(x, enc_weight, b_enc, b_dec, dec_norm, cutoff, max_width))
