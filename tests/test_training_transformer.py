@@ -159,5 +159,5 @@ def test_main_job_defaults_on_a_slice_of_the_corpus(tmp_path, capsys):
                "--activation-cache", "none", "--out", str(tmp_path / "run"), "--no-progress", "--report-features", "2"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "minilm at 'encoder.layer.3'" in out and "architecture='relu'" in out
+    assert "minilm at 'encoder.layer.3'" in out and "architecture='topk', k=32" in out
     assert "final metrics" in out and out.count("\nfeature ") == 2
