@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import assert_bf16_close, assert_rel_close
 from cpp_testing import encoder_inputs, kernel_backend, kernel_ops, pre_activations64
+from threshold_testing import check_threshold_selection
 
 import fastsae
 from fastsae import ops, reference
@@ -24,44 +25,6 @@ def num_threads(n):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def check_threshold_selection(values, indices, counts, pre64, cutoff, max_width, tol=1e-5):
-    """Checks every element of threshold_encode's outputs against the float64 pre-activations.
-
-    Latents whose pre-activation is within rounding (tol * max |pre|) of their cutoff may go
-    either way; every other one must be kept exactly when pre > cutoff. Row n's true count is
-    counts[n]; its first min(counts[n], m) slots hold kept latents in ascending order, with none
-    skipped before the last one shown (all of them when the row fits), and the other slots hold
-    -inf at latent 0. Returns (kernel values, float64 pre-activations) at the filled slots."""
-    n, d_sae = pre64.shape
-    cutoff = cutoff.double()
-    margin = tol * max(pre64.abs().max().item(), 1e-30)
-    sure = pre64 > cutoff + margin  # must be kept
-    maybe = pre64 > cutoff - margin  # may be kept
-    assert counts.shape == (n,) and counts.dtype == torch.int64
-    assert (counts >= sure.sum(1)).all() and (counts <= maybe.sum(1)).all(), "wrong counts"
-    m = min(int(counts.max()), max_width) if n else 0
-    assert values.shape == indices.shape == (n, m) and indices.dtype == torch.int64
-    shown = counts.clamp(max=m)
-    filled = torch.arange(m) < shown[:, None]
-    assert (values[~filled] == float("-inf")).all() and (indices[~filled] == 0).all(), "padding"
-    assert ((indices >= 0) & (indices < d_sae)).all()
-    # ascending (so distinct) latents within the filled slots
-    both = filled[:, 1:] & filled[:, :-1]
-    assert (indices.diff(dim=-1)[both] > 0).all(), "filled slots not in ascending latent order"
-    rows = torch.arange(n)[:, None].expand(n, m)[filled]
-    kept = torch.zeros(n, d_sae, dtype=torch.bool)
-    kept[rows, indices[filled]] = True
-    assert not (kept & ~maybe).any(), "a latent kept below its cutoff"
-    # no latent skipped: all of a fitting row, those before the last shown of a truncated row
-    last_shown = torch.full((n,), -1, dtype=torch.int64)
-    if m:
-        last_shown = torch.where(shown > 0, indices.gather(1, (shown - 1).clamp(min=0)[:, None])[:, 0], -1)
-    last = torch.where(counts > shown, last_shown, d_sae)
-    before_last = torch.arange(d_sae) <= last[:, None]
-    assert not (sure & before_last & ~kept).any(), "a latent above its cutoff was skipped"
-    return values[filled], pre64[rows, indices[filled]]
 
 
 def cutoff_between_rows(pre64):
@@ -92,7 +55,7 @@ def test_threshold_encode_matches_float64(d_in, d_sae, cutoff_kind, use_b_dec, u
     with kernel_backend(DEVICE):
         values, indices, counts = ops.threshold_encode(x, enc, b_enc, b_dec, dec_norm, cutoff, d_sae)
     assert values.dtype == x.dtype
-    got, ref = check_threshold_selection(values, indices, counts, pre_activations64(x, enc, b_enc, b_dec, dec_norm),
+    got, ref, _ = check_threshold_selection(values, indices, counts, pre_activations64(x, enc, b_enc, b_dec, dec_norm),
                                          cutoff, d_sae)
     assert_rel_close(got, ref, 1e-5, "values")
 
@@ -119,7 +82,7 @@ def test_threshold_encode_row_and_latent_blocking(n_rows, threads):
     cutoff = make_cutoff("jumprelu", d_sae)
     with num_threads(threads), kernel_backend(DEVICE):
         values, indices, counts = ops.threshold_encode(x, enc, b_enc, b_dec, dec_norm, cutoff, d_sae)
-    got, ref = check_threshold_selection(values, indices, counts, pre_activations64(x, enc, b_enc, b_dec, dec_norm),
+    got, ref, _ = check_threshold_selection(values, indices, counts, pre_activations64(x, enc, b_enc, b_dec, dec_norm),
                                          cutoff, d_sae)
     assert_rel_close(got, ref, 1e-5, "values")
     if n_rows >= 3:
@@ -139,7 +102,7 @@ def test_threshold_encode_max_width_keeps_first_latents(n_rows, threads, max_wid
     with num_threads(threads), kernel_backend(DEVICE):
         values, indices, counts = ops.threshold_encode(x, enc, b_enc - 0.5, b_dec, dec_norm, cutoff, max_width)
     pre64 = pre_activations64(x, enc, b_enc - 0.5, b_dec, dec_norm)
-    got, ref = check_threshold_selection(values, indices, counts, pre64, cutoff, max_width)
+    got, ref, _ = check_threshold_selection(values, indices, counts, pre64, cutoff, max_width)
     assert_rel_close(got, ref, 1e-5, "values")
     assert values.shape[1] == max_width and (counts > max_width).any()
     assert counts[0] == d_sae and (indices[0] == torch.arange(max_width)).all()
@@ -156,7 +119,7 @@ def test_threshold_encode_bf16_within_twice_torch_error():
     with kernel_backend(DEVICE):
         values, indices, counts = ops.threshold_encode(*bf, cutoff, d_sae)
     assert values.dtype == torch.bfloat16
-    got, ref = check_threshold_selection(values, indices, counts, pre_activations64(*bf), cutoff, d_sae)
+    got, ref, _ = check_threshold_selection(values, indices, counts, pre_activations64(*bf), cutoff, d_sae)
     torch_bf16 = reference.pre_activations(*bf)
     filled = torch.arange(values.shape[1]) < counts.clamp(max=values.shape[1])[:, None]
     same = torch_bf16.gather(1, indices)[filled]
@@ -170,7 +133,7 @@ def test_threshold_encode_float64():
     with kernel_backend(DEVICE):
         values, indices, counts = ops.threshold_encode(*inputs, cutoff, d_sae)
     assert values.dtype == torch.float64
-    got, ref = check_threshold_selection(values, indices, counts, pre_activations64(*inputs), cutoff, d_sae, 1e-12)
+    got, ref, _ = check_threshold_selection(values, indices, counts, pre_activations64(*inputs), cutoff, d_sae, 1e-12)
     assert_rel_close(got, ref, 1e-12, "values")
 
 
@@ -191,7 +154,7 @@ def test_threshold_encode_nan_inf_and_empty_batches():
     finite = torch.ones(6, dtype=torch.bool)
     finite[2] = False
     pre64 = pre_activations64(x[finite], enc, b_enc, b_dec, dec_norm)
-    got, ref = check_threshold_selection(values[finite], indices[finite], counts[finite], pre64, cutoff, d_sae)
+    got, ref, _ = check_threshold_selection(values[finite], indices[finite], counts[finite], pre64, cutoff, d_sae)
     assert_rel_close(got, ref, 1e-5, "values")
     kept_latents = torch.zeros(d_sae, dtype=torch.bool)
     kept_latents[indices[finite][values[finite] > float("-inf")]] = True
@@ -233,7 +196,7 @@ def test_threshold_encode_writes_every_element():
         torch.use_deterministic_algorithms(before[0])
         torch.utils.deterministic.fill_uninitialized_memory = before[1]
     pre64 = pre_activations64(x, enc, b_enc - 1.5, b_dec, dec_norm)
-    got, ref = check_threshold_selection(values, indices, counts, pre64, cutoff, d_sae)
+    got, ref, _ = check_threshold_selection(values, indices, counts, pre64, cutoff, d_sae)
     assert_rel_close(got, ref, 1e-5, "values")
     assert (counts < values.shape[1]).any(), "the test needs padding slots"
 

@@ -7,6 +7,7 @@ way, so selections are compared exactly only away from the boundary (as top-k ti
 import pytest
 import torch
 from conftest import assert_bf16_close, assert_rel_close, encoder_inputs, pre_activations64
+from threshold_testing import check_threshold_selection
 
 import fastsae
 from fastsae import ops, reference
@@ -19,36 +20,6 @@ SHAPES = [(48, 333), (100, 1000), (17, 65)]
 def _cutoff_keeping(pre64, fraction):
     """A per-latent cutoff keeping about `fraction` of each latent's entries."""
     return pre64.quantile(1 - fraction, dim=0).float()
-
-
-def check_threshold_selection(pre_values, indices, counts, pre64, cutoff, max_width, tol=1e-5):
-    """The op's output is the row-wise sparse form of pre64 > cutoff (see reference.threshold_encode)."""
-    n, d_sae = pre64.shape
-    scale = pre64.abs().max().item()
-    cut = cutoff.double()
-    sure_in = pre64 > cut + tol * scale
-    maybe_in = pre64 > cut - tol * scale
-    assert counts.shape == (n,) and counts.dtype == torch.int64
-    assert ((counts >= sure_in.sum(1)) & (counts <= maybe_in.sum(1))).all(), "counts"
-    width = min(int(counts.max()), max_width)
-    assert pre_values.shape == indices.shape == (n, width) and indices.dtype == torch.int64
-    slot = torch.arange(width)
-    real = slot < counts.clamp(max=width)[:, None]
-    # Padding: -inf at latent 0. Real slots: ascending distinct latents, above the cutoff.
-    assert (pre_values[~real] == float("-inf")).all() and (indices[~real] == 0).all(), "padding"
-    assert ((indices.diff(dim=1) > 0) | ~real[:, 1:]).all(), "real slots not in ascending latent order"
-    picked = pre64.gather(1, indices)
-    assert maybe_in.gather(1, indices)[real].all(), "a kept latent is below its cutoff"
-    assert_rel_close(pre_values[real], picked[real], tol, "pre_values")
-    # Every latent surely above its cutoff is kept, up to the row's last kept latent when the
-    # row overflowed max_width (it keeps its first max_width in latent order).
-    got = torch.zeros(n, d_sae, dtype=torch.bool)
-    got[real.nonzero(as_tuple=True)[0], indices[real]] = True
-    last = torch.where(counts > width, indices[:, -1] if width else torch.full((n,), -1), d_sae)
-    within = torch.arange(d_sae)[None, :] <= last[:, None]
-    missing = sure_in & within & ~got
-    assert not missing.any(), f"{int(missing.sum())} latents above the cutoff are missing"
-    return real
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -65,8 +36,9 @@ def test_threshold_encode_matches_float64(backend, d_in, d_sae, use_b_dec, use_n
     pre64 = pre_activations64(x, enc, b_enc, b_dec, dec_norm)  # ... all below the cutoff: it keeps nothing
     with fastsae.use_backend(backend):
         out = ops.threshold_encode(x, enc, b_enc, b_dec, dec_norm, cutoff, d_sae)
-    real = check_threshold_selection(*out, pre64, cutoff, d_sae)
-    assert out[2][3] == 0 and real.sum(1).max() > 1
+    got, ref, filled = check_threshold_selection(*out, pre64, cutoff, d_sae)
+    assert_rel_close(got, ref, 1e-5, "pre_values")
+    assert out[2][3] == 0 and filled.sum(1).max() > 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -78,7 +50,8 @@ def test_threshold_encode_relu_cutoff_single_row_and_keep_all(backend):
     with fastsae.use_backend(backend):
         relu = ops.threshold_encode(x, enc, b_enc, b_dec, None, zero, d_sae)
         everything = ops.threshold_encode(x, enc, b_enc, b_dec, None, torch.full((d_sae,), float("-inf")), d_sae)
-    check_threshold_selection(*relu, pre64, zero, d_sae)
+    got, ref, _ = check_threshold_selection(*relu, pre64, zero, d_sae)
+    assert_rel_close(got, ref, 1e-5, "relu pre_values")
     values, indices, counts = everything
     assert counts.tolist() == [d_sae] and torch.equal(indices[0], torch.arange(d_sae))
     assert_rel_close(values, pre64, 1e-5, "keep all")
@@ -94,7 +67,8 @@ def test_threshold_encode_reports_overflow(backend, max_width):
     cutoff = _cutoff_keeping(pre64, 0.05)
     with fastsae.use_backend(backend):
         out = ops.threshold_encode(x, enc, b_enc, b_dec, dec_norm, cutoff, max_width)
-    check_threshold_selection(*out, pre64, cutoff, max_width)
+    got, ref, _ = check_threshold_selection(*out, pre64, cutoff, max_width)
+    assert_rel_close(got, ref, 1e-5, "pre_values")
     assert out[0].shape[1] == max_width and (out[2] > max_width).any()
 
 
@@ -108,9 +82,9 @@ def test_threshold_encode_bf16(backend):
         values, indices, counts = ops.threshold_encode(x, enc, b_enc, b_dec, None, cutoff, d_sae)
     assert values.dtype == torch.bfloat16
     # Selection in fp32 of bf16 inputs: the boundary is blurred by one bf16 rounding of the result.
-    real = check_threshold_selection(values.float(), indices, counts, pre64, cutoff, d_sae, tol=1e-2)
-    same_dtype = reference.pre_activations(x, enc, b_enc, b_dec, None).gather(1, indices)
-    assert_bf16_close(values[real], pre64.gather(1, indices)[real], same_dtype[real], 1e-3, "bf16 values")
+    got, ref, filled = check_threshold_selection(values, indices, counts, pre64, cutoff, d_sae, tol=1e-2)
+    same_dtype = reference.pre_activations(x, enc, b_enc, b_dec, None).gather(1, indices)[filled]
+    assert_bf16_close(got, ref, same_dtype, 1e-3, "bf16 values")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

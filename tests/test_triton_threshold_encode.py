@@ -4,6 +4,7 @@ for ReLU and JumpReLU) against float64 references, with the `triton` backend for
 import pytest
 import torch
 from conftest import assert_bf16_close, assert_rel_close
+from threshold_testing import check_threshold_selection
 from triton_util import DEVICE, poisoned  # noqa: F401  (fixture)
 
 import fastsae
@@ -41,38 +42,9 @@ def _pre64(x_in, enc, b_enc, dec_norm):
     return pre * dec_norm.double() if dec_norm is not None else pre
 
 
-def _check_selection(values, indices, counts, pre64, cutoff, max_width, tol=1e-5):
-    """Exact away from the cutoff: an entry whose float64 pre-activation lies within rounding
-    (tol x the largest |pre|) of its cutoff may go either way. Checks the true counts, the width,
-    each row's listed latents (ascending, the row's first kept ones, all of them when they fit),
-    the padding, and returns the mask of filled slots."""
-    n, d = pre64.shape
-    eps = tol * pre64.abs().max()
-    cut = cutoff.double()[None, :]
-    sure_in = pre64 > cut + eps
-    maybe_in = pre64 > cut - eps
-    assert counts.shape == (n,) and counts.dtype == torch.int64
-    assert (counts >= sure_in.sum(1)).all() and (counts <= maybe_in.sum(1)).all(), "wrong counts"
-    m = min(int(counts.max()), max_width)
-    assert values.shape == indices.shape == (n, m) and indices.dtype == torch.int64
-    filled = torch.arange(m, device=DEVICE)[None, :] < counts.clamp(max=m)[:, None]
-    assert (values[~filled] == float("-inf")).all() and (indices[~filled] == 0).all(), "padding"
-    assert ((indices >= 0) & (indices < d)).all(), "an index is out of range (unwritten?)"
-    assert (indices.diff(dim=1)[filled[:, 1:]] > 0).all(), "latents not strictly ascending in a row"
-    listed = torch.zeros(n, d, dtype=torch.bool, device=DEVICE)
-    listed[filled.nonzero()[:, 0], indices[filled]] = True
-    assert not (listed & ~maybe_in).any(), "a listed latent is below its cutoff"
-    # Rows that fit list all their latents; rows over max_width their first m.
-    last = indices[:, m - 1] + 1 if m > 0 else torch.zeros(n, dtype=torch.int64, device=DEVICE)
-    last = torch.where(counts <= m, d, last)
-    before = torch.arange(d, device=DEVICE)[None, :] < last[:, None]
-    assert not (sure_in & before & ~listed).any(), "a kept latent is missing"
-    return filled
-
-
 def _check(values, indices, counts, pre64, cutoff, max_width, tol=1e-5):
-    filled = _check_selection(values, indices, counts, pre64, cutoff, max_width, tol)
-    assert_rel_close(values[filled], pre64.gather(1, indices)[filled], tol, "values")
+    got, ref, filled = check_threshold_selection(values, indices, counts, pre64, cutoff, max_width, tol)
+    assert_rel_close(got, ref, tol, "values")
     return filled
 
 
@@ -143,7 +115,7 @@ def test_threshold_encode_16bit(dtype):
     assert values.dtype == dtype
     x_in = x - b_dec  # rounded as the backend rounds it
     pre64 = _pre64(x_in, enc, b_enc, dec_norm)
-    filled = _check_selection(values, indices, counts, pre64, cutoff, 200)
+    _, _, filled = check_threshold_selection(values, indices, counts, pre64, cutoff, 200)
     same_dtype = ((x_in @ enc.T + b_enc) * dec_norm).gather(1, indices)[filled]
     assert_bf16_close(values[filled], pre64.gather(1, indices)[filled], same_dtype, atol=1e-6, what="values")
 
