@@ -17,6 +17,7 @@
 #include <algorithm>
 
 #include "cuda_launchers.h"
+#include "functional_forms.h"
 #include "op_checks.h"
 
 namespace fastsae_cpp {
@@ -131,15 +132,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> topk_encode_cuda(const Tensor& x, con
                                                             const Tensor& b_enc, const std::optional<Tensor>& b_dec,
                                                             const std::optional<Tensor>& dec_norm, int64_t k,
                                                             const std::optional<Tensor>& dead_mask, int64_t k_aux) {
-  check_topk_encode_inputs(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux);
-  const int64_t n = x.size(0);
-  Tensor values = at::empty({n, k}, x.options());
-  Tensor indices = at::empty({n, k}, x.options().dtype(at::kLong));
-  Tensor aux_values = at::empty({n, k_aux}, x.options());
-  Tensor aux_indices = at::empty({n, k_aux}, x.options().dtype(at::kLong));
-  topk_encode_out_cuda(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux, values, indices, aux_values,
-                       aux_indices);
-  return {values, indices, aux_values, aux_indices};
+  return topk_encode_functional(topk_encode_out_cuda, x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux);
 }
 
 void topk_encode_backward_out_cuda(const Tensor& grad_pre, const Tensor& indices, const Tensor& x,
@@ -165,12 +158,8 @@ void topk_encode_backward_out_cuda(const Tensor& grad_pre, const Tensor& indices
 std::tuple<Tensor, Tensor, Tensor> topk_encode_backward_cuda(const Tensor& grad_pre, const Tensor& indices,
                                                              const Tensor& x, const Tensor& enc_weight,
                                                              const std::optional<Tensor>& b_dec) {
-  check_topk_encode_backward_inputs(grad_pre, indices, x, enc_weight, b_dec);
-  Tensor grad_x_in = at::empty(x.sizes(), x.options());
-  Tensor grad_enc_weight = at::empty(enc_weight.sizes(), enc_weight.options());
-  Tensor grad_b_enc = at::empty({enc_weight.size(0)}, enc_weight.options());
-  topk_encode_backward_out_cuda(grad_pre, indices, x, enc_weight, b_dec, grad_x_in, grad_enc_weight, grad_b_enc);
-  return {grad_x_in, grad_enc_weight, grad_b_enc};
+  return topk_encode_backward_functional(topk_encode_backward_out_cuda, plain_empty, grad_pre, indices, x, enc_weight,
+                                         b_dec);
 }
 
 void sparse_decode_out_cuda(const Tensor& values, const Tensor& indices, const Tensor& W_dec,
@@ -192,10 +181,7 @@ void sparse_decode_out_cuda(const Tensor& values, const Tensor& indices, const T
 
 Tensor sparse_decode_cuda(const Tensor& values, const Tensor& indices, const Tensor& W_dec,
                           const std::optional<Tensor>& b_dec, const std::optional<Tensor>& dec_norm) {
-  check_sparse_decode_inputs(values, indices, W_dec, b_dec, dec_norm);
-  Tensor out = at::empty({values.size(0), W_dec.size(1)}, values.options());
-  sparse_decode_out_cuda(values, indices, W_dec, b_dec, dec_norm, out);
-  return out;
+  return sparse_decode_functional(sparse_decode_out_cuda, values, indices, W_dec, b_dec, dec_norm);
 }
 
 void sparse_decode_backward_out_cuda(const Tensor& grad_out, const Tensor& values, const Tensor& indices,
@@ -220,11 +206,8 @@ void sparse_decode_backward_out_cuda(const Tensor& grad_out, const Tensor& value
 std::tuple<Tensor, Tensor> sparse_decode_backward_cuda(const Tensor& grad_out, const Tensor& values,
                                                        const Tensor& indices, const Tensor& W_dec,
                                                        const std::optional<Tensor>& dec_norm) {
-  check_sparse_decode_backward_inputs(grad_out, values, indices, W_dec, dec_norm);
-  Tensor grad_values = at::empty(values.sizes(), values.options());
-  Tensor grad_W_dec = at::empty(W_dec.sizes(), W_dec.options());
-  sparse_decode_backward_out_cuda(grad_out, values, indices, W_dec, dec_norm, grad_values, grad_W_dec);
-  return {grad_values, grad_W_dec};
+  return sparse_decode_backward_functional(sparse_decode_backward_out_cuda, plain_empty, grad_out, values, indices,
+                                           W_dec, dec_norm);
 }
 
 }  // namespace

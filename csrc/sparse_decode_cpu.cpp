@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "cpu_memory.h"
+#include "functional_forms.h"
 #include "op_checks.h"
 #include "sparse_rows_cpu.h"
 
@@ -47,10 +48,7 @@ void sparse_decode_out_cpu(const Tensor& values, const Tensor& indices, const Te
 
 Tensor sparse_decode_cpu(const Tensor& values, const Tensor& indices, const Tensor& W_dec,
                          const std::optional<Tensor>& b_dec, const std::optional<Tensor>& dec_norm) {
-  check_sparse_decode_inputs(values, indices, W_dec, b_dec, dec_norm);
-  Tensor out = at::empty({values.size(0), W_dec.size(1)}, values.options());
-  sparse_decode_out_cpu(values, indices, W_dec, b_dec, dec_norm, out);
-  return out;
+  return sparse_decode_functional(sparse_decode_out_cpu, values, indices, W_dec, b_dec, dec_norm);
 }
 
 void sparse_decode_backward_out_cpu(const Tensor& grad_out, const Tensor& values, const Tensor& indices,
@@ -78,11 +76,8 @@ void sparse_decode_backward_out_cpu(const Tensor& grad_out, const Tensor& values
 std::tuple<Tensor, Tensor> sparse_decode_backward_cpu(const Tensor& grad_out, const Tensor& values,
                                                       const Tensor& indices, const Tensor& W_dec,
                                                       const std::optional<Tensor>& dec_norm) {
-  check_sparse_decode_backward_inputs(grad_out, values, indices, W_dec, dec_norm);
-  Tensor grad_values = at::empty(values.sizes(), values.options());
-  Tensor grad_W_dec = empty_output(W_dec.sizes(), W_dec.options());
-  sparse_decode_backward_out_cpu(grad_out, values, indices, W_dec, dec_norm, grad_values, grad_W_dec);
-  return {grad_values, grad_W_dec};
+  return sparse_decode_backward_functional(sparse_decode_backward_out_cpu, empty_output, grad_out, values, indices,
+                                           W_dec, dec_norm);
 }
 
 }  // namespace

@@ -18,6 +18,7 @@
 
 #include "cpu_memory.h"
 #include "encode_tiles_cpu.h"
+#include "functional_forms.h"
 #include "op_checks.h"
 #include "sparse_rows_cpu.h"
 
@@ -257,15 +258,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> topk_encode_cpu(const Tensor& x, cons
                                                            const Tensor& b_enc, const std::optional<Tensor>& b_dec,
                                                            const std::optional<Tensor>& dec_norm, int64_t k,
                                                            const std::optional<Tensor>& dead_mask, int64_t k_aux) {
-  check_topk_encode_inputs(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux);
-  const int64_t n = x.size(0);
-  Tensor values = at::empty({n, k}, x.options());
-  Tensor indices = at::empty({n, k}, x.options().dtype(at::kLong));
-  Tensor aux_values = at::empty({n, k_aux}, x.options());
-  Tensor aux_indices = at::empty({n, k_aux}, x.options().dtype(at::kLong));
-  topk_encode_out_cpu(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux, values, indices, aux_values,
-                      aux_indices);
-  return {values, indices, aux_values, aux_indices};
+  return topk_encode_functional(topk_encode_out_cpu, x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux);
 }
 
 // Backward: grad_x_in = gather_sum(grad_pre, W), grad_enc_weight[i] = sum of grad_pre * x_in over
@@ -297,12 +290,8 @@ void topk_encode_backward_out_cpu(const Tensor& grad_pre, const Tensor& indices,
 std::tuple<Tensor, Tensor, Tensor> topk_encode_backward_cpu(const Tensor& grad_pre, const Tensor& indices,
                                                             const Tensor& x, const Tensor& enc_weight,
                                                             const std::optional<Tensor>& b_dec) {
-  check_topk_encode_backward_inputs(grad_pre, indices, x, enc_weight, b_dec);
-  Tensor grad_x_in = at::empty(x.sizes(), x.options());
-  Tensor grad_enc_weight = empty_output(enc_weight.sizes(), enc_weight.options());
-  Tensor grad_b_enc = at::empty({enc_weight.size(0)}, enc_weight.options());
-  topk_encode_backward_out_cpu(grad_pre, indices, x, enc_weight, b_dec, grad_x_in, grad_enc_weight, grad_b_enc);
-  return {grad_x_in, grad_enc_weight, grad_b_enc};
+  return topk_encode_backward_functional(topk_encode_backward_out_cpu, empty_output, grad_pre, indices, x, enc_weight,
+                                         b_dec);
 }
 
 }  // namespace
