@@ -37,8 +37,8 @@ bench_rc=$?
 [ $bench_rc -eq 0 ] && python3 benchmarks/update_readme.py --table "$res/$stamp.json" > "$res/$stamp.md"
 
 echo "== ReLU: row-wise sparse path vs dense path"
-python3 benchmarks/bench_threshold_encode.py --device cuda --rows 4096 --d-sae 24576 --l0 32 128 512 2048 \
-  --json "$res/$stamp-threshold.json" || true
+python3 benchmarks/bench_sparse_path.py --device cuda --rows 4096 --d-sae 24576 --l0 32 128 512 2048 \
+  --json "$res/$stamp-sparse-path.json" || true
 
 if $FASTSAE --help 2>/dev/null | grep -q " aot"; then
   echo "== Triton AOT report (sm_90)"

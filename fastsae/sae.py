@@ -95,9 +95,9 @@ class SAE(nn.Module):
             # The inference threshold: an EMA of the smallest positive training activation.
             self.register_buffer("topk_threshold", torch.zeros((), dtype=torch.float64, device=factory["device"]))
         # ReLU, JumpReLU (and BatchTopK at inference) take the row-wise sparse path while no row of
-        # a batch has more than this many active latents, the dense path otherwise; 0: always dense.
-        # Past ~1/32 of d_sae the gathers of the sparse path cost more than the dense products.
-        self.sparse_width_limit = max(1, d_sae // 32)
+        # a batch has more than this many active latents, the dense path otherwise; 0: always
+        # dense; None: the device's default (`default_sparse_width_limit`).
+        self.sparse_width_limit: Optional[int] = None
         self._sparse_hint = True  # False after a batch overflowed, until a dense batch is sparse again
 
     # ------------------------------------------------------------ properties
@@ -185,6 +185,17 @@ class SAE(nn.Module):
 
     # ------------------------------------------------------------ row-wise sparse path
 
+    def default_sparse_width_limit(self) -> int:
+        """d_sae / 8 on CPU: there a ReLU training step on the sparse path was faster than the dense
+        one up to rows of ~d_sae / 5 active latents (benchmarks/bench_sparse_path.py, 2048 x
+        768 -> 16384: 5.7x at L0 16, 2.5x at L0 1023, 1.4x at L0 2050, 0.8x at L0 4099). d_sae / 32
+        elsewhere: GPUs' dense products are cheaper against gathers (not yet measured on one)."""
+        return max(1, self.d_sae // (8 if self.device.type == "cpu" else 32))
+
+    def _width_limit(self) -> int:
+        limit = self.sparse_width_limit
+        return self.default_sparse_width_limit() if limit is None else limit
+
     def _sparse_cutoff(self) -> Optional[Tensor]:
         """The per-latent cutoff above which pre-activations enter the sparse form, or None where
         the architecture (gated, batchtopk in training) has no per-latent rule."""
@@ -205,7 +216,7 @@ class SAE(nn.Module):
         """(pre-activations [N, m] with -inf padding, indices [N, m]) from the row-wise sparse
         encoder, or None when the dense path should run (no rule, disabled, or a row too dense)."""
         cutoff = self._sparse_cutoff()
-        limit = self.sparse_width_limit
+        limit = self._width_limit()
         if cutoff is None or limit <= 0 or not self._sparse_hint:
             return None
         limit = min(limit, self.d_sae)
@@ -220,9 +231,10 @@ class SAE(nn.Module):
     def _note_density(self, pre: Tensor) -> None:
         """After a dense pass: go back to the sparse path once the rows fit well within the limit."""
         cutoff = self._sparse_cutoff()
-        if cutoff is not None and self.sparse_width_limit > 0 and pre.numel():
+        limit = self._width_limit()
+        if cutoff is not None and limit > 0 and pre.numel():
             widest = int((pre.detach() > cutoff).sum(-1).max())
-            self._sparse_hint = 4 * widest <= 3 * self.sparse_width_limit
+            self._sparse_hint = 4 * widest <= 3 * limit
 
     def _sparse_acts(self, pre: Tensor, indices: Tensor) -> Tensor:
         """Activations [N, m] of the sparse path's pre-activations (0 at padding and window entries)."""

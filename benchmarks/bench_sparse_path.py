@@ -1,9 +1,10 @@
 """ReLU training steps on the row-wise sparse path (fastsae::threshold_encode + sparse decode and
 backward) against the dense path, as the activations get denser: where the sparse path stops
-paying, which is what `SAE.sparse_width_limit` (default d_sae / 32) should say.
+paying, which is what `SAE.sparse_width_limit` (its default: `SAE.default_sparse_width_limit`)
+should say. (The op alone against a bare matrix product: benchmarks/bench_cpp_threshold_encode.py.)
 
-    python benchmarks/bench_threshold_encode.py [--rows 2048 --d-in 768 --d-sae 16384]
-        [--device cpu|cuda] [--json benchmarks/results/threshold-<device>-<date>.json]
+    python benchmarks/bench_sparse_path.py [--rows 2048 --d-in 768 --d-sae 16384]
+        [--device cpu|cuda] [--json benchmarks/results/sparse-path-<device>-<date>.json]
 
 For each target density the encoder bias is shifted so that the batch's mean row count (L0) is
 about the target; the widest row (m, the sparse form's width) is reported too. Each step is a
@@ -65,7 +66,7 @@ def main() -> int:
     base = fastsae.SAE(d_in=args.d_in, d_sae=args.d_sae, architecture="relu", dtype=dtype, device=str(device))
     x = torch.randn(args.rows, args.d_in, device=device, dtype=base.dtype)
     print(f"ReLU step, {dtype}, rows {args.rows}, d_in {args.d_in}, d_sae {args.d_sae}, device {device}, "
-          f"backend {fastsae.ops.select(device)[0]}, default sparse_width_limit {base.sparse_width_limit}")
+          f"backend {fastsae.ops.select(device)[0]}, default sparse_width_limit {base.default_sparse_width_limit()}")
     print(f"{'L0':>7}{'widest':>8}{'sparse ms':>11}{'dense ms':>10}{'dense/sparse':>14}"
           f"{'encode sparse':>15}{'encode dense':>14}")
     rows = []
@@ -106,7 +107,7 @@ def main() -> int:
         print(f"{l0:7.1f}{widest:8d}{med['sparse']:11.1f}{med['dense']:10.1f}{med['dense'] / med['sparse']:13.2f}x"
               f"{med['encode_sparse']:15.1f}{med['encode_dense']:14.1f}")
     if args.json:
-        meta = {"device": str(device), "dtype": dtype, "rows": args.rows, "d_in": args.d_in, "d_sae": args.d_sae,
+        meta = {"sweep": "relu_sparse_path_vs_l0", "device": str(device), "dtype": dtype, "rows": args.rows, "d_in": args.d_in, "d_sae": args.d_sae,
                 "torch": torch.__version__, "threads": torch.get_num_threads(), "date": _dt.date.today().isoformat(),
                 "backend": fastsae.ops.select(device)[0]}
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
