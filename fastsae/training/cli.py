@@ -17,7 +17,7 @@ from pathlib import Path
 # defaults; these are the values used when a flag is not given.
 DEFAULTS = {
     # TopK by default (Gao et al. 2024, sparsify's choice): on 2 CPU cores with the cpp backend,
-    # 300k MiniLM tokens took 58 s to FVU 0.16 at L0 32; ReLU + L1 took 192 s to FVU 0.38 at L0 108.
+    # 300k MiniLM tokens took 11 s to FVU 0.16 at L0 32; ReLU + L1 took 38 s to FVU 0.38 at L0 108.
     "architecture": "topk",
     "k": 32,
     "expansion": 8,
