@@ -19,11 +19,17 @@ class JumpReLU(torch.autograd.Function):
     -(threshold / bandwidth) * K((x - threshold) / bandwidth). threshold broadcasts against x:
     [d_sae] for dense x [N, d_sae], or [N, m] thresholds gathered for sparse entries."""
 
+    generate_vmap_rule = True  # torch.func transforms (vmap, grad, jacrev) work through it
+
     @staticmethod
-    def forward(ctx, x: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    def forward(x: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        return x.relu() * (x > threshold).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, threshold, bandwidth = inputs
         ctx.save_for_backward(x, threshold)
         ctx.bandwidth = bandwidth
-        return x.relu() * (x > threshold).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -37,11 +43,17 @@ class JumpReLU(torch.autograd.Function):
 class Step(torch.autograd.Function):
     """(x > threshold) as 0/1; no gradient to x, pseudo-gradient -(1 / bandwidth) * K(...) to threshold."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    def forward(x: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        return (x > threshold).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, threshold, bandwidth = inputs
         ctx.save_for_backward(x, threshold)
         ctx.bandwidth = bandwidth
-        return (x > threshold).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):

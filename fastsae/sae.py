@@ -21,7 +21,7 @@ from torch import Tensor
 from fastsae import ops
 from fastsae.activations import JumpReLU, Step, batch_topk
 from fastsae.config import SAEConfig
-from fastsae.sparse import SparseActivations
+from fastsae.sparse import SparseActivations, pad_at_free_latents
 
 
 @dataclass
@@ -29,23 +29,20 @@ class TrainOutput:
     """What `SAE.training_forward` returns. Losses are scalars; `loss` is their weighted sum."""
 
     x_hat: Tensor
-    acts: Union[SparseActivations, Tensor]  # sparse for topk, dense [N, d_sae] otherwise
+    acts: SparseActivations  # the batch's activations, [N, m]
     mse_loss: Tensor
     sparsity_loss: Tensor
     aux_loss: Tensor
     loss: Tensor
 
 
-def _pad_at_inactive_latent(pre: Tensor, indices: Tensor) -> Tensor:
-    """Point each row's padding slots (pre = -inf, latent 0 from the kernels) at a latent the row
-    does not hold, so a user's `scatter` of the sparse form never overwrites a real entry with 0.
-    A row's entries come in ascending latent order: the first i with indices[i] != i is free."""
-    real = pre != float("-inf")
-    if bool(real.all()):
-        return indices
-    slot = torch.arange(indices.shape[1], device=indices.device)
-    leading = ((indices == slot) & real).to(torch.int32).cumprod(1).sum(1, keepdim=True)
-    return torch.where(real, indices, leading.to(indices.dtype))
+def _tracing() -> bool:
+    """Under torch.compile or a torch.func transform: the sparse path's data-dependent width would
+    break them (a graph break, an error with fullgraph=True or vmap), so they get the dense path."""
+    if torch.compiler.is_compiling():
+        return True
+    functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(functorch_active is not None and functorch_active())
 
 
 class SAE(nn.Module):
@@ -58,6 +55,12 @@ class SAE(nn.Module):
     - `sae.save(dir)`: a SAELens v6 folder; `fastsae.load(path)`: SAELens, sparsify, dictionary_learning,
       OpenAI and Gemma Scope checkpoints (see `fastsae.formats`).
     """
+
+    # Class-level defaults of the sparse-path state too, so modules pickled before it existed load.
+    sparse_width_limit: Optional[int] = None
+    _sparse_hint = True
+    _dense_passes_to_skip = 0
+    _overflow_backoff = 1
 
     def __init__(self, cfg: Optional[SAEConfig] = None, **kwargs):
         super().__init__()
@@ -99,6 +102,8 @@ class SAE(nn.Module):
         # dense; None: the device's default (`default_sparse_width_limit`).
         self.sparse_width_limit: Optional[int] = None
         self._sparse_hint = True  # False after a batch overflowed, until a dense batch is sparse again
+        self._dense_passes_to_skip = 0
+        self._overflow_backoff = 1
 
     # ------------------------------------------------------------ properties
 
@@ -200,41 +205,59 @@ class SAE(nn.Module):
         """The per-latent cutoff above which pre-activations enter the sparse form, or None where
         the architecture (gated, batchtopk in training) has no per-latent rule."""
         arch, d_sae = self.architecture, self.d_sae
+        acc = torch.promote_types(self.dtype, torch.float32)  # the kernels compare in this type
         if arch == "relu":
-            return torch.zeros(d_sae, dtype=torch.float32, device=self.device)
+            return torch.zeros(d_sae, dtype=acc, device=self.device)
         if arch == "jumprelu":
-            threshold = self.threshold.detach()
+            threshold = self.threshold.detach().to(acc)
             if torch.is_grad_enabled() and self.threshold.requires_grad:
-                # The threshold's pseudo-gradients see every pre-activation within bandwidth/2 of it.
-                return threshold - self.cfg.jumprelu_bandwidth / 2
+                # The threshold's pseudo-gradients see every pre-activation within bandwidth/2 of it;
+                # the margin keeps entries that rounding of 16-bit pre-activations could bring in
+                # (extra entries cost a slot each and contribute exactly 0).
+                bandwidth = self.cfg.jumprelu_bandwidth
+                return threshold - (bandwidth / 2 + bandwidth / 16)
             return threshold.clamp_min(0)
         if arch == "batchtopk" and not self.training:
-            return self.topk_threshold.clamp_min(0).to(torch.float32).expand(d_sae)
+            return self.topk_threshold.clamp_min(0).to(acc).expand(d_sae)
         return None
 
     def _sparse_pre(self, x2: Tensor) -> Optional[tuple[Tensor, Tensor]]:
         """(pre-activations [N, m] with -inf padding, indices [N, m]) from the row-wise sparse
-        encoder, or None when the dense path should run (no rule, disabled, or a row too dense)."""
+        encoder, or None when the dense path should run (no rule, disabled, traced, or a row too
+        dense)."""
         cutoff = self._sparse_cutoff()
         limit = self._width_limit()
-        if cutoff is None or limit <= 0 or not self._sparse_hint:
+        if cutoff is None or limit <= 0 or not self._sparse_hint or _tracing():
             return None
         limit = min(limit, self.d_sae)
         pre, indices, counts = ops.threshold_encode(
             x2, self.enc_weight, self.b_enc, self._b_dec_in(), self._dec_norm(), cutoff, limit
         )
         if pre.shape[1] == limit and int(counts.max()) > limit:
+            # Too dense: the dense path (this call's included), and each overflow in a row doubles
+            # (up to 64) the dense passes before density is looked at again, so alternating
+            # batches waste few sparse passes.
             self._sparse_hint = False
+            self._dense_passes_to_skip = self._overflow_backoff
+            self._overflow_backoff = min(64, 2 * self._overflow_backoff)
             return None
-        return pre, _pad_at_inactive_latent(pre, indices)
+        self._overflow_backoff = 1
+        return pre, pad_at_free_latents(pre != float("-inf"), indices, self.d_sae)
 
     def _note_density(self, pre: Tensor) -> None:
-        """After a dense pass: go back to the sparse path once the rows fit well within the limit."""
+        """After a dense pass: go back to the sparse path once the rows fit well within the limit.
+        Looked at every 8th dense pass at most (on a GPU each look waits for the device)."""
         cutoff = self._sparse_cutoff()
         limit = self._width_limit()
-        if cutoff is not None and limit > 0 and pre.numel():
-            widest = int((pre.detach() > cutoff).sum(-1).max())
-            self._sparse_hint = 4 * widest <= 3 * limit
+        if cutoff is None or limit <= 0 or self._sparse_hint or not pre.numel() or _tracing():
+            return
+        if self._dense_passes_to_skip > 0:
+            self._dense_passes_to_skip -= 1
+            return
+        widest = int((pre.detach() > cutoff).sum(-1).max())
+        self._sparse_hint = 4 * widest <= 3 * limit
+        if not self._sparse_hint:
+            self._dense_passes_to_skip = 7
 
     def _sparse_acts(self, pre: Tensor, indices: Tensor) -> Tensor:
         """Activations [N, m] of the sparse path's pre-activations (0 at padding and window entries)."""
@@ -337,7 +360,9 @@ class SAE(nn.Module):
         - topk / batchtopk: with a bool `dead_mask` [d_sae], the AuxK loss of Gao et al.:
           the top k_aux (default d_in // 2) dead latents reconstruct the detached residual,
           aux_loss = aux_coefficient * min(1, n_dead / k_aux) * mean ||e_hat - e||^2.
-        BatchTopK also updates its inference threshold here.
+        BatchTopK also updates its inference threshold here. `acts` is always `SparseActivations`
+        (ReLU/JumpReLU: from the sparse path, or converted after a dense pass; JumpReLU's may hold
+        zero-valued entries just below the threshold, which its pseudo-gradients use).
         """
         x2 = self._flat_input(x)
         zero = x2.new_zeros(())
@@ -347,7 +372,7 @@ class SAE(nn.Module):
         if arch == "topk":
             n_aux = self._aux_width(dead_mask, k_aux)
             values, indices, aux_values, aux_indices = self._topk_flat(x2, dead_mask if n_aux else None, n_aux)
-            acts: Union[SparseActivations, Tensor] = SparseActivations(values, indices, self.d_sae)
+            acts = SparseActivations(values, indices, self.d_sae)
             x_hat = ops.sparse_decode(values, indices, self.W_dec, self.b_dec, self._dec_norm())
             if n_aux:
                 aux_pair = (aux_values, aux_indices, n_aux)
@@ -395,6 +420,8 @@ class SAE(nn.Module):
             e_hat = ops.sparse_decode(aux_values, aux_indices, self.W_dec, None, self._dec_norm())
             scale = min(1.0, n_dead / n_aux)
             aux = aux_coefficient * scale * (e_hat - residual).pow(2).sum(-1).mean()
+        if not isinstance(acts, SparseActivations):  # one type whichever path ran
+            acts = SparseActivations.from_dense(acts)
         return TrainOutput(x_hat.reshape(x.shape), acts, mse, sparsity, aux, mse + sparsity + aux)
 
     def _aux_width(self, dead_mask: Optional[Tensor], k_aux: Optional[int]) -> int:

@@ -5,8 +5,9 @@ Row r's activation vector is the sum over j of values[r, j] at latent indices[r,
 - TopK: m == k, and each row's indices are distinct.
 - ReLU, JumpReLU, BatchTopK (variable number of active latents per row): m is the largest
   number of nonzero activations of any row in the batch; shorter rows are padded with value 0
-  (at some latent whose activation is 0), so padding adds nothing when decoding or scattering.
-  `l0()` counts the real entries per row.
+  at latents the row does not hold (distinct within the row), so padding adds nothing when
+  decoding or scattering, even with `scatter` rather than `scatter_add`. `l0()` counts the real
+  entries per row.
 """
 
 from __future__ import annotations
@@ -59,15 +60,22 @@ class SparseActivations:
 
     @classmethod
     def from_dense(cls, dense: Tensor) -> "SparseActivations":
-        """The padded sparse form of dense activations [..., d_sae] (differentiable in the values)."""
+        """The padded sparse form of dense activations [..., d_sae] (differentiable in the values):
+        each row's nonzero entries (NaN included) in ascending latent order, then padding."""
         d_sae = dense.shape[-1]
-        nonzero = dense != 0
-        m = int(nonzero.sum(-1).max()) if dense.numel() else 0
-        # Nonzero entries rank first; the padding slots land on entries that are zero.
-        indices = nonzero.to(torch.uint8).topk(m, dim=-1, sorted=False).indices if m > 0 else (
-            torch.zeros(*dense.shape[:-1], 0, dtype=torch.int64, device=dense.device)
-        )
-        return cls(dense.gather(-1, indices), indices, d_sae)
+        lead = dense.shape[:-1]
+        flat = dense.reshape(-1, d_sae)
+        nonzero = flat != 0
+        counts = nonzero.sum(-1)
+        m = int(counts.max()) if flat.numel() else 0
+        rows, cols = nonzero.nonzero(as_tuple=True)  # row-major: ascending latent within a row
+        slots = torch.arange(rows.shape[0], device=dense.device) - (torch.cumsum(counts, 0) - counts)[rows]
+        indices = torch.zeros(flat.shape[0], m, dtype=torch.int64, device=dense.device)
+        indices[rows, slots] = cols
+        real = torch.arange(m, device=dense.device) < counts[:, None]
+        indices = pad_at_free_latents(real, indices, d_sae)
+        values = flat.gather(-1, indices)  # 0 at the padding: the row does not hold those latents
+        return cls(values.reshape(*lead, m), indices.reshape(*lead, m), d_sae)
 
     def to(self, *args, **kwargs) -> "SparseActivations":
         """Moves both tensors (dtype arguments apply to the values only)."""
@@ -79,3 +87,27 @@ class SparseActivations:
             f"SparseActivations(shape={tuple(self.shape)}, width={self.width}, "
             f"dtype={self.values.dtype}, device={self.values.device})"
         )
+
+
+def pad_at_free_latents(real: Tensor, indices: Tensor, d_sae: int, traceable: bool = False) -> Tensor:
+    """`indices` [N, m] with each row's padding slots pointed at distinct latents the row does not
+    hold, spread over the latents by row.
+
+    A row's real slots (`real`, a prefix of the row) hold its latents in ascending order; what the
+    padding slots hold is replaced. The kernels group work by latent, so padding that all pointed
+    at one latent would hand one thread (or one GPU program) every row's padding. `traceable`:
+    no data-dependent shortcut (inside an op's autograd, where the width is symbolic).
+    """
+    n, m = indices.shape
+    if not traceable and (m == 0 or bool(real.all())):
+        return indices
+    slot = torch.arange(m, device=indices.device)
+    counts = real.sum(1, keepdim=True)
+    # With held latents h_0 < h_1 < ..., the t-th latent a row does not hold is
+    # t + #{i : h_i - i <= t} (h_i - i is nondecreasing, so that count is a searchsorted).
+    shifted = torch.where(real, indices - slot, d_sae).contiguous()
+    free = (d_sae - counts).clamp_min(1)
+    row = torch.arange(n, device=indices.device)[:, None]
+    t = torch.remainder(row * 7919 + slot - counts, free)  # distinct within a row: m - count <= free
+    latent = t + torch.searchsorted(shifted, t.contiguous(), right=True)
+    return torch.where(real, indices, latent)

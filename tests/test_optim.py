@@ -70,3 +70,16 @@ def test_rejects_what_it_does_not_compute():
             opt.step()
     with pytest.raises(ValueError, match="lr: expected a Python number"):
         optim.Adam([p], lr=torch.tensor(1e-3))
+    with pytest.raises(ValueError, match=r"expected only lr, betas and eps, got \['weight_decay'\]"):
+        optim.Adam([p], lr=1e-3, weight_decay=0.01)
+
+
+def test_a_refused_step_changes_no_group():
+    first, second = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    first.grad, second.grad = torch.randn(4), torch.randn(4)
+    opt = optim.Adam([{"params": [first]}, {"params": [second]}], lr=1e-2)
+    opt.param_groups[1]["amsgrad"] = True
+    before = first.detach().clone()
+    with pytest.raises(ValueError):
+        opt.step()
+    assert torch.equal(first, before) and not opt.state

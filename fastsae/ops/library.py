@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fastsae import reference
 from fastsae.ops import dispatch
+from fastsae.sparse import pad_at_free_latents
 
 
 def _backend(t: Tensor):
@@ -148,6 +149,9 @@ def _threshold_encode_grad(ctx, grad_pre_values, grad_indices, grad_counts):
     zero = torch.zeros((), dtype=pre_values.dtype, device=pre_values.device)
     grad_act = torch.where(padding, zero, grad_pre_values)
     acts = torch.where(padding, zero, pre_values)
+    # The kernels group the backward by latent: padding spread over latents (its gradient is 0)
+    # rather than all at latent 0, whose group would hold every row's padding.
+    indices = pad_at_free_latents(~padding, indices, enc_weight.shape[0], traceable=True)
     grads = _encoder_grads(ctx, grad_act, acts, indices, x, enc_weight, b_dec, dec_norm)
     return *grads, None, None
 

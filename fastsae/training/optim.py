@@ -25,6 +25,11 @@ _CHUNK_ELEMENTS = {"cpu": 1 << 18}
 _DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 
+def _step_dtype() -> torch.dtype:
+    """torch.optim.Adam's dtype for the step count (float64 when that is the default dtype)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
 def _flat_in_memory_order(t: Tensor) -> Tensor | None:
     """A 1-D view of t's elements in memory order, or None if t is not dense (e.g. a strided slice)."""
     order = sorted(range(t.ndim), key=lambda d: t.stride(d), reverse=True)
@@ -48,7 +53,13 @@ class Adam(torch.optim.Adam):
     """torch.optim.Adam's update (no weight decay, amsgrad or maximize), computed in place a chunk
     at a time so the step allocates nothing parameter-sized."""
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 **unsupported):
+        if unsupported:
+            raise ValueError(
+                f"fastsae.training.optim.Adam: expected only lr, betas and eps, got {sorted(unsupported)} "
+                "(weight decay, amsgrad, maximize, foreach/fused/capturable are torch.optim.Adam's)"
+            )
         if isinstance(lr, Tensor):
             raise ValueError("lr: expected a Python number, got a tensor")
         super().__init__(params, lr=lr, betas=betas, eps=eps, foreach=False)
@@ -59,9 +70,11 @@ class Adam(torch.optim.Adam):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Every group is checked before any is updated (a refused step changes nothing).
         for group in self.param_groups:
             if group["weight_decay"] or group["amsgrad"] or group["maximize"]:
                 raise ValueError("fastsae.training.optim.Adam: weight_decay, amsgrad and maximize are not supported")
+        for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, eps = group["lr"], group["eps"]
             for p in group["params"]:
@@ -72,7 +85,7 @@ class Adam(torch.optim.Adam):
                 state = self.state[p]
                 if not state:
                     # As torch.optim.Adam creates them (so state dicts are interchangeable).
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["step"] = torch.tensor(0.0, dtype=_step_dtype())
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
