@@ -12,8 +12,9 @@
 // Forward only: the backward is the encoder backward of the top-k op (topk_encode_backward),
 // which takes any [N, m] (grad, index) pairs.
 //
-// Semantics (fastsae/reference.py::threshold_encode): latent i is kept iff pre > cutoff[i]
-// (strictly; NaN never), counts are the true counts, and a row with more than max_width kept
+// Semantics (fastsae/reference.py::threshold_encode): latent i is kept iff !(pre <= cutoff[i]):
+// above the cutoff (strictly), or NaN (so NaN reaches the output as on the dense path; -inf is
+// never kept, so it marks padding). Counts are the true counts, and a row with more than max_width kept
 // latents keeps its first max_width in latent order. bf16/fp16: selection on fp32
 // pre-activations, values rounded to the input type.
 #include <ATen/Dispatch.h>
@@ -34,11 +35,18 @@ namespace {
 
 using at::Tensor;
 
-// Which of 16 consecutive pre-activations are above their cutoffs, as a bit mask.
+// Whether a pre-activation is kept: above its cutoff or NaN (not <=, which is false for NaN).
+template <typename A>
+inline bool is_kept(A pre, A cutoff) {
+  return !(pre <= cutoff);
+}
+
+// Which of 16 consecutive pre-activations are kept (is_kept), as a bit mask.
 template <typename A>
 inline uint32_t kept_mask(const A* tile_row, const A* bias, const A* norm, const A* cutoff) {
   uint32_t mask = 0;
-  for (int u = 0; u < 16; ++u) mask |= static_cast<uint32_t>(pre_value(tile_row, bias, norm, u) > cutoff[u]) << u;
+  for (int u = 0; u < 16; ++u)
+    mask |= static_cast<uint32_t>(is_kept(pre_value(tile_row, bias, norm, u), cutoff[u])) << u;
   return mask;
 }
 
@@ -47,9 +55,9 @@ template <>
 inline uint32_t kept_mask<float>(const float* tile_row, const float* bias, const float* norm, const float* cutoff) {
   __m256 lo, hi;
   pre_chunk16(tile_row, bias, norm, lo, hi);
-  // _CMP_GT_OQ: v > cutoff, false for NaN
-  return movemask16(_mm256_cmp_ps(lo, _mm256_loadu_ps(cutoff), _CMP_GT_OQ),
-                    _mm256_cmp_ps(hi, _mm256_loadu_ps(cutoff + 8), _CMP_GT_OQ));
+  // _CMP_NLE_UQ: !(v <= cutoff), true for NaN (is_kept)
+  return movemask16(_mm256_cmp_ps(lo, _mm256_loadu_ps(cutoff), _CMP_NLE_UQ),
+                    _mm256_cmp_ps(hi, _mm256_loadu_ps(cutoff + 8), _CMP_NLE_UQ));
 }
 #endif
 
@@ -79,7 +87,7 @@ inline void scan_row_above_cutoff(const A* tile_row, int64_t cols, int32_t first
     }
   }
   for (; t < cols; ++t)
-    if (pre_value(tile_row, bias, norm, t) > cutoff[t]) keep(t);
+    if (is_kept(pre_value(tile_row, bias, norm, t), cutoff[t])) keep(t);
 }
 
 template <typename T>

@@ -139,8 +139,12 @@ def threshold_encode(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The row-wise sparse form of the pre-activations above a per-latent cutoff (ReLU, JumpReLU).
 
-    Row n keeps the latents i with pre[n, i] > cutoff[i] (strictly; NaN is never kept), where pre
-    is `pre_activations(...)`. Returns (pre_values [N, m], indices [N, m] int64, counts [N] int64):
+    Row n keeps the latents i with not (pre[n, i] <= cutoff[i]), where pre is `pre_activations(...)`:
+    those above the cutoff (strictly: one equal to it is not kept) and those whose pre-activation
+    is NaN, so that a NaN reaches the activations and the reconstruction as on the dense path
+    (relu(NaN) is NaN) instead of vanishing. -inf is never kept, so it can mark padding. Cutoffs
+    are finite or +-inf (a NaN cutoff would keep everything).
+    Returns (pre_values [N, m], indices [N, m] int64, counts [N] int64):
     - counts[n]: how many latents row n keeps (its true count, even beyond max_width);
     - m = min(max(counts), max_width); row n's first min(counts[n], m) slots hold its kept
       pre-activations in ascending latent order (a row with more than max_width keeps its first
@@ -157,7 +161,7 @@ def threshold_encode(
     parts = []
     for a, b in _row_chunks(n, d_sae):
         pre = pre_activations(x[a:b], enc_weight, b_enc, b_dec, dec_norm)
-        keep = pre > cutoff
+        keep = ~(pre <= cutoff)  # above the cutoff, or NaN
         rows, cols = keep.nonzero(as_tuple=True)  # row-major: ascending latent within a row
         counts = keep.sum(1)
         parts.append((rows + a, cols, pre[rows, cols], counts))

@@ -7,7 +7,7 @@ x_in is x - b_dec (subtracted once by the caller, as for the top-k encoder).
 latent tiles, walked in ascending order. Each [BLOCK_M, BLOCK_N] tile is `topk_encode`'s
 `_score_tile` (tensor-core product, fp32 accumulation, bias and decoder norm applied), then
 
-    keep = pre > cutoff                          (NaN never passes)
+    keep = not (pre <= cutoff)                   (above the cutoff, or NaN: the contract)
     slot = kept so far + cumsum(keep along the tile's latents) - 1
     store (pre, latent) at slot where keep and slot < cap;  kept so far += row sum of keep
 
@@ -75,7 +75,8 @@ def _threshold_select_kernel(
             x_ptr, w_ptr, bias_ptr, bias_ptr, norm_ptr, rows, cols, N, D_IN, n_cols,
             False, HAS_NORM, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST,
         )
-        keep = (pre > tl.load(cutoff_ptr + lat)[None, :]) & row_ok[:, None] & (cols < n_cols)[None, :]
+        # Not <=, rather than >, so that NaN is kept (and reaches the output, as on the dense path).
+        keep = ~(pre <= tl.load(cutoff_ptr + lat)[None, :]) & row_ok[:, None] & (cols < n_cols)[None, :]
         keep_i = keep.to(tl.int32)
         slot = kept[:, None] + tl.cumsum(keep_i, axis=1) - 1
         put = keep & (slot < cap)

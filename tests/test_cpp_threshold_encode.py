@@ -138,28 +138,30 @@ def test_threshold_encode_float64():
 
 
 def test_threshold_encode_nan_inf_and_empty_batches():
-    """NaN pre-activations are never kept; an infinite cutoff keeps nothing (width 0), a -inf
-    cutoff everything finite; an empty batch gives empty outputs."""
+    """A NaN pre-activation is always kept (as NaN), even against a +inf cutoff; otherwise an
+    infinite cutoff keeps nothing (width 0), a -inf cutoff everything finite; an empty batch gives
+    empty outputs."""
     d_in, d_sae = 48, 333
     x, enc, b_enc, b_dec, dec_norm = encoder_inputs(6, d_in, d_sae)
     x[2, 5] = float("nan")
     cutoff = make_cutoff("relu", d_sae)
     cutoff[:7] = float("inf")
     cutoff[7:20] = float("-inf")
-    with kernel_backend(DEVICE):
-        values, indices, counts = ops.threshold_encode(x, enc, b_enc, b_dec, dec_norm, cutoff, d_sae)
-        nothing = ops.threshold_encode(x, enc, b_enc, b_dec, dec_norm, torch.full((d_sae,), float("inf")), d_sae)
-        empty = ops.threshold_encode(x[:0], enc, b_enc, b_dec, dec_norm, cutoff, d_sae)
-    assert counts[2] == 0 and (values[2] == float("-inf")).all()
     finite = torch.ones(6, dtype=torch.bool)
     finite[2] = False
-    pre64 = pre_activations64(x[finite], enc, b_enc, b_dec, dec_norm)
-    got, ref, _ = check_threshold_selection(values[finite], indices[finite], counts[finite], pre64, cutoff, d_sae)
+    with kernel_backend(DEVICE):
+        values, indices, counts = ops.threshold_encode(x, enc, b_enc, b_dec, dec_norm, cutoff, d_sae)
+        infinite = torch.full((d_sae,), float("inf"))
+        nothing = ops.threshold_encode(x[finite], enc, b_enc, b_dec, dec_norm, infinite, d_sae)
+        empty = ops.threshold_encode(x[:0], enc, b_enc, b_dec, dec_norm, cutoff, d_sae)
+    assert counts[2] == d_sae and values[2].isnan().all() and torch.equal(indices[2], torch.arange(d_sae))
+    pre64 = pre_activations64(x, enc, b_enc, b_dec, dec_norm)
+    got, ref, _ = check_threshold_selection(values, indices, counts, pre64, cutoff, d_sae)
     assert_rel_close(got, ref, 1e-5, "values")
     kept_latents = torch.zeros(d_sae, dtype=torch.bool)
     kept_latents[indices[finite][values[finite] > float("-inf")]] = True
     assert not kept_latents[:7].any() and kept_latents[7:20].all()
-    assert nothing[0].shape == (6, 0) and nothing[1].shape == (6, 0) and (nothing[2] == 0).all()
+    assert nothing[0].shape == (5, 0) and nothing[1].shape == (5, 0) and (nothing[2] == 0).all()
     assert empty[0].shape == (0, 0) and empty[1].shape == (0, 0) and empty[2].shape == (0,)
 
 

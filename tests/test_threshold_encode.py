@@ -162,3 +162,65 @@ def test_reference_threshold_encode_in_row_chunks(monkeypatch):
     real = whole[0] != float("-inf")
     assert torch.equal(real, chunked[0] != float("-inf"))
     assert_rel_close(chunked[0][real], whole[0][real], 1e-6)  # matmul blocking may round differently
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threshold_encode_keeps_a_nan_input_row_whole(backend):
+    """A NaN in a row's input makes all its pre-activations NaN: the row keeps every latent, as
+    NaN, and its count says so (so relu/JumpReLU of it is NaN, as on the dense path). The
+    other rows are untouched."""
+    d_in, d_sae = 48, 333
+    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(9, d_in, d_sae)
+    x[4, 17] = float("nan")
+    cutoff = torch.rand(d_sae) * 0.3
+    with fastsae.use_backend(backend):
+        values, indices, counts = ops.threshold_encode(x, enc, b_enc, b_dec, dec_norm, cutoff, d_sae)
+    assert counts[4] == d_sae and values.shape == (9, d_sae)
+    assert values[4].isnan().all() and torch.equal(indices[4], torch.arange(d_sae))
+    assert not values[torch.arange(9) != 4].isnan().any()
+    got, ref, _ = check_threshold_selection(values, indices, counts, pre_activations64(x, enc, b_enc, b_dec, dec_norm),
+                                            cutoff, d_sae)
+    assert_rel_close(got, ref, 1e-5, "pre_values")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threshold_encode_keeps_a_nan_latent_in_every_row(backend):
+    """NaN in one encoder row (latent 5, in a SIMD chunk; latent 330, in the cpp kernel's tail)
+    makes that latent NaN in every row: kept everywhere, even against a +inf cutoff."""
+    d_in, d_sae = 48, 333
+    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(11, d_in, d_sae)
+    nan_latents = torch.tensor([5, 330])
+    enc[5, 0] = float("nan")
+    enc[330, 47] = float("nan")
+    pre64 = pre_activations64(x, enc, b_enc, b_dec, dec_norm)
+    cutoff = _cutoff_keeping(pre64.nan_to_num(0.0), 0.1)
+    cutoff[330] = float("inf")
+    with fastsae.use_backend(backend):
+        values, indices, counts = ops.threshold_encode(x, enc, b_enc, b_dec, dec_norm, cutoff, d_sae)
+    got, ref, _ = check_threshold_selection(values, indices, counts, pre64, cutoff, d_sae)
+    assert_rel_close(got, ref, 1e-5, "pre_values")
+    for latent in nan_latents.tolist():
+        at = indices == latent
+        assert (at.sum(1) == 1).all(), f"latent {latent} not kept in every row"
+        assert values[at].isnan().all()
+    nans = values.isnan()
+    assert torch.equal(nans.sum(1), torch.full((11,), 2)), "NaN values other than the NaN latents"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threshold_encode_equal_to_cutoff_and_minus_inf_are_not_kept(backend):
+    """With x = 0 and no b_dec or norm, pre = b_enc exactly: a latent whose cutoff equals it is
+    not kept, one whose cutoff is the next float below it is; a -inf pre-activation (b_enc = -inf)
+    is not kept even against a -inf cutoff."""
+    d_in, d_sae = 16, 333
+    _, enc, b_enc, _, _ = encoder_inputs(3, d_in, d_sae)
+    b_enc[[7, 100]] = float("-inf")
+    cutoff = b_enc.clone()
+    below = torch.rand(d_sae) < 0.5
+    below[[7, 100]] = False
+    cutoff[below] = torch.nextafter(b_enc[below], torch.tensor(float("-inf")))
+    with fastsae.use_backend(backend):
+        values, indices, counts = ops.threshold_encode(torch.zeros(3, d_in), enc, b_enc, None, None, cutoff, d_sae)
+    expect = below.nonzero()[:, 0]
+    assert (counts == below.sum()).all() and values.shape == (3, int(below.sum()))
+    assert (indices == expect).all() and (values == b_enc[expect]).all()

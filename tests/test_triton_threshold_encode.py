@@ -88,19 +88,19 @@ def test_threshold_encode_any_number_of_splits(splits, max_width):
     assert counts[0] == 333
 
 
-def test_threshold_encode_nan_is_never_kept_and_fp64_is_exact():
+def test_threshold_encode_nan_is_kept_and_fp64_is_exact():
     """fp64 inputs are multiplied and compared in fp64 (the cutoff too): the reference's result,
-    exactly; a row holding a NaN keeps nothing."""
+    exactly; a row holding a NaN keeps every latent, as NaN (its true count over max_width)."""
     x, enc, b_enc, b_dec, dec_norm = _inputs(29, 48, 333, torch.float64)
     x[2, 5] = float("nan")
     cutoff = _cutoff("jump", 333).double()
     with fastsae.use_backend("triton"):
         got = ops.threshold_encode(x, enc, b_enc, b_dec, dec_norm, cutoff, 150)
     want = reference.threshold_encode(x, enc, b_enc, b_dec, dec_norm, cutoff, 150)
-    assert got[2][2] == 0
+    assert got[2][2] == 333 and got[0][2].isnan().all() and torch.equal(got[1][2], torch.arange(150, device=DEVICE))
     assert torch.equal(got[2], want[2]) and torch.equal(got[1], want[1])
+    assert torch.equal(got[0].isnan(), want[0].isnan()) and torch.equal(got[0].isfinite(), want[0].isfinite())
     assert_rel_close(got[0][got[0].isfinite()], want[0][want[0].isfinite()], 1e-12, "fp64 values")
-    assert torch.equal(got[0].isfinite(), want[0].isfinite())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -9,23 +9,26 @@ import torch
 class Selection(NamedTuple):
     got: torch.Tensor  # the op's values at the filled slots
     ref: torch.Tensor  # the float64 pre-activations there
-    filled: torch.Tensor  # [N, m] bool: the slots holding kept latents
+    filled: torch.Tensor  # [N, m] bool: the slots holding kept latents whose pre-activation is a number
 
 
 def check_threshold_selection(values, indices, counts, pre64, cutoff, max_width, tol=1e-5):
     """Checks every element of threshold_encode's outputs against the float64 pre-activations.
 
-    Latents whose pre-activation is within rounding (tol * max |pre|) of their cutoff may go
-    either way; every other one must be kept exactly when pre > cutoff. Row n's true count is
+    Latents whose pre-activation is within rounding (tol * max |pre|, over the numbers) of their
+    cutoff may go either way; every other one must be kept exactly when not pre <= cutoff (above
+    it, or NaN: a NaN pre-activation must be kept, with value NaN). Row n's true count is
     counts[n]; its first min(counts[n], m) slots hold kept latents in ascending order, with none
     skipped before the last one shown (all of them when the row fits), and the other slots hold
-    -inf at latent 0. Returns (kernel values, float64 pre-activations, the mask of filled slots)."""
+    -inf at latent 0. Returns (kernel values, float64 pre-activations, the mask of filled slots),
+    leaving out the NaN ones (checked here) so that the values can be compared as numbers."""
     device = pre64.device
     n, d_sae = pre64.shape
     cutoff = cutoff.double()
-    margin = tol * max(pre64.abs().max().item(), 1e-30)
-    sure = pre64 > cutoff + margin  # must be kept
-    maybe = pre64 > cutoff - margin  # may be kept
+    nan = pre64.isnan()
+    margin = tol * max(pre64.abs().masked_fill(nan, 0).max().item() if pre64.numel() else 0.0, 1e-30)
+    sure = (pre64 > cutoff + margin) | nan  # must be kept
+    maybe = ~(pre64 <= cutoff - margin)  # may be kept (NaN included)
     assert counts.shape == (n,) and counts.dtype == torch.int64
     assert (counts >= sure.sum(1)).all() and (counts <= maybe.sum(1)).all(), "wrong counts"
     m = min(int(counts.max()), max_width) if n else 0
@@ -47,5 +50,9 @@ def check_threshold_selection(values, indices, counts, pre64, cutoff, max_width,
         last_shown = torch.where(shown > 0, indices.gather(1, (shown - 1).clamp(min=0)[:, None])[:, 0], -1)
     last = torch.where(counts > shown, last_shown, d_sae)
     before_last = torch.arange(d_sae, device=device) <= last[:, None]
-    assert not (sure & before_last & ~kept).any(), "a latent above its cutoff was skipped"
-    return Selection(values[filled], pre64[rows, indices[filled]], filled)
+    assert not (sure & before_last & ~kept).any(), "a latent above its cutoff (or NaN) was skipped"
+    ref = pre64[rows, indices[filled]]
+    assert torch.equal(values[filled].isnan(), ref.isnan()), "NaN values not where the pre-activations are NaN"
+    number = filled.clone()
+    number[filled] = ~ref.isnan()
+    return Selection(values[number], ref[~ref.isnan()], number)

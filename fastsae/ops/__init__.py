@@ -93,8 +93,9 @@ def threshold_encode(
     max_width: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Row-wise sparse encode for ReLU/JumpReLU. x [N, d_in], enc_weight [d_sae, d_in], cutoff [d_sae]
-    -> (pre_values [N, m], indices [N, m], counts [N]): each row's pre-activations above the cutoff,
-    m = min(largest count, max_width), padding -inf; see `fastsae.reference.threshold_encode`."""
+    -> (pre_values [N, m], indices [N, m], counts [N]): each row's pre-activations above the cutoff
+    (strictly) or NaN, m = min(largest count, max_width), padding -inf; see
+    `fastsae.reference.threshold_encode`."""
     d_sae = _check_encoder_args(x, enc_weight, b_enc, b_dec, dec_norm)
     _expect(isinstance(cutoff, Tensor), f"cutoff: expected a tensor of shape ({d_sae},), got {type(cutoff).__name__}")
     _check_vector("cutoff", cutoff, d_sae, x)
