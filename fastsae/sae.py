@@ -254,7 +254,7 @@ class SAE(nn.Module):
         if self._dense_passes_to_skip > 0:
             self._dense_passes_to_skip -= 1
             return
-        widest = int((pre.detach() > cutoff).sum(-1).max())
+        widest = int((~(pre.detach() <= cutoff)).sum(-1).max())  # as the op counts: NaN included
         self._sparse_hint = 4 * widest <= 3 * limit
         if not self._sparse_hint:
             self._dense_passes_to_skip = 7
