@@ -8,8 +8,8 @@ should say. (The op alone against a bare matrix product: benchmarks/bench_cpp_th
 
 For each target density the encoder bias is shifted so that the batch's mean row count (L0) is
 about the target; the widest row (m, the sparse form's width) is reported too. Each step is a
-ReLU + L1 `training_forward`, backward and fastsae's Adam, timed alternately (CPU) or with CUDA
-events (GPU), medians of --repeats. Also the encode alone (`encode_sparse` vs the dense
+ReLU + L1 `training_forward`, backward and fastsae's Adam, timed as `fastsae bench` times
+(alternating rounds on CPU; CUDA events with the L2 flushed on GPU), medians of --repeats. Also the encode alone (`encode_sparse` vs the dense
 pre-activations + ReLU). A benchmark reports; it asserts nothing.
 """
 
@@ -18,28 +18,14 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import fastsae
+from fastsae.bench import timing
 from fastsae.training.optim import Adam
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
 
 
 def _bias_for_l0(sae, x, target_l0: float) -> float:
@@ -92,14 +78,15 @@ def main() -> int:
             with torch.no_grad():
                 return sae.encode_sparse(x) if sae.sparse_width_limit else sae._pre_dense(x).relu()
 
-        times = {name: [] for name in ("sparse", "dense", "encode_sparse", "encode_dense")}
+        fns = {}
         for path in ("sparse", "dense"):
-            step(*paths[path])  # warm-up (builds the extension, Adam's state)
-        for _ in range(args.repeats):  # alternate, so load from other processes falls on both
-            for path in ("sparse", "dense"):
-                times[path].append(_timed(lambda: step(*paths[path]), device))
-                times[f"encode_{path}"].append(_timed(lambda: encode(paths[path][0]), device))
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            fns[path] = lambda path=path: step(*paths[path])
+            fns[f"encode_{path}"] = lambda path=path: encode(paths[path][0])
+        if device.type == "cuda":
+            times = {name: timing.time_cuda(fn, device, iters=args.repeats) for name, fn in fns.items()}
+        else:  # rounds alternate the contenders, so load from other processes falls on all of them
+            times = timing.time_cpu_alternating(fns, reps=args.repeats, warmup=1)
+        med = {name: t.median_ms for name, t in times.items()}
         row = {"target_l0": target, "l0": l0, "widest": widest, "ratio_widest_to_d_sae": widest / args.d_sae,
                "sparse_step_ms": med["sparse"], "dense_step_ms": med["dense"],
                "encode_sparse_ms": med["encode_sparse"], "encode_dense_ms": med["encode_dense"]}
