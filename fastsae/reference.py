@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastsae.sparse import slots_within_rows
+
 # Temporary [rows, m, d] products are processed in chunks of at most this many elements, so
 # the fallback's memory stays O(N * d) rather than O(N * m * d).
 _CHUNK_ELEMENTS = 1 << 22
@@ -170,9 +172,7 @@ def threshold_encode(
     kept = torch.cat([p[2] for p in parts])
     counts = torch.cat([p[3] for p in parts])
     width = min(int(counts.max()), max_width)
-    # Slot of each kept entry within its row: its position minus where its row starts.
-    starts = torch.cumsum(counts, 0) - counts
-    slots = torch.arange(rows.shape[0], device=x.device) - starts[rows]
+    slots = slots_within_rows(rows, counts)
     fits = slots < width
     pre_values = torch.full((n, width), float("-inf"), dtype=x.dtype, device=x.device)
     indices = torch.zeros(n, width, dtype=torch.int64, device=x.device)

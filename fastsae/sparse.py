@@ -69,7 +69,7 @@ class SparseActivations:
         counts = nonzero.sum(-1)
         m = int(counts.max()) if flat.numel() else 0
         rows, cols = nonzero.nonzero(as_tuple=True)  # row-major: ascending latent within a row
-        slots = torch.arange(rows.shape[0], device=dense.device) - (torch.cumsum(counts, 0) - counts)[rows]
+        slots = slots_within_rows(rows, counts)
         indices = torch.zeros(flat.shape[0], m, dtype=torch.int64, device=dense.device)
         indices[rows, slots] = cols
         real = torch.arange(m, device=dense.device) < counts[:, None]
@@ -87,6 +87,13 @@ class SparseActivations:
             f"SparseActivations(shape={tuple(self.shape)}, width={self.width}, "
             f"dtype={self.values.dtype}, device={self.values.device})"
         )
+
+
+def slots_within_rows(rows: Tensor, counts: Tensor) -> Tensor:
+    """For entries listed row-major (`rows`, as `nonzero` gives them) with `counts[r]` entries in
+    row r: each entry's position within its row, i.e. its slot in the padded [N, m] form."""
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.arange(rows.shape[0], device=rows.device) - starts[rows]
 
 
 def pad_at_free_latents(real: Tensor, indices: Tensor, d_sae: int, traceable: bool = False) -> Tensor:
