@@ -244,6 +244,13 @@ class SAE(nn.Module):
         self._overflow_backoff = 1
         return pre, pad_at_free_latents(pre != float("-inf"), indices, self.d_sae)
 
+    def _pre_dense_fallback(self, x2: Tensor) -> Tensor:
+        """The dense pre-activations of a pass that did not take the sparse path, noting whether
+        the next pass could."""
+        pre = self._pre_dense(x2)
+        self._note_density(pre)
+        return pre
+
     def _note_density(self, pre: Tensor) -> None:
         """After a dense pass: go back to the sparse path once the rows fit well within the limit.
         Looked at every 8th dense pass at most (on a GPU each look waits for the device)."""
@@ -282,8 +289,7 @@ class SAE(nn.Module):
             pre, indices = sparse_pre
             sparse = SparseActivations(self._sparse_acts(pre, indices), indices, self.d_sae)
         else:
-            pre = self._pre_dense(x2)
-            self._note_density(pre)
+            pre = self._pre_dense_fallback(x2)
             sparse = SparseActivations.from_dense(self._acts_dense(x2, pre))
         m = sparse.width
         return SparseActivations(sparse.values.reshape(*lead, m), sparse.indices.reshape(*lead, m), self.d_sae)
@@ -333,8 +339,7 @@ class SAE(nn.Module):
             pre, indices = sparse_pre
             x_hat = ops.sparse_decode(self._sparse_acts(pre, indices), indices, self.W_dec, self.b_dec, self._dec_norm())
         else:
-            pre = self._pre_dense(x2)
-            self._note_density(pre)
+            pre = self._pre_dense_fallback(x2)
             x_hat = self.decode(self._acts_dense(x2, pre))
         return x_hat.reshape(*lead, self.d_in)
 
@@ -388,8 +393,7 @@ class SAE(nn.Module):
                 l0 = Step.apply(pre, self.threshold[indices], self.cfg.jumprelu_bandwidth).sum(-1)
                 sparsity = sparsity_coefficient * l0.mean()
         else:
-            pre = self._pre_dense(x2)
-            self._note_density(pre)
+            pre = self._pre_dense_fallback(x2)
             acts = self._acts_dense(x2, pre)
             x_hat = self.decode(acts)
             if arch == "relu" and sparsity_coefficient:
