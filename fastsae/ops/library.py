@@ -144,7 +144,8 @@ def _threshold_encode_setup(ctx, inputs, output):
 
 def _threshold_encode_grad(ctx, grad_pre_values, grad_indices, grad_counts):
     x, enc_weight, b_dec, dec_norm, pre_values, indices = ctx.saved_tensors
-    # Padding slots hold -inf (never a kept value: kept ones exceed a cutoff) and take no gradient.
+    # Padding slots hold -inf (never a kept value: kept ones exceed a cutoff or are NaN) and take
+    # no gradient.
     padding = pre_values == float("-inf")
     zero = torch.zeros((), dtype=pre_values.dtype, device=pre_values.device)
     grad_act = torch.where(padding, zero, grad_pre_values)
