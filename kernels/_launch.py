@@ -75,6 +75,13 @@ def register(name: str, mutates_args: Iterable[str] = (), fake: Optional[Callabl
     return wrap
 
 
+def empty(*size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A buffer the launchers hand their kernels to fill. Every such allocation goes through here, so
+    the tests can poison them all (tests/triton_util.py) without replacing torch.empty itself,
+    which torch.compile and the rest of torch also call."""
+    return torch.empty(*size, dtype=dtype, device=device)
+
+
 def contiguous(*tensors):
     """The kernels index rows as base + row * width: make every (optional) tensor dense."""
     return tuple(t.contiguous() if t is not None else None for t in tensors)

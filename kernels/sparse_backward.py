@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _launch
 from ._launch import INTERPRET, contiguous, launch, register
 
 
@@ -92,8 +93,8 @@ def scatter_outer(
     coef, indices, rows, sub, norm = contiguous(coef, indices, rows, sub, norm)
     n, m = indices.shape
     d = rows.shape[1]
-    out = torch.empty(d_sae, d, dtype=rows.dtype, device=rows.device)
-    colsum = torch.empty(d_sae, dtype=rows.dtype, device=rows.device)
+    out = _launch.empty(d_sae, d, dtype=rows.dtype, device=rows.device)
+    colsum = _launch.empty(d_sae, dtype=rows.dtype, device=rows.device)
     if d_sae == 0:
         return out, colsum
     order, offsets = segments(indices, d_sae)

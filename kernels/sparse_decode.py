@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _launch
 from ._launch import INTERPRET, contiguous, launch, next_pow2, register
 
 
@@ -110,7 +111,7 @@ def gather_sum(
     coef, indices, weight, bias, norm = contiguous(coef, indices, weight, bias, norm)
     n, m = indices.shape
     d = weight.shape[1]
-    out = torch.empty(n, d, dtype=weight.dtype, device=weight.device)
+    out = _launch.empty(n, d, dtype=weight.dtype, device=weight.device)
     if n == 0 or d == 0:
         return out
     cfg = gather_sum_config(m)
@@ -136,7 +137,7 @@ def gather_dot(rows: Tensor, indices: Tensor, weight: Tensor, norm: Optional[Ten
     """out [N, m] = rows[n] . weight[indices[n, j]] / norm[indices[n, j]], in rows' dtype."""
     rows, indices, weight, norm = contiguous(rows, indices, weight, norm)
     n, m = indices.shape
-    out = torch.empty(n, m, dtype=rows.dtype, device=rows.device)
+    out = _launch.empty(n, m, dtype=rows.dtype, device=rows.device)
     if n == 0 or m == 0:
         return out
     cfg = gather_dot_config(m)

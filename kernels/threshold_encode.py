@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _launch
 from ._launch import INTERPRET, contiguous, launch_opaque, register, sm_count
 from .topk_encode import (
     _MAX_SPLITS, _MIN_TILES_PER_SPLIT, _check, _common, _partition, _score_tile, _split_tiles, tile_config,
@@ -186,7 +187,7 @@ def threshold_encode(
     if not 0 <= max_width <= n_cols:
         raise ValueError(f"triton threshold_encode: expected 0 <= max_width <= {n_cols} (d_sae), got {max_width}")
     if n == 0:
-        return x_in.new_empty(0, 0), torch.empty(0, 0, dtype=torch.int64, device=device), torch.empty(
+        return x_in.new_empty(0, 0), _launch.empty(0, 0, dtype=torch.int64, device=device), _launch.empty(
             0, dtype=torch.int64, device=device
         )
     _check(x_in, n_cols, "threshold_encode")
@@ -203,9 +204,9 @@ def threshold_encode(
         )
 
     # Only the kept entries of the scratch are ever written (and read).
-    split_val = torch.empty(n, n_splits, cap, dtype=x_in.dtype, device=device)
-    split_lat = torch.empty(n, n_splits, cap, dtype=torch.int32, device=device)
-    split_count = torch.empty(n, n_splits, dtype=torch.int32, device=device)
+    split_val = _launch.empty(n, n_splits, cap, dtype=x_in.dtype, device=device)
+    split_lat = _launch.empty(n, n_splits, cap, dtype=torch.int32, device=device)
+    split_count = _launch.empty(n, n_splits, dtype=torch.int32, device=device)
     launch_opaque(
         _threshold_select_kernel, (row_blocks, n_splits),
         x_in, enc_weight, b_enc, dec_norm if dec_norm is not None else b_enc, cutoff,
@@ -215,8 +216,8 @@ def threshold_encode(
     counts = split_count.sum(1, dtype=torch.int64)
     # The output width depends on the data: the one host sync of this op.
     width = int(counts.max().clamp(max=max_width))
-    values = torch.empty(n, width, dtype=x_in.dtype, device=device)
-    indices = torch.empty(n, width, dtype=torch.int64, device=device)
+    values = _launch.empty(n, width, dtype=x_in.dtype, device=device)
+    indices = _launch.empty(n, width, dtype=torch.int64, device=device)
     gcfg = gather_config()
     grid = (triton.cdiv(n, gcfg["BLOCK_R"]),)
     if width > 0:

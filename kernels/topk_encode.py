@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _launch
 from ._launch import INTERPRET, contiguous, dot_precision, launch, next_pow2, register, sm_count
 
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -87,7 +88,8 @@ def _score_tile(
         if UPCAST:  # the interpreter's 16-bit dot is unreliable
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+        # out_dtype named: Triton 3.6 checks it against acc and defaults it to fp32, even for fp64.
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     pre = acc + tl.load(bias_ptr + lat).to(acc.dtype)[None, :]
@@ -308,7 +310,7 @@ def encode_columns(
     x_in, enc_weight, b_enc, dec_norm, latents = contiguous(x_in, enc_weight, b_enc, dec_norm, latents)
     n = x_in.shape[0]
     n_cols = latents.shape[0] if latents is not None else enc_weight.shape[0]
-    out = torch.empty(n, n_cols, dtype=x_in.dtype, device=x_in.device)
+    out = _launch.empty(n, n_cols, dtype=x_in.dtype, device=x_in.device)
     if n == 0 or n_cols == 0:
         return out
     _check(x_in, n_cols)
@@ -356,8 +358,8 @@ def topk_encode(
     x_in, enc_weight, b_enc, dec_norm, latents = contiguous(x_in, enc_weight, b_enc, dec_norm, latents)
     n = x_in.shape[0]
     n_cols = latents.shape[0] if latents is not None else enc_weight.shape[0]
-    values = torch.empty(n, k, dtype=x_in.dtype, device=x_in.device)
-    indices = torch.empty(n, k, dtype=torch.int64, device=x_in.device)
+    values = _launch.empty(n, k, dtype=x_in.dtype, device=x_in.device)
+    indices = _launch.empty(n, k, dtype=torch.int64, device=x_in.device)
     if n == 0 or k == 0:
         return values, indices
     _check(x_in, n_cols)
@@ -376,8 +378,8 @@ def topk_encode(
     if n_splits == 1:
         cand_val, cand_idx = values, indices
     else:
-        cand_val = torch.empty(n, n_splits, k, dtype=torch.float32, device=x_in.device)
-        cand_idx = torch.empty(n, n_splits, k, dtype=torch.int32, device=x_in.device)
+        cand_val = _launch.empty(n, n_splits, k, dtype=torch.float32, device=x_in.device)
+        cand_idx = _launch.empty(n, n_splits, k, dtype=torch.int32, device=x_in.device)
     launch(
         _topk_select_kernel, (row_blocks, n_splits),
         x_in, enc_weight, latents if latents is not None else b_enc, b_enc,

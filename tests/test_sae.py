@@ -235,6 +235,11 @@ def test_compile_fullgraph_and_vmap_take_the_dense_path(arch):
     assert_rel_close(batched.reshape(19, 48), eager, 1e-5, "vmap")
 
 
+# Each backend on the device it serves: the triton backend takes CUDA tensors on a GPU machine
+# and CPU tensors only under Triton's interpreter (tests/conftest.py sets it when there is no GPU).
+_BACKEND_DEVICE = {"torch": "cpu", "cpp": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 @pytest.mark.parametrize("arch", ["relu", "jumprelu"])
 def test_nan_input_row_gives_nan_on_the_sparse_path_as_on_the_dense_one(arch, backend, monkeypatch):
@@ -242,16 +247,17 @@ def test_nan_input_row_gives_nan_on_the_sparse_path_as_on_the_dense_one(arch, ba
     SAELens) on the row-wise sparse path too, not a silent b_dec; the other rows are unchanged."""
     spy = _CountCalls(fastsae.ops.threshold_encode)
     monkeypatch.setattr(fastsae.ops, "threshold_encode", spy)
-    sae = make_sae(arch, 48, 333, path="sparse")
-    dense = make_sae(arch, 48, 333, path="dense")
+    device = _BACKEND_DEVICE[backend]
+    sae = make_sae(arch, 48, 333, path="sparse").to(device)
+    dense = make_sae(arch, 48, 333, path="dense").to(device)
     dense.load_state_dict(sae.state_dict())
-    x = torch.randn(7, 48)
+    x = torch.randn(7, 48, device=device)
     x[3, 10] = float("nan")
     with fastsae.use_backend(backend):
         got, want = sae(x), dense(x)
     assert spy.calls == 1 and sae._sparse_hint, "the sparse path did not answer"
     assert got[3].isnan().all() and want[3].isnan().all()
-    others = torch.arange(7) != 3
+    others = torch.arange(7, device=device) != 3
     assert_rel_close(got[others], want[others].detach(), 1e-5, "rows without NaN")
 
 

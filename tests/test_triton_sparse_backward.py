@@ -5,7 +5,7 @@ float64 autograd, with the `triton` backend forced."""
 import pytest
 import torch
 from conftest import assert_rel_close
-from triton_util import DEVICE, poisoned  # noqa: F401  (fixture)
+from triton_util import DEVICE, poisoned, triton_ops  # noqa: F401  (fixture)
 
 import fastsae
 from fastsae import ops
@@ -30,7 +30,7 @@ def test_scatter_outer_matches_float64(use_sub, use_norm):
     rows = torch.randn(n, d_in, device=DEVICE)
     sub = torch.randn(d_in, device=DEVICE) if use_sub else None
     norm = torch.rand(d_sae, device=DEVICE) + 0.5 if use_norm else None
-    out, colsum = torch.ops.fastsae_triton.scatter_outer(coef, indices, rows, sub, norm, d_sae)
+    out, colsum = triton_ops.scatter_outer(coef, indices, rows, sub, norm, d_sae)
     dense = _dense(coef, indices, d_sae)
     src = rows.double() - (sub.double() if use_sub else 0)
     ref = dense.T @ src
@@ -158,8 +158,8 @@ def test_opcheck_scatter_outer():
     rows = torch.randn(n, d_in, device=DEVICE)
     sub = torch.randn(d_in, device=DEVICE)
     norm = torch.rand(d_sae, device=DEVICE) + 0.5
-    torch.library.opcheck(torch.ops.fastsae_triton.scatter_outer.default, (coef, indices, rows, sub, None, d_sae))
-    torch.library.opcheck(torch.ops.fastsae_triton.scatter_outer.default, (coef, indices, rows, None, norm, d_sae))
+    torch.library.opcheck(triton_ops.scatter_outer.default, (coef, indices, rows, sub, None, d_sae))
+    torch.library.opcheck(triton_ops.scatter_outer.default, (coef, indices, rows, None, norm, d_sae))
 
 
 @pytest.mark.parametrize("n_dead,k_aux", [(60, 24), (10, 24)])

@@ -4,7 +4,7 @@ with the `triton` backend forced."""
 import pytest
 import torch
 from conftest import assert_bf16_close, assert_rel_close
-from triton_util import DEVICE, poisoned  # noqa: F401  (fixture)
+from triton_util import DEVICE, poisoned, triton_ops  # noqa: F401  (fixture)
 
 import fastsae
 from fastsae import ops
@@ -56,7 +56,7 @@ def test_gather_dot_matches_float64(m, use_norm):
     indices = torch.randint(0, d_sae, (n, m), device=DEVICE)
     W = torch.randn(d_sae, d_in, device=DEVICE)
     norm = torch.rand(d_sae, device=DEVICE) + 0.5 if use_norm else None
-    out = torch.ops.fastsae_triton.gather_dot(rows, indices, W, norm)
+    out = triton_ops.gather_dot(rows, indices, W, norm)
     ref = (rows.double() @ W.double().T).gather(1, indices)
     if use_norm:
         ref = ref / norm.double()[indices]
@@ -87,9 +87,9 @@ def test_opcheck_decode_ops():
     W = torch.randn(d_sae, d_in, device=DEVICE)
     b = torch.randn(d_in, device=DEVICE)
     norm = torch.rand(d_sae, device=DEVICE) + 0.5
-    torch.library.opcheck(torch.ops.fastsae_triton.sparse_decode.default, (values, indices, W, b, norm))
-    torch.library.opcheck(torch.ops.fastsae_triton.sparse_decode.default, (values, indices, W, None, None))
-    torch.library.opcheck(torch.ops.fastsae_triton.gather_dot.default, (torch.randn(n, d_in, device=DEVICE), indices, W, norm))
+    torch.library.opcheck(triton_ops.sparse_decode.default, (values, indices, W, b, norm))
+    torch.library.opcheck(triton_ops.sparse_decode.default, (values, indices, W, None, None))
+    torch.library.opcheck(triton_ops.gather_dot.default, (torch.randn(n, d_in, device=DEVICE), indices, W, norm))
 
 
 def test_non_contiguous_inputs():

@@ -5,14 +5,14 @@ import pytest
 import torch
 from conftest import assert_bf16_close, assert_rel_close
 from threshold_testing import check_threshold_selection
-from triton_util import DEVICE, poisoned  # noqa: F401  (fixture)
+from triton_util import DEVICE, poisoned, triton_ops  # noqa: F401  (fixture)
 
 import fastsae
 from fastsae import ops, reference
 
 pytestmark = pytest.mark.usefixtures("poisoned")
 
-_ops = torch.ops.fastsae_triton
+_ops = triton_ops
 
 
 def _inputs(n, d_in, d_sae, dtype=torch.float32, extremes=True):

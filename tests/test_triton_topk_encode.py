@@ -4,7 +4,7 @@ AuxK pass) against float64 references, with the `triton` backend forced."""
 import pytest
 import torch
 from conftest import assert_bf16_close, assert_rel_close
-from triton_util import DEVICE, poisoned  # noqa: F401  (fixture)
+from triton_util import DEVICE, poisoned, triton_ops  # noqa: F401  (fixture)
 
 import fastsae
 from fastsae import ops
@@ -59,7 +59,7 @@ def test_topk_encode_any_number_of_splits(splits):
     """The latent range split across programs and merged. Under the interpreter d_sae = 333 is
     6 tiles of 64, so 6 splits leave the last one 13 latents, fewer than k = 16."""
     x, enc, b_enc, _, dec_norm = _inputs(37, 48, 333)
-    values, indices = torch.ops.fastsae_triton.topk_encode(x, enc, b_enc, dec_norm, None, 16, True, splits)
+    values, indices = triton_ops.topk_encode(x, enc, b_enc, dec_norm, None, 16, True, splits)
     _check_topk(values, indices, _pre64(x, enc, b_enc, dec_norm), 16)
 
 
@@ -68,7 +68,7 @@ def test_topk_encode_without_relu_over_a_latent_list():
     x, enc, b_enc, _, _ = _inputs(37, 48, 333)
     b_enc = b_enc - 2.0  # most pre-activations negative: ReLU would show
     latents = torch.randperm(333, device=DEVICE)[:150].sort().values
-    values, indices = torch.ops.fastsae_triton.topk_encode(x, enc, b_enc, None, latents, 9, False, 3)
+    values, indices = triton_ops.topk_encode(x, enc, b_enc, None, latents, 9, False, 3)
     pre64 = _pre64(x, enc, b_enc, None)
     masked = torch.full_like(pre64, float("-inf"))
     masked[:, latents] = pre64[:, latents]
@@ -115,16 +115,16 @@ def test_topk_encode_large_k_takes_row_chunks(monkeypatch):
     x, enc, b_enc, _, dec_norm = _inputs(37, 48, 333)
     k = 200
     assert k > module.MAX_FUSED_K
-    values, indices = torch.ops.fastsae_triton.topk_encode(x, enc, b_enc, dec_norm, None, k, True, 0)
+    values, indices = triton_ops.topk_encode(x, enc, b_enc, dec_norm, None, k, True, 0)
     _check_topk(values, indices, _pre64(x, enc, b_enc, dec_norm), k)
 
 
 def test_encode_columns_matches_float64():
     x, enc, b_enc, _, dec_norm = _inputs(37, 100, 333)
     latents = torch.tensor([5, 0, 332, 17, 17, 200], device=DEVICE)
-    out = torch.ops.fastsae_triton.encode_columns(x, enc, b_enc, dec_norm, latents)
+    out = triton_ops.encode_columns(x, enc, b_enc, dec_norm, latents)
     assert_rel_close(out, _pre64(x, enc, b_enc, dec_norm)[:, latents], 1e-5, "listed columns")
-    out = torch.ops.fastsae_triton.encode_columns(x, enc, b_enc, None, None)
+    out = triton_ops.encode_columns(x, enc, b_enc, None, None)
     assert_rel_close(out, _pre64(x, enc, b_enc, None), 1e-5, "all columns")
 
 
@@ -151,15 +151,15 @@ def test_triton_op_rejects_k_beyond_candidates():
     x, enc, b_enc, _, _ = _inputs(4, 48, 333)
     latents = torch.arange(5, device=DEVICE)
     with pytest.raises(ValueError, match="expected 1 <= k <= 5"):
-        torch.ops.fastsae_triton.topk_encode(x, enc, b_enc, None, latents, 6, True, 0)
+        triton_ops.topk_encode(x, enc, b_enc, None, latents, 6, True, 0)
 
 
 def test_opcheck_encoder_ops():
     x, enc, b_enc, _, dec_norm = _inputs(6, 10, 17)
     latents = torch.tensor([3, 1, 16, 8], device=DEVICE)
-    torch.library.opcheck(torch.ops.fastsae_triton.topk_encode.default, (x, enc, b_enc, dec_norm, None, 3, True, 0))
-    torch.library.opcheck(torch.ops.fastsae_triton.topk_encode.default, (x, enc, b_enc, None, latents, 2, False, 0))
-    torch.library.opcheck(torch.ops.fastsae_triton.encode_columns.default, (x, enc, b_enc, dec_norm, latents))
+    torch.library.opcheck(triton_ops.topk_encode.default, (x, enc, b_enc, dec_norm, None, 3, True, 0))
+    torch.library.opcheck(triton_ops.topk_encode.default, (x, enc, b_enc, None, latents, 2, False, 0))
+    torch.library.opcheck(triton_ops.encode_columns.default, (x, enc, b_enc, dec_norm, latents))
 
 
 def test_torch_compile_traces_the_ops():
@@ -169,8 +169,8 @@ def test_torch_compile_traces_the_ops():
     W_dec = torch.randn(333, 48, device=DEVICE)
 
     def f(x):
-        v, i = torch.ops.fastsae_triton.topk_encode(x, enc, b_enc, dec_norm, None, 7, True, 0)
-        return torch.ops.fastsae_triton.sparse_decode(v, i, W_dec, None, dec_norm)
+        v, i = triton_ops.topk_encode(x, enc, b_enc, dec_norm, None, 7, True, 0)
+        return triton_ops.sparse_decode(v, i, W_dec, None, dec_norm)
 
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"
     compiled = torch.compile(f, backend=backend, fullgraph=True)
