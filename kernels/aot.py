@@ -44,13 +44,18 @@ class Case:
         self.name = self.kernel.__name__
 
 
+def _precision(dtype) -> str:
+    """tl.dot's input precision as the launchers pick it with torch's defaults (`dot_precision`)."""
+    return {torch.float32: "tf32x3", torch.float64: "ieee"}.get(dtype, "tf32")
+
+
 def _select_case(k: int, dtype, final: bool, aux: bool = False, norm: bool = False, quick: bool = False) -> Case:
     k_pad = 1 << (k - 1).bit_length()
     cfg = topk_encode.select_config(k_pad, dtype)
     launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages")}
     const = dict(
         K=k, K_PAD=k_pad, HAS_LIST=aux, HAS_NORM=norm, RELU=final and not aux, EVEN_K=True,
-        DOT_PRECISION="tf32x3" if dtype == torch.float32 else "tf32", UPCAST=False, **cfg,
+        DOT_PRECISION=_precision(dtype), UPCAST=False, **cfg,
     )
     out_v = dtype if final else torch.float32
     out_i = torch.int64 if final else torch.int32
@@ -87,62 +92,77 @@ def cases() -> list[Case]:
             dict(K=k, L_PAD=l_pad, RELU=True, BLOCK_R=mcfg["BLOCK_R"]), num_warps=mcfg["num_warps"], num_stages=1,
             aligned=("N", "L"), quick=(k == 32),
         ))
-    ccfg = topk_encode.columns_config(bf16)
-    launch = {key: ccfg.pop(key) for key in ("num_warps", "num_stages")}
-    out.append(Case(
-        topk_encode._encode_columns_kernel, "bf16 aux columns " + " ".join(f"{a}={b}" for a, b in ccfg.items()),
-        dict(x_ptr=bf16, w_ptr=bf16, lat_ptr=torch.int64, bias_ptr=bf16, norm_ptr=bf16, out_ptr=bf16),
-        dict(HAS_LIST=True, HAS_NORM=False, EVEN_K=True, DOT_PRECISION="tf32", UPCAST=False, **ccfg),
-        aligned=("N", "D_IN", "n_cols"), quick=True, **launch,
-    ))
+    # Every input dtype the launchers accept (fp16 and fp64 too): each compiles differently
+    # (fp64 has no tensor-core path; Triton 3.6 and 3.9 disagree on what tl.dot accepts there).
+    out.append(_select_case(32, torch.float16, final=True))
+    out.append(_select_case(32, torch.float64, final=True))
+    out.append(_select_case(32, torch.float64, final=False, aux=True))
+    out.append(_select_case(128, torch.float64, final=True))
+    for dtype in (bf16, torch.float32, torch.float64):
+        ccfg = topk_encode.columns_config(dtype)
+        launch = {key: ccfg.pop(key) for key in ("num_warps", "num_stages")}
+        out.append(Case(
+            topk_encode._encode_columns_kernel,
+            f"{_TYPES[dtype]} aux columns " + " ".join(f"{a}={b}" for a, b in ccfg.items()),
+            dict(x_ptr=dtype, w_ptr=dtype, lat_ptr=torch.int64, bias_ptr=dtype, norm_ptr=dtype, out_ptr=dtype),
+            dict(HAS_LIST=True, HAS_NORM=False, EVEN_K=True, DOT_PRECISION=_precision(dtype), UPCAST=False, **ccfg),
+            aligned=("N", "D_IN", "n_cols"), quick=(dtype == bf16), **launch,
+        ))
     # Threshold encode (ReLU / JumpReLU): the selection pass with and without decoder norms, fp32
     # inputs, and the gather into [N, m] (whose configuration does not depend on the shape).
-    for dtype, norm in ((bf16, False), (bf16, True), (torch.float32, False)):
+    for dtype, norm in ((bf16, False), (bf16, True), (torch.float16, False), (torch.float32, False), (torch.float64, True)):
         cfg = threshold_encode.select_config(dtype)
         launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages")}
         out.append(Case(
             threshold_encode._threshold_select_kernel,
             f"{_TYPES[dtype]}{' norm' if norm else ''} " + " ".join(f"{a}={b}" for a, b in cfg.items()),
-            dict(x_ptr=dtype, w_ptr=dtype, bias_ptr=dtype, norm_ptr=dtype, cutoff_ptr=torch.float32, val_ptr=dtype,
+            dict(x_ptr=dtype, w_ptr=dtype, bias_ptr=dtype, norm_ptr=dtype,
+                 cutoff_ptr=torch.float64 if dtype == torch.float64 else torch.float32, val_ptr=dtype,
                  lat_ptr=torch.int32, count_ptr=torch.int32),
-            dict(HAS_NORM=norm, EVEN_K=True, DOT_PRECISION="tf32x3" if dtype == torch.float32 else "tf32", UPCAST=False,
-                 **cfg),
+            dict(HAS_NORM=norm, EVEN_K=True, DOT_PRECISION=_precision(dtype), UPCAST=False, **cfg),
             aligned=("N", "D_IN", "n_cols"), quick=(dtype == bf16 and not norm), **launch,
         ))
-    gcfg = threshold_encode.gather_config()
-    warps = gcfg.pop("num_warps")
-    out.append(Case(
-        threshold_encode._threshold_gather_kernel, "bf16 " + " ".join(f"{a}={b}" for a, b in gcfg.items()),
-        dict(split_val_ptr=bf16, split_lat_ptr=torch.int32, split_count_ptr=torch.int32, val_ptr=bf16, idx_ptr=torch.int64),
-        dict(**gcfg), num_warps=warps, num_stages=1, aligned=("N",), quick=True,
-    ))
+    for dtype in (bf16, torch.float64):
+        gcfg = threshold_encode.gather_config()
+        warps = gcfg.pop("num_warps")
+        out.append(Case(
+            threshold_encode._threshold_gather_kernel, f"{_TYPES[dtype]} " + " ".join(f"{a}={b}" for a, b in gcfg.items()),
+            dict(split_val_ptr=dtype, split_lat_ptr=torch.int32, split_count_ptr=torch.int32, val_ptr=dtype,
+                 idx_ptr=torch.int64),
+            dict(**gcfg), num_warps=warps, num_stages=1, aligned=("N",), quick=(dtype == bf16),
+        ))
     # Sparse decode (x_hat, with norm and bias) and the encoder's grad x (neither), k = 32 / 64.
-    for m, decode in ((32, True), (64, True), (64, False)):
+    for m, decode, dtype in ((32, True, bf16), (64, True, bf16), (64, False, bf16), (32, True, torch.float32),
+                             (32, True, torch.float64)):
         cfg = sparse_decode.gather_sum_config(m)
         warps = cfg.pop("num_warps")
         out.append(Case(
             sparse_decode._gather_sum_kernel,
-            f"bf16 m={m} {'decode' if decode else 'grad x'} " + " ".join(f"{a}={b}" for a, b in cfg.items()),
-            dict(coef_ptr=bf16, idx_ptr=torch.int64, w_ptr=bf16, norm_ptr=bf16, bias_ptr=bf16, out_ptr=bf16),
+            f"{_TYPES[dtype]} m={m} {'decode' if decode else 'grad x'} " + " ".join(f"{a}={b}" for a, b in cfg.items()),
+            dict(coef_ptr=dtype, idx_ptr=torch.int64, w_ptr=dtype, norm_ptr=dtype, bias_ptr=dtype, out_ptr=dtype),
             dict(HAS_NORM=decode, HAS_BIAS=decode, **cfg), num_warps=warps, aligned=("N", "M", "D"),
-            quick=(m == 32),
+            quick=(m == 32 and dtype == bf16),
         ))
-    for m in (32, 64):
+    for m, dtype in ((32, bf16), (64, bf16), (32, torch.float64)):
         cfg = sparse_decode.gather_dot_config(m)
         warps = cfg.pop("num_warps")
         out.append(Case(
-            sparse_decode._gather_dot_kernel, f"bf16 m={m} grad values " + " ".join(f"{a}={b}" for a, b in cfg.items()),
-            dict(rows_ptr=bf16, idx_ptr=torch.int64, w_ptr=bf16, norm_ptr=bf16, out_ptr=bf16),
-            dict(HAS_NORM=True, **cfg), num_warps=warps, aligned=("N", "M", "D"), quick=(m == 32),
+            sparse_decode._gather_dot_kernel,
+            f"{_TYPES[dtype]} m={m} grad values " + " ".join(f"{a}={b}" for a, b in cfg.items()),
+            dict(rows_ptr=dtype, idx_ptr=torch.int64, w_ptr=dtype, norm_ptr=dtype, out_ptr=dtype),
+            dict(HAS_NORM=True, **cfg), num_warps=warps, aligned=("N", "M", "D"), quick=(m == 32 and dtype == bf16),
         ))
-    for sub, norm, what in ((True, False, "grad enc_weight"), (False, True, "grad W_dec")):
+    for sub, norm, what, dtype in ((True, False, "grad enc_weight", bf16), (False, True, "grad W_dec", bf16),
+                                   (False, True, "grad W_dec", torch.float32), (True, True, "both", torch.float64)):
         cfg = sparse_backward.scatter_config()
         warps = cfg.pop("num_warps")
         out.append(Case(
-            sparse_backward._scatter_outer_kernel, f"bf16 {what} " + " ".join(f"{a}={b}" for a, b in cfg.items()),
-            dict(order_ptr=torch.int64, offsets_ptr=torch.int64, coef_ptr=bf16, rows_ptr=bf16, sub_ptr=bf16,
-                 norm_ptr=bf16, out_ptr=bf16, colsum_ptr=bf16),
-            dict(HAS_SUB=sub, HAS_NORM=norm, **cfg), num_warps=warps, aligned=("d_sae", "M", "D"), quick=sub,
+            sparse_backward._scatter_outer_kernel,
+            f"{_TYPES[dtype]} {what} " + " ".join(f"{a}={b}" for a, b in cfg.items()),
+            dict(order_ptr=torch.int64, offsets_ptr=torch.int64, coef_ptr=dtype, rows_ptr=dtype, sub_ptr=dtype,
+                 norm_ptr=dtype, out_ptr=dtype, colsum_ptr=dtype),
+            dict(HAS_SUB=sub, HAS_NORM=norm, **cfg), num_warps=warps, aligned=("d_sae", "M", "D"),
+            quick=(sub and not norm and dtype == bf16),
         ))
     return out
 

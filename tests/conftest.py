@@ -33,8 +33,9 @@ def assert_bf16_close(out: torch.Tensor, ref: torch.Tensor, same_dtype: torch.Te
     assert err <= 2 * base + atol, f"{what}: error {err:.3g} > 2 * {base:.3g} + {atol:g}"
 
 
-def encoder_inputs(n, d_in, d_sae, dtype=torch.float32, device="cpu"):
-    """x, enc_weight [d_sae, d_in], b_enc, b_dec, dec_norm: fresh random values, never zeros."""
+def encoder_inputs(n, d_in, d_sae, dtype=torch.float32, device=None):
+    """x, enc_weight [d_sae, d_in], b_enc, b_dec, dec_norm: fresh random values, never zeros.
+    On torch's default device unless `device` is given (see `backend_device`)."""
     x = torch.randn(n, d_in, dtype=dtype, device=device)
     enc = torch.randn(d_sae, d_in, dtype=dtype, device=device) / d_in**0.5
     b_enc = torch.randn(d_sae, dtype=dtype, device=device) * 0.1
@@ -48,3 +49,38 @@ def pre_activations64(x, enc, b_enc, b_dec, dec_norm):
     x, enc, b_enc = x.double(), enc.double(), b_enc.double()
     pre = (x - b_dec.double() if b_dec is not None else x) @ enc.T + b_enc
     return pre * dec_norm.double() if dec_norm is not None else pre
+
+
+@pytest.fixture
+def backend_device(request):
+    """For tests parametrized over `backend`: run the test body on the device that backend serves.
+    The triton backend takes CPU tensors only under Triton's interpreter (no GPU here); on a GPU
+    machine its variant runs with CUDA as torch's default device, so the same assertions check
+    the compiled kernels."""
+    backend = request.node.callspec.params.get("backend") if hasattr(request.node, "callspec") else None
+    if backend == "triton" and torch.cuda.is_available():
+        with torch.device("cuda"):
+            yield "cuda"
+    else:
+        yield "cpu"
+
+
+# FASTSAE_TEST_FAILURE_LOG=PATH: each failure is appended to PATH the moment it is reported (test
+# id and the error's last line), so a run cut short by a time limit still leaves its failures.
+# Under pytest-xdist only the controller writes (it receives every worker's reports, crashes too).
+_failure_log = os.environ.get("FASTSAE_TEST_FAILURE_LOG")
+_is_controller = True
+
+
+def pytest_configure(config):
+    global _is_controller
+    _is_controller = not hasattr(config, "workerinput")
+
+
+def pytest_runtest_logreport(report):
+    if not (_failure_log and _is_controller and report.failed):
+        return
+    lines = [line for line in str(report.longrepr).splitlines() if line.strip()]
+    why = lines[-1].strip() if lines else ""
+    with open(_failure_log, "a") as f:
+        f.write(f"FAILED ({report.when}) {report.nodeid} - {why[:300]}\n")

@@ -1,4 +1,4 @@
-"""fastsae::threshold_encode (the row-wise sparse ReLU/JumpReLU encode) on every CPU backend,
+"""fastsae::threshold_encode (the row-wise sparse ReLU/JumpReLU encode) on every backend,
 against float64: the selection, the values, the counts, the padding and every gradient.
 
 Near the cutoff a latent whose float64 pre-activation lies within rounding of it may go either
@@ -12,8 +12,10 @@ from threshold_testing import check_threshold_selection
 import fastsae
 from fastsae import ops, reference
 
-# The Triton kernels run in the interpreter here: keep its shapes small.
+# The Triton kernels run in the interpreter here: keep its shapes small. On a GPU machine the
+# triton variants run on CUDA tensors (conftest.backend_device).
 BACKENDS = ["torch", "cpp", "triton"]
+pytestmark = pytest.mark.usefixtures("backend_device")
 SHAPES = [(48, 333), (100, 1000), (17, 65)]
 
 
