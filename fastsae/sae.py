@@ -45,6 +45,11 @@ def _tracing() -> bool:
     return bool(functorch_active is not None and functorch_active())
 
 
+# The row-wise sparse path's default width limit per device type, as d_sae / divisor, from the
+# committed sweeps of benchmarks/bench_sparse_path.py; device types not listed take the dense path.
+_SPARSE_PATH_DIVISOR = {"cpu": 8}
+
+
 class SAE(nn.Module):
     """A sparse autoencoder: `SAE(SAEConfig(...))` or `SAE(d_in=..., d_sae=..., architecture=..., k=...)`.
 
@@ -192,10 +197,13 @@ class SAE(nn.Module):
 
     def default_sparse_width_limit(self) -> int:
         """d_sae / 8 on CPU: there a ReLU training step on the sparse path was faster than the dense
-        one up to rows of ~d_sae / 5 active latents (benchmarks/bench_sparse_path.py, 2048 x
-        768 -> 16384: 5.7x at L0 16, 2.5x at L0 1023, 1.4x at L0 2050, 0.8x at L0 4099). d_sae / 32
-        elsewhere: GPUs' dense products are cheaper against gathers (not yet measured on one)."""
-        return max(1, self.d_sae // (8 if self.device.type == "cpu" else 32))
+        one up to rows of ~d_sae / 5 active latents (benchmarks/results/sparse-path-cpu-*.json,
+        2048 x 768 -> 16384: 5.7x at L0 16, 2.5x at L0 1023, 1.4x at L0 2050, 0.8x at L0 4099).
+        0 (the dense path) on GPUs: on an H200 the sparse step was slower at every L0 measured
+        (benchmarks/results/sparse-path-h200-2026-11-29.json, 4096 x 768 -> 24576, bf16: dense
+        time / sparse time 0.74 at L0 31, 0.24 at L0 2017), until a committed sweep shows it winning."""
+        divisor = _SPARSE_PATH_DIVISOR.get(self.device.type)
+        return max(1, self.d_sae // divisor) if divisor else 0
 
     def _width_limit(self) -> int:
         limit = self.sparse_width_limit
