@@ -66,6 +66,7 @@ class SAE(nn.Module):
     _sparse_hint = True
     _dense_passes_to_skip = 0
     _overflow_backoff = 1
+    _batchtopk_bound = 0  # BatchTopK training: the per-row candidate count the last batch needed
 
     def __init__(self, cfg: Optional[SAEConfig] = None, **kwargs):
         super().__init__()
@@ -280,10 +281,41 @@ class SAE(nn.Module):
             return JumpReLU.apply(pre, self.threshold[indices], self.cfg.jumprelu_bandwidth)
         return pre.relu()  # relu; batchtopk at inference (the cutoff already holds its threshold)
 
-    def _topk_flat(self, x2: Tensor, dead_mask: Optional[Tensor] = None, k_aux: int = 0):
+    def _topk_flat(self, x2: Tensor, dead_mask: Optional[Tensor] = None, k_aux: int = 0, k: Optional[int] = None):
         return ops.topk_encode(
-            x2, self.enc_weight, self.b_enc, self._b_dec_in(), self._dec_norm(), self.cfg.k, dead_mask, k_aux
+            x2, self.enc_weight, self.b_enc, self._b_dec_in(), self._dec_norm(), k or self.cfg.k, dead_mask, k_aux
         )
+
+    def _batchtopk_sparse(self, x2: Tensor, dead_mask: Optional[Tensor], n_aux: int):
+        """BatchTopK's training selection (the batch's N k largest activations) without the dense
+        matrix: each row's top `bound` candidates from the top-k encoder, then the batch's N k
+        largest among them. Exact unless a row had all its candidates selected while its smallest
+        one is positive (its next entries might belong too): then the bound doubles and the batch
+        is encoded again (and the larger bound kept for the next batches). Returns (values,
+        indices, aux values, aux indices) with rows padded by value-0 slots, or None for the
+        dense path (off, or traced: the width depends on the data)."""
+        if self._width_limit() <= 0 or _tracing():
+            return None
+        n, k, d_sae = x2.shape[0], self.cfg.k, self.d_sae
+        bound = min(d_sae, max(self._batchtopk_bound or 0, 4 * k))
+        while True:
+            cand, cand_idx, aux_values, aux_indices = self._topk_flat(x2, dead_mask if n_aux else None, n_aux, bound)
+            n_keep = min(n * k, n * bound)
+            chosen = cand.detach().flatten().topk(n_keep, sorted=False).indices
+            keep = torch.zeros(n * bound, dtype=torch.bool, device=cand.device)
+            keep[chosen] = True
+            keep = keep.view(n, bound)
+            saturated = keep.all(1) & (cand.detach().amin(1) > 0)
+            if bound >= d_sae or not bool(saturated.any()):
+                break
+            bound = min(d_sae, 2 * bound)
+        self._batchtopk_bound = bound
+        # Compact each row to the batch's widest row: its kept entries first, then value-0 slots at
+        # other candidates of the row (distinct latents, no gradient).
+        width = max(1, int(keep.sum(1).max())) if n else 0
+        order = cand.detach().masked_fill(~keep, float("-inf")).topk(width, dim=1).indices
+        values = torch.where(keep.gather(1, order), cand.gather(1, order), cand.new_zeros(()))
+        return values, cand_idx.gather(1, order), aux_values, aux_indices
 
     def encode_sparse(self, x: Tensor) -> SparseActivations:
         """Activations as `SparseActivations` with x's leading dims: [..., m]."""
@@ -387,6 +419,15 @@ class SAE(nn.Module):
             values, indices, aux_values, aux_indices = self._topk_flat(x2, dead_mask if n_aux else None, n_aux)
             acts = SparseActivations(values, indices, self.d_sae)
             x_hat = ops.sparse_decode(values, indices, self.W_dec, self.b_dec, self._dec_norm())
+            if n_aux:
+                aux_pair = (aux_values, aux_indices, n_aux)
+        elif arch == "batchtopk" and (
+            batch_sparse := self._batchtopk_sparse(x2, dead_mask, n_aux := self._aux_width(dead_mask, k_aux))
+        ) is not None:
+            values, indices, aux_values, aux_indices = batch_sparse
+            acts = SparseActivations(values, indices, self.d_sae)
+            x_hat = ops.sparse_decode(values, indices, self.W_dec, self.b_dec, self._dec_norm())
+            self._update_topk_threshold(values)
             if n_aux:
                 aux_pair = (aux_values, aux_indices, n_aux)
         elif (sparse_pre := self._sparse_pre(x2) if arch in ("relu", "jumprelu") else None) is not None:
