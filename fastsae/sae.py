@@ -12,16 +12,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from fastsae import ops
-from fastsae.activations import JumpReLU, Step, batch_topk
+from fastsae import architectures, ops
 from fastsae.config import SAEConfig
-from fastsae.sparse import SparseActivations, pad_at_free_latents
+from fastsae.sparse import SparseActivations, pad_at_free_latents, tracing
 
 
 @dataclass
@@ -34,15 +33,6 @@ class TrainOutput:
     sparsity_loss: Tensor
     aux_loss: Tensor
     loss: Tensor
-
-
-def _tracing() -> bool:
-    """Under torch.compile or a torch.func transform: the sparse path's data-dependent width would
-    break them (a graph break, an error with fullgraph=True or vmap), so they get the dense path."""
-    if torch.compiler.is_compiling():
-        return True
-    functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(functorch_active is not None and functorch_active())
 
 
 # The row-wise sparse path's default width limit per device type, as d_sae / divisor, from the
@@ -90,19 +80,9 @@ class SAE(nn.Module):
         self.W_dec = nn.Parameter(w_dec)
         # Tied initialisation (W_enc = W_dec^T), stored latent-major.
         self.W_enc = nn.Parameter(w_dec.clone().t())
-        if cfg.architecture == "gated":
-            # Gate and magnitude paths share W_enc; the magnitude path rescales it by exp(r_mag).
-            self.b_gate = nn.Parameter(torch.zeros(d_sae, **factory))
-            self.r_mag = nn.Parameter(torch.zeros(d_sae, **factory))
-            self.b_mag = nn.Parameter(torch.zeros(d_sae, **factory))
-        else:
-            self.b_enc = nn.Parameter(torch.zeros(d_sae, **factory))
+        self.arch.create_parameters(self, factory)
         self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
-        if cfg.architecture == "jumprelu":
-            self.threshold = nn.Parameter(torch.full((d_sae,), cfg.jumprelu_init_threshold, **factory))
-        if cfg.architecture == "batchtopk":
-            # The inference threshold: an EMA of the smallest positive training activation.
-            self.register_buffer("topk_threshold", torch.zeros((), dtype=torch.float64, device=factory["device"]))
+        self.arch.create_extra_parameters(self, factory)
         # ReLU, JumpReLU (and BatchTopK at inference) take the row-wise sparse path while no row of
         # a batch has more than this many active latents, the dense path otherwise; 0: always
         # dense; None: the device's default (`default_sparse_width_limit`).
@@ -124,6 +104,11 @@ class SAE(nn.Module):
     @property
     def architecture(self) -> str:
         return self.cfg.architecture
+
+    @property
+    def arch(self) -> architectures.Architecture:
+        """The architecture's own methods (`fastsae.architectures`), over this module's tensors."""
+        return architectures.get(self.cfg.architecture)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -167,32 +152,9 @@ class SAE(nn.Module):
     # ------------------------------------------------------------ encode
 
     def _pre_dense(self, x2: Tensor) -> Tensor:
-        """Pre-activations [N, d_sae]; for gated, x_in @ W_enc (shared by both paths, no bias)."""
+        """Pre-activations [N, d_sae] (for gated x_in @ W_enc, shared by both paths, no bias)."""
         x_in = x2 - self.b_dec if self.cfg.apply_b_dec_to_input else x2
-        if self.architecture == "gated":
-            return x_in @ self.W_enc
-        pre = x_in @ self.W_enc + self.b_enc
-        dec_norm = self._dec_norm()
-        return pre * dec_norm if dec_norm is not None else pre
-
-    def _acts_dense(self, x2: Tensor, pre: Optional[Tensor] = None) -> Tensor:
-        """Dense activations [N, d_sae] for relu, jumprelu, batchtopk and gated."""
-        pre = self._pre_dense(x2) if pre is None else pre
-        arch = self.architecture
-        if arch == "relu":
-            return pre.relu()
-        if arch == "jumprelu":
-            return JumpReLU.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth)
-        if arch == "gated":
-            # SAELens' GatedSAE: 1[x_in W_enc + b_gate > 0] * relu(x_in (W_enc * exp(r_mag)) + b_mag),
-            # with one matmul: (x_in W_enc) * exp(r_mag) equals it up to rounding.
-            gate = (pre + self.b_gate > 0).to(pre.dtype)
-            return gate * (pre * self.r_mag.exp() + self.b_mag).relu()
-        if arch == "batchtopk":
-            if self.training:
-                return batch_topk(pre.relu(), self.cfg.k)
-            return pre.relu() * (pre > self.topk_threshold).to(pre.dtype)
-        raise AssertionError(arch)
+        return self.arch.pre_dense(self, x_in)
 
     # ------------------------------------------------------------ row-wise sparse path
 
@@ -212,23 +174,8 @@ class SAE(nn.Module):
 
     def _sparse_cutoff(self) -> Optional[Tensor]:
         """The per-latent cutoff above which pre-activations enter the sparse form, or None where
-        the architecture (gated, batchtopk in training) has no per-latent rule."""
-        arch, d_sae = self.architecture, self.d_sae
-        acc = torch.promote_types(self.dtype, torch.float32)  # the kernels compare in this type
-        if arch == "relu":
-            return torch.zeros(d_sae, dtype=acc, device=self.device)
-        if arch == "jumprelu":
-            threshold = self.threshold.detach().to(acc)
-            if torch.is_grad_enabled() and self.threshold.requires_grad:
-                # The threshold's pseudo-gradients see every pre-activation within bandwidth/2 of it;
-                # the margin keeps entries that rounding of 16-bit pre-activations could bring in
-                # (extra entries cost a slot each and contribute exactly 0).
-                bandwidth = self.cfg.jumprelu_bandwidth
-                return threshold - (bandwidth / 2 + bandwidth / 16)
-            return threshold.clamp_min(0)
-        if arch == "batchtopk" and not self.training:
-            return self.topk_threshold.clamp_min(0).to(acc).expand(d_sae)
-        return None
+        the architecture (gated, topk, batchtopk in training) has no per-latent rule."""
+        return self.arch.sparse_cutoff(self, torch.promote_types(self.dtype, torch.float32))  # the kernels' type
 
     def _sparse_pre(self, x2: Tensor) -> Optional[tuple[Tensor, Tensor]]:
         """(pre-activations [N, m] with -inf padding, indices [N, m]) from the row-wise sparse
@@ -236,7 +183,7 @@ class SAE(nn.Module):
         dense)."""
         cutoff = self._sparse_cutoff()
         limit = self._width_limit()
-        if cutoff is None or limit <= 0 or not self._sparse_hint or _tracing():
+        if cutoff is None or limit <= 0 or not self._sparse_hint or tracing():
             return None
         limit = min(limit, self.d_sae)
         pre, indices, counts = ops.threshold_encode(
@@ -265,7 +212,7 @@ class SAE(nn.Module):
         Looked at every 8th dense pass at most (on a GPU each look waits for the device)."""
         cutoff = self._sparse_cutoff()
         limit = self._width_limit()
-        if cutoff is None or limit <= 0 or self._sparse_hint or not pre.numel() or _tracing():
+        if cutoff is None or limit <= 0 or self._sparse_hint or not pre.numel() or tracing():
             return
         if self._dense_passes_to_skip > 0:
             self._dense_passes_to_skip -= 1
@@ -275,75 +222,22 @@ class SAE(nn.Module):
         if not self._sparse_hint:
             self._dense_passes_to_skip = 7
 
-    def _sparse_acts(self, pre: Tensor, indices: Tensor) -> Tensor:
-        """Activations [N, m] of the sparse path's pre-activations (0 at padding and window entries)."""
-        if self.architecture == "jumprelu":
-            return JumpReLU.apply(pre, self.threshold[indices], self.cfg.jumprelu_bandwidth)
-        return pre.relu()  # relu; batchtopk at inference (the cutoff already holds its threshold)
-
     def _topk_flat(self, x2: Tensor, dead_mask: Optional[Tensor] = None, k_aux: int = 0, k: Optional[int] = None):
         return ops.topk_encode(
             x2, self.enc_weight, self.b_enc, self._b_dec_in(), self._dec_norm(), k or self.cfg.k, dead_mask, k_aux
         )
 
-    def _batchtopk_sparse(self, x2: Tensor, dead_mask: Optional[Tensor], n_aux: int):
-        """BatchTopK's training selection (the batch's N k largest activations) without the dense
-        matrix: each row's top `bound` candidates from the top-k encoder, then the batch's N k
-        largest among them. Exact unless a row had all its candidates selected while its smallest
-        one is positive (its next entries might belong too): then the bound doubles and the batch
-        is encoded again (and the larger bound kept for the next batches). Returns (values,
-        indices, aux values, aux indices) with rows padded by value-0 slots, or None for the
-        dense path (off, or traced: the width depends on the data)."""
-        if self._width_limit() <= 0 or _tracing():
-            return None
-        n, k, d_sae = x2.shape[0], self.cfg.k, self.d_sae
-        bound = min(d_sae, max(self._batchtopk_bound or 0, 4 * k))
-        while True:
-            cand, cand_idx, aux_values, aux_indices = self._topk_flat(x2, dead_mask if n_aux else None, n_aux, bound)
-            n_keep = min(n * k, n * bound)
-            chosen = cand.detach().flatten().topk(n_keep, sorted=False).indices
-            keep = torch.zeros(n * bound, dtype=torch.bool, device=cand.device)
-            keep[chosen] = True
-            keep = keep.view(n, bound)
-            saturated = keep.all(1) & (cand.detach().amin(1) > 0)
-            if bound >= d_sae or not bool(saturated.any()):
-                break
-            bound = min(d_sae, 2 * bound)
-        self._batchtopk_bound = bound
-        # Compact each row to the batch's widest row: its kept entries first, then value-0 slots at
-        # other candidates of the row (distinct latents, no gradient).
-        width = max(1, int(keep.sum(1).max())) if n else 0
-        order = cand.detach().masked_fill(~keep, float("-inf")).topk(width, dim=1).indices
-        values = torch.where(keep.gather(1, order), cand.gather(1, order), cand.new_zeros(()))
-        return values, cand_idx.gather(1, order), aux_values, aux_indices
-
     def encode_sparse(self, x: Tensor) -> SparseActivations:
         """Activations as `SparseActivations` with x's leading dims: [..., m]."""
         lead = x.shape[:-1] if isinstance(x, Tensor) else ()
-        x2 = self._flat_input(x)
-        sparse_pre = self._sparse_pre(x2) if self.architecture != "topk" else None
-        if self.architecture == "topk":
-            values, indices, _, _ = self._topk_flat(x2)
-            sparse = SparseActivations(values, indices, self.d_sae)
-        elif sparse_pre is not None:
-            pre, indices = sparse_pre
-            sparse = SparseActivations(self._sparse_acts(pre, indices), indices, self.d_sae)
-        else:
-            pre = self._pre_dense_fallback(x2)
-            sparse = SparseActivations.from_dense(self._acts_dense(x2, pre))
+        sparse = self.arch.encode_sparse(self, self._flat_input(x))
         m = sparse.width
         return SparseActivations(sparse.values.reshape(*lead, m), sparse.indices.reshape(*lead, m), self.d_sae)
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense activations [..., d_sae], as SAELens' encode returns them."""
         lead = x.shape[:-1] if isinstance(x, Tensor) else ()
-        x2 = self._flat_input(x)
-        if self.architecture == "topk":
-            values, indices, _, _ = self._topk_flat(x2)
-            dense = SparseActivations(values, indices, self.d_sae).to_dense()
-        else:
-            dense = self._acts_dense(x2)
-        return dense.reshape(*lead, self.d_sae)
+        return self.arch.encode(self, self._flat_input(x)).reshape(*lead, self.d_sae)
 
     # ------------------------------------------------------------ decode
 
@@ -370,18 +264,7 @@ class SAE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """The reconstruction x_hat, shaped like x."""
         lead = x.shape[:-1] if isinstance(x, Tensor) else ()
-        x2 = self._flat_input(x)
-        sparse_pre = self._sparse_pre(x2) if self.architecture != "topk" else None
-        if self.architecture == "topk":
-            values, indices, _, _ = self._topk_flat(x2)
-            x_hat = ops.sparse_decode(values, indices, self.W_dec, self.b_dec, self._dec_norm())
-        elif sparse_pre is not None:
-            pre, indices = sparse_pre
-            x_hat = ops.sparse_decode(self._sparse_acts(pre, indices), indices, self.W_dec, self.b_dec, self._dec_norm())
-        else:
-            pre = self._pre_dense_fallback(x2)
-            x_hat = self.decode(self._acts_dense(x2, pre))
-        return x_hat.reshape(*lead, self.d_in)
+        return self.arch.forward(self, self._flat_input(x)).reshape(*lead, self.d_in)
 
     def training_forward(
         self,
@@ -410,64 +293,11 @@ class SAE(nn.Module):
         zero-valued entries just below the threshold, which its pseudo-gradients use).
         """
         x2 = self._flat_input(x)
-        zero = x2.new_zeros(())
-        sparsity = aux = zero
-        arch = self.architecture
-        aux_pair = None
-        if arch == "topk":
-            n_aux = self._aux_width(dead_mask, k_aux)
-            values, indices, aux_values, aux_indices = self._topk_flat(x2, dead_mask if n_aux else None, n_aux)
-            acts = SparseActivations(values, indices, self.d_sae)
-            x_hat = ops.sparse_decode(values, indices, self.W_dec, self.b_dec, self._dec_norm())
-            if n_aux:
-                aux_pair = (aux_values, aux_indices, n_aux)
-        elif arch == "batchtopk" and (
-            batch_sparse := self._batchtopk_sparse(x2, dead_mask, n_aux := self._aux_width(dead_mask, k_aux))
-        ) is not None:
-            values, indices, aux_values, aux_indices = batch_sparse
-            acts = SparseActivations(values, indices, self.d_sae)
-            x_hat = ops.sparse_decode(values, indices, self.W_dec, self.b_dec, self._dec_norm())
-            self._update_topk_threshold(values)
-            if n_aux:
-                aux_pair = (aux_values, aux_indices, n_aux)
-        elif (sparse_pre := self._sparse_pre(x2) if arch in ("relu", "jumprelu") else None) is not None:
-            pre, indices = sparse_pre
-            values = self._sparse_acts(pre, indices)
-            acts = SparseActivations(values, indices, self.d_sae)
-            x_hat = ops.sparse_decode(values, indices, self.W_dec, self.b_dec, self._dec_norm())
-            if arch == "relu" and sparsity_coefficient:
-                weight = self.W_dec.norm(dim=1)[indices] if self.cfg.decoder_norm != "none" else 1.0
-                sparsity = sparsity_coefficient * (values.abs() * weight).sum(-1).mean()
-            elif arch == "jumprelu" and sparsity_coefficient:
-                l0 = Step.apply(pre, self.threshold[indices], self.cfg.jumprelu_bandwidth).sum(-1)
-                sparsity = sparsity_coefficient * l0.mean()
-        else:
-            pre = self._pre_dense_fallback(x2)
-            acts = self._acts_dense(x2, pre)
-            x_hat = self.decode(acts)
-            if arch == "relu" and sparsity_coefficient:
-                weight = self.W_dec.norm(dim=1) if self.cfg.decoder_norm != "none" else 1.0
-                sparsity = sparsity_coefficient * (acts.abs() * weight).sum(-1).mean()
-            elif arch == "jumprelu" and sparsity_coefficient:
-                l0 = Step.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth).sum(-1)
-                sparsity = sparsity_coefficient * l0.mean()
-            elif arch == "gated":
-                gate_acts = (pre + self.b_gate).relu()
-                if sparsity_coefficient:
-                    weight = self.W_dec.norm(dim=1) if self.cfg.decoder_norm != "none" else 1.0
-                    sparsity = sparsity_coefficient * (gate_acts * weight).sum(-1).mean()
-                via_gate = gate_acts @ self.W_dec + self.b_dec
-                aux = (via_gate - x2).pow(2).sum(-1).mean()
-            elif arch == "batchtopk":
-                self._update_topk_threshold(acts)
-                n_aux = self._aux_width(dead_mask, k_aux)
-                if n_aux:
-                    masked = pre.masked_fill(~dead_mask, float("-inf"))
-                    top = masked.topk(n_aux, dim=-1, sorted=False)
-                    aux_pair = (top.values, top.indices, n_aux)
+        step = self.arch.training_step(self, x2, sparsity_coefficient, dead_mask, k_aux)
+        x_hat, acts, sparsity, aux = step.x_hat, step.acts, step.sparsity, step.aux
         mse = (x_hat - x2).pow(2).sum(-1).mean()
-        if aux_pair is not None:
-            aux_values, aux_indices, n_aux = aux_pair
+        if step.aux_pair is not None:
+            aux_values, aux_indices, n_aux = step.aux_pair
             n_dead = int(dead_mask.sum())
             residual = (x2 - x_hat).detach()
             e_hat = ops.sparse_decode(aux_values, aux_indices, self.W_dec, None, self._dec_norm())
@@ -492,13 +322,6 @@ class SAE(nn.Module):
             raise ValueError(f"k_aux: expected a positive integer, got {k_aux}")
         return min(k_aux, n_dead, self.d_sae)
 
-    @torch.no_grad()
-    def _update_topk_threshold(self, acts: Tensor) -> None:
-        positive = acts[acts > 0]
-        if positive.numel():
-            lr = self.cfg.topk_threshold_lr
-            self.topk_threshold.mul_(1 - lr).add_(lr * positive.min().to(torch.float64))
-
     # ------------------------------------------------------------ decoder constraints
 
     @torch.no_grad()
@@ -520,12 +343,17 @@ class SAE(nn.Module):
 
     def save(self, path: Union[str, Path]) -> Path:
         """Write a SAELens v6 folder (cfg.json + sae_weights.safetensors)."""
-        from fastsae.formats import saelens
-
-        return saelens.save(self, path)
+        return _file_formats["save"](self, path)
 
     @classmethod
     def load(cls, path: Union[str, Path], device=None, dtype=None) -> "SAE":
-        from fastsae.formats import load
+        return _file_formats["load"](path, device=device, dtype=dtype)
 
-        return load(path, device=device, dtype=dtype)
+
+# Files are `fastsae.formats`' job, which builds SAEs and so depends on this module; it installs
+# its writer and reader here when imported (`import fastsae` does), so this module imports no format.
+_file_formats: dict[str, Callable] = {}
+
+
+def install_file_formats(save: Callable, load: Callable) -> None:
+    _file_formats.update(save=save, load=load)

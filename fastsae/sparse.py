@@ -18,6 +18,16 @@ import torch
 from torch import Tensor
 
 
+def tracing() -> bool:
+    """Under torch.compile or a torch.func transform: a sparse form whose width depends on the data
+    would break them (a graph break, an error with fullgraph=True or vmap), so callers take the
+    dense path instead."""
+    if torch.compiler.is_compiling():
+        return True
+    functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(functorch_active is not None and functorch_active())
+
+
 @dataclass(frozen=True)
 class SparseActivations:
     values: Tensor

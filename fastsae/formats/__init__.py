@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
+from fastsae import sae as sae_module
 from fastsae.formats import dictionary_learning, gemmascope, openai, saelens, sparsify
 from fastsae.formats._common import read_json, read_torch
 
@@ -128,3 +129,6 @@ def convert(src: Union[str, Path], dst: Union[str, Path], to: str = "saelens"):
         sae = load(src)
     save(sae, dst, to=to)
     return sae
+
+
+sae_module.install_file_formats(save=saelens.save, load=load)  # SAE.save / SAE.load

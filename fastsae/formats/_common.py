@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fastsae.config import SAEConfig
+from fastsae.sae import SAE
 
 
 def parameter_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
@@ -68,8 +69,6 @@ def build_sae(
     (`parameter_shapes`). Every tensor is checked before anything is built. Loads go to the CPU
     unless `device` says otherwise (the device in a file is where it was trained, not where it
     must run); `dtype` overrides the file's."""
-    from fastsae.sae import SAE
-
     check_tensors(tensors, parameter_shapes(cfg), source, why)
     cfg = dataclasses.replace(cfg, metadata=dict(cfg.metadata))
     if dtype is not None:

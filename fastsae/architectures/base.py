@@ -1,0 +1,118 @@
+"""What every architecture implements, over the shared sparse core (ops, `SparseActivations`,
+the module's row-wise sparse path and its dense fallback).
+
+An architecture is a stateless object: its methods take the `SAE` whose parameters and state they
+use, so the module stays the one thing that holds tensors. The base class is the family of
+ReLU-like encoders, f = act(pre) with pre = x_in W_enc + b_enc: the row-wise sparse path where the
+architecture has a per-latent cutoff, the dense path otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from torch import Tensor
+
+from fastsae import ops
+from fastsae.sparse import SparseActivations
+
+if TYPE_CHECKING:
+    from fastsae.sae import SAE
+
+
+@dataclass
+class Step:
+    """One training batch's forward pass, before the losses shared by every architecture (MSE,
+    AuxK): the reconstruction, the activations, the architecture's sparsity and auxiliary losses,
+    and, for AuxK, the dead latents' (values, indices, k_aux) or None."""
+
+    x_hat: Tensor
+    acts: object  # SparseActivations, or dense [N, d_sae] (converted by the module)
+    sparsity: Tensor
+    aux: Tensor
+    aux_pair: Optional[tuple] = None
+
+
+class Architecture:
+    name = ""
+
+    # ---------------------------------------------------------------- parameters
+
+    def create_parameters(self, sae: "SAE", factory: dict) -> None:
+        """The encoder's parameters beyond W_enc, registered between W_enc and b_dec."""
+        sae.b_enc = torch.nn.Parameter(torch.zeros(sae.d_sae, **factory))
+
+    def create_extra_parameters(self, sae: "SAE", factory: dict) -> None:
+        """Parameters and buffers registered after b_dec (the order fixes the optimizer's state
+        layout in checkpoints: keep it)."""
+
+    # ---------------------------------------------------------------- dense path
+
+    def pre_dense(self, sae: "SAE", x_in: Tensor) -> Tensor:
+        """Pre-activations [N, d_sae] of the input with b_dec already subtracted where configured."""
+        pre = x_in @ sae.W_enc + sae.b_enc
+        dec_norm = sae._dec_norm()
+        return pre * dec_norm if dec_norm is not None else pre
+
+    def acts_dense(self, sae: "SAE", pre: Tensor) -> Tensor:
+        """Dense activations [N, d_sae] from the dense pre-activations."""
+        raise NotImplementedError
+
+    def dense_losses(self, sae: "SAE", x2: Tensor, pre: Tensor, acts: Tensor, coefficient: float):
+        """(sparsity loss, auxiliary loss) of a dense pass."""
+        zero = x2.new_zeros(())
+        return zero, zero
+
+    # ---------------------------------------------------------------- row-wise sparse path
+
+    def sparse_cutoff(self, sae: "SAE", acc: torch.dtype) -> Optional[Tensor]:
+        """The per-latent cutoff (in the kernels' accumulation type `acc`) above which
+        pre-activations enter the sparse form, or None where there is no per-latent rule."""
+        return None
+
+    def sparse_acts(self, sae: "SAE", pre: Tensor, indices: Tensor) -> Tensor:
+        """Activations [N, m] of the sparse path's pre-activations (0 at padding)."""
+        return pre.relu()
+
+    def sparse_losses(self, sae: "SAE", pre: Tensor, values: Tensor, indices: Tensor, coefficient: float) -> Tensor:
+        """The sparsity loss of a sparse pass."""
+        return values.new_zeros(())
+
+    # ---------------------------------------------------------------- the module's entry points
+
+    def encode_sparse(self, sae: "SAE", x2: Tensor) -> SparseActivations:
+        sparse_pre = sae._sparse_pre(x2)
+        if sparse_pre is not None:
+            pre, indices = sparse_pre
+            return SparseActivations(self.sparse_acts(sae, pre, indices), indices, sae.d_sae)
+        pre = sae._pre_dense_fallback(x2)
+        return SparseActivations.from_dense(self.acts_dense(sae, pre))
+
+    def encode(self, sae: "SAE", x2: Tensor) -> Tensor:
+        return self.acts_dense(sae, sae._pre_dense(x2))
+
+    def forward(self, sae: "SAE", x2: Tensor) -> Tensor:
+        sparse_pre = sae._sparse_pre(x2)
+        if sparse_pre is not None:
+            pre, indices = sparse_pre
+            return ops.sparse_decode(self.sparse_acts(sae, pre, indices), indices, sae.W_dec, sae.b_dec, sae._dec_norm())
+        pre = sae._pre_dense_fallback(x2)
+        return sae.decode(self.acts_dense(sae, pre))
+
+    def training_step(
+        self, sae: "SAE", x2: Tensor, coefficient: float, dead_mask: Optional[Tensor], k_aux: Optional[int]
+    ) -> Step:
+        sparse_pre = sae._sparse_pre(x2)
+        if sparse_pre is not None:
+            pre, indices = sparse_pre
+            values = self.sparse_acts(sae, pre, indices)
+            x_hat = ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, sae._dec_norm())
+            sparsity = self.sparse_losses(sae, pre, values, indices, coefficient)
+            return Step(x_hat, SparseActivations(values, indices, sae.d_sae), sparsity, x2.new_zeros(()))
+        pre = sae._pre_dense_fallback(x2)
+        acts = self.acts_dense(sae, pre)
+        x_hat = sae.decode(acts)
+        sparsity, aux = self.dense_losses(sae, x2, pre, acts, coefficient)
+        return Step(x_hat, acts, sparsity, aux)

@@ -1,0 +1,93 @@
+"""BatchTopK SAEs (Bussmann et al. 2024): in training the batch keeps its N k largest activations;
+at inference a learned global threshold (an EMA of the smallest kept activation), which is why
+SAELens saves them as JumpReLU."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastsae import ops
+from fastsae.activations import batch_topk
+from fastsae.architectures.base import Architecture, Step
+from fastsae.sparse import SparseActivations, tracing
+
+
+class BatchTopK(Architecture):
+    name = "batchtopk"
+
+    def create_extra_parameters(self, sae, factory: dict) -> None:
+        # The inference threshold: an EMA of the smallest positive training activation.
+        sae.register_buffer("topk_threshold", torch.zeros((), dtype=torch.float64, device=factory["device"]))
+
+    def acts_dense(self, sae, pre: Tensor) -> Tensor:
+        if sae.training:
+            return batch_topk(pre.relu(), sae.cfg.k)
+        return pre.relu() * (pre > sae.topk_threshold).to(pre.dtype)
+
+    def sparse_cutoff(self, sae, acc: torch.dtype) -> Optional[Tensor]:
+        if sae.training:
+            return None  # the batch's selection has no per-latent rule
+        return sae.topk_threshold.clamp_min(0).to(acc).expand(sae.d_sae)
+
+    def training_step(self, sae, x2: Tensor, coefficient: float, dead_mask: Optional[Tensor], k_aux: Optional[int]) -> Step:
+        n_aux = sae._aux_width(dead_mask, k_aux)
+        zero = x2.new_zeros(())
+        sparse = self._sparse_selection(sae, x2, dead_mask, n_aux)
+        if sparse is not None:
+            values, indices, aux_values, aux_indices = sparse
+            x_hat = ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, sae._dec_norm())
+            self._update_threshold(sae, values)
+            aux_pair = (aux_values, aux_indices, n_aux) if n_aux else None
+            return Step(x_hat, SparseActivations(values, indices, sae.d_sae), zero, zero, aux_pair)
+        pre = sae._pre_dense_fallback(x2)
+        acts = self.acts_dense(sae, pre)
+        x_hat = sae.decode(acts)
+        self._update_threshold(sae, acts)
+        aux_pair = None
+        if n_aux:
+            top = pre.masked_fill(~dead_mask, float("-inf")).topk(n_aux, dim=-1, sorted=False)
+            aux_pair = (top.values, top.indices, n_aux)
+        return Step(x_hat, acts, zero, zero, aux_pair)
+
+    @staticmethod
+    @torch.no_grad()
+    def _update_threshold(sae, acts: Tensor) -> None:
+        positive = acts[acts > 0]
+        if positive.numel():
+            lr = sae.cfg.topk_threshold_lr
+            sae.topk_threshold.mul_(1 - lr).add_(lr * positive.min().to(torch.float64))
+
+    @staticmethod
+    def _sparse_selection(sae, x2: Tensor, dead_mask: Optional[Tensor], n_aux: int):
+        """The batch's N k largest activations without the dense matrix: each row's top `bound`
+        candidates from the top-k encoder, then the batch's N k largest among them. Exact unless a
+        row had all its candidates selected while its smallest one is positive (its next entries
+        might belong too): then the bound doubles and the batch is encoded again (and the larger
+        bound kept for the next batches). Returns (values, indices, aux values, aux indices) with
+        rows padded by value-0 slots, or None for the dense path (off, or traced: the width
+        depends on the data)."""
+        if sae._width_limit() <= 0 or tracing():
+            return None
+        n, k, d_sae = x2.shape[0], sae.cfg.k, sae.d_sae
+        bound = min(d_sae, max(sae._batchtopk_bound or 0, 4 * k))
+        while True:
+            cand, cand_idx, aux_values, aux_indices = sae._topk_flat(x2, dead_mask if n_aux else None, n_aux, bound)
+            n_keep = min(n * k, n * bound)
+            chosen = cand.detach().flatten().topk(n_keep, sorted=False).indices
+            keep = torch.zeros(n * bound, dtype=torch.bool, device=cand.device)
+            keep[chosen] = True
+            keep = keep.view(n, bound)
+            saturated = keep.all(1) & (cand.detach().amin(1) > 0)
+            if bound >= d_sae or not bool(saturated.any()):
+                break
+            bound = min(d_sae, 2 * bound)
+        sae._batchtopk_bound = bound
+        # Compact each row to the batch's widest row: its kept entries first, then value-0 slots at
+        # other candidates of the row (distinct latents, no gradient).
+        width = max(1, int(keep.sum(1).max())) if n else 0
+        order = cand.detach().masked_fill(~keep, float("-inf")).topk(width, dim=1).indices
+        values = torch.where(keep.gather(1, order), cand.gather(1, order), cand.new_zeros(()))
+        return values, cand_idx.gather(1, order), aux_values, aux_indices

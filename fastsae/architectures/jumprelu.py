@@ -1,0 +1,47 @@
+"""JumpReLU SAEs (Rajamanoharan et al. 2024, Gemma Scope): a learned per-latent threshold with
+straight-through pseudo-gradients and an L0 penalty."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastsae.activations import JumpReLU as JumpReLUFn
+from fastsae.activations import Step
+from fastsae.architectures.base import Architecture
+
+
+class JumpReLU(Architecture):
+    name = "jumprelu"
+
+    def create_extra_parameters(self, sae, factory: dict) -> None:
+        sae.threshold = torch.nn.Parameter(torch.full((sae.d_sae,), sae.cfg.jumprelu_init_threshold, **factory))
+
+    def acts_dense(self, sae, pre: Tensor) -> Tensor:
+        return JumpReLUFn.apply(pre, sae.threshold, sae.cfg.jumprelu_bandwidth)
+
+    def sparse_cutoff(self, sae, acc: torch.dtype) -> Tensor:
+        threshold = sae.threshold.detach().to(acc)
+        if torch.is_grad_enabled() and sae.threshold.requires_grad:
+            # The threshold's pseudo-gradients see every pre-activation within bandwidth/2 of it;
+            # the margin keeps entries that rounding of 16-bit pre-activations could bring in
+            # (extra entries cost a slot each and contribute exactly 0).
+            bandwidth = sae.cfg.jumprelu_bandwidth
+            return threshold - (bandwidth / 2 + bandwidth / 16)
+        return threshold.clamp_min(0)
+
+    def sparse_acts(self, sae, pre: Tensor, indices: Tensor) -> Tensor:
+        return JumpReLUFn.apply(pre, sae.threshold[indices], sae.cfg.jumprelu_bandwidth)
+
+    def dense_losses(self, sae, x2: Tensor, pre: Tensor, acts: Tensor, coefficient: float):
+        zero = x2.new_zeros(())
+        if not coefficient:
+            return zero, zero
+        l0 = Step.apply(pre, sae.threshold, sae.cfg.jumprelu_bandwidth).sum(-1)
+        return coefficient * l0.mean(), zero
+
+    def sparse_losses(self, sae, pre: Tensor, values: Tensor, indices: Tensor, coefficient: float) -> Tensor:
+        if not coefficient:
+            return values.new_zeros(())
+        l0 = Step.apply(pre, sae.threshold[indices], sae.cfg.jumprelu_bandwidth).sum(-1)
+        return coefficient * l0.mean()

@@ -1,0 +1,31 @@
+"""ReLU SAEs with an L1 penalty (SAELens' "standard"; the 2023 and 2024 Anthropic recipes)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastsae.architectures.base import Architecture
+
+
+class ReLU(Architecture):
+    name = "relu"
+
+    def acts_dense(self, sae, pre: Tensor) -> Tensor:
+        return pre.relu()
+
+    def sparse_cutoff(self, sae, acc: torch.dtype) -> Tensor:
+        return torch.zeros(sae.d_sae, dtype=acc, device=sae.device)
+
+    def dense_losses(self, sae, x2: Tensor, pre: Tensor, acts: Tensor, coefficient: float):
+        zero = x2.new_zeros(())
+        if not coefficient:
+            return zero, zero
+        weight = sae.W_dec.norm(dim=1) if sae.cfg.decoder_norm != "none" else 1.0
+        return coefficient * (acts.abs() * weight).sum(-1).mean(), zero
+
+    def sparse_losses(self, sae, pre: Tensor, values: Tensor, indices: Tensor, coefficient: float) -> Tensor:
+        if not coefficient:
+            return values.new_zeros(())
+        weight = sae.W_dec.norm(dim=1)[indices] if sae.cfg.decoder_norm != "none" else 1.0
+        return coefficient * (values.abs() * weight).sum(-1).mean()
