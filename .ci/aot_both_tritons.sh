@@ -18,5 +18,7 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv --system-site-packages "$venv"
 fi
 "$venv/bin/python" -m pip install -q --disable-pip-version-check "triton==$GPU_IMAGE_TRITON" 2>&1 | grep -v "^WARNING" || true
+# fastsae itself, from this checkout (the outer environment's install may not be visible here).
+"$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "^WARNING" || true
 echo "== fastsae aot, sm_90, Triton $("$venv/bin/python" -c 'import triton; print(triton.__version__)')"
 env -u TRITON_INTERPRET "$venv/bin/python" -m fastsae.cli aot --arch sm_90 --json "$out/aot-$GPU_IMAGE_TRITON.json" | tail -1
