@@ -323,8 +323,9 @@ class Trainer:
             self._log_metrics()
         if self.out_dir is not None and self.last_checkpoint_step() != self.step:
             self.save_checkpoint()
-        return {"step": self.step, "tokens": self.tokens_seen, "checkpoint": self.last_checkpoint,
-                "elapsed_s": self.elapsed, **self.last_metrics}
+        # The last logged row's figures, under the run's own step, tokens and time.
+        return {**self.last_metrics, "step": self.step, "tokens": self.tokens_seen, "checkpoint": self.last_checkpoint,
+                "elapsed_s": self.elapsed}
 
     def _replay(self, total: int) -> None:
         """After a roll-back at the end of `train`: take the rolled-back steps again (checked)."""
