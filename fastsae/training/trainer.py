@@ -168,6 +168,7 @@ class Trainer:
         self._window_tokens = 0
         self._window_seconds = 0.0
         self._replay_until = 0  # steps below this one check the device at each step (after a roll-back)
+        self._dead_possible = True  # whether a latent can be dead before the next check (AuxK)
         self._snapshot: Optional[dict] = None
         self._prefetcher: Optional[BatchPrefetcher] = None
         self.last_metrics: dict = {}
@@ -278,6 +279,7 @@ class Trainer:
                    file=sys.stderr, desc="training")
         self._bar = bar
         self._prefetcher = BatchPrefetcher(self.stream, cfg.batch_size, self.position, self.sae.device)
+        self._note_dead_possible()
         self._take_snapshot()
         last_save = time.monotonic()
         self._clock = time.perf_counter()
@@ -375,7 +377,7 @@ class Trainer:
             with torch.no_grad():
                 torch._foreach_copy_(list(sae.parameters()), list(master.parameters()))
         dead_mask = None
-        if self.dead_strategy == "auxk":
+        if self.dead_strategy == "auxk" and self._dead_possible:
             dead_mask = self.tokens_since_fired >= cfg.dead_after
         out = sae.training_forward(
             x, sparsity_coefficient=coefficient, dead_mask=dead_mask, k_aux=cfg.aux_k, aux_coefficient=cfg.aux_coefficient
@@ -442,6 +444,7 @@ class Trainer:
         self.elapsed += seconds
         self._window_seconds += seconds
         if not bad:
+            self._note_dead_possible()
             return True
         snapshot = self._snapshot
         first, last = snapshot["host"]["step"] + 1, self.step
@@ -452,9 +455,19 @@ class Trainer:
         if self._bar is not None:
             self._bar.n = self.step
             self._bar.refresh()
+        self._note_dead_possible()
         self._prefetcher.restart(self.position)
         self._clock = time.perf_counter()
         return False
+
+    def _note_dead_possible(self) -> None:
+        """At a check: can any latent reach `dead_after` tokens without firing before the next
+        check? If not, the steps until then pass no dead mask (AuxK has nothing to do, and the
+        forward need not look at the mask); the result is the same as passing it."""
+        if self.dead_strategy != "auxk":
+            return
+        most = int(self.tokens_since_fired.max()) if self.tokens_since_fired.numel() else 0
+        self._dead_possible = most + self.cfg.log_every_steps * self.cfg.batch_size >= self.cfg.dead_after
 
     _HOST_STATE = ("step", "tokens_seen", "position", "bad_in_row", "_window_steps", "_window_tokens")
     _HINTS = ("_sparse_hint", "_dense_passes_to_skip", "_overflow_backoff")
