@@ -316,3 +316,32 @@ def test_an_error_while_reading_ahead_reaches_the_trainer():
                 prefetcher.next()
     finally:
         prefetcher.close()
+
+
+def test_train_cli_dtype_flag(tmp_path, capsys):
+    from fastsae.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--data", "synthetic", "--synthetic-d-in", "16", "--synthetic-features", "32", "--d-sae", "32",
+            "--k", "4", "--batch-size", "256", "--tokens", "2048", "--log-every", "4", "--no-progress", "--out", str(out)]
+    assert main(args + ["--dtype", "bfloat16"]) == 0
+    assert "computing in bfloat16" in capsys.readouterr().out
+    folder = sorted((out / "checkpoints").iterdir())[-1]
+    assert json.loads((folder / "trainer_cfg.json").read_text())["dtype"] == "bfloat16"
+    # A finished run resumed in another dtype: the flag is taken, nothing is left to do.
+    assert main(["train", "--resume", "--out", str(out), "--no-progress", "--dtype", "float32"]) == 0
+    assert "computing in float32" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main(args + ["--overwrite", "--dtype", "float64"])
+    assert "--dtype: invalid choice: 'float64'" in capsys.readouterr().err
+
+
+def test_a_run_saved_before_the_dtype_setting_resumes_in_its_weights_dtype(tmp_path):
+    trainer = Trainer(_sae(), _data(), _cfg(total_tokens=256 * 4), tmp_path / "run")
+    folder = trainer.train(max_steps=2)["checkpoint"]
+    saved = json.loads((folder / "trainer_cfg.json").read_text())
+    del saved["dtype"]
+    saved["device"] = "cpu"
+    (folder / "trainer_cfg.json").write_text(json.dumps(saved))
+    resumed = Trainer.resume(tmp_path / "run")
+    assert resumed.cfg.dtype == "float32" and resumed.train()["step"] == 4

@@ -222,6 +222,8 @@ class Trainer:
             cfg.dtype = dtype
             cfg.__post_init__()  # validates it
         sae_cfg = SAEConfig.from_dict(saelens.read_cfg(folder))
+        if cfg.dtype is None:  # a run from before TrainerConfig.dtype computed in its weights' dtype
+            cfg.dtype = sae_cfg.dtype if sae_cfg.dtype in ("float32", "bfloat16", "float16") else "float32"
         sae_cfg.device = cfg.device
         sae_cfg.dtype = "float32"  # the master weights (saved in float32)
         sae = SAE(sae_cfg)
