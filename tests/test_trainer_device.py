@@ -217,12 +217,13 @@ def _one_chunk_per_batch(out_dir=None, **kw):
     return Trainer(_sae("topk"), data, cfg, out_dir)
 
 
-def test_a_non_finite_step_rolls_back_to_the_last_check_and_its_batch_is_refused(monkeypatch, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_non_finite_step_rolls_back_to_the_last_check_and_its_batch_is_refused(monkeypatch, tmp_path, dtype):
     # Batch 5 (the 6th) gives a NaN loss from finite rows (as an overflow would): the flag is read
     # at step 8, the state of step 4 comes back, steps 5.. are taken again checking each, and
     # that batch is refused. The result is bit for bit the run that refused it from the start.
     bad_position = 5 * 256
-    trainer = _one_chunk_per_batch(tmp_path / "rolled")
+    trainer = _one_chunk_per_batch(tmp_path / "rolled", dtype=dtype)
     compute = trainer.compute_sae
     real = compute.training_forward
     losses_seen = []
@@ -243,7 +244,7 @@ def test_a_non_finite_step_rolls_back_to_the_last_check_and_its_batch_is_refused
     assert "steps 5..8: a non-finite loss or gradient; rolled back to step 4" in said
     assert "step 6: the loss is not finite (nan); batch refused" in said
 
-    reference = _one_chunk_per_batch(tmp_path / "reference")
+    reference = _one_chunk_per_batch(tmp_path / "reference", dtype=dtype)
     order = [g[0] for g in reference.stream._epoch_plan(0)[0]]
     reference.data.poisoned = {order[5]}
     reference.train()

@@ -391,11 +391,18 @@ class Trainer:
         if mixed:
             master.zero_grad(set_to_none=True)
         (out.loss * self._loss_scale if self._loss_scale != 1.0 else out.loss).backward()
-        grads = self._master_grads(mixed)
         found = torch.zeros(1, device=master.device) if checked else self._nonfinite
         found.add_((~torch.isfinite(out.loss.detach())).float())
-        # Unscales (float16) and flags a non-finite gradient without a host round trip.
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._inv_scale)
+        if self._loss_scale != 1.0:
+            # float16: the float32 copies are unscaled, and a non-finite one flagged, in one pass.
+            torch._amp_foreach_non_finite_check_and_unscale_(self._master_grads(mixed), found, self._inv_scale)
+        else:
+            # Only the flag: the gradients' norms read each one once, in its own dtype (the 16-bit
+            # twin's before the copy), and write nothing parameter-sized.
+            grads = [p.grad for p in sae.parameters() if p.grad is not None]
+            found.add_((~torch.isfinite(torch.stack(torch._foreach_norm(grads)).float().sum())).float())
+            if mixed:
+                self._master_grads(mixed)
         if checked and found.item():
             self._refuse("a gradient is not finite")
             return False
