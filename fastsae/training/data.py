@@ -255,6 +255,8 @@ class ShuffledStream:
             groups, _ = self._epoch_plan(epoch)
             rows = torch.cat([self._checked_chunk(c) for c in groups[group]])
             perm = torch.randperm(rows.shape[0], generator=_generator(self.seed, epoch, group + 1))
+            if rows.device.type == "cuda":  # rows made on the GPU: the order goes there without a wait
+                perm = perm.pin_memory().to(rows.device, non_blocking=True)
             self._buffer_key, self._buffer = (epoch, group), rows[perm]
         return self._buffer
 
