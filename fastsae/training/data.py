@@ -316,7 +316,8 @@ class BatchPrefetcher:
         self.batch_size = int(batch_size)
         self.device = torch.device(device)
         self.depth = max(1, int(depth))
-        source_device = torch.device(getattr(stream.source, "device", "cpu"))
+        # Sources return CPU rows unless they say otherwise (SyntheticActivations on a GPU).
+        source_device = torch.device(getattr(stream.source, "rows_device", "cpu"))
         self.inline = source_device.type != "cpu"
         self.pinned = self.device.type == "cuda" and not self.inline
         # Buffers in the consumer's hand or in flight to the device, plus the ready queue's.

@@ -58,6 +58,11 @@ class SyntheticActivations:
         return self._d_in
 
     @property
+    def rows_device(self) -> torch.device:
+        """Where load_chunk's rows are (the read-ahead takes device-made rows inline)."""
+        return self.device
+
+    @property
     def chunk_sizes(self) -> list[int]:
         full, rest = divmod(self.n_rows, self.chunk_rows)
         return [self.chunk_rows] * full + ([rest] if rest else [])
