@@ -88,6 +88,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=float, help="seconds between checkpoints (default 300)")
     g.add_argument("--checkpoint-every-steps", type=int, help="also checkpoint every N steps")
     g.add_argument("--device", help="cpu (default), cuda, ...")
+    g.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                   help="compute dtype of forward and backward; weights and Adam stay float32 (default bfloat16 "
+                   "on CUDA, float32 on the CPU); with --resume: continue in this dtype instead of the run's")
     g.add_argument("--dead-strategy", choices=("auto", "resample", "auxk", "none"),
                    help="auto: resample relu, AuxK for topk/batchtopk")
     g.add_argument("--dead-after-tokens", type=int, help="tokens without firing after which a latent is dead")
@@ -115,6 +118,7 @@ def _open_data(args):
             n_features=_setting(args, "synthetic_features"),
             l0=_setting(args, "synthetic_l0"),
             seed=_setting(args, "seed"),
+            device=_setting(args, "device"),  # made on the GPU when training there
         )
     if args.data is not None:
         return ActivationFiles(args.data)
@@ -162,6 +166,7 @@ def _build(args, data):
         dead_after_tokens=args.dead_after_tokens,
         resample_every_steps=args.resample_every,
         normalize_activations=not args.no_normalize,
+        dtype=args.dtype,
         progress=not args.no_progress,
         data=data.describe(),
     )
@@ -188,7 +193,7 @@ def run_train(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         if args.resume:
-            trainer = Trainer.resume(out, progress=not args.no_progress)
+            trainer = Trainer.resume(out, progress=not args.no_progress, dtype=args.dtype)
             data = trainer.data
             print(f"resuming {out} at step {trainer.step:,} of {trainer.cfg.total_steps:,}")
         else:
@@ -201,7 +206,7 @@ def run_train(args: argparse.Namespace) -> int:
     sae, cfg = trainer.sae, trainer.cfg
     backend = dispatch.select(sae.device)[0]
     print(f"data: {data!r}")
-    print(f"sae: {sae} (backend {backend!r}); {cfg.total_steps:,} steps of {cfg.batch_size:,} tokens; out: {out}")
+    print(f"sae: {sae} (backend {backend!r}, computing in {cfg.dtype}); {cfg.total_steps:,} steps of {cfg.batch_size:,} tokens; out: {out}")
     try:
         result = trainer.train()
     except BadDataError as exc:

@@ -14,6 +14,7 @@ from typing import Any, Optional, Union
 TRAINER_CFG_FILENAME = "trainer_cfg.json"
 DEAD_STRATEGIES = ("auto", "resample", "auxk", "none")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -55,6 +56,9 @@ class TrainerConfig:
     shuffle_buffer_rows: int = 1 << 16
     seed: int = 0
     device: str = "cpu"
+    # The compute dtype of forward and backward; weights and Adam's state stay float32 (mixed
+    # precision). None: bfloat16 on CUDA, float32 elsewhere (resolved when the trainer is built).
+    dtype: Optional[str] = None
     data: dict = field(default_factory=dict)  # the source's describe(): lets --resume reopen it
 
     def __post_init__(self):
@@ -82,6 +86,10 @@ class TrainerConfig:
             raise ValueError(f"b_dec_init: expected one of {B_DEC_INITS}, got {self.b_dec_init!r}")
         if self.dead_strategy not in DEAD_STRATEGIES:
             raise ValueError(f"dead_strategy: expected one of {DEAD_STRATEGIES}, got {self.dead_strategy!r}")
+        if self.dtype is not None:
+            self.dtype = str(self.dtype).removeprefix("torch.")
+            if self.dtype not in DTYPES:
+                raise ValueError(f"dtype: expected one of {DTYPES} (or None: bfloat16 on CUDA, float32 elsewhere), got {self.dtype!r}")
         if self.checkpoint_every_seconds is not None and not self.checkpoint_every_seconds > 0:
             raise ValueError(f"checkpoint_every_seconds: expected a positive number or None, got {self.checkpoint_every_seconds}")
 

@@ -2,8 +2,9 @@
 
 A source is a list of chunks of rows (`chunk_sizes`, `load_chunk(i)` -> float32 [rows, d_in]):
 - `ActivationFiles`: a `.safetensors` file holding a 2-D tensor named `activations`, a `.npy`
-  file, or a folder of such shards; chunks are contiguous row ranges read lazily (safetensors
-  slices, numpy memory maps), so the files are never all in memory.
+  file, or a folder of such shards; chunks are contiguous row ranges (16384 rows by default) read
+  lazily through a handle kept open per shard (safetensors slices, numpy memory maps), so the
+  files are never all in memory and each read is one large copy.
 - `SyntheticActivations` (fastsae.training.synthetic) and `TransformerActivations`
   (fastsae.training.transformer) follow the same protocol.
 
@@ -12,13 +13,19 @@ seeded random order, groups consecutive chunks into shuffling buffers of about `
 rows, and permutes the rows within each buffer. Row `p` of the stream is a pure function of
 (seed, p), so a run resumes exactly from the number of rows it has read, and a sample can be
 peeked at without disturbing anything.
+
+`BatchPrefetcher` reads the stream's next batches in a background thread (into pinned host
+buffers when the device is a GPU) and hands them over with `non_blocking` copies, so the
+trainer's step does not wait for the data.
 """
 
 from __future__ import annotations
 
 import bisect
+import queue
+import threading
 from pathlib import Path
-from typing import Protocol, Union
+from typing import Optional, Protocol, Union
 
 import numpy as np
 import torch
@@ -85,23 +92,31 @@ class _Shard:
         if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
             raise ValueError(f"{path}: expected a 2-D [rows, d_in] array of activations, got shape {tuple(shape)}")
         self.rows, self.width = int(shape[0]), int(shape[1])
+        self._handle = None  # opened on first read and kept (one open per shard, not per chunk)
 
     def read(self, start: int, stop: int) -> Tensor:
-        if self.path.suffix == ".safetensors":
-            from safetensors import safe_open
+        if self._handle is None:
+            if self.path.suffix == ".safetensors":
+                from safetensors import safe_open
 
-            with safe_open(str(self.path), framework="pt") as f:
-                rows = f.get_slice(SAFETENSORS_KEY)[start:stop]
+                self._file = safe_open(str(self.path), framework="pt")
+                self._handle = self._file.get_slice(SAFETENSORS_KEY)
+            else:
+                self._handle = np.load(self.path, mmap_mode="r")
+        if self.path.suffix == ".safetensors":
+            rows = self._handle[start:stop]
         else:
-            array = np.load(self.path, mmap_mode="r")
-            rows = torch.from_numpy(np.array(array[start:stop], dtype=np.float32))
+            rows = torch.from_numpy(np.array(self._handle[start:stop], dtype=np.float32))
         return rows.to(torch.float32).contiguous()
+
+    def __getstate__(self):  # the open handle does not pickle (deepcopy, workers); reopened lazily
+        return {**self.__dict__, "_handle": None, "_file": None}
 
 
 class ActivationFiles:
     """Activations stored in a file or a folder of shards (read lazily, in chunks of rows)."""
 
-    def __init__(self, path: Union[str, Path], chunk_rows: int = 4096):
+    def __init__(self, path: Union[str, Path], chunk_rows: int = 16384):
         path = Path(path)
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows: expected a positive integer, got {chunk_rows}")
@@ -210,6 +225,8 @@ class ShuffledStream:
         self._plan: tuple[list[list[int]], list[int]] = ([], [])
         self._buffer_key: tuple[int, int] | None = None
         self._buffer: Tensor | None = None
+        # The prefetch thread and the trainer (initialisation, resampling) may read at once.
+        self._lock = threading.Lock()
 
     @property
     def d_in(self) -> int:
@@ -238,6 +255,8 @@ class ShuffledStream:
             groups, _ = self._epoch_plan(epoch)
             rows = torch.cat([self._checked_chunk(c) for c in groups[group]])
             perm = torch.randperm(rows.shape[0], generator=_generator(self.seed, epoch, group + 1))
+            if rows.device.type == "cuda":  # rows made on the GPU: the order goes there without a wait
+                perm = perm.pin_memory().to(rows.device, non_blocking=True)
             self._buffer_key, self._buffer = (epoch, group), rows[perm]
         return self._buffer
 
@@ -248,10 +267,15 @@ class ShuffledStream:
             raise ValueError(f"data source {self.source!r}: chunk {index} has shape {tuple(rows.shape)}, expected {expected}")
         return rows
 
-    def read(self, position: int, n: int) -> Tensor:
-        """Rows [position, position + n) of the stream, as a float32 CPU tensor [n, d_in]."""
+    def read(self, position: int, n: int, out: Optional[Tensor] = None) -> Tensor:
+        """Rows [position, position + n) of the stream, as a float32 tensor [n, d_in] on the
+        source's device (the CPU for files), written into `out` when given."""
         if position < 0 or n < 0:
             raise ValueError(f"read: expected position >= 0 and n >= 0, got {position}, {n}")
+        with self._lock:
+            return self._read(position, n, out)
+
+    def _read(self, position: int, n: int, out: Optional[Tensor]) -> Tensor:
         parts = []
         while n > 0:
             epoch, offset = divmod(position, self.rows_per_epoch)
@@ -263,6 +287,148 @@ class ShuffledStream:
             parts.append(buffer[start : start + take])
             position += take
             n -= take
+        if out is not None:
+            if parts:
+                torch.cat(parts, out=out)
+            return out
         if not parts:
             return torch.empty(0, self.d_in)
         return parts[0].clone() if len(parts) == 1 else torch.cat(parts)
+
+
+# ---------------------------------------------------------------- prefetching
+
+
+class BatchPrefetcher:
+    """The stream's batches at `position`, `position + batch_size`, ..., read `depth` ahead by a
+    background thread, so reading, shuffling and checking rows overlaps the training step.
+
+    `next()` returns (position, rows on `device`, n_bad): n_bad counts the NaN/Inf values, found
+    on the host by the thread, or is None for rows a source made on the device itself (those are
+    checked on the device, by the trainer's non-finite flag). For a CUDA device the thread fills
+    a ring of pinned host buffers and `next()` issues a non_blocking copy; a buffer is refilled
+    only after an event recorded behind its copy has completed. A source that makes its rows on
+    the device (synthetic data on a GPU) is read inline: its work is kernel launches, which a
+    thread would only slow down by contending for the interpreter."""
+
+    def __init__(self, stream: ShuffledStream, batch_size: int, position: int, device, depth: int = 3):
+        self.stream = stream
+        self.batch_size = int(batch_size)
+        self.device = torch.device(device)
+        self.depth = max(1, int(depth))
+        # Sources return CPU rows unless they say otherwise (SyntheticActivations on a GPU).
+        source_device = torch.device(getattr(stream.source, "rows_device", "cpu"))
+        self.inline = source_device.type != "cpu"
+        self.pinned = self.device.type == "cuda" and not self.inline
+        # Buffers in the consumer's hand or in flight to the device, plus the ready queue's.
+        self._slots = (
+            [(torch.empty(self.batch_size, stream.d_in, pin_memory=True), None) for _ in range(self.depth + 2)]
+            if self.pinned else []
+        )
+        self._thread: Optional[threading.Thread] = None
+        self._start(position)
+
+    # ------------------------------------------------------------ consumer side
+
+    def next(self) -> tuple[int, Tensor, Optional[int]]:
+        if self.inline:
+            position = self._position
+            self._position += self.batch_size
+            rows = self.stream.read(position, self.batch_size).to(self.device, non_blocking=True)
+            return position, rows, None
+        item = self._ready.get()
+        if isinstance(item, BaseException):
+            raise item
+        position, rows, n_bad = item
+        if not self.pinned:
+            return position, rows.to(self.device), n_bad
+        on_device = rows.to(self.device, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()  # on the current stream, behind the copy
+        self._free.put((rows, copied))
+        return position, on_device, n_bad
+
+    def restart(self, position: int) -> None:
+        """Continue from `position` (after a roll-back); batches read ahead are dropped."""
+        self.close()
+        self._start(position)
+
+    def close(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        self._stop.set()
+        self._free.put(None)  # wakes a thread waiting for a buffer
+        while thread.is_alive():
+            try:  # wakes a thread waiting to hand over a batch
+                self._ready.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
+        self._thread = None
+        # Buffers the thread still held or had queued go back to the ring.
+        slots = [s for s in self._drain(self._free) if s is not None]
+        seen = {id(buf) for buf, _ in slots}
+        self._slots = slots + [s for s in self._slots if id(s[0]) not in seen]
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------ producer side
+
+    @staticmethod
+    def _drain(q: queue.Queue) -> list:
+        items = []
+        while True:
+            try:
+                items.append(q.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _start(self, position: int) -> None:
+        self._position = int(position)
+        if self.inline:
+            return
+        self._stop = threading.Event()
+        self._ready: queue.Queue = queue.Queue(maxsize=self.depth)
+        self._free: queue.Queue = queue.Queue()
+        for slot in self._slots:
+            self._free.put(slot)
+        self._thread = threading.Thread(target=self._run, args=(int(position),), name="fastsae-prefetch", daemon=True)
+        self._thread.start()
+
+    def _hand_over(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _run(self, position: int) -> None:
+        try:
+            while not self._stop.is_set():
+                if self.pinned:
+                    slot = self._free.get()
+                    if slot is None or self._stop.is_set():
+                        if slot is not None:
+                            self._free.put(slot)
+                        return
+                    buffer, copied = slot
+                    if copied is not None:
+                        copied.synchronize()  # its previous copy to the device has finished
+                    rows = self.stream.read(position, self.batch_size, out=buffer)
+                else:
+                    rows = self.stream.read(position, self.batch_size)
+                n_bad = int(rows.numel() - torch.isfinite(rows).sum())
+                if not self._hand_over((position, rows, n_bad)):
+                    if self.pinned:
+                        self._free.put((rows, None))
+                    return
+                position += self.batch_size
+        except BaseException as exc:  # raised again in the trainer's thread by next()
+            self._hand_over(exc)

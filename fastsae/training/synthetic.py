@@ -6,6 +6,10 @@ Each row is x = sum_i a_i f_i over `n_features` random unit directions f_i in d_
 l0 / n_features, with magnitude uniform in [min_magnitude, 1]. A good SAE's decoder rows
 recover the f_i: `mean_max_cosine` is, averaged over the true features, the best cosine
 similarity of any decoder row to it (1.0 = every feature found exactly).
+
+With `device="cuda"` the rows are made on the GPU (the same features, codes drawn by the
+device's generator: different rows from the CPU's, equally reproducible), so synthetic training
+moves no data between host and device.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class SyntheticActivations:
         seed: int = 0,
         chunk_rows: int = 8192,
         min_magnitude: float = 0.0,
+        device: str = "cpu",
     ):
         for name, value in (("d_in", d_in), ("n_features", n_features), ("n_rows", n_rows), ("chunk_rows", chunk_rows)):
             if not isinstance(value, int) or value < 1:
@@ -43,12 +48,19 @@ class SyntheticActivations:
         self.seed = seed
         self.chunk_rows = chunk_rows
         self.min_magnitude = float(min_magnitude)
+        self.device = torch.device(device)
         directions = torch.randn(n_features, d_in, generator=_generator(seed, 0x5EED), dtype=torch.float64)
         self.features = torch.nn.functional.normalize(directions, dim=1).to(torch.float32)
+        self._features_on_device = self.features.to(self.device)
 
     @property
     def d_in(self) -> int:
         return self._d_in
+
+    @property
+    def rows_device(self) -> torch.device:
+        """Where load_chunk's rows are (the read-ahead takes device-made rows inline)."""
+        return self.device
 
     @property
     def chunk_sizes(self) -> list[int]:
@@ -63,10 +75,20 @@ class SyntheticActivations:
         codes[on] = self.min_magnitude + span * torch.rand(int(on.sum()), generator=generator)
         return codes
 
+    def _device_codes(self, rows: int, generator: torch.Generator) -> Tensor:
+        # As sample_codes, without a data-dependent shape (no host synchronisation on a GPU).
+        shape = (rows, self.n_features)
+        on = torch.rand(shape, generator=generator, device=self.device) < self.l0 / self.n_features
+        magnitude = self.min_magnitude + (1.0 - self.min_magnitude) * torch.rand(shape, generator=generator, device=self.device)
+        return torch.where(on, magnitude, 0.0)
+
     def load_chunk(self, index: int) -> Tensor:
         rows = self.chunk_sizes[index]
-        codes = self.sample_codes(rows, _generator(self.seed, 0xDA7A, index))
-        return codes @ self.features
+        if self.device.type == "cpu":
+            codes = self.sample_codes(rows, _generator(self.seed, 0xDA7A, index))
+            return codes @ self.features
+        generator = torch.Generator(self.device).manual_seed(_generator(self.seed, 0xDA7A, index).initial_seed())
+        return self._device_codes(rows, generator) @ self._features_on_device
 
     def describe(self) -> dict:
         return {
@@ -78,6 +100,7 @@ class SyntheticActivations:
             "seed": self.seed,
             "chunk_rows": self.chunk_rows,
             "min_magnitude": self.min_magnitude,
+            "device": str(self.device),
         }
 
     def score(self, sae) -> float:

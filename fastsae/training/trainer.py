@@ -2,15 +2,28 @@
 
 The loop uses the module and its losses only (`SAE.training_forward`, the decoder-constraint
 methods, `save`); it never calls a backend. Per step:
-  x = the next batch of the shuffled stream (times the normalisation factor)
-  refuse the batch if it holds NaN/Inf (several in a row stop training)
+  x = the next batch of the shuffled stream, read ahead by a background thread (pinned host
+      buffers, non_blocking copies on a GPU), times the normalisation factor, in the compute dtype
+  refuse the batch if it holds NaN/Inf (counted on the host by the reading thread; several in a
+  row stop training)
   loss = training_forward(x, sparsity coefficient warmed up, dead_mask for AuxK)
-  backward; unit-norm decoders: drop the gradient along each decoder row; Adam step
-  (`fastsae.training.optim.Adam`: torch's update without its parameter-sized temporaries; warm-up
-  then decay of the learning rate); unit-norm decoders: renormalise rows; JumpReLU: keep the
-  thresholds positive; count tokens since each latent last fired
+  backward; the gradients go to the float32 master weights (unscaled for float16) while a device
+  flag notes any non-finite loss or gradient; unit-norm decoders: drop the gradient along each
+  decoder row; Adam step on the master weights (warm-up then decay of the learning rate);
+  unit-norm decoders: renormalise rows; JumpReLU: keep the thresholds positive; count tokens
+  since each latent last fired (on the device); add the step's metrics to a device window
   relu: every N steps resample dead latents (Bricken et al. 2023)
+Nothing in a step waits for the device. At each log step (and before a checkpoint, a
+resampling, the end) the trainer reads the flag and the metrics: if a step since the last such
+check had a non-finite loss or gradient, it restores the state copied at that check (weights,
+Adam, counters, metrics) and replays those steps checking each one, refusing the bad batch.
 Metrics go to metrics.jsonl every `log_every_steps`; checkpoints every few minutes and at the end.
+
+Precision (`TrainerConfig.dtype`): the SAE the trainer holds keeps float32 master weights and
+Adam state; with bfloat16 or float16 a twin SAE in that dtype runs forward and backward on a copy
+of the weights made at each step (mixed precision, as autocast would give, but with the kernels'
+own 16-bit paths). float16 scales the loss by `FLOAT16_LOSS_SCALE` (fixed) so small gradients
+stay normal numbers.
 """
 
 from __future__ import annotations
@@ -32,10 +45,15 @@ from fastsae.sae import SAE
 from fastsae.sparse import SparseActivations
 from fastsae.training import checkpoint as ckpt
 from fastsae.training.config import TrainerConfig
-from fastsae.training.data import ActivationSource, ShuffledStream, open_source
+from fastsae.training.data import ActivationSource, BatchPrefetcher, ShuffledStream, open_source
 from fastsae.training.optim import Adam
 
 METRIC_NAMES = ("loss", "mse", "fvu", "l0", "sparsity_loss", "aux_loss")
+# float16 training multiplies the loss by this before backward and divides the float32 gradients
+# by it: the gradient of the mean squared error is ~2 * residual / batch (~1e-5 late in training
+# at batch 4096), below float16's smallest normal number (6e-5) without it. An overflow is a
+# non-finite gradient: the step is rolled back and refused like any other.
+FLOAT16_LOSS_SCALE = 1024.0
 
 
 class BadDataError(RuntimeError):
@@ -100,6 +118,13 @@ class Trainer:
             raise ValueError(f"Trainer: expected a TrainerConfig, got {type(cfg).__name__}")
         if data.d_in != sae.d_in:
             raise ValueError(f"data: expected activations of width d_in={sae.d_in} (the SAE's), got width {data.d_in} from {data!r}")
+        if sae.dtype != torch.float32:
+            raise ValueError(
+                f"Trainer: expected an SAE in float32 (its weights are the master weights; choose the compute "
+                f"dtype with TrainerConfig.dtype / --dtype), got {str(sae.dtype).removeprefix('torch.')}: pass sae.float()"
+            )
+        if cfg.dtype is None:
+            cfg.dtype = "bfloat16" if sae.device.type == "cuda" else "float32"
         self.sae = sae
         self.data = data
         self.cfg = cfg
@@ -121,6 +146,11 @@ class Trainer:
         self.stream = ShuffledStream(data, seed=cfg.seed, buffer_rows=cfg.shuffle_buffer_rows)
         self.optimizer = Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
         self.dead_strategy = self._resolve_dead_strategy()
+        self.compute_sae = self._compute_twin()
+        device = sae.device
+        self._loss_scale = FLOAT16_LOSS_SCALE if cfg.dtype == "float16" else 1.0
+        self._inv_scale = torch.full((1,), 1.0 / self._loss_scale, device=device)
+        self._nonfinite = torch.zeros(1, device=device)  # > 0: a step since the last check went non-finite
 
         # Trainer state (everything a checkpoint holds besides weights and Adam's state).
         self.step = 0  # optimizer steps taken
@@ -131,17 +161,33 @@ class Trainer:
         self.bad_in_row = 0
         self.elapsed = 0.0  # seconds of training, summed over resumed sessions
         self.n_resamples = 0
-        self.tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.int64)
+        self.tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=device)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self._window = torch.zeros(len(METRIC_NAMES), dtype=torch.float64)
+        self._window = torch.zeros(len(METRIC_NAMES), dtype=torch.float64, device=device)
         self._window_steps = 0
         self._window_tokens = 0
         self._window_seconds = 0.0
+        self._replay_until = 0  # steps below this one check the device at each step (after a roll-back)
+        self._dead_possible = True  # whether a latent can be dead before the next check (AuxK)
+        self._snapshot: Optional[dict] = None
+        self._prefetcher: Optional[BatchPrefetcher] = None
         self.last_metrics: dict = {}
         self.last_checkpoint: Optional[Path] = None
         self.messages: list[str] = []
 
     # ------------------------------------------------------------ construction helpers
+
+    def _compute_twin(self) -> SAE:
+        """The SAE that runs forward and backward: the master itself in float32, else a copy in
+        the compute dtype whose weights are refreshed from the master's at every step."""
+        if self.cfg.dtype == "float32":
+            return self.sae
+        twin = SAE(SAEConfig.from_dict({**self.sae.cfg.to_dict(), "dtype": self.cfg.dtype}))
+        with torch.no_grad():
+            for mine, master in zip(twin.state_dict().values(), self.sae.state_dict().values()):
+                mine.copy_(master)
+        twin.sparse_width_limit = self.sae.sparse_width_limit
+        return twin
 
     def _resolve_dead_strategy(self) -> str:
         arch = self.sae.architecture
@@ -159,9 +205,12 @@ class Trainer:
         data: Optional[ActivationSource] = None,
         *,
         progress: Optional[bool] = None,
+        dtype: Optional[str] = None,
     ) -> "Trainer":
         """A trainer that continues the newest complete checkpoint in `out_dir` (data: the saved
-        source description is reopened unless a source is given)."""
+        source description is reopened unless a source is given; `dtype`: a compute dtype other
+        than the run's, e.g. float32 to continue a bfloat16 run at full precision, no longer
+        bit-exact with an uninterrupted run)."""
         out_dir = Path(out_dir)
         folder = ckpt.latest_checkpoint(out_dir)
         if folder is None:
@@ -169,8 +218,14 @@ class Trainer:
         cfg = TrainerConfig.load(folder)
         if progress is not None:
             cfg.progress = progress
+        if dtype is not None:
+            cfg.dtype = dtype
+            cfg.__post_init__()  # validates it
         sae_cfg = SAEConfig.from_dict(saelens.read_cfg(folder))
+        if cfg.dtype is None:  # a run from before TrainerConfig.dtype computed in its weights' dtype
+            cfg.dtype = sae_cfg.dtype if sae_cfg.dtype in ("float32", "bfloat16", "float16") else "float32"
         sae_cfg.device = cfg.device
+        sae_cfg.dtype = "float32"  # the master weights (saved in float32)
         sae = SAE(sae_cfg)
         if data is None:
             data = open_source(cfg.data)
@@ -218,43 +273,74 @@ class Trainer:
 
         cfg = self.cfg
         self.sae.train()
+        self.compute_sae.train()
         if not self.initialized:
             self._initialize()
         total = cfg.total_steps if max_steps is None else min(cfg.total_steps, self.step + max_steps)
         bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not cfg.progress, unit="step", dynamic_ncols=True,
                    file=sys.stderr, desc="training")
         self._bar = bar
+        self._prefetcher = BatchPrefetcher(self.stream, cfg.batch_size, self.position, self.sae.device)
+        self._note_dead_possible()
+        self._take_snapshot()
         last_save = time.monotonic()
+        self._clock = time.perf_counter()
         try:
             while self.step < total:
-                started = time.perf_counter()
-                x = self.stream.read(self.position, cfg.batch_size)
-                self.position += cfg.batch_size
+                position, x, n_bad = self._prefetcher.next()
+                self.position = position + cfg.batch_size
+                if n_bad:
+                    self._refuse(f"the batch holds {n_bad} NaN/Inf values (stream rows {position}..{self.position - 1})")
+                    continue
                 if not self._train_step(x):
                     continue
-                seconds = time.perf_counter() - started
-                self.elapsed += seconds
-                self._window_seconds += seconds
                 bar.update(1)
-                if self.dead_strategy == "resample" and self._resample_due():
-                    self.resample_dead_latents()
-                if self.step % cfg.log_every_steps == 0 or self.step == cfg.total_steps:
-                    self._log_metrics()
-                if self.out_dir is not None and (
+                resample = self.dead_strategy == "resample" and self._resample_due()
+                log = self.step % cfg.log_every_steps == 0 or self.step == cfg.total_steps
+                save = self.out_dir is not None and (
                     (cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0)
                     or (cfg.checkpoint_every_seconds is not None and time.monotonic() - last_save >= cfg.checkpoint_every_seconds)
-                ):
+                )
+                if not (resample or log or save):
+                    continue
+                if not self._check():
+                    continue
+                if resample:
+                    self.resample_dead_latents()
+                if log:
+                    self._log_metrics()
+                if save:
                     self.save_checkpoint()
                     last_save = time.monotonic()
+                self._take_snapshot()
+                self._clock = time.perf_counter()
+            # The last steps (max_steps, or a refused batch at the end) are checked before leaving.
+            while not self._check():
+                self._replay(total)
         finally:
             bar.close()
             self._bar = None
+            if self._prefetcher is not None:
+                self._prefetcher.close()
+                self._prefetcher = None
         if self._window_steps and self.step == cfg.total_steps:
             self._log_metrics()
         if self.out_dir is not None and self.last_checkpoint_step() != self.step:
             self.save_checkpoint()
-        return {"step": self.step, "tokens": self.tokens_seen, "checkpoint": self.last_checkpoint,
-                "elapsed_s": self.elapsed, **self.last_metrics}
+        # The last logged row's figures, under the run's own step, tokens and time.
+        return {**self.last_metrics, "step": self.step, "tokens": self.tokens_seen, "checkpoint": self.last_checkpoint,
+                "elapsed_s": self.elapsed}
+
+    def _replay(self, total: int) -> None:
+        """After a roll-back at the end of `train`: take the rolled-back steps again (checked)."""
+        while self.step < total:
+            position, x, n_bad = self._prefetcher.next()
+            self.position = position + self.cfg.batch_size
+            if n_bad:
+                self._refuse(f"the batch holds {n_bad} NaN/Inf values (stream rows {position}..{self.position - 1})")
+                continue
+            if self._train_step(x):
+                self._bar.update(1)
 
     def last_checkpoint_step(self) -> Optional[int]:
         return None if self.last_checkpoint is None else int(self.last_checkpoint.name.split("_")[-1])
@@ -277,47 +363,67 @@ class Trainer:
                 f"(NaN/Inf); the last good checkpoint is {kept if kept else 'none (no checkpoint was written yet)'}"
             )
 
-    def _train_step(self, x_cpu: Tensor) -> bool:
-        """One optimizer step on a batch; False if the batch was refused."""
-        cfg, sae = self.cfg, self.sae
-        bad = ~torch.isfinite(x_cpu)
-        if bad.any():
-            self._refuse(f"the batch holds {int(bad.sum())} NaN/Inf values (stream rows {self.position - x_cpu.shape[0]}"
-                         f"..{self.position - 1})")
-            return False
-        x = (x_cpu * self.input_scale).to(device=sae.device, dtype=sae.dtype, non_blocking=True)
+    def _train_step(self, x_raw: Tensor) -> bool:
+        """One optimizer step on a batch already on the device; False if the batch was refused
+        (only while replaying rolled-back steps: otherwise nothing here waits for the device)."""
+        cfg, master, sae = self.cfg, self.sae, self.compute_sae
+        checked = self.step < self._replay_until
+        x32 = x_raw.to(torch.float32) * self.input_scale
+        x = x32.to(sae.dtype)
         lr = cfg.lr_at(self.step)
         coefficient = cfg.sparsity_coefficient_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        mixed = sae is not master
+        if mixed:
+            with torch.no_grad():
+                torch._foreach_copy_(list(sae.parameters()), list(master.parameters()))
         dead_mask = None
-        if self.dead_strategy == "auxk":
-            dead = self.tokens_since_fired >= cfg.dead_after
-            if dead.any():
-                dead_mask = dead.to(sae.device)
+        if self.dead_strategy == "auxk" and self._dead_possible:
+            dead_mask = self.tokens_since_fired >= cfg.dead_after
         out = sae.training_forward(
             x, sparsity_coefficient=coefficient, dead_mask=dead_mask, k_aux=cfg.aux_k, aux_coefficient=cfg.aux_coefficient
         )
-        if not torch.isfinite(out.loss):
+        if checked and not torch.isfinite(out.loss):
             self._refuse(f"the loss is not finite ({out.loss.item()})")
             return False
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if sae.cfg.decoder_norm == "unit_norm":
-            sae.remove_gradient_parallel_to_decoder_directions()
+        sae.zero_grad(set_to_none=True)
+        if mixed:
+            master.zero_grad(set_to_none=True)
+        (out.loss * self._loss_scale if self._loss_scale != 1.0 else out.loss).backward()
+        found = torch.zeros(1, device=master.device) if checked else self._nonfinite
+        found.add_((~torch.isfinite(out.loss.detach())).float())
+        if self._loss_scale != 1.0:
+            # float16: the float32 copies are unscaled, and a non-finite one flagged, in one pass.
+            torch._amp_foreach_non_finite_check_and_unscale_(self._master_grads(mixed), found, self._inv_scale)
+        else:
+            # Only the flag: the gradients' norms read each one once, in its own dtype (the 16-bit
+            # twin's before the copy), and write nothing parameter-sized.
+            grads = [p.grad for p in sae.parameters() if p.grad is not None]
+            found.add_((~torch.isfinite(torch.stack(torch._foreach_norm(grads)).float().sum())).float())
+            if mixed:
+                self._master_grads(mixed)
+        if checked and found.item():
+            self._refuse("a gradient is not finite")
+            return False
+        if master.cfg.decoder_norm == "unit_norm":
+            master.remove_gradient_parallel_to_decoder_directions()
         self.optimizer.step()
         with torch.no_grad():
-            if sae.cfg.decoder_norm == "unit_norm":
-                sae.set_decoder_norm_to_unit_norm()
-            if sae.architecture == "jumprelu":
-                sae.threshold.clamp_(min=cfg.jumprelu_min_threshold)
-            fired, l0 = _fired_and_l0(out.acts, sae.d_sae)
+            if master.cfg.decoder_norm == "unit_norm":
+                master.set_decoder_norm_to_unit_norm()
+            if master.architecture == "jumprelu":
+                master.threshold.clamp_(min=cfg.jumprelu_min_threshold)
+            if mixed and master.architecture == "batchtopk":
+                master.topk_threshold.copy_(sae.topk_threshold)  # updated by the forward
+            fired, l0 = _fired_and_l0(out.acts, master.d_sae)
             self.tokens_since_fired += x.shape[0]
-            self.tokens_since_fired[fired.cpu()] = 0
-            err = (out.x_hat.reshape(x.shape) - x).pow(2).sum()
-            var = (x - x.mean(0)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
-            values = torch.stack([out.loss, out.mse_loss, err / var, l0, out.sparsity_loss, out.aux_loss])
-            self._window += values.detach().double().cpu()
+            self.tokens_since_fired.masked_fill_(fired, 0)
+            x_hat = out.x_hat.reshape(x.shape).float()
+            err = (x_hat - x32).pow(2).sum()
+            var = (x32 - x32.mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
+            values = torch.stack([t.float() for t in (out.loss, out.mse_loss, err / var, l0, out.sparsity_loss, out.aux_loss)])
+            self._window += values.double()
         self._window_steps += 1
         self._window_tokens += x.shape[0]
         self.step += 1
@@ -325,10 +431,109 @@ class Trainer:
         self.bad_in_row = 0
         return True
 
+    def _master_grads(self, mixed: bool) -> list[Tensor]:
+        """The master weights' gradients (float32), copied from the compute twin's when mixed."""
+        grads = []
+        if not mixed:
+            return [p.grad for p in self.sae.parameters() if p.grad is not None]
+        for master, twin in zip(self.sae.parameters(), self.compute_sae.parameters()):
+            if twin.grad is not None:
+                master.grad = twin.grad.to(torch.float32)
+                grads.append(master.grad)
+        return grads
+
+    # ------------------------------------------------------------ checks and roll-back
+
+    def _check(self) -> bool:
+        """Wait for the device and read the non-finite flag. True if every step since the last
+        check was finite; otherwise the state of that check is restored, the steps after it are
+        taken again with a check each (refusing the bad batch) and False is returned."""
+        bad = bool(self._nonfinite.item())
+        seconds = time.perf_counter() - self._clock
+        self.elapsed += seconds
+        self._window_seconds += seconds
+        if not bad:
+            self._note_dead_possible()
+            return True
+        snapshot = self._snapshot
+        first, last = snapshot["host"]["step"] + 1, self.step
+        self._restore_snapshot()
+        self._replay_until = last
+        self._say(f"steps {first}..{last}: a non-finite loss or gradient; rolled back to step {first - 1} and "
+                  "taking those steps again, checking each")
+        if self._bar is not None:
+            self._bar.n = self.step
+            self._bar.refresh()
+        self._note_dead_possible()
+        self._prefetcher.restart(self.position)
+        self._clock = time.perf_counter()
+        return False
+
+    def _note_dead_possible(self) -> None:
+        """At a check: can any latent reach `dead_after` tokens without firing before the next
+        check? If not, the steps until then pass no dead mask (AuxK has nothing to do, and the
+        forward need not look at the mask); the result is the same as passing it."""
+        if self.dead_strategy != "auxk":
+            return
+        most = int(self.tokens_since_fired.max()) if self.tokens_since_fired.numel() else 0
+        self._dead_possible = most + self.cfg.log_every_steps * self.cfg.batch_size >= self.cfg.dead_after
+
+    _HOST_STATE = ("step", "tokens_seen", "position", "bad_in_row", "_window_steps", "_window_tokens")
+    _HINTS = ("_sparse_hint", "_dense_passes_to_skip", "_overflow_backoff")
+
+    @torch.no_grad()
+    def _take_snapshot(self) -> None:
+        """Copy (on the device) what a step changes, for a roll-back to this point."""
+        old = self._snapshot or {}
+        tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
+        for p_index, p in enumerate(self.sae.parameters()):
+            for key, value in self.optimizer.state.get(p, {}).items():
+                if isinstance(value, Tensor):
+                    tensors[f"adam.{p_index}.{key}"] = value
+        tensors["tokens_since_fired"] = self.tokens_since_fired
+        tensors["window"] = self._window
+        copies = {}
+        for name, value in tensors.items():
+            kept = old.get("tensors", {}).get(name)
+            if kept is not None and kept.shape == value.shape and kept.dtype == value.dtype and kept.device == value.device:
+                copies[name] = kept.copy_(value)  # reuse the previous snapshot's memory
+            else:
+                copies[name] = value.detach().clone()
+        self._snapshot = {
+            "tensors": copies,
+            "host": {name: getattr(self, name) for name in self._HOST_STATE},
+            "hints": {name: getattr(self.compute_sae, name) for name in self._HINTS},
+        }
+
+    @torch.no_grad()
+    def _restore_snapshot(self) -> None:
+        snap = self._snapshot
+        tensors = snap["tensors"]
+        for name, value in self.sae.state_dict().items():
+            value.copy_(tensors[f"sae.{name}"])
+        for p_index, p in enumerate(self.sae.parameters()):
+            kept = {key[len(f"adam.{p_index}."):]: v for key, v in tensors.items() if key.startswith(f"adam.{p_index}.")}
+            if not kept:
+                self.optimizer.state.pop(p, None)
+                continue
+            state = self.optimizer.state[p]
+            for key, value in kept.items():
+                if key in state:
+                    state[key].copy_(value)
+                else:
+                    state[key] = value.clone()
+        self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
+        self._window.copy_(tensors["window"])
+        self._nonfinite.zero_()
+        for name, value in snap["host"].items():
+            setattr(self, name, value)
+        for name, value in snap["hints"].items():
+            setattr(self.compute_sae, name, value)
+
     # ------------------------------------------------------------ dead latents
 
     def dead_mask(self) -> Tensor:
-        """Latents that have not fired in the last `dead_after` tokens (bool [d_sae], CPU)."""
+        """Latents that have not fired in the last `dead_after` tokens (bool [d_sae], on the SAE's device)."""
         return self.tokens_since_fired >= self.cfg.dead_after
 
     def _resample_due(self) -> bool:
@@ -426,17 +631,20 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def export_sae(self) -> SAE:
-        """The SAE for use on raw activations (the normalisation factor folded in), in eval mode."""
+        """The SAE for use on raw activations (the normalisation factor folded in), in eval mode:
+        the float32 master weights, with the training dtype noted in cfg.metadata["trained_dtype"]
+        (`fastsae.load(folder, dtype=torch.bfloat16)` gives it in that dtype)."""
         sae = fold_input_scale(self.sae, self.input_scale)
+        sae.cfg.metadata["trained_dtype"] = self.cfg.dtype
         return sae.eval()
 
     def _state_dict(self) -> dict:
         return {
             "sae": {name: t.detach().cpu().clone() for name, t in self.sae.state_dict().items()},
-            "tokens_since_fired": self.tokens_since_fired.clone(),
+            "tokens_since_fired": self.tokens_since_fired.cpu().clone(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "window": self._window.clone(),
+            "window": self._window.cpu().clone(),
         }
 
     def _state_json(self) -> dict:
@@ -490,10 +698,10 @@ class Trainer:
             raise ValueError(f"{folder}: cannot read the checkpoint's state: {exc}") from exc
         self.sae.load_state_dict({k: v.to(self.sae.device) for k, v in state["sae"].items()})
         self.optimizer.load_state_dict(optimizer_state)
-        self.tokens_since_fired = state["tokens_since_fired"].clone()
+        self.tokens_since_fired = state["tokens_since_fired"].to(self.sae.device).clone()
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        self._window = state["window"].clone()
+        self._window = state["window"].to(self.sae.device).clone()
         self.step = info["step"]
         self.tokens_seen = info["tokens_seen"]
         self.position = info["position"]
@@ -514,12 +722,13 @@ class Trainer:
 
 
 def _fired_and_l0(acts, d_sae: int) -> tuple[Tensor, Tensor]:
-    """Which latents fired in the batch (bool [d_sae]) and the mean number active per row."""
+    """Which latents fired in the batch (bool [d_sae]) and the mean number active per row
+    (no data-dependent shapes: nothing waits for the device)."""
     if isinstance(acts, SparseActivations):
         active = acts.values > 0
-        fired = torch.zeros(d_sae, dtype=torch.bool, device=acts.values.device)
-        fired[acts.indices[active]] = True
-        return fired, active.sum(-1).float().mean()
+        counts = torch.zeros(d_sae, dtype=torch.int32, device=acts.values.device)
+        counts.index_add_(0, acts.indices.reshape(-1), active.reshape(-1).to(torch.int32))
+        return counts > 0, active.sum(-1).float().mean()
     active = acts > 0
     return active.any(0), active.sum(-1).float().mean()
 

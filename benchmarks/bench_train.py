@@ -1,0 +1,171 @@
+"""Throughput of `fastsae train` against the bare training step, measured in the same run.
+
+The bare step is what the kernels allow: `SAE.training_forward` + backward + Adam on one batch
+already on the device, with the SAE in the compute dtype (no data, no metrics, no mixed
+precision copies). End to end is the `fastsae train` command itself (run in this process), on
+synthetic data or an activation file; its tokens/s is the trainer's own figure from
+metrics.jsonl over the steady windows (the first window, with start-up and compilation, left
+out), and the whole command's wall time is reported beside it. Rounds alternate (bare, train,
+bare, train, ...) so that a machine shared with other work slows both alike; medians are kept.
+
+    python benchmarks/bench_train.py --device cpu --json benchmarks/results/train-cpu.json
+    python benchmarks/bench_train.py --device cuda --d-in 768 --d-sae 24576 --k 32 --batch 4096 \\
+        --steps 400 --data synthetic file --json out.json
+
+Targets (issue 13): end to end >= 90% of the bare step on the CPU, >= 80% on a GPU.
+AuxK is kept out of both (no latent reaches --dead-after-tokens, 10M, in a run this short), so
+the two do the same arithmetic per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import fastsae
+from fastsae.training.optim import Adam
+
+TARGETS = {"cpu": 0.90, "cuda": 0.80}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_step_tokens_per_s(args, device: torch.device, dtype: torch.dtype) -> float:
+    """Tokens/s of training_forward + backward + Adam on a batch resident on the device."""
+    torch.manual_seed(0)
+    sae = fastsae.SAE(d_in=args.d_in, d_sae=args.d_sae, architecture="topk", k=args.k, device=str(device),
+                      dtype=str(dtype).removeprefix("torch."))
+    optimizer = Adam(sae.parameters(), lr=1e-4)
+    x = torch.randn(args.batch, args.d_in, device=device).to(dtype)
+
+    def step():
+        out = sae.training_forward(x)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(args.bare_steps):
+        step()
+    _sync(device)
+    return args.bare_steps * args.batch / (time.perf_counter() - started)
+
+
+def make_file(args, folder: Path) -> Path:
+    """An activation file of random rows (bf16 on a GPU, as the issue's 2M-row file)."""
+    from fastsae.training.data import save_activations
+
+    rows = args.file_rows
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    generator = torch.Generator().manual_seed(1)
+    parts = [torch.randn(min(1 << 18, rows - start), args.d_in, generator=generator).to(dtype)
+             for start in range(0, rows, 1 << 18)]
+    return save_activations(folder / "acts.safetensors", torch.cat(parts))
+
+
+def train_tokens_per_s(args, data: str, file: Path | None, out: Path) -> dict:
+    """Run `fastsae train` in this process; the trainer's steady tokens/s and the wall time."""
+    from fastsae.cli import main
+
+    argv = ["train", "--architecture", "topk", "--d-sae", str(args.d_sae), "--k", str(args.k),
+            "--batch-size", str(args.batch), "--tokens", str(args.steps * args.batch), "--device", args.device,
+            "--log-every", str(args.log_every), "--checkpoint-every", "1e9", "--dead-after-tokens", "10000000",
+            "--no-progress", "--out", str(out), "--overwrite"]
+    if args.dtype:
+        argv += ["--dtype", args.dtype]
+    if data == "synthetic":
+        argv += ["--data", "synthetic", "--synthetic-d-in", str(args.d_in), "--synthetic-features",
+                 str(args.synthetic_features), "--synthetic-l0", str(args.synthetic_l0)]
+    else:
+        argv += ["--data", str(file)]
+    started = time.perf_counter()
+    rc = main(argv)
+    wall = time.perf_counter() - started
+    if rc != 0:
+        raise RuntimeError(f"fastsae train exited with {rc}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steady = rows[1:] or rows
+    tokens, seconds, last_tokens = 0, 0.0, rows[0]["tokens"] if len(rows) > 1 else 0
+    for row in steady:
+        window = row["tokens"] - last_tokens
+        last_tokens = row["tokens"]
+        tokens += window
+        seconds += window / row["tokens_per_s"]
+    return {"tokens_per_s": tokens / seconds, "wall_tokens_per_s": rows[-1]["tokens"] / wall, "wall_s": wall,
+            "windows": len(steady), "fvu": rows[-1]["fvu"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default: the trainer's (bf16 on CUDA)")
+    p.add_argument("--d-in", type=int, default=256)
+    p.add_argument("--d-sae", type=int, default=4096)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=60, help="training steps per end-to-end round")
+    p.add_argument("--bare-steps", type=int, default=20, help="timed bare steps per round")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--data", nargs="+", default=["file", "synthetic"], choices=("file", "synthetic"))
+    p.add_argument("--file-rows", type=int, default=1 << 17)
+    p.add_argument("--synthetic-features", type=int, default=1024)
+    p.add_argument("--synthetic-l0", type=float, default=16.0)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
+
+    results = {"device": args.device, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+               "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "shape": {"d_in": args.d_in, "d_sae": args.d_sae, "k": args.k, "batch": args.batch}, "dtype": dtype_name,
+               "steps_per_round": args.steps, "rounds": args.rounds, "load_average": os.getloadavg(), "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        file = make_file(args, tmp) if "file" in args.data else None
+        for data in args.data:
+            bare, train = [], []
+            for r in range(args.rounds):
+                bare.append(bare_step_tokens_per_s(args, device, dtype))
+                train.append(train_tokens_per_s(args, data, file, tmp / f"run-{data}"))
+                print(f"{data} round {r + 1}: bare {bare[-1]:,.0f} tok/s, train {train[-1]['tokens_per_s']:,.0f} tok/s "
+                      f"({train[-1]['tokens_per_s'] / bare[-1]:.1%}; whole command {train[-1]['wall_tokens_per_s']:,.0f})",
+                      flush=True)
+            bare_median = statistics.median(bare)
+            train_median = statistics.median(t["tokens_per_s"] for t in train)
+            results["runs"][data] = {
+                "bare_tokens_per_s": bare, "train": train,
+                "bare_median": bare_median, "train_median": train_median,
+                "ratio": train_median / bare_median,
+                "target": TARGETS.get(device.type),
+            }
+            print(f"{data}: train / bare = {train_median:,.0f} / {bare_median:,.0f} = {train_median / bare_median:.1%} "
+                  f"(target {TARGETS.get(device.type, 0):.0%})", flush=True)
+    results["load_average_after"] = os.getloadavg()
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
