@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastsae.training.seeding import keyed_generator
+
 ACTIVATION_SUFFIXES = (".safetensors", ".npy")
 SAFETENSORS_KEY = "activations"
 
@@ -199,14 +201,6 @@ def open_source(spec: dict) -> ActivationSource:
 # ---------------------------------------------------------------- the shuffled stream
 
 
-def _generator(*keys: int) -> torch.Generator:
-    # A distinct, reproducible generator per (seed, epoch, buffer) key.
-    seed = 0
-    for key in keys:
-        seed = (seed * 1_000_003 + int(key) + 1) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
-
-
 class ShuffledStream:
     """An endless, seeded, shuffled stream of a source's rows, readable at any position."""
 
@@ -235,7 +229,7 @@ class ShuffledStream:
     def _epoch_plan(self, epoch: int) -> tuple[list[list[int]], list[int]]:
         """The epoch's buffers (lists of chunk indices) and their cumulative row offsets."""
         if epoch != self._plan_epoch:
-            order = torch.randperm(len(self.sizes), generator=_generator(self.seed, epoch)).tolist()
+            order = torch.randperm(len(self.sizes), generator=keyed_generator(self.seed, epoch)).tolist()
             groups: list[list[int]] = [[]]
             rows = 0
             for chunk in order:
@@ -254,7 +248,7 @@ class ShuffledStream:
         if self._buffer_key != (epoch, group):
             groups, _ = self._epoch_plan(epoch)
             rows = torch.cat([self._checked_chunk(c) for c in groups[group]])
-            perm = torch.randperm(rows.shape[0], generator=_generator(self.seed, epoch, group + 1))
+            perm = torch.randperm(rows.shape[0], generator=keyed_generator(self.seed, epoch, group + 1))
             if rows.device.type == "cuda":  # rows made on the GPU: the order goes there without a wait
                 perm = perm.pin_memory().to(rows.device, non_blocking=True)
             self._buffer_key, self._buffer = (epoch, group), rows[perm]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastsae.training.data import _generator
+from fastsae.training.seeding import keyed_generator
 
 
 class SyntheticActivations:
@@ -49,7 +49,7 @@ class SyntheticActivations:
         self.chunk_rows = chunk_rows
         self.min_magnitude = float(min_magnitude)
         self.device = torch.device(device)
-        directions = torch.randn(n_features, d_in, generator=_generator(seed, 0x5EED), dtype=torch.float64)
+        directions = torch.randn(n_features, d_in, generator=keyed_generator(seed, 0x5EED), dtype=torch.float64)
         self.features = torch.nn.functional.normalize(directions, dim=1).to(torch.float32)
         self._features_on_device = self.features.to(self.device)
 
@@ -85,9 +85,9 @@ class SyntheticActivations:
     def load_chunk(self, index: int) -> Tensor:
         rows = self.chunk_sizes[index]
         if self.device.type == "cpu":
-            codes = self.sample_codes(rows, _generator(self.seed, 0xDA7A, index))
+            codes = self.sample_codes(rows, keyed_generator(self.seed, 0xDA7A, index))
             return codes @ self.features
-        generator = torch.Generator(self.device).manual_seed(_generator(self.seed, 0xDA7A, index).initial_seed())
+        generator = torch.Generator(self.device).manual_seed(keyed_generator(self.seed, 0xDA7A, index).initial_seed())
         return self._device_codes(rows, generator) @ self._features_on_device
 
     def describe(self) -> dict:
