@@ -37,6 +37,7 @@ class Chromium:
     """One headless browser; `page()` opens a tab and attaches to it."""
 
     def __init__(self, binary: str, profile_dir: Path, width: int = 1200, height: int = 900):
+        self.width, self.height = width, height
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
 
@@ -106,6 +107,9 @@ class Chromium:
         page = Page(self, session)
         for domain in ("Page", "Runtime", "Log"):
             page.send(f"{domain}.enable")
+        # A fixed viewport, so that screenshots are the same size whatever the window decorations.
+        page.send("Emulation.setDeviceMetricsOverride",
+                  {"width": self.width, "height": self.height, "deviceScaleFactor": 1, "mobile": False})
         return page
 
     def close(self) -> None:
