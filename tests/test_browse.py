@@ -179,6 +179,25 @@ def test_site_data_names_the_right_tokens(tiny_bert, corpus, tmp_path):
         WORDS.index("##s"): "s", WORDS.index("value"): " value"}
 
 
+def test_serve_listens_on_localhost_only(tmp_path):
+    import threading
+    import urllib.request
+
+    from fastsae.browse import make_server
+
+    (tmp_path / "index.html").write_text("<p>hello</p>")
+    with make_server(tmp_path, 0) as server:
+        assert server.server_address[0] == "127.0.0.1"
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.server_address[1]}/index.html", timeout=10) as r:
+                assert r.status == 200 and r.read() == b"<p>hello</p>"
+        finally:
+            server.shutdown()
+            thread.join(10)
+
+
 def run_cli(argv, capsys):
     from fastsae.cli import main
 

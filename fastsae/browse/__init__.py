@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from fastsae.browse.site import serve, token_strings, write_site
+from fastsae.browse.site import make_server, serve, token_strings, write_site
 from fastsae.browse.stats import (
     FeatureStats,
     FeatureStatsAccumulator,
@@ -26,6 +26,7 @@ __all__ = [
     "build_browser",
     "collect_stats",
     "encoded_batches",
+    "make_server",
     "nearest_by_decoder",
     "serve",
     "token_strings",

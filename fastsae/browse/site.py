@@ -159,13 +159,18 @@ def write_site(
     return out / "index.html"
 
 
-def serve(folder, port: int = 8000) -> None:
-    """Serve `folder` on http://127.0.0.1:PORT/ until interrupted (local only: never 0.0.0.0)."""
+def make_server(folder, port: int = 8000):
+    """An HTTP server for `folder` on 127.0.0.1 only (never every interface); port 0: any free one."""
     import functools
     import http.server
 
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    with http.server.ThreadingHTTPServer(("127.0.0.1", port), handler) as httpd:
+    return http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+
+
+def serve(folder, port: int = 8000) -> None:
+    """Serve `folder` on http://127.0.0.1:PORT/ until interrupted."""
+    with make_server(folder, port) as httpd:
         print(f"serving {folder} at http://127.0.0.1:{httpd.server_address[1]}/ (Ctrl-C stops)", flush=True)
         try:
             httpd.serve_forever()

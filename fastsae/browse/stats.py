@@ -67,8 +67,7 @@ class FeatureStatsAccumulator:
     call `finish`. Rows must come in stream order; `positions` say where each row sits in the
     stream (a gap is allowed: context windows never reach across it)."""
 
-    def __init__(self, d_sae: int, n_contexts: int = 16, before: int = 12, after: int = 4, n_bins: int = 64,
-                 window_chunk: int = 4096):
+    def __init__(self, d_sae: int, n_contexts: int = 16, before: int = 12, after: int = 4, n_bins: int = 64):
         if d_sae < 1:
             raise ValueError(f"d_sae: expected a positive integer, got {d_sae}")
         if n_contexts < 1:
@@ -79,7 +78,6 @@ class FeatureStatsAccumulator:
             raise ValueError(f"n_bins: expected a power of two >= 2 (bins merge in pairs), got {n_bins}")
         self.d_sae, self.k, self.before, self.after, self.n_bins = d_sae, n_contexts, before, after, n_bins
         self.log2_bins = n_bins.bit_length() - 1
-        self.window_chunk = window_chunk
         width = before + 1 + after
         self.n_tokens = 0
         self.counts = torch.zeros(d_sae, dtype=torch.int64)
@@ -95,6 +93,8 @@ class FeatureStatsAccumulator:
         # the next rows' windows) and the last `after` (not scanned yet: their right side had not come).
         self._carry: Optional[tuple[Tensor, Tensor, Tensor]] = None
         self._pending = 0  # rows at the end of the carry not scanned yet
+        self._keys: Optional[Tensor] = None
+        self._key_values: Optional[Tensor] = None
 
     # ------------------------------------------------------------ the pass
 
@@ -141,6 +141,7 @@ class FeatureStatsAccumulator:
     def _scan(self, values: Tensor, indices: Tensor, positions: Tensor, first: int, stop: int) -> None:
         """Count rows [first, stop) of the buffer (the rows around them give the context windows)."""
         self.n_tokens += stop - first
+        self._keys = None  # the buffer's sorted (row, latent) keys, built when a window needs them
         block = values[first:stop]
         fired = block > 0
         v = block[fired]
@@ -189,37 +190,48 @@ class FeatureStatsAccumulator:
         rank = torch.arange(len(f)) - starts[group]
         head = rank < self.k
         v, f, row, group, rank = v[head], f[head], row[head], group[head], rank[head]
-        acts = self._window_acts(values, indices, positions, f, row)
 
         n, k, width = len(feats), self.k, self.offsets.numel()
         cand_values = torch.full((n, k), -float("inf"))
-        cand_positions = torch.full((n, k), -1, dtype=torch.int64)
-        cand_acts = torch.full((n, k, width), float("nan"))
         cand_values[group, rank] = v
-        cand_positions[group, rank] = positions[row]
-        cand_acts[group, rank] = acts
-        all_values = torch.cat([self.top_values[feats], cand_values], 1)
-        best = all_values.topk(k, dim=1)  # ties keep the earlier (already held) entry first
+        cand_entry = torch.full((n, k), -1, dtype=torch.int64)
+        cand_entry[group, rank] = torch.arange(len(v))
+        best = torch.cat([self.top_values[feats], cand_values], 1).topk(k, dim=1)  # held entries win ties
+        from_new = best.indices >= k
+        held = best.indices.clamp(max=k - 1)
+        new_positions = self.top_positions[feats].gather(1, held)
+        new_acts = self.context_acts[feats].gather(1, held[:, :, None].expand(-1, -1, width))
+        # Windows only for the candidates that made it in.
+        entry = cand_entry.gather(1, (best.indices - k).clamp(min=0))[from_new]
+        new_positions[from_new] = positions[row[entry]]
+        new_acts[from_new] = self._window_acts(values, indices, positions, f[entry], row[entry])
         self.top_values[feats] = best.values
-        self.top_positions[feats] = torch.cat([self.top_positions[feats], cand_positions], 1).gather(1, best.indices)
-        all_acts = torch.cat([self.context_acts[feats], cand_acts], 1)
-        self.context_acts[feats] = all_acts.gather(1, best.indices[:, :, None].expand(-1, -1, width))
+        self.top_positions[feats] = new_positions
+        self.context_acts[feats] = new_acts
 
     def _window_acts(self, values, indices, positions, f, row) -> Tensor:
         """Feature f's activation on each token of the window around each (f, row): [C, width]."""
-        out = []
+        if len(f) == 0:
+            return torch.zeros(0, self.offsets.numel())
         n_rows = values.shape[0]
-        for lo in range(0, len(f), self.window_chunk):
-            ff, rr = f[lo : lo + self.window_chunk], row[lo : lo + self.window_chunk]
-            rows = rr[:, None] + self.offsets[None, :]
-            inside = (rows >= 0) & (rows < n_rows)
-            rows = rows.clamp(0, n_rows - 1)
-            # A window never reaches across a gap in the stream (e.g. a --tokens cut between files).
-            inside &= positions[rows] == positions[rr][:, None] + self.offsets[None, :]
-            match = indices[rows] == ff[:, None, None]
-            acts = (values[rows] * match).sum(-1)
-            out.append(torch.where(inside, acts, float("nan")))
-        return torch.cat(out)
+        if self._keys is None:
+            # The buffer's entries as sorted (row, latent) keys: each window token is one binary search.
+            fired = values > 0
+            keys = fired.nonzero()[:, 0] * self.d_sae + indices[fired]
+            keys, order = keys.sort()
+            self._keys, self._key_values = keys, values[fired][order]
+        keys, key_values = self._keys, self._key_values
+        rows = row[:, None] + self.offsets[None, :]
+        inside = (rows >= 0) & (rows < n_rows)
+        rows = rows.clamp(0, n_rows - 1)
+        # A window never reaches across a gap in the stream (e.g. a --tokens cut between files).
+        inside &= positions[rows] == positions[row][:, None] + self.offsets[None, :]
+        if keys.numel() == 0:
+            return torch.where(inside, 0.0, float("nan"))
+        queries = rows * self.d_sae + f[:, None]
+        at = torch.searchsorted(keys, queries).clamp_(max=keys.numel() - 1)
+        acts = torch.where(keys[at] == queries, key_values[at], 0.0)
+        return torch.where(inside, acts, float("nan"))
 
 
 def _pad_cols(t: Tensor, m: int) -> Tensor:
