@@ -10,6 +10,7 @@ under data/ (loaded with <script>, which works from file:// where fetch() is blo
 
 from __future__ import annotations
 
+import bisect
 import json
 import shutil
 from pathlib import Path
@@ -38,6 +39,17 @@ def token_strings(tokenizer, ids: Sequence[int]) -> dict[int, str]:
             joined = "a " + str(tok)
         out[int(i)] = joined[1:] if joined.startswith("a") else " " + str(tok)
     return out
+
+
+def _significant(t: Tensor, digits: int):
+    """`t` as nested lists of floats rounded to `digits` significant digits (NaN, inf kept), done
+    in float64 so each prints as its short decimal (0.107, not 0.10700000077)."""
+    x = t.double()
+    finite = torch.isfinite(x) & (x != 0)
+    exponent = torch.where(finite, x.abs().clamp_min(1e-300).log10().floor(), 0.0)
+    shift = (digits - 1) - exponent  # by powers of ten, exact in float64 either way
+    up, down = torch.pow(10.0, shift.clamp_min(0)), torch.pow(10.0, (-shift).clamp_min(0))
+    return torch.where(finite, torch.round(x * up / down) * down / up, x).tolist()
 
 
 def _js_assign(target: str, value) -> str:
@@ -91,18 +103,17 @@ def write_site(
     window_ids = torch.where(in_stream, token_ids[window.clamp(0, max(0, n_stream - 1))], -1)
     shown = torch.zeros(d_sae, dtype=torch.bool)
     shown[pages] = True
-    used = window_ids[shown].unique()
+    centre = window_ids[:, :, stats.before]
+    used = torch.cat([window_ids[shown].flatten(), centre.flatten()]).unique()
     strings = token_strings(tokenizer, used[used >= 0].tolist())
 
     # The index: every feature, top tokens from its top contexts (most frequent first).
-    centre_ids = window_ids[:, :, stats.before].tolist()
     top_tokens = []
-    for row in centre_ids:
+    for row in centre.tolist():
         counts: dict[str, int] = {}
         for t in row:
             if t >= 0:
-                s = strings.get(t) or token_strings(tokenizer, [t])[t]
-                s = s.strip() or s
+                s = strings[t].strip() or strings[t]
                 counts[s] = counts.get(s, 0) + 1
         top_tokens.append(sorted(counts, key=lambda s: -counts[s])[:n_top_tokens])
     index = {
@@ -110,45 +121,63 @@ def write_site(
         "shard_size": shard_size,
         "features": {
             "id": list(range(d_sae)),
-            "density": [float(f"{d:.4g}") for d in stats.density.tolist()],
-            "max": [float(f"{v:.4g}") for v in stats.max_values.tolist()],
-            "mean": [float(f"{v:.4g}") for v in stats.mean_values.tolist()],
+            "density": _significant(stats.density, 4),
+            "max": _significant(stats.max_values, 4),
+            "mean": _significant(stats.mean_values, 4),
             "tokens": top_tokens,
             "page": shown.int().tolist(),
         },
     }
     (out / "data" / "index.js").write_text(_js_assign("window.FASTSAE_INDEX", index), encoding="utf-8")
 
+    # Per-feature pages: everything turned into Python lists once, then plain loops.
     neighbours, cosines = nearest_by_decoder(W_dec, pages, n_neighbours)
-    neighbour_of = {int(f): (neighbours[j].tolist(), cosines[j].tolist()) for j, f in enumerate(pages.tolist())}
+    neighbours_of, cosines_of = neighbours.tolist(), _significant(cosines, 4)
+    page_list = pages.tolist()
+    row_of = {f: j for j, f in enumerate(page_list)}
+    # A window leaves the stream only at its ends: each context is the slice [lead, lead + count).
+    page_ids = window_ids[pages]
+    valid = page_ids >= 0
+    leads_of = (valid.cumsum(-1) == 0).sum(-1).tolist()
+    lengths_of = valid.sum(-1).tolist()
+    page_acts = stats.context_acts[pages]
+    unknown_of = (page_acts.isnan() & valid).any(-1).tolist()
+    ids_of = page_ids.tolist()
+    acts_of = _significant(page_acts, 3)
+    values_of = _significant(stats.top_values[pages], 4)
+    positions_of = positions[pages].tolist()
+    hist_of = stats.hist[pages].tolist()
+    width_of = torch.ldexp(torch.ones(len(page_list), dtype=torch.float64), stats.hist_exponent[pages]).tolist()
+    counts_of = stats.counts[pages].tolist()
     for lo in range(0, d_sae, shard_size):
-        feats = [f for f in range(lo, min(d_sae, lo + shard_size)) if shown[f]]
+        feats = [f for f in page_list[bisect.bisect_left(page_list, lo) :] if f < lo + shard_size]
         if not feats:
             continue
         shard_tokens: dict[int, str] = {}
         records = {}
         for f in feats:
-            width, hist = stats.histogram(f)
+            r = row_of[f]
+            hist = hist_of[r]
+            last = len(hist)
+            while last and hist[last - 1] == 0:
+                last -= 1
+            hist = hist[:last]
             contexts = []
-            for j, value in enumerate(stats.top_values[f].tolist()):
-                if int(positions[f, j]) < 0:
+            for j, value in enumerate(values_of[r]):
+                if positions_of[r][j] < 0:
                     break
-                ids, acts = window_ids[f, j], stats.context_acts[f, j]
-                keep = ids >= 0
-                kept_ids = ids[keep].tolist()
-                contexts.append({
-                    "v": float(f"{value:.4g}"),
-                    "t": kept_ids,
-                    "a": [None if a != a else 0 if a == 0 else float(f"{a:.3g}") for a in acts[keep].tolist()],  # NaN: unknown
-                    "h": int(keep[: stats.before].sum()),
-                })
-                for t in kept_ids:
+                lead, stop = leads_of[r][j], leads_of[r][j] + lengths_of[r][j]
+                ids, acts = ids_of[r][j][lead:stop], acts_of[r][j][lead:stop]
+                if unknown_of[r][j]:  # NaN (across a gap in the stream) -> null: unknown
+                    acts = [None if a != a else a for a in acts]
+                contexts.append({"v": value, "t": ids, "a": acts, "h": stats.before - lead})
+                for t in ids:
                     shard_tokens[t] = strings[t]
-            nb, cs = neighbour_of[f]
+            nb, cs = neighbours_of[r], cosines_of[r]
             records[f] = {
-                "count": int(stats.counts[f]),
-                "hist": {"width": width, "counts": hist},
-                "neighbours": [[int(n), round(c, 4)] for n, c in zip(nb, cs)],
+                "count": counts_of[r],
+                "hist": {"width": width_of[r] if hist else 0.0, "counts": hist},
+                "neighbours": [[n, c] for n, c in zip(nb, cs)],
                 "contexts": contexts,
             }
         shard = {"features": records, "tokens": shard_tokens}
