@@ -258,3 +258,15 @@ def test_browse_names_what_is_wrong(tiny_bert, corpus, tmp_path, capsys):
 
     rc, _, err = run_cli(["browse", str(fits), "--out", str(tmp_path / "s3"), "--tokens", "0", *common], capsys)
     assert rc == 2 and "--tokens" in err
+
+
+def test_the_command_leaves_autograd_on(tiny_bert, corpus, tmp_path, capsys):
+    # The CLI runs in-process in the tests (and in notebooks): it must not switch grad mode off globally.
+    import fastsae
+
+    sae = fastsae.SAE(d_in=24, d_sae=40, architecture="topk", k=2).save(tmp_path / "sae")
+    rc, _, err = run_cli(["browse", str(sae), "--out", str(tmp_path / "site"), "--model", str(tiny_bert), "--hook",
+                          "encoder.layer.1", "--text", str(corpus), "--seq-len", "16", "--activation-cache", "none",
+                          "--tokens", "100"], capsys)
+    assert rc == 0, err
+    assert torch.is_grad_enabled()

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
 from fastsae.browse.site import make_server, serve, token_strings, write_site
 from fastsae.browse.stats import (
     FeatureStats,
@@ -34,6 +36,7 @@ __all__ = [
 ]
 
 
+@torch.no_grad()
 def build_browser(
     sae,
     source,

@@ -63,8 +63,6 @@ def open_sae(path: Path, device: str = "cpu"):
 
 
 def run_browse(args: argparse.Namespace) -> int:
-    import torch
-
     from fastsae.browse import build_browser, serve
     from fastsae.training.cli import DEFAULTS
 
@@ -97,7 +95,6 @@ def run_browse(args: argparse.Namespace) -> int:
             cache_dir=None if str(cache).lower() == "none" else cache, device=args.device,
         )
         features = None if args.features is None else range(min(args.features, sae.d_sae))
-        torch.set_grad_enabled(False)
         index = build_browser(sae, source, args.out, max_tokens=args.tokens, features=features,
                               n_contexts=args.contexts, title=f"{Path(args.sae).name} ({sae.architecture}, {sae.d_sae} features)")
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
