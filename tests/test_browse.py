@@ -213,14 +213,15 @@ def test_main_job_writes_a_browser_and_browse_rebuilds_it_from_the_run(tiny_bert
                             "--activation-cache", str(tmp_path / "cache"), "--out", str(run), "--no-progress",
                             "--report-features", "0", "--browser-tokens", "200"], capsys)
     assert rc == 0, err
-    assert f"feature browser: {(run / 'browser' / 'index.html').resolve().as_uri()}" in out
+    assert f"browser of the features: {(run / 'browser' / 'index.html').resolve().as_uri()}" in out
+    assert out.count("\nfeature ") == 0  # (lines starting so are the feature report's)
     assert read_js(run / "browser" / "data" / "index.js", "window.FASTSAE_INDEX")["meta"]["n_tokens"] == 200
 
     # From the run folder alone: model, hook, text and activation cache come from the run.
     site = tmp_path / "site"
     rc, out, err = run_cli(["browse", str(run), "--out", str(site), "--tokens", "250", "--features", "20"], capsys)
     assert rc == 0, err
-    assert "feature browser: file://" in out
+    assert "browser of the features: file://" in out
     index = read_js(site / "data" / "index.js", "window.FASTSAE_INDEX")
     assert index["meta"]["n_tokens"] == 250 and sum(index["features"]["page"]) == 20
     assert len(list((tmp_path / "cache").iterdir())) == 1  # the training run's cache, reused (same fingerprint)

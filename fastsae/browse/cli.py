@@ -100,7 +100,7 @@ def run_browse(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
         print(f"fastsae browse: {exc}", file=sys.stderr)
         return 2
-    print(f"feature browser: {index.resolve().as_uri()} ({time.perf_counter() - started:.1f} s; opens from the file system)")
+    print(f"browser of the features: {index.resolve().as_uri()} ({time.perf_counter() - started:.1f} s; opens from the file system)")
     if args.serve:
         serve(index.parent, args.port)
     return 0

@@ -239,7 +239,7 @@ def run_train(args: argparse.Namespace) -> int:
         browse_started = time.perf_counter()
         try:
             site = build_browser(exported, data, out / "browser", max_tokens=args.browser_tokens, title=out.name)
-            print(f"\nfeature browser: {site.resolve().as_uri()} (open it in a browser; "
+            print(f"\nbrowser of the features: {site.resolve().as_uri()} (open it in a browser; "
                   f"{time.perf_counter() - browse_started:.1f} s; `fastsae browse {out}` rebuilds it)")
         except (OSError, ValueError) as exc:  # the trained SAE is saved whatever happens here
             print(f"fastsae train: no feature browser: {exc}", file=sys.stderr)
