@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub)
 
+    from fastsae.browse.cli import add_browse_parser
+
+    add_browse_parser(sub)
+
     backends = sub.add_parser("backends", help="list the backends that load on this machine")
     backends.set_defaults(func=_backends)
 

@@ -79,6 +79,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--activation-cache", default="runs/activation-cache",
                    help="folder caching the model's activations between epochs and runs ('none': off)")
     g.add_argument("--report-features", type=int, default=6, help="features shown in the final report (0: none)")
+    g.add_argument("--browser-tokens", type=int, default=65536,
+                   help="tokens scanned for the feature browser written to OUT/browser at the end (0: none)")
     g = p.add_argument_group("synthetic data")
     g.add_argument("--synthetic-d-in", type=int, help=f"default {DEFAULTS['synthetic_d_in']}")
     g.add_argument("--synthetic-features", type=int, help=f"default {DEFAULTS['synthetic_features']}")
@@ -231,6 +233,16 @@ def run_train(args: argparse.Namespace) -> int:
 
         print()
         print(feature_report(exported, data, n_features=args.report_features))
+    if hasattr(data, "tokenizer") and args.browser_tokens > 0:
+        from fastsae.browse import build_browser
+
+        browse_started = time.perf_counter()
+        try:
+            site = build_browser(exported, data, out / "browser", max_tokens=args.browser_tokens, title=out.name)
+            print(f"\nbrowser of the features: {site.resolve().as_uri()} (open it in a browser; "
+                  f"{time.perf_counter() - browse_started:.1f} s; `fastsae browse {out}` rebuilds it)")
+        except (OSError, ValueError) as exc:  # the trained SAE is saved whatever happens here
+            print(f"fastsae train: no feature browser: {exc}", file=sys.stderr)
     summary = {k: v for k, v in m.items()}
     summary["checkpoint"] = str(result["checkpoint"])
     with open(out / "summary.json", "w") as f:
