@@ -257,6 +257,24 @@ def shape_targets(run: Run, shape, ceilings, dtype):
         del model, opt
         return r
 
+    dead = torch.zeros(d_sae, dtype=torch.bool, device=dev)
+    dead[torch.randperm(d_sae, device=dev)[: max(1, d_sae // 50)]] = True
+
+    @run.measure(20, target="step", shape=name, what="fastsae step eager with AuxK (2% dead, k_aux d_in/2; chunked path)")
+    def _():
+        model = copy.deepcopy(sae)
+        opt = make_adam(model.parameters(), lr=1e-4, device=dev)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            model.training_forward(x_next(), dead_mask=dead).loss.backward()
+            opt.step()
+        r = run.time(step)
+        if eager.get("ms"):
+            r["x_without_auxk"] = r["ms"] / eager["ms"]
+        del model, opt
+        return r
+
     if dev.type == "cuda":
         @run.measure(25, target="step", shape=name, what="fastsae step captured as a CUDA graph")
         def _():
@@ -275,8 +293,6 @@ def shape_targets(run: Run, shape, ceilings, dtype):
 
         @run.measure(15, target="no host syncs", shape=name, what="captured step with AuxK == eager step (first batch)")
         def _():
-            dead = torch.zeros(d_sae, dtype=torch.bool, device=dev)
-            dead[torch.randperm(d_sae, device=dev)[: d_sae // 50]] = True
             a, b = copy.deepcopy(sae), copy.deepcopy(sae)
             opt_a = make_adam(a.parameters(), lr=1e-3, device=dev, capturable=True)
             opt_b = make_adam(b.parameters(), lr=1e-3, device=dev)
