@@ -1,6 +1,6 @@
 """Every target of issue 12 measured on one GPU, in one command, in under 5 minutes:
 
-    python3 benchmarks/gpu_targets.py [--json FILE] [--budget-s 280]
+    python3 benchmarks/gpu_targets.py [--json FILE] [--budget-s 270]
 
 Writes benchmarks/results/<gpu>-<date>.json (rows appended as they are measured, so a cut-off run
 keeps what it measured) and prints one line per row. bf16, CUDA events, L2 flushed between calls.
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import gc
 import json
 import os
 import shutil
@@ -44,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _import_fastsae():
     """The installed package, or (no pip on the machine) a copy of the source laid out as installed."""
     try:
-        import fastsae.kernels  # noqa: F401
+        import fastsae.kernels  # noqa: F401  (the package as installed, kernels included)
         return
     except ImportError:
         pass
@@ -116,9 +117,11 @@ class Run:
             try:
                 return self.emit(**row, **fn())
             except Exception as exc:  # record and go on: one failure must not hide the other targets
+                return self.emit(**row, error=repr(exc)[:400], tb=traceback.format_exc()[-1200:])
+            finally:  # each measurement's models and optimizers are gone once fn returns
+                gc.collect()
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                return self.emit(**row, error=repr(exc)[:400], tb=traceback.format_exc()[-1200:])
         return wrap
 
 
@@ -226,7 +229,6 @@ def shape_targets(run: Run, shape, ceilings, dtype):
             adam[which] = r["ms"]
             r["type"] = type(opt).__module__ + "." + type(opt).__name__
             r["fused"] = bool(opt.param_groups[0].get("fused"))
-            del params, opt
             return r
     if adam:
         run.emit(target="adam", shape=name, what="fused Adam is what CUDA training uses, and not slower",
@@ -254,7 +256,6 @@ def shape_targets(run: Run, shape, ceilings, dtype):
         if floor_ms:
             r["x_floor"] = r["ms"] / floor_ms
         r["ok"] = None if step_target is None else r["ms"] <= step_target
-        del model, opt
         return r
 
     dead = torch.zeros(d_sae, dtype=torch.bool, device=dev)
@@ -272,7 +273,6 @@ def shape_targets(run: Run, shape, ceilings, dtype):
         r = run.time(step)
         if eager.get("ms"):
             r["x_without_auxk"] = r["ms"] / eager["ms"]
-        del model, opt
         return r
 
     if dev.type == "cuda":
@@ -288,7 +288,6 @@ def shape_targets(run: Run, shape, ceilings, dtype):
             r["ok"] = r["ms"] <= step_target
             if eager.get("ms"):
                 r["speedup_vs_eager"] = eager["ms"] / r["ms"]
-            del model, opt, captured
             return r
 
         @run.measure(15, target="no host syncs", shape=name, what="captured step with AuxK == eager step (first batch)")
@@ -304,7 +303,6 @@ def shape_targets(run: Run, shape, ceilings, dtype):
             loss_err = abs(out_a.loss.item() - out_b.loss.item()) / abs(out_b.loss.item())
             aux_err = abs(out_a.aux_loss.item() - out_b.aux_loss.item()) / max(1e-30, abs(out_b.aux_loss.item()))
             w_err = ((a.W_dec - b.W_dec).abs().max() / b.W_dec.abs().max()).item()
-            del a, b, opt_a, opt_b
             return {"loss_rel_err": loss_err, "aux_rel_err": aux_err, "W_dec_rel_err": w_err,
                     "aux_loss": out_b.aux_loss.item(), "ok": loss_err < 1e-2 and aux_err < 5e-2 and w_err < 5e-2}
 
@@ -323,11 +321,7 @@ def shape_targets(run: Run, shape, ceilings, dtype):
             r = run.time(step)
             if eager.get("ms"):
                 r["fastsae_speedup"] = r["ms"] / eager["ms"]
-            del base, opt
             return r
-    del sae, xs, grad_pre, grad_out, values, indices
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def huge_target(run: Run, dtype):
@@ -358,7 +352,6 @@ def huge_target(run: Run, dtype):
             times.append(a.elapsed_time(b))
         peak = torch.cuda.max_memory_allocated(dev) / 2**30
         dense_gib = n * d_sae * 2 / 2**30
-        del sae, opt, x
         torch.cuda.empty_cache()
         return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "peak_gib": peak,
                 "dense_pre_activations_gib": dense_gib, "ok": True}
@@ -380,13 +373,12 @@ def backend_targets(run: Run, dtype):
                         sae.zero_grad(set_to_none=True)
                         sae.training_forward(x).loss.backward()
                 return run.time(fwd_bwd)
-        del sae, x
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", help="output file (default benchmarks/results/<gpu>-<date>.json)")
-    p.add_argument("--budget-s", type=float, default=280.0, help="stop starting measurements after this many seconds")
+    p.add_argument("--budget-s", type=float, default=270.0, help="stop starting measurements after this many seconds")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (Triton's interpreter): the script's logic only")
     args = p.parse_args(argv)
     if args.dry_run:
@@ -408,6 +400,9 @@ def main(argv=None) -> int:
     run.emit(target="ceilings", **ceilings)
     for shape in shapes:
         shape_targets(run, shape, ceilings, dtype)
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     if not args.dry_run:
         huge_target(run, dtype)
         backend_targets(run, dtype)
