@@ -69,6 +69,9 @@ say "bench: ReLU row-wise sparse path vs dense path"
 timeout 40 python3 benchmarks/bench_sparse_path.py --device cuda --rows 4096 --d-sae 24576 --l0 32 128 512 2048 \
   --json "$stamp-sparse-path.json" || true
 
+say "targets: issue 12 (encoder vs cuBLAS, backward vs bandwidth, step eager and as a CUDA graph, Adam, contenders, 1M latents)"
+timeout 300 python3 benchmarks/gpu_targets.py --json "$stamp-targets.json" || true
+
 wait $aot_pid; say "aot: $(tail -1 "$stamp-aot.log")"
 # The device tool brings back at most 8 files: the two to read first, and everything in one archive.
 if [ -n "${OUT:-}" ]; then

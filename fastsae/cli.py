@@ -78,7 +78,8 @@ def _bench(args: argparse.Namespace) -> int:
         except (TypeError, ValueError):
             raise SystemExit(f"fastsae bench: --shape: expected N,D_IN,D_SAE,K (integers), got {args.shape}")
     result = runner.run_bench(
-        device=args.device, quick=args.quick, ops=ops, shapes=shapes, backends=backends, reps=args.reps
+        device=args.device, quick=args.quick, ops=ops, shapes=shapes, backends=backends, reps=args.reps,
+        peers=args.peers.split(",") if args.peers else None, graph=args.graph,
     )
     if args.json:
         path = runner.write_json(result, runner.default_results_path(result) if args.json == "auto" else args.json)
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backends", help="comma-separated backends (default: all that load for the device)")
     bench.add_argument("--reps", type=int, help="timed repetitions per contender")
     bench.add_argument("--shape", action="append", metavar="N,D_IN,D_SAE,K", help="custom shape (repeatable)")
+    bench.add_argument("--peers", help="comma-separated of saelens,sparsify (default: those importable, on cuda)")
+    bench.add_argument("--graph", action="store_true", help="also time each backend's train_step captured as a CUDA graph")
     bench.set_defaults(func=_bench)
 
     from fastsae.training.cli import add_train_parser

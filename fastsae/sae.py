@@ -298,10 +298,13 @@ class SAE(nn.Module):
         mse = (x_hat - x2).pow(2).sum(-1).mean()
         if step.aux_pair is not None:
             aux_values, aux_indices, n_aux = step.aux_pair
-            n_dead = int(dead_mask.sum())
+            # As sparsify: the loss shrinks when fewer latents are dead than k_aux (0 when none
+            # is). A device tensor, not a Python number: no host sync, so the step can be
+            # compiled with fullgraph=True and captured as a CUDA graph.
+            n_dead = dead_mask.sum().to(x_hat.dtype)
+            scale = (n_dead / n_aux).clamp(max=1.0)
             residual = (x2 - x_hat).detach()
             e_hat = ops.sparse_decode(aux_values, aux_indices, self.W_dec, None, self._dec_norm())
-            scale = min(1.0, n_dead / n_aux)
             aux = aux_coefficient * scale * (e_hat - residual).pow(2).sum(-1).mean()
         if not isinstance(acts, SparseActivations):  # one type whichever path ran
             acts = SparseActivations.from_dense(acts)
@@ -314,13 +317,14 @@ class SAE(nn.Module):
             raise ValueError(
                 f"dead_mask: expected a bool tensor of shape ({self.d_sae},), got {dead_mask.dtype} {tuple(dead_mask.shape)}"
             )
-        n_dead = int(dead_mask.sum())
-        if n_dead == 0:
-            return 0
         k_aux = self.d_in // 2 if k_aux is None else k_aux
         if k_aux < 1:
             raise ValueError(f"k_aux: expected a positive integer, got {k_aux}")
-        return min(k_aux, n_dead, self.d_sae)
+        # The width does not depend on how many latents are dead (that would need the count on
+        # the host: a sync, and a shape that changes from step to step). Slots beyond the dead
+        # latents hold 0 and the loss is scaled by min(1, n_dead / k_aux), so the result is the
+        # same as selecting among the dead latents only.
+        return min(k_aux, self.d_sae)
 
     # ------------------------------------------------------------ decoder constraints
 

@@ -49,9 +49,11 @@ def _precision(dtype) -> str:
     return {torch.float32: "tf32x3", torch.float64: "ieee"}.get(dtype, "tf32")
 
 
-def _select_case(k: int, dtype, final: bool, aux: bool = False, norm: bool = False, quick: bool = False) -> Case:
+def _select_case(
+    k: int, dtype, final: bool, aux: bool = False, norm: bool = False, quick: bool = False, d_in: int = 768
+) -> Case:
     k_pad = 1 << (k - 1).bit_length()
-    cfg = topk_encode.select_config(k_pad, dtype)
+    cfg = topk_encode.select_config(k_pad, dtype, d_in)
     launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages")}
     const = dict(
         K=k, K_PAD=k_pad, HAS_LIST=aux, HAS_NORM=norm, RELU=final and not aux, EVEN_K=True,
@@ -79,6 +81,9 @@ def cases() -> list[Case]:
     out.append(_select_case(64, bf16, final=False))
     out.append(_select_case(64, bf16, final=True))
     out.append(_select_case(128, bf16, final=True))
+    # d_in 4096: the measured 128 x 128 / 8-warp tile
+    out.append(_select_case(64, bf16, final=True, d_in=4096))
+    out.append(_select_case(64, bf16, final=False, d_in=4096))
     out.append(_select_case(32, bf16, final=True, norm=True))
     out.append(_select_case(64, bf16, final=False, aux=True))
     out.append(_select_case(32, torch.float32, final=True))

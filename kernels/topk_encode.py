@@ -243,11 +243,25 @@ def tile_config(dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
 
 
-def select_config(k_pad: int, dtype: torch.dtype) -> dict:
+# From d_in this wide, 16-bit inputs take a 128 x 128 tile over 8 warps (3 stages). Measured on an
+# H200 (../shared/measurements/h200-2026-11-29/probe.json, bf16, k 64): at d_in 4096 it took 14.8 ms
+# against 17.0 for the default 64 x 128 / 4 warps / 4 stages; at d_in 768 the default was best
+# (2.7 against 3.2 ms). Between the two the main loop's share grows with d_in; the boundary is
+# their geometric mean, pending a measurement in between.
+WIDE_TILE_MIN_D_IN = 1774
+
+
+def select_config(k_pad: int, dtype: torch.dtype, d_in: int = 0) -> dict:
     """Tile sizes and launch options of `_topk_select_kernel` for a padded k: `tile_config`, except
     that the running top-k costs 2 * BLOCK_M * K_PAD / (32 * num_warps) registers per thread, so
-    at k = 128 eight warps share it (64 registers each; one CTA per SM)."""
+    at k = 128 eight warps share it (64 registers each; one CTA per SM), and that wide 16-bit
+    inputs (d_in >= WIDE_TILE_MIN_D_IN, k <= 64) take the measured 128 x 128 / 8-warp tile."""
     cfg = tile_config(dtype)
+    if (
+        not INTERPRET and k_pad <= 64 and d_in >= WIDE_TILE_MIN_D_IN
+        and dtype in (torch.bfloat16, torch.float16)
+    ):
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
     if k_pad > 64 and not INTERPRET:
         if dtype == torch.float64:
             return dict(cfg, num_warps=8)
@@ -369,7 +383,7 @@ def topk_encode(
     if k_pad > MAX_FUSED_K:
         return _topk_by_chunks(x_in, enc_weight, b_enc, dec_norm, latents, k, relu, values, indices)
 
-    cfg = select_config(k_pad, x_in.dtype)
+    cfg = select_config(k_pad, x_in.dtype, x_in.shape[1])
     row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
     n_tiles = triton.cdiv(n_cols, cfg["BLOCK_N"])
     n_splits = splits if splits > 0 else _num_splits(row_blocks, n_tiles, x_in.device)

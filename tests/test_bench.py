@@ -9,7 +9,7 @@ import torch
 from conftest import assert_rel_close
 
 import fastsae
-from fastsae.bench import baselines, runner
+from fastsae.bench import baselines, peers, runner
 from fastsae.cli import main
 
 REQUIRED = {"op", "shape", "dtype", "device", "backend", "baseline", "ms", "baseline_ms", "speedup", "peak_mem_bytes"}
@@ -78,3 +78,61 @@ def test_bench_cli_rejects_bad_arguments():
         main(["bench", "--ops", "encoder"])
     with pytest.raises(SystemExit, match="--shape"):
         main(["bench", "--shape", "1,2,3"])
+
+
+def test_gather_weighted_sum_matches_float64_in_bf16():
+    """The torch-sparse baseline's decoder on CUDA in 16 bits (embedding_bag has no bf16 backward
+    there): checked here on the CPU in bf16 against float64, values and gradients."""
+    torch.manual_seed(0)
+    w64 = torch.randn(333, 48, dtype=torch.float64)
+    v64 = torch.randn(29, 7, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(333)[:7] for _ in range(29)])
+    w = w64.bfloat16().requires_grad_()
+    v = v64.bfloat16().requires_grad_()
+    out = baselines.gather_weighted_sum(v, idx, w)
+    assert out.dtype == torch.bfloat16
+    wr, vr = w.detach().double().requires_grad_(), v.detach().double().requires_grad_()
+    ref = torch.nn.functional.embedding_bag(idx, wr, per_sample_weights=vr, mode="sum")
+    assert (out.double() - ref).abs().max() <= 2e-2 * ref.abs().max()
+    g = torch.randn(29, 48, dtype=torch.float64)
+    out.backward(g.bfloat16())
+    ref.backward(g)
+    assert (w.grad.double() - wr.grad).abs().max() <= 2e-2 * wr.grad.abs().max()
+    assert (v.grad.double() - vr.grad).abs().max() <= 2e-2 * vr.grad.abs().max()
+
+
+def test_shape_too_large_for_dense_runs_fastsae_only(monkeypatch):
+    monkeypatch.setattr(runner, "DENSE_MAX_ELEMENTS", 64 * 79)  # this shape's N * d_sae is above it
+    shape = runner.Shape(64, 16, 80, 3)
+    result = runner.run_bench(device="cpu", shapes=[shape], reps=2, log=lambda s: None, backends=["torch"])
+    rows = result["rows"]
+    assert {r["backend"] for r in rows} == {"torch"} and len(rows) == 3
+    assert all(r["baseline"] is None and r["ms"] > 0 and r["floor_ms"] > 0 for r in rows)
+    assert runner.HUGE_SHAPE.n * runner.HUGE_SHAPE.d_sae > (1 << 34)  # the real threshold excludes it
+
+
+def test_bench_graph_needs_cuda_and_peers_are_checked():
+    with pytest.raises(ValueError, match="graph"):
+        runner.run_bench(device="cpu", shapes=[runner.Shape(8, 4, 16, 2)], graph=True, log=lambda s: None)
+    with pytest.raises(ValueError, match="peers"):
+        runner.run_bench(device="cpu", shapes=[runner.Shape(8, 4, 16, 2)], peers=["sae-lens"], log=lambda s: None)
+
+
+@pytest.mark.skipif(not peers.importable("saelens"), reason="sae_lens is not installed")
+def test_saelens_peer_computes_fastsae_loss_and_gradients():
+    sae = fastsae.SAE(d_in=48, d_sae=333, architecture="topk", k=7)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0, 0.1)
+    peer = peers.make_peer("saelens", sae)
+    x = torch.randn(29, 48)
+    out = sae.training_forward(x)
+    loss = peer.loss(x)
+    assert_rel_close(loss.detach(), out.mse_loss.detach().double(), 1e-5)
+    out.loss.backward()
+    loss.backward()
+    for pname in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert_rel_close(getattr(peer.sae, pname).grad, getattr(sae, pname).grad, 1e-4, pname)
+    result = runner.run_bench(device="cpu", shapes=[runner.Shape(64, 16, 80, 3)], reps=2, log=lambda s: None,
+                              backends=["torch"], peers=["saelens"], ops=("encode",))
+    assert {r["backend"] for r in result["rows"]} == {"torch", "saelens", "torch-dense", "torch-sparse"}

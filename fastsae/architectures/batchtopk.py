@@ -49,7 +49,10 @@ class BatchTopK(Architecture):
         aux_pair = None
         if n_aux:
             top = pre.masked_fill(~dead_mask, float("-inf")).topk(n_aux, dim=-1, sorted=False)
-            aux_pair = (top.values, top.indices, n_aux)
+            # Slots beyond the dead latents (fewer dead than k_aux: the width does not count them)
+            # hold 0, as the top-k encoder's aux slots do.
+            aux_values = torch.where(dead_mask[top.indices], top.values, torch.zeros_like(top.values))
+            aux_pair = (aux_values, top.indices, n_aux)
         return Step(x_hat, acts, zero, zero, aux_pair)
 
     @staticmethod

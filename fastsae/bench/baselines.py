@@ -3,7 +3,8 @@
 - `torch-dense`: SAELens' TopK SAE. Dense pre-activations, torch.topk, ReLU, the kept values
   scattered into a dense [N, d_sae] matrix, decoded by a dense matrix product.
 - `torch-sparse`: sparsify's fallback. Dense pre-activations, ReLU, torch.topk, and a decoder
-  that reads only the k selected rows through F.embedding_bag.
+  that reads only the k selected rows through F.embedding_bag (on CUDA in 16 bits, whose
+  embedding_bag has no backward, a gather of the k rows and a weighted sum).
 
 Both hold SAELens-layout parameters (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec),
 copied from the fastsae SAE being compared, and compute the same loss (mean over rows of the
@@ -17,6 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 BASELINES = ("torch-dense", "torch-sparse")
+
+
+def gather_weighted_sum(values: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
+    """out[n] = sum_j values[n, j] * weight[indices[n, j]]: a gather of the rows and a batched
+    product (fp32 accumulation in 16 bits), differentiable in every dtype on every device."""
+    return torch.bmm(values.unsqueeze(1), weight[indices]).squeeze(1)
 
 
 class DenseTopK(nn.Module):
@@ -52,6 +59,10 @@ class SparseTopK(DenseTopK):
 
     def decode(self, acts: tuple[Tensor, Tensor]) -> Tensor:
         values, indices = acts
+        if values.is_cuda and values.dtype in (torch.bfloat16, torch.float16):
+            # embedding_bag has no 16-bit backward on CUDA: the same sum as a pure-torch gather of
+            # the k rows and a weighted sum (a batched product, fp32 accumulation).
+            return gather_weighted_sum(values, indices, self.W_dec) + self.b_dec
         return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
 
 

@@ -6,8 +6,13 @@ What each op times (TopK SAE, no AuxK):
 - decode:     sae.decode(SparseActivations) (torch-dense decodes the dense [N, d_sae] matrix)
 - train_step: zero_grad, training_forward, backward, Adam step (each contender has its own copy
               of the same initial parameters and its own Adam: fastsae's backends the Adam that
-              `fastsae train` runs, fastsae.training.optim.Adam, torch's update without its
-              parameter-sized temporaries; the baselines torch.optim.Adam, as SAELens runs it)
+              `fastsae train` runs, `optim.make_adam`: torch's fused Adam on CUDA, on the CPU
+              fastsae.training.optim.Adam, torch's update without its parameter-sized
+              temporaries; the baselines and peers torch.optim.Adam, as SAELens runs it).
+              With graph=True (CUDA), also "<backend>+graph": the same step captured once as a
+              CUDA graph and replayed (`fastsae.training.graph.CapturedStep`).
+Peers (`fastsae.bench.peers`): SAELens' TopKSAE and sparsify's kernels, when importable (on CUDA
+by default; `peers=[...]` asks for them anywhere).
 
 Floors (how close to physics each time is), built from rates measured in the same run:
 - encode:     the encoder's matrix product: the faster of a bare product of its shape (the
@@ -35,9 +40,10 @@ import torch
 import fastsae
 from fastsae.bench import timing
 from fastsae.bench.baselines import BASELINES, make_baseline
+from fastsae.bench.peers import PEERS, available_peers, make_peer
 from fastsae.ops import dispatch
 from fastsae.sparse import SparseActivations
-from fastsae.training.optim import Adam
+from fastsae.training.optim import Adam, make_adam
 
 OPS = ("encode", "decode", "train_step")
 
@@ -62,6 +68,10 @@ GPU_SHAPES = [
     Shape(16384, 4096, 131072, 64),
     Shape(8192, 1024, 131072, 32),  # sparsify's own test shape
 ]
+# No dense library fits this on one GPU (its dense pre-activations alone are 128 GiB in bf16):
+# fastsae's backends only (`run_bench(..., shapes=[HUGE_SHAPE])`).
+HUGE_SHAPE = Shape(65536, 4096, 1 << 20, 64)
+DENSE_MAX_ELEMENTS = 1 << 34  # N * d_sae above this (32 GiB of bf16 pre-activations): no dense contenders
 GPU_QUICK = [Shape(4096, 768, 24576, 32)]
 
 
@@ -96,7 +106,10 @@ class _Rotating:
         return self.items[self.i]
 
 
-def _contenders(op: str, shape: Shape, device: torch.device, dtype: torch.dtype, backends: list[str], n_inputs: int):
+def _contenders(
+    op: str, shape: Shape, device: torch.device, dtype: torch.dtype, backends: list[str], n_inputs: int,
+    baselines: tuple[str, ...] = BASELINES, peers: tuple[str, ...] = (), graph: bool = False,
+):
     """{name: fn} for one op and shape; fns take no arguments and run one call."""
     torch.manual_seed(0)
     sae = fastsae.SAE(
@@ -115,20 +128,25 @@ def _contenders(op: str, shape: Shape, device: torch.device, dtype: torch.dtype,
                 with fastsae.use_backend(b), torch.no_grad():
                     return sae.encode_sparse(xs.next())
             fns[b] = run
-        for name in BASELINES:
+        for name in baselines:
             base = make_baseline(name, sae)
             fns[name] = lambda base=base: _no_grad(base.encode, xs.next())
+        for name in peers:
+            peer = make_peer(name, sae)
+            fns[name] = lambda peer=peer: _no_grad(peer.encode, xs.next())
     elif op == "decode":
-        with torch.no_grad(), fastsae.use_backend("torch"):
+        # The torch reference forms the dense pre-activations whole: shapes too large for that
+        # (no baselines) take the default backend's bounded-memory encoder.
+        with torch.no_grad(), fastsae.use_backend("torch" if baselines else "auto"):
             sparse = [sae.encode_sparse(x) for x in xs.items]
-            dense = [s.to_dense() for s in sparse]
+            dense = [s.to_dense() for s in sparse] if "torch-dense" in baselines else []
         sp, de = _Rotating(sparse), _Rotating(dense)
         for b in backends:
             def run(b=b):
                 with fastsae.use_backend(b), torch.no_grad():
                     return sae.decode(sp.next())
             fns[b] = run
-        for name in BASELINES:
+        for name in baselines:
             base = make_baseline(name, sae)
             if name == "torch-dense":
                 fns[name] = lambda base=base: _no_grad(base.decode, de.next())
@@ -137,7 +155,7 @@ def _contenders(op: str, shape: Shape, device: torch.device, dtype: torch.dtype,
     elif op == "train_step":
         for b in backends:
             model = copy.deepcopy(sae)
-            opt = Adam(model.parameters(), lr=1e-4)
+            opt = make_adam(model.parameters(), lr=1e-4, device=device)
 
             def run(b=b, model=model, opt=opt):
                 with fastsae.use_backend(b):
@@ -145,8 +163,10 @@ def _contenders(op: str, shape: Shape, device: torch.device, dtype: torch.dtype,
                     model.training_forward(xs.next()).loss.backward()
                     opt.step()
             fns[b] = run
-        for name in BASELINES:
-            base = make_baseline(name, sae)
+            if graph and device.type == "cuda":
+                fns[f"{b}+graph"] = _captured_step(b, sae, xs, device)
+        for name in list(baselines) + list(peers):
+            base = make_baseline(name, sae) if name in BASELINES else make_peer(name, sae)
             opt = torch.optim.Adam(base.parameters(), lr=1e-4)
 
             def run(base=base, opt=opt):
@@ -167,6 +187,23 @@ def _contenders(op: str, shape: Shape, device: torch.device, dtype: torch.dtype,
     return {name: synced(fn) for name, fn in fns.items()}, sae
 
 
+def _captured_step(backend: str, sae, xs, device: torch.device):
+    """The train_step of `backend` captured as one CUDA graph (captured at the first call, which the
+    timing's warm-up absorbs); each call copies the next input into the graph's buffer and replays."""
+    from fastsae.training.graph import CapturedStep
+
+    model = copy.deepcopy(sae)
+    opt = make_adam(model.parameters(), lr=1e-4, device=device, capturable=True)
+    holder = {}
+
+    def run():
+        with fastsae.use_backend(backend):
+            if "step" not in holder:
+                holder["step"] = CapturedStep(model, opt, xs.items[0].shape[0], auxk=False)
+            return holder["step"].run(xs.next())
+    return run
+
+
 def _no_grad(fn, arg):
     with torch.no_grad():
         return fn(arg)
@@ -183,9 +220,11 @@ def _floor_ms(
     the faster of it and the shape's FLOPs at the measured peak rate, so a slow library path
     for this shape cannot make the floor lenient."""
     es = torch.empty((), dtype=dtype).element_size()
-    x = torch.randn(shape.n, shape.d_in, device=device, dtype=dtype)
+    # A shape whose product does not fit is timed on a chunk of rows and scaled.
+    rows = min(shape.n, max(1, DENSE_MAX_ELEMENTS // 4 // shape.d_sae))
+    x = torch.randn(rows, shape.d_in, device=device, dtype=dtype)
     w = sae.W_enc.detach().contiguous()
-    bare_ms = timing.time_one(lambda: x @ w, device, reps)
+    bare_ms = timing.time_one(lambda: x @ w, device, reps) * shape.n / rows
     at_peak_ms = 2 * shape.n * shape.d_in * shape.d_sae / (ceilings["matmul_tflops"] * 1e12) * 1e3
     matmul_ms = min(bare_ms, at_peak_ms)
     bw = ceilings["copy_gbps"] * 1e9
@@ -200,7 +239,10 @@ def _floor_ms(
     for p in params:
         p.grad = torch.randn_like(p)
     adam_ms = float("inf")
-    for make in (torch.optim.Adam, Adam):
+    makers = [torch.optim.Adam, Adam]
+    if device.type == "cuda":
+        makers.append(lambda ps, lr: make_adam(ps, lr=lr, device=device))  # fused
+    for make in makers:
         opt = make(params, lr=1e-4)
         opt.step()  # allocate state outside the timing
         adam_ms = min(adam_ms, timing.time_one(opt.step, device, reps))
@@ -219,8 +261,11 @@ def run_bench(
     backends: Optional[list[str]] = None,
     reps: Optional[int] = None,
     log: Callable[[str], None] = print,
+    peers: Optional[list[str]] = None,
+    graph: bool = False,
 ) -> dict:
-    """Measure and return {"meta": ..., "rows": [...]}."""
+    """Measure and return {"meta": ..., "rows": [...]}. Shapes whose dense pre-activations exceed
+    DENSE_MAX_ELEMENTS run fastsae's backends only (no baselines, no peers)."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: cuda was asked for, but torch sees no CUDA device")
@@ -231,6 +276,13 @@ def run_bench(
         backends = dispatch.available_backends(dev.type)
         if dev.type == "cpu":
             backends = [b for b in backends if b != "triton"]  # the interpreter is not a CPU backend
+    if peers is None:
+        peers = available_peers(dev.type) if dev.type == "cuda" else []
+    for name in peers:
+        if name not in PEERS:
+            raise ValueError(f"peers: expected names among {PEERS}, got {name!r}")
+    if graph and dev.type != "cuda":
+        raise ValueError(f"graph: CUDA-graph capture needs device cuda, got {device}")
     reps = reps or (20 if dev.type == "cuda" else (3 if quick else 5))
     n_inputs = 4 if dev.type == "cuda" else 2
     ceilings = timing.measure_ceilings(dev, dtype, reps=3)
@@ -246,6 +298,8 @@ def run_bench(
         "threads": torch.get_num_threads(),
         "ceilings": ceilings,
         "backends": backends,
+        "peers": list(peers),
+        "graph": graph,
         "quick": quick,
     }
     log(f"fastsae bench on {meta['device']} ({meta['dtype']}): backends {backends}, "
@@ -253,7 +307,11 @@ def run_bench(
     rows = []
     for shape in shapes:
         for op in ops:
-            fns, sae = _contenders(op, shape, dev, dtype, backends, n_inputs)
+            dense_fits = shape.n * shape.d_sae <= DENSE_MAX_ELEMENTS
+            fns, sae = _contenders(
+                op, shape, dev, dtype, backends, n_inputs,
+                baselines=BASELINES if dense_fits else (), peers=tuple(peers) if dense_fits else (), graph=graph,
+            )
             warm = 2 if op == "train_step" else 1
             if dev.type == "cuda":
                 times = {name: timing.time_cuda(fn, dev, iters=reps) for name, fn in fns.items()}
@@ -261,7 +319,7 @@ def run_bench(
                 times = timing.time_cpu_alternating(fns, reps=reps, warmup=warm)
             mems = {name: timing.peak_memory_bytes(fn, dev) for name, fn in fns.items()}
             floor, matmul_ms = _floor_ms(op, shape, sae, dev, dtype, ceilings, reps=3)
-            rows.extend(_rows(op, shape, meta, times, mems, floor, matmul_ms, backends))
+            rows.extend(_rows(op, shape, meta, times, mems, floor, matmul_ms))
             log(format_table([r for r in rows if r["op"] == op and r["shape"] == str(shape)], title=f"{op} {shape}"))
             del fns, sae
     return {"meta": meta, "rows": rows}
@@ -274,10 +332,12 @@ def _version(module: str) -> Optional[str]:
         return None
 
 
-def _rows(op, shape, meta, times, mems, floor, matmul_ms, backends) -> list[dict]:
-    """One row per (contender, baseline) pair other than a baseline against itself."""
+def _rows(op, shape, meta, times, mems, floor, matmul_ms) -> list[dict]:
+    """One row per (contender, baseline) pair other than a baseline against itself; a shape
+    without baselines (too large for them) gets one row per contender, baseline None."""
     out = []
-    for name in list(backends) + list(BASELINES):
+    present = [bl for bl in BASELINES if bl in times]
+    for name in times:
         t = times[name]
         row = {
             "op": op,
@@ -300,7 +360,9 @@ def _rows(op, shape, meta, times, mems, floor, matmul_ms, backends) -> list[dict
         }
         if op in ("encode", "train_step"):
             row["tflops"] = 2 * shape.n * shape.d_in * shape.d_sae / (t.median_ms * 1e-3) / 1e12
-        for bl in BASELINES:
+        if not present:
+            out.append({**row, "baseline": None, "baseline_ms": None, "speedup": None, "baseline_peak_mem_bytes": None})
+        for bl in present:
             if bl != name:
                 out.append({
                     **row,

@@ -2,7 +2,8 @@
 
 Same signatures and semantics as `fastsae.reference` (the oracle). Each function calls the
 `fastsae_triton::*` ops (which torch.compile can trace on a GPU) and does the little glue around
-them: the b_dec subtraction, AuxK's dead-latent pass, dtype casts.
+them: the b_dec subtraction, dtype casts, and the top-k encoder's path per shape (the fused
+kernel, or cuBLAS in row chunks + torch.topk where that was measured faster, and for AuxK).
 Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (the kernels then run in
 Triton's interpreter: slow, for tests).
 """
@@ -14,6 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastsae.ops import dispatch, measured
+
 from fastsae.kernels import (  # noqa: F401 (registers the ops)
     sparse_backward,
     sparse_decode as _decode,
@@ -22,6 +25,51 @@ from fastsae.kernels import (  # noqa: F401 (registers the ops)
 )
 
 _ops = torch.ops.fastsae_triton
+
+
+# Dense pre-activations per chunk of rows on the chunked path: 2^27 elements (256 MiB in bf16) keep
+# cuBLAS's tiles busy (at d_sae 131072, 1024 rows) while memory stays O(N * k + one chunk).
+CHUNK_ELEMENTS = 1 << 27
+
+
+def _chunk_rows(n_cols: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(1, n_cols))
+
+
+def topk_encode_chunked(
+    x_in: Tensor,
+    enc_weight: Tensor,
+    b_enc: Tensor,
+    dec_norm: Optional[Tensor],
+    k: int,
+    dead_mask: Optional[Tensor],
+    k_aux: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """cuBLAS in row chunks + a top-k select: per chunk, the dense pre-activations by addmm (in
+    x's dtype, as the reference forms them), torch.topk for the k largest, and, for AuxK, the
+    k_aux largest among dead latents from the same chunk (one product serves both). Shapes depend
+    only on N, k and k_aux: no host sync. Slots beyond the dead latents hold 0 (as the reference)."""
+    n = x_in.shape[0]
+    d_sae = enc_weight.shape[0]
+    values = x_in.new_empty(n, k)
+    indices = torch.empty(n, k, dtype=torch.int64, device=x_in.device)
+    aux_values = x_in.new_empty(n, k_aux)
+    aux_indices = torch.empty(n, k_aux, dtype=torch.int64, device=x_in.device)
+    live = ~dead_mask if k_aux > 0 else None
+    step = _chunk_rows(d_sae)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        pre = torch.addmm(b_enc, x_in[a:b], enc_weight.t())
+        if dec_norm is not None:
+            pre.mul_(dec_norm)
+        top = pre.topk(k, dim=1, sorted=False)
+        values[a:b] = top.values.relu()
+        indices[a:b] = top.indices
+        if k_aux > 0:
+            aux = pre.masked_fill_(live, float("-inf")).topk(k_aux, dim=1, sorted=False)
+            aux_values[a:b] = torch.where(dead_mask[aux.indices], aux.values, torch.zeros_like(aux.values))
+            aux_indices[a:b] = aux.indices
+    return values, indices, aux_values, aux_indices
 
 
 def topk_encode(
@@ -37,34 +85,15 @@ def topk_encode(
     # b_dec is subtracted once here ([N, d_in] elementwise) rather than folded into the kernel as
     # x W^T - b_dec W^T, which would read the [d_sae, d_in] weight a second time.
     x_in = x - b_dec if b_dec is not None else x
-    values, indices = _ops.topk_encode(x_in, enc_weight, b_enc, dec_norm, None, k, True)
     n = x.shape[0]
-    if k_aux == 0:
-        return values, indices, x.new_zeros(n, 0), torch.zeros(n, 0, dtype=torch.int64, device=x.device)
-
-    # AuxK: a second pass over the dead latents only (their count sets the shapes, hence one
-    # host sync; the SAE module already makes it). Its cost is n_dead / d_sae of the encoder.
-    dead = dead_mask.nonzero().squeeze(1)
-    n_dead = dead.shape[0]
-    take = min(k_aux, n_dead)
-    parts_v, parts_i = [], []
-    if take == n_dead and take > 0:
-        # Every dead latent is selected: no selection, just their pre-activations.
-        parts_v.append(_ops.encode_columns(x_in, enc_weight, b_enc, dec_norm, dead))
-        parts_i.append(dead.expand(n, n_dead))
-    elif take > 0:
-        aux_v, aux_i = _ops.topk_encode(x_in, enc_weight, b_enc, dec_norm, dead, take, False)
-        parts_v.append(aux_v)
-        parts_i.append(aux_i)
-    if take < k_aux:
-        # Fewer dead latents than slots: the rest hold value 0 at live latents (constants for
-        # autograd, which masks them by dead_mask), as in the reference.
-        alive = (~dead_mask).nonzero().squeeze(1)[: k_aux - take]
-        parts_v.append(x.new_zeros(n, k_aux - take))
-        parts_i.append(alive.expand(n, k_aux - take))
-    aux_values = torch.cat(parts_v, dim=1) if len(parts_v) > 1 else parts_v[0]
-    aux_indices = torch.cat(parts_i, dim=1) if len(parts_i) > 1 else parts_i[0].contiguous()
-    return values, indices, aux_values, aux_indices
+    path = measured.encoder_path(x.device.type, x.shape[1], k, dispatch._device_name(x.device) if x.is_cuda else None)
+    if k_aux > 0 or path == "chunked":
+        # AuxK takes the chunked path whatever the width: its selection among the dead latents
+        # comes from the same product, and nothing depends on how many are dead (the fused
+        # kernel's pass over a compacted list of them needed their count on the host).
+        return topk_encode_chunked(x_in, enc_weight, b_enc, dec_norm, k, dead_mask, k_aux)
+    values, indices = _ops.topk_encode(x_in, enc_weight, b_enc, dec_norm, None, k, True)
+    return values, indices, x.new_zeros(n, 0), torch.zeros(n, 0, dtype=torch.int64, device=x.device)
 
 
 def topk_encode_backward(

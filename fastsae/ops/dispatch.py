@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import os
 import warnings
@@ -23,6 +24,8 @@ from types import ModuleType
 from typing import Iterator, Optional
 
 import torch
+
+from fastsae.ops import measured
 
 BACKEND_NAMES = ("torch", "triton", "cpp", "cuda")
 ENV_VAR = "FASTSAE_BACKEND"
@@ -43,8 +46,10 @@ _BACKENDS: dict[str, BackendSpec] = {
 }
 
 # auto's order of preference per device type (fastest first); unregistered names are skipped.
-# The cuda backend stays out of auto until its kernels have run and been timed on a GPU
-# (csrc/NOTES.md); until then FASTSAE_BACKEND=cuda or use_backend("cuda") selects it.
+# On CUDA the measured table (`fastsae.ops.measured.BACKEND_TABLE`) may move a backend ahead
+# where it was measured faster by MIN_GAIN at the nearest width: on the H200 (2026-11-29) cuda
+# was 1.7x slower at d_in 768 and 1.07x faster at 4096 (within noise), so triton stays first;
+# FASTSAE_BACKEND=cuda or use_backend("cuda") selects it.
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "torch"),
     "cpu": ("cpp", "torch"),
@@ -116,8 +121,17 @@ def available_backends(device_type: str = "cpu") -> list[str]:
 _warned: set[str] = set()
 
 
-def select(device: torch.device) -> tuple[str, ModuleType]:
-    """The (name, module) of the backend that runs ops on tensors of `device`."""
+def _loads(name: str) -> bool:
+    try:
+        _load(name)
+        return True
+    except RuntimeError:
+        return False
+
+
+def select(device: torch.device, d_in: Optional[int] = None) -> tuple[str, ModuleType]:
+    """The (name, module) of the backend that runs ops on tensors of `device`. With the op's
+    d_in, "auto" on CUDA consults the measured table (`fastsae.ops.measured`) first."""
     requested = requested_backend()
     if requested != "auto":
         spec = _BACKENDS.get(requested)
@@ -126,7 +140,15 @@ def select(device: torch.device) -> tuple[str, ModuleType]:
                 f"fastsae backend {requested!r} runs on {sorted(spec.devices)} tensors, got tensors on {device}"
             )
         return requested, _load(requested)
-    for name in _AUTO_ORDER.get(device.type, ("torch",)):
+    order = _AUTO_ORDER.get(device.type, ("torch",))
+    if d_in is not None and device.type == "cuda" and order[0] in _BACKENDS:
+        measured_name = measured.preferred_backend(
+            device.type, d_in, order[0], lambda n: n in _BACKENDS and device.type in _BACKENDS[n].devices and _loads(n),
+            _device_name(device),
+        )
+        if measured_name != order[0]:
+            order = (measured_name,) + tuple(n for n in order if n != measured_name)
+    for name in order:
         if name not in _BACKENDS:
             continue
         try:
@@ -136,3 +158,15 @@ def select(device: torch.device) -> tuple[str, ModuleType]:
                 _warned.add(name)
                 warnings.warn(f"{exc}; falling back to the next backend", RuntimeWarning, stacklevel=3)
     return "torch", _load("torch")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index: Optional[int]) -> Optional[str]:
+    try:
+        return torch.cuda.get_device_name(index)
+    except Exception:  # no driver (tests on CPU)
+        return None
+
+
+def _device_name(device: torch.device) -> Optional[str]:
+    return _cuda_name(device.index)

@@ -21,8 +21,8 @@ from fastsae.ops import dispatch
 from fastsae.sparse import pad_at_free_latents
 
 
-def _backend(t: Tensor):
-    return dispatch.select(t.device)[1]
+def _backend(t: Tensor, d_in: Optional[int] = None):
+    return dispatch.select(t.device, d_in)[1]
 
 
 # ---------------------------------------------------------------- topk_encode
@@ -39,7 +39,7 @@ def topk_encode(
     dead_mask: Optional[Tensor],
     k_aux: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _backend(x).topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux)
+    return _backend(x, x.shape[1]).topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux)
 
 
 @topk_encode.register_fake
@@ -57,7 +57,7 @@ def _(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux):
 def topk_encode_backward(
     grad_pre: Tensor, indices: Tensor, x: Tensor, enc_weight: Tensor, b_dec: Optional[Tensor]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _backend(x).topk_encode_backward(grad_pre, indices, x, enc_weight, b_dec)
+    return _backend(x, x.shape[1]).topk_encode_backward(grad_pre, indices, x, enc_weight, b_dec)
 
 
 @topk_encode_backward.register_fake
@@ -123,7 +123,7 @@ def threshold_encode(
     cutoff: Tensor,
     max_width: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _backend(x).threshold_encode(x, enc_weight, b_enc, b_dec, dec_norm, cutoff, max_width)
+    return _backend(x, x.shape[1]).threshold_encode(x, enc_weight, b_enc, b_dec, dec_norm, cutoff, max_width)
 
 
 @threshold_encode.register_fake
@@ -169,7 +169,7 @@ torch.library.register_autograd(
 def sparse_decode(
     values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Optional[Tensor], dec_norm: Optional[Tensor]
 ) -> Tensor:
-    return _backend(values).sparse_decode(values, indices, W_dec, b_dec, dec_norm)
+    return _backend(values, W_dec.shape[1]).sparse_decode(values, indices, W_dec, b_dec, dec_norm)
 
 
 @sparse_decode.register_fake
@@ -181,7 +181,7 @@ def _(values, indices, W_dec, b_dec, dec_norm):
 def sparse_decode_backward(
     grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, dec_norm: Optional[Tensor]
 ) -> tuple[Tensor, Tensor]:
-    return _backend(values).sparse_decode_backward(grad_out, values, indices, W_dec, dec_norm)
+    return _backend(values, W_dec.shape[1]).sparse_decode_backward(grad_out, values, indices, W_dec, dec_norm)
 
 
 @sparse_decode_backward.register_fake

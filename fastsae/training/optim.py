@@ -99,3 +99,33 @@ class Adam(torch.optim.Adam):
                     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
                     param.addcdiv_(exp_avg, denom, value=-step_size)
         return loss
+
+
+def make_adam(params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+              device: torch.device | str = "cpu", capturable: bool = False) -> torch.optim.Adam:
+    """The Adam a training step should use on `device`.
+
+    CUDA: torch's fused Adam (one kernel for all parameters; measured on an H200, bf16, TopK
+    d_in 768 / d_sae 24576 / N 4096: the whole step 3.56 ms against 4.92 with the chunked Adam,
+    same peak memory; ../shared/measurements/h200-2026-11-29/peer.json). With `capturable`, its
+    step and learning rate live on the device (lr as a tensor: set it with `set_lr`), so the step
+    can be captured in a CUDA graph.
+    Elsewhere: the chunked in-place `Adam` above (no parameter-sized temporaries on the CPU).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        if capturable:
+            lr = torch.tensor(float(lr), dtype=torch.float32, device=device)
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True, capturable=capturable)
+    if capturable:
+        raise ValueError(f"capturable: CUDA graphs need a CUDA device, got {device}")
+    return Adam(params, lr=lr, betas=betas, eps=eps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate; in place when it is a device tensor (a captured step reads it)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr

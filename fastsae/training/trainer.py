@@ -9,7 +9,8 @@ methods, `save`); it never calls a backend. Per step:
   loss = training_forward(x, sparsity coefficient warmed up, dead_mask for AuxK)
   backward; the gradients go to the float32 master weights (unscaled for float16) while a device
   flag notes any non-finite loss or gradient; unit-norm decoders: drop the gradient along each
-  decoder row; Adam step on the master weights (warm-up then decay of the learning rate);
+  decoder row; Adam step on the master weights (`optim.make_adam`: torch's fused Adam on CUDA, the
+  chunked in-place one on the CPU; warm-up then decay of the learning rate);
   unit-norm decoders: renormalise rows; JumpReLU: keep the thresholds positive; count tokens
   since each latent last fired (on the device); add the step's metrics to a device window
   relu: every N steps resample dead latents (Bricken et al. 2023)
@@ -46,7 +47,7 @@ from fastsae.sparse import SparseActivations
 from fastsae.training import checkpoint as ckpt
 from fastsae.training.config import TrainerConfig
 from fastsae.training.data import ActivationSource, BatchPrefetcher, ShuffledStream, open_source
-from fastsae.training.optim import Adam
+from fastsae.training.optim import make_adam
 
 METRIC_NAMES = ("loss", "mse", "fvu", "l0", "sparsity_loss", "aux_loss")
 # float16 training multiplies the loss by this before backward and divides the float32 gradients
@@ -144,7 +145,8 @@ class Trainer:
                     )
                 _clear_run(self.out_dir)
         self.stream = ShuffledStream(data, seed=cfg.seed, buffer_rows=cfg.shuffle_buffer_rows)
-        self.optimizer = Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+        # torch's fused Adam on CUDA, the chunked in-place one on the CPU (optim.make_adam says why).
+        self.optimizer = make_adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, device=sae.device)
         self.dead_strategy = self._resolve_dead_strategy()
         self.compute_sae = self._compute_twin()
         device = sae.device
