@@ -12,6 +12,9 @@
 #   tests   the whole suite; each failure is logged the moment it happens (FASTSAE_TEST_FAILURE_LOG),
 #           so the summary below is printed even when the phase is cut short
 #   bench   `fastsae bench --device cuda`, and the ReLU sparse-vs-dense sweep
+# The speed targets have their own commands, each under 5 minutes too (run after this one):
+#   python3 benchmarks/gpu_targets.py          (issue 12: encoder, backward, step, Adam, contenders)
+#   bash benchmarks/gpu_train_speed.sh         (issue 13: `fastsae train` tokens/s against the bare step)
 # Files: benchmarks/results/<gpu>-<date>-{tests.log,failures.txt,build.log,aot.json,probe.json}, .json, .md
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,30 +51,29 @@ say "aot: Triton sm_90 report, in the background"
 aot_pid=$!
 
 wait $build_pid; say "build: $(tail -1 "$stamp-build.log")"
-say "probe: C++ errors from torch and from the extension, each in a fresh process"
-timeout 60 python3 benchmarks/probe_cuda_errors.py --json "$stamp-probe.json" || true
+say "probe: C++ errors from torch and from the extension, each in a fresh process (background)"
+( timeout 120 python3 benchmarks/probe_cuda_errors.py --json "$stamp-probe.json" > "$stamp-probe.log" 2>&1 ) &
+probe_pid=$!
 
 say "tests"
 workers=()
 python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
 : > "$stamp-failures.txt"
-FASTSAE_TEST_FAILURE_LOG="$PWD/$stamp-failures.txt" timeout --signal=INT --kill-after=15 170 \
+FASTSAE_TEST_FAILURE_LOG="$PWD/$stamp-failures.txt" timeout --signal=INT --kill-after=15 190 \
   python3 -m pytest -q -p no:randomly "${workers[@]}" -rfE tests 2>&1 | tee "$stamp-tests.log"
 tests_rc=${PIPESTATUS[0]}
 say "tests: rc=$tests_rc (124: cut short at the time limit); $(grep -c . "$stamp-failures.txt") failures:"
 cat "$stamp-failures.txt"
 
 say "bench: fastsae bench --device cuda"
-timeout 90 $FASTSAE bench --device cuda --json "$stamp.json"
+timeout 60 $FASTSAE bench --device cuda --json "$stamp.json"
 bench_rc=$?
 [ $bench_rc -eq 0 ] && python3 benchmarks/update_readme.py --table "$stamp.json" > "$stamp.md"
 say "bench: ReLU row-wise sparse path vs dense path"
-timeout 40 python3 benchmarks/bench_sparse_path.py --device cuda --rows 4096 --d-sae 24576 --l0 32 128 512 2048 \
+timeout 30 python3 benchmarks/bench_sparse_path.py --device cuda --rows 4096 --d-sae 24576 --l0 32 128 512 2048 \
   --json "$stamp-sparse-path.json" || true
 
-say "targets: issue 12 (encoder vs cuBLAS, backward vs bandwidth, step eager and as a CUDA graph, Adam, contenders, 1M latents)"
-timeout 300 python3 benchmarks/gpu_targets.py --json "$stamp-targets.json" || true
-
+wait $probe_pid; say "probe:"; cat "$stamp-probe.log"
 wait $aot_pid; say "aot: $(tail -1 "$stamp-aot.log")"
 # The device tool brings back at most 8 files: the two to read first, and everything in one archive.
 if [ -n "${OUT:-}" ]; then
