@@ -74,7 +74,7 @@ def scatter_outer(coef: Tensor, indices: Tensor, rows: Tensor, d_sae: int) -> Te
     out = torch.zeros(d_sae, d, dtype=acc, device=rows.device)
     for a, b in _row_chunks(n, m * d):
         contrib = coef[a:b].to(acc).unsqueeze(-1) * rows[a:b].to(acc).unsqueeze(1)  # [rows, m, d]
-        out.index_add_(0, indices[a:b].reshape(-1), contrib.reshape(-1, d))
+        out.index_add_(0, indices[a:b].reshape(-1), contrib.reshape((b - a) * m, d))  # d may be 0
     return out.to(rows.dtype)
 
 
