@@ -280,10 +280,11 @@ def test_aux_nan_ranks_first(backend):
     assert av[:, 0].isnan().all() and (av[:, 2] == 0).all() and torch.isfinite(av[:, 1]).all()
 
 
-def test_aux_loss_stays_finite_with_switched_off_latents():
-    """A TopK SAE whose dead latents include ones switched off by b_enc = -inf: the AuxK loss
-    and its gradients are finite (the -inf latents are skipped, not decoded)."""
-    sae = SAE(d_in=6, d_sae=12, architecture="topk", k=2)
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_aux_loss_stays_finite_with_switched_off_latents(arch):
+    """A TopK / BatchTopK SAE whose dead latents include ones switched off by b_enc = -inf: the
+    AuxK loss and its gradients are finite (the -inf latents are skipped, not decoded)."""
+    sae = SAE(d_in=6, d_sae=12, architecture=arch, k=2)
     with torch.no_grad():
         sae.b_enc[[0, 1, 2]] = float("-inf")
     dead = torch.zeros(12, dtype=torch.bool)
@@ -312,3 +313,15 @@ def test_load_cfg_json_that_is_a_folder(tmp_path):
     (folder / "cfg.json").mkdir()
     with pytest.raises(ValueError, match=r"cfg.json: expected a file .*got a folder"):
         fastsae.load(folder)
+
+
+def test_cpp_kernels_called_directly_refuse_integer_values():
+    """The fastsae_cpp ops, below fastsae's Python checks, apply the same dtype rule."""
+    if "cpp" not in ops.available_backends("cpu"):
+        pytest.skip("the cpp backend does not load here")
+    values, indices, W, _ = _decode_args("cpu")
+    with pytest.raises(RuntimeError, match=r"values: expected a floating-point dtype .* got Int"):
+        torch.ops.fastsae_cpp.sparse_decode(values.to(torch.int32), indices, W.to(torch.int32), None, None)
+    x = torch.ones(4, 5, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"x: expected a floating-point dtype .* got Int"):
+        torch.ops.fastsae_cpp.topk_encode(x, x[:3].clone(), torch.ones(3, dtype=torch.int32), None, None, 1, None, 0)
