@@ -47,7 +47,8 @@ def _tensor(name: str, t, what: str) -> Tensor:
 def _integer(name: str, v, low: int, high: int, bound: str) -> int:
     """A Python int (not a bool) in [low, high]."""
     if isinstance(v, bool) or not isinstance(v, int):
-        _fail(f"{name}: expected an integer {bound}, got {type(v).__name__} {v!r}")
+        what = bound if bound.startswith("an integer") else f"an integer {bound}"
+        _fail(f"{name}: expected {what}, got {type(v).__name__} {v!r}")
     if not low <= v <= high:
         _fail(f"{name}: expected {bound}, got {v}")
     return v
@@ -70,10 +71,11 @@ def _same_device(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
 
 def _like(name: str, t, shape: tuple, ref_name: str, ref: Tensor, dims: str) -> Tensor:
     """A float tensor of exactly `shape`, with `ref`'s dtype and device."""
-    what = f"a tensor of shape {shape} {dims}"
+    what = f"a tensor of shape {shape} ({dims})"
     t = _tensor(name, t, what)
     if _shape(t) != shape:
-        _fail(f"{name}: expected {'a vector' if len(shape) == 1 else 'a tensor'} of shape {shape} {dims}, got shape {_shape(t)}")
+        kind = "a vector" if len(shape) == 1 else "a tensor"
+        _fail(f"{name}: expected {kind} of shape {shape}, got shape {_shape(t)} ({dims})")
     if t.dtype != ref.dtype:
         _fail(f"{name}: expected dtype {ref.dtype}, got {t.dtype} (every floating argument takes {ref_name}'s dtype)")
     _same_device(name, t, ref_name, ref)
@@ -138,9 +140,9 @@ def check_encoder_inputs(x, enc_weight, b_enc, b_dec, dec_norm) -> tuple[int, in
     _like("enc_weight", enc_weight, (d_sae, d_in), "x", x, "[d_sae, d_in]")
     if d_sae >= 2**31:
         _fail(f"enc_weight: expected fewer than 2^31 latents, got d_sae={d_sae}")
-    _like("b_enc", b_enc, (d_sae,), "x", x, f"(d_sae={d_sae})")
-    _optional_like("b_dec", b_dec, (d_in,), "x", x, f"(d_in={d_in})")
-    _optional_like("dec_norm", dec_norm, (d_sae,), "x", x, f"(d_sae={d_sae})")
+    _like("b_enc", b_enc, (d_sae,), "x", x, f"d_sae={d_sae}")
+    _optional_like("b_dec", b_dec, (d_in,), "x", x, f"d_in={d_in}")
+    _optional_like("dec_norm", dec_norm, (d_sae,), "x", x, f"d_sae={d_sae}")
     return d_sae, d_in
 
 
@@ -151,7 +153,7 @@ def check_topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux
     if k_aux > 0:
         mask = _tensor("dead_mask", dead_mask, f"a bool mask of shape ({d_sae},) when k_aux > 0")
         if _shape(mask) != (d_sae,):
-            _fail(f"dead_mask: expected a vector of shape ({d_sae},) (d_sae={d_sae}), got shape {_shape(mask)}")
+            _fail(f"dead_mask: expected a vector of shape ({d_sae},), got shape {_shape(mask)} (d_sae={d_sae})")
         if mask.dtype != torch.bool:
             _fail(f"dead_mask: expected dtype torch.bool, got {mask.dtype}")
         _same_device("dead_mask", mask, "x", x)
@@ -162,12 +164,12 @@ def check_threshold_encode(x, enc_weight, b_enc, b_dec, dec_norm, cutoff, max_wi
     d_sae, _ = check_encoder_inputs(x, enc_weight, b_enc, b_dec, dec_norm)
     cutoff = _tensor("cutoff", cutoff, f"a tensor of shape ({d_sae},)")
     if _shape(cutoff) != (d_sae,):
-        _fail(f"cutoff: expected a vector of shape ({d_sae},) (d_sae={d_sae}), got shape {_shape(cutoff)}")
+        _fail(f"cutoff: expected a vector of shape ({d_sae},), got shape {_shape(cutoff)} (d_sae={d_sae})")
     acc = accumulation_dtype(x.dtype)
     if cutoff.dtype != acc:
         _fail(f"cutoff: expected dtype {acc} (the accumulation type of {x.dtype} inputs), got {cutoff.dtype}")
     _same_device("cutoff", cutoff, "x", x)
-    _integer("max_width", max_width, 0, d_sae, f"0 <= max_width <= d_sae={d_sae}")
+    _integer("max_width", max_width, 0, d_sae, f"an integer 0 <= max_width <= d_sae={d_sae}")
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -189,7 +191,7 @@ def check_topk_encode_backward(grad_pre, indices, x, enc_weight, b_dec, check_ra
         _fail(f"grad_pre: expected a 2-D tensor [N, m] with N={x.shape[0]} rows (as x), got shape {_shape(grad_pre)}")
     _like("grad_pre", grad_pre, _shape(grad_pre), "x", x, "[N, m]")
     _indices("indices", indices, _shape(grad_pre), "grad_pre", grad_pre)
-    _optional_like("b_dec", b_dec, (d_in,), "x", x, f"(d_in={d_in})")
+    _optional_like("b_dec", b_dec, (d_in,), "x", x, f"d_in={d_in}")
     if check_range:
         check_index_range("indices", indices, d_sae)
 
@@ -202,8 +204,8 @@ def check_sparse_decode(values, indices, W_dec, b_dec, dec_norm, check_range: bo
         _fail(f"W_dec: expected a 2-D tensor [d_sae, d_in], got shape {_shape(W_dec)}")
     d_sae, d_in = W_dec.shape
     _like("W_dec", W_dec, (d_sae, d_in), "values", values, "[d_sae, d_in]")
-    _optional_like("b_dec", b_dec, (d_in,), "values", values, f"(d_in={d_in})")
-    _optional_like("dec_norm", dec_norm, (d_sae,), "values", values, f"(d_sae={d_sae})")
+    _optional_like("b_dec", b_dec, (d_in,), "values", values, f"d_in={d_in}")
+    _optional_like("dec_norm", dec_norm, (d_sae,), "values", values, f"d_sae={d_sae}")
     if check_range:
         check_index_range("indices", indices, d_sae)
 
@@ -211,4 +213,4 @@ def check_sparse_decode(values, indices, W_dec, b_dec, dec_norm, check_range: bo
 def check_sparse_decode_backward(grad_out, values, indices, W_dec, dec_norm, check_range: bool = True) -> None:
     check_sparse_decode(values, indices, W_dec, None, dec_norm, check_range)
     n, d_in = values.shape[0], W_dec.shape[1]
-    _like("grad_out", grad_out, (n, d_in), "values", values, f"[N, d_in] = ({n}, {d_in})")
+    _like("grad_out", grad_out, (n, d_in), "values", values, "[N, d_in]")

@@ -145,9 +145,8 @@ def read_torch(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
         raise ValueError(
-            f"{path}: cannot read it as a checkpoint of tensors (torch.load with weights_only=True): "
-            f"{_torch_load_reason(exc)}. fastsae reads only tensors and plain containers from .pt files, "
-            "never pickled code"
+            f"{path}: cannot read it with torch.load(weights_only=True): {_torch_load_reason(exc)} "
+            "(fastsae reads only tensors and plain containers from .pt files, never pickled code)"
         ) from None
 
 
