@@ -1,6 +1,7 @@
-// Argument checks shared by the CPU kernels and the CUDA binding. The public entry points
-// (fastsae/ops/__init__.py) already raise ValueError on bad input; these guard the raw
-// kernels when the fastsae_cpp ops are called directly.
+// Argument checks shared by the CPU kernels and the CUDA binding. fastsae's ops (fastsae.ops and
+// the raw torch.ops.fastsae ops) already raise ValueError on bad input (fastsae/validation.py, one
+// contract for every backend); these guard the kernels when the fastsae_cpp ops are called
+// directly, with the same rules (the index range is checked where the kernels read indices).
 #pragma once
 
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -18,6 +19,14 @@ using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 // The tensor an optional argument holds, or nullptr.
 inline const at::Tensor* present(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? &*t : nullptr;
+}
+
+// The leading tensor of an op (x, values, grad_pre): a dtype the kernels are built for. The same
+// contract as fastsae/validation.py, which the Python ops run before reaching these kernels.
+inline void expect_floating(const at::Tensor& t, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, name,
+              ": expected a floating-point dtype (float16, bfloat16, float32 or float64), got ", dt);
 }
 
 inline void expect_matrix(const at::Tensor& t, const char* name) {
@@ -61,6 +70,7 @@ inline void expect_out(const at::Tensor& t, at::IntArrayRef shape, at::ScalarTyp
 inline void check_encoder_inputs(const at::Tensor& x, const at::Tensor& enc_weight, const at::Tensor& b_enc,
                                  const std::optional<at::Tensor>& b_dec, const std::optional<at::Tensor>& dec_norm) {
   expect_matrix(x, "x");
+  expect_floating(x, "x");
   expect_matrix(enc_weight, "enc_weight");
   expect_like(enc_weight, x, "enc_weight");
   const int64_t d_sae = enc_weight.size(0), d_in = enc_weight.size(1);
@@ -120,6 +130,7 @@ inline void check_topk_encode_backward_inputs(const at::Tensor& grad_pre, const 
                                               const std::optional<at::Tensor>& b_dec) {
   expect_matrix(grad_pre, "grad_pre");
   expect_matrix(x, "x");
+  expect_floating(x, "x");
   expect_matrix(enc_weight, "enc_weight");
   expect_like(grad_pre, x, "grad_pre");
   expect_like(enc_weight, x, "enc_weight");
@@ -135,6 +146,7 @@ inline void check_sparse_decode_inputs(const at::Tensor& values, const at::Tenso
                                        const std::optional<at::Tensor>& b_dec,
                                        const std::optional<at::Tensor>& dec_norm) {
   expect_matrix(values, "values");
+  expect_floating(values, "values");
   expect_matrix(W_dec, "W_dec");
   expect_like(W_dec, values, "W_dec");
   expect_indices(indices, values, "indices");

@@ -6,8 +6,10 @@
 // parts (small batches), the partial top-k lists are merged at the end.
 //
 // Semantics (fastsae/reference.py): top-k of the (rescaled) pre-activations, then ReLU on the
-// kept values; aux values are raw, and aux slots past the number of dead latents hold value 0 at
-// latents that are not dead. NaN ranks above every number, as in torch.topk.
+// kept values. NaN ranks above every number, as in torch.topk. AuxK: a row's candidates are its
+// dead latents whose pre-activation is not -inf; its first min(k_aux, candidates) slots hold the
+// best of them (raw values, best first), the others value 0 at distinct unselected latents: the
+// live ones ascending, then the row's remaining dead latents (at -inf) ascending.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -109,22 +111,46 @@ inline void scan_row(const A* tile_row, int64_t cols, int32_t first_latent, cons
   }
 }
 
-// One row's final selection from `cands` (modified): the `k` best, best first, written as
-// values (through `activation`) and int64 indices.
+// One row's final selection from `cands` (modified): the min(k, count) best, best first, written
+// as values (through `activation`) and int64 indices; returns how many it wrote.
 template <typename T, typename A, typename F>
-inline void write_best(Candidate<A>* cands, int64_t count, int64_t k, T* values, int64_t* indices, F activation) {
+inline int64_t write_best(Candidate<A>* cands, int64_t count, int64_t k, T* values, int64_t* indices, F activation) {
   if (count > k) std::nth_element(cands, cands + (k - 1), cands + count, ranks_above<A>);
-  std::sort(cands, cands + k, ranks_above<A>);
-  for (int64_t s = 0; s < k; ++s) {
+  const int64_t taken = std::min(count, k);
+  std::sort(cands, cands + taken, ranks_above<A>);
+  for (int64_t s = 0; s < taken; ++s) {
     values[s] = static_cast<T>(activation(cands[s].value));
     indices[s] = cands[s].latent;
+  }
+  return taken;
+}
+
+// AuxK slots [taken, k_aux) of one row: value 0 at distinct latents the row did not select, the
+// live ones (`live`, ascending) first, then the row's other dead latents ascending (only when
+// every latent is dead or nearly: those are at -inf, as the candidates are all taken).
+template <typename T>
+inline void fill_aux(T* values, int64_t* indices, int64_t taken, int64_t k_aux, const std::vector<int32_t>& live,
+                     const std::vector<int32_t>& dead) {
+  int64_t s = taken;
+  for (size_t p = 0; s < k_aux && p < live.size(); ++p, ++s) {
+    values[s] = T(0);
+    indices[s] = live[p];
+  }
+  if (s == k_aux) return;
+  std::vector<int64_t> chosen(indices, indices + taken);
+  std::sort(chosen.begin(), chosen.end());
+  for (size_t p = 0; s < k_aux && p < dead.size(); ++p) {
+    if (std::binary_search(chosen.begin(), chosen.end(), static_cast<int64_t>(dead[p]))) continue;
+    values[s] = T(0);
+    indices[s++] = dead[p];
   }
 }
 
 template <typename T>
 void topk_encode_kernel(const Tensor& x_in, const Tensor& enc, const Tensor& b_enc, const Tensor* norm,
-                        const std::vector<int32_t>& dead, int64_t k, int64_t k_aux_real, T* values, int64_t* indices,
-                        T* aux_values, int64_t* aux_indices, int64_t aux_stride) {
+                        const std::vector<int32_t>& dead, const std::vector<int32_t>& live, int64_t k,
+                        int64_t k_aux_real, T* values, int64_t* indices, T* aux_values, int64_t* aux_indices,
+                        int64_t k_aux) {
   using A = acc_t<T>;
   const int64_t n_rows = x_in.size(0), d_sae = enc.size(0);
   const TileGrid grid(n_rows, d_sae);
@@ -167,7 +193,8 @@ void topk_encode_kernel(const Tensor& x_in, const Tensor& enc, const Tensor& b_e
             RunningTopK<A>& aux = s.best_aux[r];
             for (auto it = dead_begin; it != dead_end; ++it) {
               const A v = pre_value(row, bias + l0, block_scale, *it - l0);
-              if (aux.admits(v)) aux.push(v, *it);
+              // -inf is no candidate (a switched-off latent); NaN is, as in the top-k.
+              if (v != -std::numeric_limits<A>::infinity() && aux.admits(v)) aux.push(v, *it);
             }
           }
         }
@@ -200,15 +227,19 @@ void topk_encode_kernel(const Tensor& x_in, const Tensor& enc, const Tensor& b_e
         count += partial_count[slot];
       }
       write_best<T>(merged.data(), count, k, values + n * k, indices + n * k, relu);
-      if (k_aux_real > 0) {
-        count = 0;
-        for (int64_t part = 0; part < parts; ++part) {
-          const int64_t slot = grid.slot(part, n);
-          std::copy_n(partial_aux.begin() + slot * k_aux_real, partial_count_aux[slot], merged.begin() + count);
-          count += partial_count_aux[slot];
+      if (k_aux > 0) {
+        int64_t taken = 0;
+        if (k_aux_real > 0) {
+          count = 0;
+          for (int64_t part = 0; part < parts; ++part) {
+            const int64_t slot = grid.slot(part, n);
+            std::copy_n(partial_aux.begin() + slot * k_aux_real, partial_count_aux[slot], merged.begin() + count);
+            count += partial_count_aux[slot];
+          }
+          taken = write_best<T>(merged.data(), count, k_aux_real, aux_values + n * k_aux, aux_indices + n * k_aux,
+                                identity);
         }
-        write_best<T>(merged.data(), count, k_aux_real, aux_values + n * aux_stride, aux_indices + n * aux_stride,
-                      identity);
+        fill_aux<T>(aux_values + n * k_aux, aux_indices + n * k_aux, taken, k_aux, live, dead);
       }
     }
   });
@@ -224,14 +255,14 @@ void topk_encode_out_cpu(const Tensor& x, const Tensor& enc_weight, const Tensor
   const int64_t n = x.size(0), d_sae = enc_weight.size(0);
   if (n == 0) return;
 
-  // Dead latents (sorted), and the latents that pad aux rows when fewer than k_aux are dead.
-  std::vector<int32_t> dead, padding;
+  // Dead latents (sorted), and the first k_aux live ones, which fill aux slots with no candidate.
+  std::vector<int32_t> dead, live;
   if (k_aux > 0) {
     const Tensor mask = dead_mask->contiguous();
     const bool* m = mask.data_ptr<bool>();
     for (int64_t i = 0; i < d_sae; ++i) {
       if (m[i]) dead.push_back(static_cast<int32_t>(i));
-      else if (static_cast<int64_t>(padding.size()) < k_aux) padding.push_back(static_cast<int32_t>(i));
+      else if (static_cast<int64_t>(live.size()) < k_aux) live.push_back(static_cast<int32_t>(i));
     }
   }
   const int64_t k_aux_real = std::min<int64_t>(k_aux, dead.size());
@@ -241,16 +272,9 @@ void topk_encode_out_cpu(const Tensor& x, const Tensor& enc_weight, const Tensor
   const Tensor bias = to_acc(b_enc);
   const Tensor norm = present(dec_norm) ? to_acc(*dec_norm) : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastsae_cpp::topk_encode", [&] {
-    scalar_t* aux_v = aux_values.data_ptr<scalar_t>();
-    int64_t* aux_i = aux_indices.data_ptr<int64_t>();
-    topk_encode_kernel<scalar_t>(x_in, enc, bias, norm.defined() ? &norm : nullptr, dead, k, k_aux_real,
-                                 values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), aux_v, aux_i, k_aux);
-    for (int64_t r = 0; r < n; ++r) {
-      for (int64_t s = k_aux_real; s < k_aux; ++s) {
-        aux_v[r * k_aux + s] = scalar_t(0);
-        aux_i[r * k_aux + s] = padding[s - k_aux_real];
-      }
-    }
+    topk_encode_kernel<scalar_t>(x_in, enc, bias, norm.defined() ? &norm : nullptr, dead, live, k, k_aux_real,
+                                 values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(),
+                                 aux_values.data_ptr<scalar_t>(), aux_indices.data_ptr<int64_t>(), k_aux);
   });
 }
 

@@ -43,7 +43,7 @@ def gather_sum(coef: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
     """out[n] = sum_j coef[n, j] * weight[indices[n, j]], accumulated in float32 or wider."""
     acc = _acc_dtype(weight.dtype)
     n, m = indices.shape
-    if m == 0:
+    if m == 0 or weight.shape[1] == 0:  # nothing to sum (embedding_bag refuses zero-width rows)
         return weight.new_zeros(n, weight.shape[1])
     out = torch.empty(n, weight.shape[1], dtype=acc, device=weight.device)
     w = weight.to(acc)
@@ -74,7 +74,7 @@ def scatter_outer(coef: Tensor, indices: Tensor, rows: Tensor, d_sae: int) -> Te
     out = torch.zeros(d_sae, d, dtype=acc, device=rows.device)
     for a, b in _row_chunks(n, m * d):
         contrib = coef[a:b].to(acc).unsqueeze(-1) * rows[a:b].to(acc).unsqueeze(1)  # [rows, m, d]
-        out.index_add_(0, indices[a:b].reshape(-1), contrib.reshape(-1, d))
+        out.index_add_(0, indices[a:b].reshape(-1), contrib.reshape((b - a) * m, d))  # d may be 0
     return out.to(rows.dtype)
 
 
@@ -110,8 +110,16 @@ def topk_encode(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Top-k of the pre-activations per row, ReLU applied to the kept values (SAELens' TopK).
 
-    With k_aux > 0, also the top k_aux pre-activations among latents where dead_mask is True
-    (AuxK, Gao et al.), without ReLU; slots beyond the number of dead latents hold value 0.
+    With k_aux > 0, also AuxK's slots (Gao et al.), the same on every backend:
+    - the candidates of a row are its dead latents (dead_mask True) whose pre-activation is not
+      -inf (NaN is a candidate and ranks first, as in top-k); the row's first
+      min(k_aux, candidates) slots hold the best of them, best first, with their raw
+      pre-activations (no ReLU);
+    - the other slots (fewer dead latents than k_aux, or dead latents at -inf, such as latents
+      switched off by b_enc = -inf) hold value 0, so they add nothing to a decode, at distinct
+      latents the row did not select: the latents that are not dead in ascending order, then,
+      once those are used up, the row's remaining dead latents (all at -inf) in ascending order.
+    The op's autograd gives no gradient to slots at latents that are not dead.
     Returns (values, indices, aux_values, aux_indices); the aux pair is [N, 0] when k_aux == 0.
     """
     pre = pre_activations(x, enc_weight, b_enc, b_dec, dec_norm)
@@ -120,14 +128,46 @@ def topk_encode(
     n = x.shape[0]
     if k_aux > 0:
         assert dead_mask is not None
-        masked = pre.masked_fill(~dead_mask, float("-inf"))
-        aux = masked.topk(k_aux, dim=-1, sorted=False)
-        aux_values = torch.where(dead_mask[aux.indices], aux.values, torch.zeros_like(aux.values))
-        aux_indices = aux.indices
+        aux_values, aux_indices = aux_select(pre, dead_mask, k_aux)
     else:
         aux_values = x.new_zeros(n, 0)
         aux_indices = torch.zeros(n, 0, dtype=torch.int64, device=x.device)
     return values, top.indices, aux_values, aux_indices
+
+
+def aux_select(pre: Tensor, dead_mask: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
+    """AuxK's [N, k_aux] (values, indices) from dense pre-activations [N, d_sae], as
+    `topk_encode` defines them (candidates first, best first, then value-0 fillers)."""
+    candidate = dead_mask & (pre != float("-inf"))  # NaN != -inf: a candidate
+    top = pre.masked_fill(~candidate, float("-inf")).topk(k_aux, dim=-1, sorted=True)  # NaN first
+    count = candidate.sum(-1, keepdim=True)
+    return aux_assemble(top.values, top.indices, count, aux_fillers(dead_mask, candidate, k_aux), k_aux)
+
+
+def aux_fillers(dead_mask: Tensor, chosen: Tensor, k_aux: int) -> Tensor:
+    """[N, k_aux] latents for AuxK's value-0 slots, per row in the order `topk_encode` defines:
+    the latents that are not dead (ascending), then the dead ones not `chosen` [N, d_sae]."""
+    n, d_sae = chosen.shape
+    latent = torch.arange(d_sae, device=chosen.device)
+    if 2 * d_sae < 2**31:  # half the memory of int64 for this [N, d_sae] key
+        latent = latent.to(torch.int32)
+    order = torch.where(dead_mask, latent + d_sae, latent).expand(n, d_sae).masked_fill(chosen, 2 * d_sae)
+    return order.topk(k_aux, dim=-1, largest=False, sorted=True).indices
+
+
+def aux_assemble(values: Tensor, indices: Tensor, count: Tensor, fillers: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
+    """AuxK's [N, k_aux] slots: row n's first count[n] from (values, indices) [N, >= count] (its
+    candidates, best first), then value 0 at fillers[n, 0], fillers[n, 1], ..."""
+    n = values.shape[0]
+    if values.shape[1] < k_aux:
+        pad = k_aux - values.shape[1]
+        values = torch.cat([values, values.new_zeros(n, pad)], dim=1)
+        indices = torch.cat([indices, indices.new_zeros(n, pad)], dim=1)
+    values, indices = values[:, :k_aux], indices[:, :k_aux]
+    slot = torch.arange(k_aux, device=values.device)
+    real = slot < count
+    filled = fillers.gather(1, (slot - count).clamp(min=0, max=max(fillers.shape[1] - 1, 0))) if fillers.numel() else indices
+    return torch.where(real, values, torch.zeros_like(values)), torch.where(real, indices, filled)
 
 
 def threshold_encode(

@@ -304,7 +304,7 @@ class SAE(nn.Module):
             n_dead = dead_mask.sum().to(x_hat.dtype)
             scale = (n_dead / n_aux).clamp(max=1.0)
             residual = (x2 - x_hat).detach()
-            e_hat = ops.sparse_decode(aux_values, aux_indices, self.W_dec, None, self._dec_norm())
+            e_hat = ops.sparse_decode(aux_values, aux_indices, self.W_dec, None, self._dec_norm(), check_indices=False)
             aux = aux_coefficient * scale * (e_hat - residual).pow(2).sum(-1).mean()
         if not isinstance(acts, SparseActivations):  # one type whichever path ran
             acts = SparseActivations.from_dense(acts)

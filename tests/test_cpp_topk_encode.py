@@ -258,3 +258,27 @@ def test_opcheck_kernel_topk_ops(device):
         (grad_pre, indices, x, enc, None),
         dict(grad_x_in=torch.empty_like(x), grad_enc_weight=torch.empty_like(enc), grad_b_enc=torch.empty_like(b_enc)),
     )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,d_sae,dead_frac,k_aux", [(3, 5000, 0.5, 40), (37, 333, 0.95, 333), (5, 333, 1.0, 300)])
+def test_aux_slots_with_dead_latents_at_minus_inf_match_the_reference(device, n, d_sae, dead_frac, k_aux):
+    """AuxK's contract (fastsae.reference.topk_encode) when dead latents sit at -inf (b_enc = -inf):
+    they are no candidates; the slots they leave hold value 0 at live latents, then at unused dead
+    ones. Few rows over many latents split the latents into parts (merged per row); poisoned
+    output buffers must be written everywhere."""
+    kops = kernel_ops(device)
+    x, enc, b_enc, b_dec, dec_norm = encoder_inputs(n, 48, d_sae, device=device)
+    off = torch.rand(d_sae, device=device) < 0.3
+    b_enc[off] = float("-inf")
+    dead = torch.rand(d_sae, device=device) < dead_frac
+    expect_v, expect_i = reference.aux_select(pre_activations64(x, enc, b_enc, b_dec, dec_norm), dead, k_aux)
+    expect = kops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 7, dead, k_aux)
+    outs = [poison_like(t) for t in expect]
+    kops.topk_encode_out(x, enc, b_enc, b_dec, dec_norm, 7, dead, k_aux, values=outs[0], indices=outs[1],
+                         aux_values=outs[2], aux_indices=outs[3])
+    for name, got, ref in zip(("values", "indices", "aux_values", "aux_indices"), outs, expect):
+        assert torch.equal(got, ref), name
+    assert torch.equal(expect[3].cpu(), expect_i)
+    assert torch.isfinite(expect[2]).all()
+    assert_rel_close(expect[2].cpu(), expect_v, 1e-5, "aux values")

@@ -97,7 +97,10 @@ class Architecture:
         sparse_pre = sae._sparse_pre(x2)
         if sparse_pre is not None:
             pre, indices = sparse_pre
-            return ops.sparse_decode(self.sparse_acts(sae, pre, indices), indices, sae.W_dec, sae.b_dec, sae._dec_norm())
+            # The encoder's own indices: check_indices=False skips the range check (a host sync on a GPU).
+            return ops.sparse_decode(
+                self.sparse_acts(sae, pre, indices), indices, sae.W_dec, sae.b_dec, sae._dec_norm(), check_indices=False
+            )
         pre = sae._pre_dense_fallback(x2)
         return sae.decode(self.acts_dense(sae, pre))
 
@@ -108,7 +111,7 @@ class Architecture:
         if sparse_pre is not None:
             pre, indices = sparse_pre
             values = self.sparse_acts(sae, pre, indices)
-            x_hat = ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, sae._dec_norm())
+            x_hat = ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, sae._dec_norm(), check_indices=False)
             sparsity = self.sparse_losses(sae, pre, values, indices, coefficient)
             return Step(x_hat, SparseActivations(values, indices, sae.d_sae), sparsity, x2.new_zeros(()))
         pre = sae._pre_dense_fallback(x2)

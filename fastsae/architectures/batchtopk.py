@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastsae import ops
+from fastsae import ops, reference
 from fastsae.activations import batch_topk
 from fastsae.architectures.base import Architecture, Step
 from fastsae.sparse import SparseActivations, tracing
@@ -38,7 +38,7 @@ class BatchTopK(Architecture):
         sparse = self._sparse_selection(sae, x2, dead_mask, n_aux)
         if sparse is not None:
             values, indices, aux_values, aux_indices = sparse
-            x_hat = ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, sae._dec_norm())
+            x_hat = ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, sae._dec_norm(), check_indices=False)
             self._update_threshold(sae, values)
             aux_pair = (aux_values, aux_indices, n_aux) if n_aux else None
             return Step(x_hat, SparseActivations(values, indices, sae.d_sae), zero, zero, aux_pair)
@@ -48,11 +48,8 @@ class BatchTopK(Architecture):
         self._update_threshold(sae, acts)
         aux_pair = None
         if n_aux:
-            top = pre.masked_fill(~dead_mask, float("-inf")).topk(n_aux, dim=-1, sorted=False)
-            # Slots beyond the dead latents (fewer dead than k_aux: the width does not count them)
-            # hold 0, as the top-k encoder's aux slots do.
-            aux_values = torch.where(dead_mask[top.indices], top.values, torch.zeros_like(top.values))
-            aux_pair = (aux_values, top.indices, n_aux)
+            # AuxK's slots as the topk_encode op defines them (dead latents at -inf skipped).
+            aux_pair = (*reference.aux_select(pre, dead_mask, n_aux), n_aux)
         return Step(x_hat, acts, zero, zero, aux_pair)
 
     @staticmethod

@@ -29,12 +29,13 @@ class TopK(Architecture):
 
     def forward(self, sae, x2: Tensor) -> Tensor:
         values, indices, _, _ = sae._topk_flat(x2)
-        return ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, sae._dec_norm())
+        # The encoder's own indices: check_indices=False skips the range check (a host sync on a GPU).
+        return ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, sae._dec_norm(), check_indices=False)
 
     def training_step(self, sae, x2: Tensor, coefficient: float, dead_mask: Optional[Tensor], k_aux: Optional[int]) -> Step:
         n_aux = sae._aux_width(dead_mask, k_aux)
         values, indices, aux_values, aux_indices = sae._topk_flat(x2, dead_mask if n_aux else None, n_aux)
-        x_hat = ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, sae._dec_norm())
+        x_hat = ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, sae._dec_norm(), check_indices=False)
         zero = x2.new_zeros(())
         aux_pair = (aux_values, aux_indices, n_aux) if n_aux else None
         return Step(x_hat, SparseActivations(values, indices, sae.d_sae), zero, zero, aux_pair)

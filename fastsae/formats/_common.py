@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -106,9 +107,18 @@ def sae_tensors(sae, fold_decoder_norm: bool = False) -> dict[str, torch.Tensor]
 # ------------------------------------------------------------ files
 
 
+def expect_file(path: Path, what: str = "") -> None:
+    """FileNotFoundError when nothing is there; ValueError when something that is not a file is."""
+    if path.is_file():
+        return
+    if path.exists():
+        kind = "a folder" if path.is_dir() else "not a regular file"
+        raise ValueError(f"{path}: expected a file{what}, got {kind}")
+    raise FileNotFoundError(f"{path}: missing{what}")
+
+
 def read_json(path: Path, what: str = "") -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing{what}")
+    expect_file(path, what)
     try:
         with open(path) as f:
             data = json.load(f)
@@ -120,8 +130,7 @@ def read_json(path: Path, what: str = "") -> dict:
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing")
+    expect_file(path)
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -131,12 +140,25 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def read_torch(path: Path) -> Any:
     """A .pt file's contents, through torch.load(weights_only=True): tensors and plain containers
     only, never arbitrary pickled code."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing")
+    expect_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise ValueError(f"{path}: cannot read it with torch.load(weights_only=True): {exc}") from exc
+        raise ValueError(
+            f"{path}: cannot read it with torch.load(weights_only=True): {_torch_load_reason(exc)} "
+            "(fastsae reads only tensors and plain containers from .pt files, never pickled code)"
+        ) from None
+
+
+def _torch_load_reason(exc: Exception) -> str:
+    """torch.load's reason without its advice to retry with weights_only=False: unsafe for a
+    file that did not load as plain tensors, and not something fastsae does."""
+    text = str(exc)
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S)
+    if found:
+        return found.group(1).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line]
+    return (lines[0] if lines else type(exc).__name__).rstrip(".")
 
 
 def atomic_write(target: Path, write: Callable[[str], None]) -> None:

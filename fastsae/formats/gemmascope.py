@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fastsae.config import SAEConfig
-from fastsae.formats._common import build_sae
+from fastsae.formats._common import build_sae, expect_file
 
 WEIGHTS_FILENAME = "params.npz"
 _NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
@@ -30,8 +30,7 @@ def detect(path: Path) -> bool:
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing")
+    expect_file(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             return {name: data[name] for name in data.files}

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastsae import reference
 from fastsae.ops import dispatch, measured
 
 from fastsae.kernels import (  # noqa: F401 (registers the ops)
@@ -48,14 +49,13 @@ def topk_encode_chunked(
     """cuBLAS in row chunks + a top-k select: per chunk, the dense pre-activations by addmm (in
     x's dtype, as the reference forms them), torch.topk for the k largest, and, for AuxK, the
     k_aux largest among dead latents from the same chunk (one product serves both). Shapes depend
-    only on N, k and k_aux: no host sync. Slots beyond the dead latents hold 0 (as the reference)."""
+    only on N, k and k_aux: no host sync. AuxK's slots follow `fastsae.reference.topk_encode`."""
     n = x_in.shape[0]
     d_sae = enc_weight.shape[0]
     values = x_in.new_empty(n, k)
     indices = torch.empty(n, k, dtype=torch.int64, device=x_in.device)
     aux_values = x_in.new_empty(n, k_aux)
     aux_indices = torch.empty(n, k_aux, dtype=torch.int64, device=x_in.device)
-    live = ~dead_mask if k_aux > 0 else None
     step = _chunk_rows(d_sae)
     for a in range(0, n, step):
         b = min(n, a + step)
@@ -66,9 +66,8 @@ def topk_encode_chunked(
         values[a:b] = top.values.relu()
         indices[a:b] = top.indices
         if k_aux > 0:
-            aux = pre.masked_fill_(live, float("-inf")).topk(k_aux, dim=1, sorted=False)
-            aux_values[a:b] = torch.where(dead_mask[aux.indices], aux.values, torch.zeros_like(aux.values))
-            aux_indices[a:b] = aux.indices
+            # AuxK's slots as the reference defines them (dead latents at -inf skipped), sync-free.
+            aux_values[a:b], aux_indices[a:b] = reference.aux_select(pre, dead_mask, k_aux)
     return values, indices, aux_values, aux_indices
 
 

@@ -5,6 +5,12 @@ FASTSAE_BACKEND variable and `use_backend` apply to eager and compiled code alik
 
 Forward ops:  fastsae::topk_encode, fastsae::threshold_encode, fastsae::sparse_decode
 Backward ops: fastsae::topk_encode_backward (shared by both encoders), fastsae::sparse_decode_backward
+
+Every op, real and fake implementation alike, first runs its check from `fastsae.validation`:
+one input contract whichever backend runs, for `fastsae.ops` and for direct calls of
+`torch.ops.fastsae.*` (torch.compile's graphs, users). The ops that read indices take
+`check_indices` (default True): False skips the index range check, which costs a host sync on an
+accelerator, for indices fastsae produced itself (see `validation.check_index_range`).
 The autograd glue below does the cheap [N, k] elementwise work (ReLU mask, decoder-norm
 factors, bias sums) in torch and hands the heavy sparse products to the backward ops.
 """
@@ -16,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastsae import reference
+from fastsae import reference, validation
 from fastsae.ops import dispatch
 from fastsae.sparse import pad_at_free_latents
 
@@ -39,11 +45,14 @@ def topk_encode(
     dead_mask: Optional[Tensor],
     k_aux: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _backend(x, x.shape[1]).topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux)
+    validation.check_topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux)
+    backend = _backend(x, x.shape[1])
+    return backend.topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask if k_aux else None, k_aux)
 
 
 @topk_encode.register_fake
 def _(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux):
+    validation.check_topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux)
     n = x.shape[0]
     return (
         x.new_empty(n, k),
@@ -55,13 +64,20 @@ def _(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux):
 
 @torch.library.custom_op("fastsae::topk_encode_backward", mutates_args=())
 def topk_encode_backward(
-    grad_pre: Tensor, indices: Tensor, x: Tensor, enc_weight: Tensor, b_dec: Optional[Tensor]
+    grad_pre: Tensor,
+    indices: Tensor,
+    x: Tensor,
+    enc_weight: Tensor,
+    b_dec: Optional[Tensor],
+    check_indices: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    validation.check_topk_encode_backward(grad_pre, indices, x, enc_weight, b_dec, check_indices)
     return _backend(x, x.shape[1]).topk_encode_backward(grad_pre, indices, x, enc_weight, b_dec)
 
 
 @topk_encode_backward.register_fake
-def _(grad_pre, indices, x, enc_weight, b_dec):
+def _(grad_pre, indices, x, enc_weight, b_dec, check_indices=True):
+    validation.check_topk_encode_backward(grad_pre, indices, x, enc_weight, b_dec, check_range=False)
     return torch.empty_like(x), torch.empty_like(enc_weight), enc_weight.new_empty(enc_weight.shape[0])
 
 
@@ -85,7 +101,8 @@ def _encoder_grads(ctx, grad_act: Tensor, acts: Tensor, idx: Tensor, x, enc_weig
         grad_dec_norm = reference.scatter_sum(grad_act * acts / norm, idx, dec_norm.shape[0])
     else:
         grad_pre = grad_act
-    grad_x_in, grad_enc_weight, grad_b_enc = topk_encode_backward(grad_pre, idx, x, enc_weight, b_dec)
+    # The indices are the forward's own output (or checked by it): no range check, no host sync.
+    grad_x_in, grad_enc_weight, grad_b_enc = topk_encode_backward(grad_pre, idx, x, enc_weight, b_dec, False)
     grad_b_dec = -grad_x_in.sum(0) if ctx.has_b_dec else None
     return grad_x_in, grad_enc_weight, grad_b_enc, grad_b_dec, grad_dec_norm
 
@@ -123,11 +140,13 @@ def threshold_encode(
     cutoff: Tensor,
     max_width: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    validation.check_threshold_encode(x, enc_weight, b_enc, b_dec, dec_norm, cutoff, max_width)
     return _backend(x, x.shape[1]).threshold_encode(x, enc_weight, b_enc, b_dec, dec_norm, cutoff, max_width)
 
 
 @threshold_encode.register_fake
 def _(x, enc_weight, b_enc, b_dec, dec_norm, cutoff, max_width):
+    validation.check_threshold_encode(x, enc_weight, b_enc, b_dec, dec_norm, cutoff, max_width)
     # The width is the batch's largest kept count (capped): known only once the kernel has run.
     width = torch.library.get_ctx().new_dynamic_size(max=max_width)
     n = x.shape[0]
@@ -167,30 +186,44 @@ torch.library.register_autograd(
 
 @torch.library.custom_op("fastsae::sparse_decode", mutates_args=())
 def sparse_decode(
-    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Optional[Tensor], dec_norm: Optional[Tensor]
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    b_dec: Optional[Tensor],
+    dec_norm: Optional[Tensor],
+    check_indices: bool = True,
 ) -> Tensor:
+    validation.check_sparse_decode(values, indices, W_dec, b_dec, dec_norm, check_indices)
     return _backend(values, W_dec.shape[1]).sparse_decode(values, indices, W_dec, b_dec, dec_norm)
 
 
 @sparse_decode.register_fake
-def _(values, indices, W_dec, b_dec, dec_norm):
+def _(values, indices, W_dec, b_dec, dec_norm, check_indices=True):
+    validation.check_sparse_decode(values, indices, W_dec, b_dec, dec_norm, check_range=False)
     return W_dec.new_empty(values.shape[0], W_dec.shape[1])
 
 
 @torch.library.custom_op("fastsae::sparse_decode_backward", mutates_args=())
 def sparse_decode_backward(
-    grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, dec_norm: Optional[Tensor]
+    grad_out: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    dec_norm: Optional[Tensor],
+    check_indices: bool = True,
 ) -> tuple[Tensor, Tensor]:
+    validation.check_sparse_decode_backward(grad_out, values, indices, W_dec, dec_norm, check_indices)
     return _backend(values, W_dec.shape[1]).sparse_decode_backward(grad_out, values, indices, W_dec, dec_norm)
 
 
 @sparse_decode_backward.register_fake
-def _(grad_out, values, indices, W_dec, dec_norm):
+def _(grad_out, values, indices, W_dec, dec_norm, check_indices=True):
+    validation.check_sparse_decode_backward(grad_out, values, indices, W_dec, dec_norm, check_range=False)
     return torch.empty_like(values), torch.empty_like(W_dec)
 
 
 def _sparse_decode_setup(ctx, inputs, output):
-    values, indices, W_dec, b_dec, dec_norm = inputs
+    values, indices, W_dec, b_dec, dec_norm, _check_indices = inputs
     ctx.has_b_dec = b_dec is not None
     ctx.has_dec_norm = dec_norm is not None
     ctx.save_for_backward(values, indices, W_dec, dec_norm)
@@ -198,13 +231,14 @@ def _sparse_decode_setup(ctx, inputs, output):
 
 def _sparse_decode_grad(ctx, grad_out):
     values, indices, W_dec, dec_norm = ctx.saved_tensors
-    grad_values, grad_W_dec = sparse_decode_backward(grad_out.contiguous(), values, indices, W_dec, dec_norm)
+    # The forward checked (or was told to trust) these indices: no second check, no host sync.
+    grad_values, grad_W_dec = sparse_decode_backward(grad_out.contiguous(), values, indices, W_dec, dec_norm, False)
     grad_b_dec = grad_out.sum(0) if ctx.has_b_dec else None
     grad_dec_norm = None
     if ctx.has_dec_norm:
         # out uses values / norm: d/d norm = -grad_coef * values / norm^2 = -grad_values * values / norm.
         grad_dec_norm = -reference.scatter_sum(grad_values * values / dec_norm[indices], indices, dec_norm.shape[0])
-    return grad_values, None, grad_W_dec, grad_b_dec, grad_dec_norm
+    return grad_values, None, grad_W_dec, grad_b_dec, grad_dec_norm, None
 
 
 torch.library.register_autograd("fastsae::sparse_decode", _sparse_decode_grad, setup_context=_sparse_decode_setup)
