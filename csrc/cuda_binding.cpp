@@ -4,17 +4,19 @@
 // Compiled only when the extension is built with CUDA (fastsae/ops/backend_cpp.py).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/aminmax.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/logical_not.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/nonzero.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/sub.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "cuda_launchers.h"
 #include "functional_forms.h"
@@ -61,6 +63,27 @@ void check_indices_cuda(const Tensor& idx, int64_t d_sae, const char* what) {
               h, "]");
 }
 
+// AuxK's slots as fastsae.reference.aux_select defines them, from dense pre-activations [rows, d_sae]
+// (bias and norm applied): a row's candidates are its dead latents whose pre-activation is not
+// -inf (NaN ranks first, as in top-k), best first; the other slots hold 0 at the live latents in
+// ascending order, then at the row's other dead latents. ATen ops only: no count reaches the host.
+void aux_select(const Tensor& pre, const Tensor& mask, int64_t k_aux, const Tensor& out_values,
+                const Tensor& out_indices) {
+  const int64_t rows = pre.size(0), d_sae = pre.size(1);
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+  const Tensor candidate = mask.logical_and(pre.ne(neg_inf));
+  const auto [top_values, top_indices] = pre.masked_fill(candidate.logical_not(), neg_inf).topk(k_aux, -1, true, true);
+  const Tensor count = candidate.sum(-1, /*keepdim=*/true);
+  const Tensor latent = at::arange(d_sae, pre.options().dtype(at::kLong));
+  const Tensor order = at::where(mask, latent.add(d_sae), latent).expand({rows, d_sae}).masked_fill(candidate, 2 * d_sae);
+  const Tensor fillers = std::get<1>(order.topk(k_aux, -1, /*largest=*/false, /*sorted=*/true));
+  const Tensor slot = at::arange(k_aux, count.options()).unsqueeze(0);
+  const Tensor real = slot.lt(count);
+  const Tensor filled = fillers.gather(1, slot.sub(count).clamp(0, k_aux - 1));
+  out_values.copy_(at::where(real, top_values, at::zeros_like(top_values)));
+  out_indices.copy_(at::where(real, top_indices, filled));
+}
+
 void check_pair_count(int64_t count) {
   TORCH_CHECK(count < (int64_t{1} << 31), "fastsae_cpp (CUDA): at most 2^31 - 1 (row, slot) pairs, got ", count);
 }
@@ -92,20 +115,7 @@ void topk_encode_out_cuda(const Tensor& x, const Tensor& enc_weight, const Tenso
   const DType dtype = dtype_of(x);
   const cudaStream_t stream = current_stream();
 
-  // Aux: the dead latents' top min(k_aux, n_dead); the other slots hold 0 at live latents.
-  Tensor mask;
-  int64_t k_aux_real = 0;
-  if (k_aux > 0) {
-    mask = dead_mask->contiguous();
-    const Tensor live = at::nonzero(at::logical_not(mask)).flatten();
-    k_aux_real = std::min<int64_t>(k_aux, d_sae - live.size(0));
-    if (k_aux_real < k_aux) {
-      const int64_t pad = k_aux - k_aux_real;
-      aux_values.narrow(1, k_aux_real, pad).zero_();
-      aux_indices.narrow(1, k_aux_real, pad).copy_(live.narrow(0, 0, pad).unsqueeze(0).expand({n, pad}));
-    }
-  }
-
+  const Tensor mask = k_aux > 0 ? dead_mask->contiguous() : Tensor();
   const Tensor x_in = (present(b_dec) ? at::sub(x, *b_dec) : x).contiguous();
   const Tensor enc = enc_weight.contiguous(), bias = b_enc.contiguous();
   const Tensor norm = contiguous_or_null(dec_norm);
@@ -119,12 +129,11 @@ void topk_encode_out_cuda(const Tensor& x, const Tensor& enc_weight, const Tenso
                                         nullptr, k, /*relu=*/true, values.narrow(0, r0, rows).data_ptr(),
                                         indices.narrow(0, r0, rows).data_ptr<int64_t>(), k, stream),
                  "row_topk");
-    if (k_aux_real > 0)
-      check_launch(fastsae_cuda::row_topk(dtype, pre.data_ptr(), rows, d_sae, bias.data_ptr(), ptr_or_null(norm),
-                                          mask.data_ptr<bool>(), k_aux_real, /*relu=*/false,
-                                          aux_values.narrow(0, r0, rows).data_ptr(),
-                                          aux_indices.narrow(0, r0, rows).data_ptr<int64_t>(), k_aux, stream),
-                   "row_topk (aux)");
+    if (k_aux > 0) {
+      Tensor full = pre.add(bias);  // in x's dtype, as the reference forms it
+      if (norm.defined()) full.mul_(norm);
+      aux_select(full, mask, k_aux, aux_values.narrow(0, r0, rows), aux_indices.narrow(0, r0, rows));
+    }
   }
 }
 

@@ -15,14 +15,18 @@ import os
 import torch
 from torch.utils.cpp_extension import CUDA_HOME
 
+from typing import Optional
+
+from torch import Tensor
+
 from fastsae.ops import backend_cpp
-from fastsae.reference import threshold_encode  # noqa: F401  (cuBLAS in row chunks + compaction; no .cu kernel yet)
-from fastsae.ops.backend_cpp import (  # noqa: F401  (the backend's four op functions)
+from fastsae.ops.backend_cpp import (  # noqa: F401  (the backend's op functions)
     sparse_decode,
     sparse_decode_backward,
-    topk_encode,
     topk_encode_backward,
 )
+from fastsae.ops.chunked import topk_encode_chunked
+from fastsae.reference import threshold_encode  # noqa: F401  (cuBLAS in row chunks + compaction; no .cu kernel yet)
 
 if not backend_cpp.HAS_CUDA_KERNELS:
     if backend_cpp.CUDA_BUILD_ERROR:
@@ -32,3 +36,22 @@ if not backend_cpp.HAS_CUDA_KERNELS:
         f"(torch.cuda.is_available()={torch.cuda.is_available()}, torch.version.cuda={torch.version.cuda}, "
         f"CUDA_HOME={CUDA_HOME}, FASTSAE_BUILD_CUDA={os.environ.get('FASTSAE_BUILD_CUDA', '1')})"
     )
+
+
+def topk_encode(
+    x: Tensor,
+    enc_weight: Tensor,
+    b_enc: Tensor,
+    b_dec: Optional[Tensor],
+    dec_norm: Optional[Tensor],
+    k: int,
+    dead_mask: Optional[Tensor],
+    k_aux: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # AuxK takes the chunked torch path, as on the triton backend: its slots are the reference's
+    # (dead latents at -inf skipped, value-0 fillers per row) and no count of dead latents reaches
+    # the host, where the kernel's aux pass needed one (a nonzero, a sync every step).
+    if k_aux > 0:
+        x_in = x - b_dec if b_dec is not None else x
+        return topk_encode_chunked(x_in, enc_weight, b_enc, dec_norm, k, dead_mask, k_aux)
+    return backend_cpp.topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, None, 0)
