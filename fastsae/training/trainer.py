@@ -373,8 +373,7 @@ class Trainer:
         finding its rows on the device costs the sync-free loop nothing."""
         rows = (~torch.isfinite(x)).any(1).nonzero().squeeze(1).tolist()
         where = self.stream.describe_rows(position, rows)
-        return (f"the batch holds {n_bad} NaN/Inf {'value' if n_bad == 1 else 'values'} in {len(rows)} "
-                f"{'row' if len(rows) == 1 else 'rows'}: {where}")
+        return f"the batch holds {n_bad} NaN/Inf values in {len(rows)} {'row' if len(rows) == 1 else 'rows'}: {where}"
 
     def _train_step(self, x_raw: Tensor) -> bool:
         """One optimizer step on a batch already on the device; False if the batch was refused
