@@ -15,6 +15,11 @@ ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
+def _estimate(row: dict) -> str:
+    # A median below its floor, where the floor was no bound (older results files lack the flag).
+    return " (floor an estimate)" if row.get("floor_is_estimate") else ""
+
+
 def _table(result: dict) -> str:
     meta = result["meta"]
     lines = [
@@ -36,7 +41,7 @@ def _table(result: dict) -> str:
         mem = "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.0f}"
         dmem = "-" if dense["baseline_peak_mem_bytes"] is None else f"{dense['baseline_peak_mem_bytes'] / 2**20:.0f}"
         lines.append(
-            f"| {r['op']} | {r['shape']} | {r['backend']} | {r['ms']:.1f} | {r['of_floor']:.2f} | "
+            f"| {r['op']} | {r['shape']} | {r['backend']} | {r['ms']:.1f} | {r['of_floor']:.2f}{_estimate(r)} | "
             f"{dense['speedup']:.2f}x | {sp['torch-sparse']['speedup']:.2f}x | {mem} ({dmem}) |"
         )
     return "\n".join(lines)

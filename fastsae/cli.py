@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -55,12 +56,47 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _backends(args: argparse.Namespace) -> int:
+    import torch
+
     from fastsae.ops import dispatch
 
-    print(f"requested: {dispatch.requested_backend()} (FASTSAE_BACKEND)")
+    requested = dispatch.requested_backend()
+    env = os.environ.get(dispatch.ENV_VAR, "").strip()
+    print(f"requested: {requested} ({dispatch.ENV_VAR}={env})" if env
+          else f"requested: {requested} (the default; {dispatch.ENV_VAR} is not set)")
     for device in ("cpu", "cuda"):
-        print(f"{device}: {', '.join(dispatch.available_backends(device)) or '-'}")
+        if device == "cuda" and not _cuda_visible():
+            # The backends would import, but nothing can run without a device.
+            print("cuda: none (torch sees no CUDA device)")
+            continue
+        names = dispatch.available_backends(device)
+        try:
+            in_use = f"in use: {dispatch.select(torch.device(device))[0]}"
+        except (ValueError, RuntimeError) as exc:
+            in_use = f"in use: none, {exc}"
+        print(f"{device}: {', '.join(names) or '-'} ({in_use})")
     return 0
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _backend_env_error() -> str | None:
+    """Why FASTSAE_BACKEND is unusable, or None: checked once here so that every command refuses
+    a bad value with one line instead of a traceback from deep inside the first op."""
+    value = os.environ.get("FASTSAE_BACKEND")
+    if not value or not value.strip():
+        return None
+    from fastsae.ops import dispatch
+
+    try:
+        dispatch.requested_backend()
+    except ValueError as exc:
+        return f"{dispatch.ENV_VAR}={value}: {exc}"
+    return None
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -99,6 +135,10 @@ def _convert(args: argparse.Namespace) -> int:
         return 2
     try:
         fmt = formats.detect(args.src)
+        if fmt == "fastsae_run":
+            from fastsae.training.checkpoint import latest_checkpoint
+
+            fmt = f"fastsae train run, newest checkpoint {latest_checkpoint(args.src).name}"
         loaded = formats.convert(args.src, dst, to=args.to)
     except (OSError, ValueError) as exc:
         print(f"fastsae convert: error: {exc}", file=sys.stderr)
@@ -192,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = _backend_env_error()
+    if problem:
+        print(f"fastsae {args.command}: error: {problem}", file=sys.stderr)
+        return 2
     return args.func(args)
 
 

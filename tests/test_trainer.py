@@ -252,6 +252,10 @@ def test_a_nan_batch_is_refused_naming_the_step(tmp_path, capsys):
     assert trainer.position == 11 * 256
     err = capsys.readouterr().err
     assert "step 4: the batch holds 2 NaN/Inf values" in err and "refused" in err
+    # A source without files names its chunk and the rows within it (rows 3 and 5 of the chunk).
+    chunk = [g[0] for g in trainer.stream._epoch_plan(0)[0]][3]
+    assert f"in 2 rows: chunk {chunk} rows 3, 5 (stream rows " in err
+    assert result["refused_batches"] == 1
     assert all(torch.isfinite(p).all() for p in trainer.sae.parameters())
 
 

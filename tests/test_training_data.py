@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastsae.training import ActivationFiles, ShuffledStream, SyntheticActivations, mean_max_cosine, save_activations
-from fastsae.training.data import open_source
+from fastsae.training.data import _ranges, open_source
 
 
 def _rows(n, d, offset=0):
@@ -122,3 +122,32 @@ def test_mean_max_cosine_scores_decoders():
     assert mean_max_cosine(half[:10], features) < 0.8
     with pytest.raises(ValueError, match="W_dec"):
         mean_max_cosine(torch.zeros(4, 3), features)
+
+
+def test_stream_rows_map_back_to_their_file_and_row(tmp_path):
+    # Two shards of uneven size; each row's first column is its (shard, row) label.
+    save_activations(tmp_path / "a.safetensors", _rows(700, 4, offset=0))
+    np.save(tmp_path / "b.npy", _rows(530, 4, offset=10_000).numpy())
+    src = ActivationFiles(tmp_path, chunk_rows=128)
+    stream = ShuffledStream(src, seed=3, buffer_rows=300)
+    per_epoch = stream.rows_per_epoch
+    positions = list(range(0, per_epoch, 7)) + [per_epoch - 1, per_epoch, 2 * per_epoch + 11]
+    for p in positions:
+        label = int(stream.read(p, 1)[0, 0])
+        path, row = src.row_origin(*stream.origin(p))
+        assert (path, row) == ((str(tmp_path / "a.safetensors"), label) if label < 10_000
+                               else (str(tmp_path / "b.npy"), label - 10_000)), p
+
+
+def test_describe_rows_names_files_rows_and_stream_range(tmp_path):
+    x = _rows(600, 3)
+    np.save(tmp_path / "acts.npy", x.numpy())
+    src = ActivationFiles(tmp_path / "acts.npy", chunk_rows=100)
+    stream = ShuffledStream(src, seed=0, buffer_rows=200)
+    batch = stream.read(250, 40)
+    offsets = [0, 5, 6, 39]
+    labels = sorted(int(batch[o, 0]) for o in offsets)
+    text = stream.describe_rows(250, offsets)
+    assert text == f"{tmp_path / 'acts.npy'} rows {_ranges(labels)} (stream rows 250..289)"
+    assert _ranges([3, 7, 8, 9, 12]) == "3, 7..9, 12"
+    assert _ranges(list(range(0, 40, 2)), limit=3) == "0, 2, 4 and 17 more"

@@ -141,7 +141,9 @@ def test_cli_trains_on_a_transformer_and_reports_features(tiny_bert, tmp_path, c
                "--report-features", "2"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "final metrics" in out and "checkpoint:" in out
+    from fastsae.training import latest_checkpoint
+
+    assert "final metrics" in out and f"final SAE: {latest_checkpoint(tmp_path / 'run')} " in out
     assert out.count("\nfeature ") == 2 and "[[" in out
     assert list((tmp_path / "cache").glob("*/chunk_*.safetensors"))
 

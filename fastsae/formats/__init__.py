@@ -7,6 +7,8 @@ formats know nothing of kernels.
 - `dictionary_learning`: ae.pt (+ config.json).
 - `openai`: OpenAI sparse_autoencoder .pt state dicts.
 - `gemmascope`: Gemma Scope params.npz.
+- a `fastsae train` run folder (out/checkpoints/step_N/...) reads as its newest complete
+  checkpoint, which is a SAELens folder.
 
 `load(path)` detects the format; `save(sae, path, to=...)` writes SAELens (the default) or sparsify;
 `convert(src, dst, to=...)` does both. Every loaded SAE is in eval mode on the CPU unless a device
@@ -27,7 +29,8 @@ SAVE_FORMATS = ("saelens", "sparsify")
 
 
 def detect(path: Union[str, Path]) -> str:
-    """The format of a checkpoint: one of FORMATS, or "sparsify_run" for a sparsify run folder."""
+    """The format of a checkpoint: one of FORMATS, "sparsify_run" for a sparsify run folder, or
+    "fastsae_run" for a `fastsae train` run folder (its newest complete checkpoint)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
@@ -60,11 +63,13 @@ def detect(path: Union[str, Path]) -> str:
         return "saelens" if "d_sae" in read_json(path / saelens.CFG_FILENAME) else "sparsify"
     if sparsify.is_run_folder(path):
         return "sparsify_run"
+    if _training_run_checkpoint(path) is not None:
+        return "fastsae_run"
     raise FileNotFoundError(
         f"{path}: not a checkpoint fastsae can read: expected {saelens.CFG_FILENAME} + {saelens.WEIGHTS_FILENAME} "
         f"(SAELens), {sparsify.CFG_FILENAME} + {sparsify.WEIGHTS_FILENAME} (sparsify, or sub-folders of them), "
-        f"{dictionary_learning.WEIGHTS_FILENAME} (dictionary_learning), {gemmascope.WEIGHTS_FILENAME} (Gemma Scope) "
-        "or an OpenAI .pt file"
+        f"{dictionary_learning.WEIGHTS_FILENAME} (dictionary_learning), {gemmascope.WEIGHTS_FILENAME} (Gemma Scope), "
+        "an OpenAI .pt file, or a fastsae train run folder (checkpoints/step_N/)"
     )
 
 
@@ -83,11 +88,20 @@ def load(path: Union[str, Path], device=None, dtype=None):
         return sparsify.load(path, device=device, dtype=dtype)
     if fmt == "sparsify_run":
         return sparsify.load_run(path, device=device, dtype=dtype)
+    if fmt == "fastsae_run":
+        return saelens.load(_training_run_checkpoint(path), device=device, dtype=dtype)
     if fmt == "dictionary_learning":
         return dictionary_learning.load(path, device=device, dtype=dtype)
     if fmt == "openai":
         return openai.load(path, device=device, dtype=dtype)
     return gemmascope.load(path, device=device, dtype=dtype)
+
+
+def _training_run_checkpoint(path: Path):
+    """The newest complete checkpoint (a SAELens folder) of a `fastsae train` run folder, or None."""
+    from fastsae.training.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(path)
 
 
 def _load_pt(path: Path, device, dtype, **openai_options):

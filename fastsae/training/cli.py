@@ -39,7 +39,8 @@ DEFAULTS = {
     "device": "cpu",
     "dead_strategy": "auto",
 }
-# Flags that describe a run; with --resume they come from the checkpoint instead.
+# Flags that describe a run; with --resume they come from the checkpoint, and a flag given with
+# --resume must equal the saved value.
 RUN_FLAGS = ("data", "architecture", "d_sae", "k", "l1_coefficient", "decoder_norm", "batch_size", "tokens", "lr",
              "seed", "model", "hook", "text", "seq_len", "max_corpus_tokens", "synthetic_d_in", "synthetic_features",
              "synthetic_l0", "log_every", "checkpoint_every", "checkpoint_every_steps", "device", "dead_strategy",
@@ -100,6 +101,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--no-normalize", action="store_true", default=None,
                    help="train on raw activations (default: scaled so that E||x||^2 = d_in)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: the cores other work leaves idle at the "
+                   "start, at least 1; OMP_NUM_THREADS, when set, is kept)")
     p.set_defaults(func=run_train)
     return p
 
@@ -175,24 +178,188 @@ def _build(args, data):
     return fastsae.SAE(sae_cfg), cfg
 
 
+def _same_path(a, b) -> bool:
+    return Path(str(a)).expanduser().resolve() == Path(str(b)).expanduser().resolve()
+
+
+def _same_device(a, b) -> bool:
+    import torch
+
+    da, db = torch.device(str(a)), torch.device(str(b))
+    # "cuda" and "cuda:0" name the same device for a run on one GPU.
+    return da.type == db.type and (da.index is None or db.index is None or da.index == db.index)
+
+
+def _resume_differences(args: argparse.Namespace, folder: Path) -> list[str]:
+    """The run flags given with --resume whose values differ from the run saved in `folder`, each
+    as '--flag GIVEN (the run's: SAVED)'. A flag the run would have ignored (--k for a ReLU SAE,
+    --synthetic-* for file data) never differs, as in a fresh run."""
+    from fastsae.config import SAEConfig
+    from fastsae.formats import saelens
+    from fastsae.training.config import TrainerConfig
+
+    cfg = TrainerConfig.load(folder)
+    sae_cfg = SAEConfig.from_dict(saelens.read_cfg(folder))
+    data = cfg.data or {}
+    kind = data.get("kind")
+    arch = sae_cfg.architecture
+    # flag -> the run's value (None: the run has no such setting, e.g. k for a ReLU SAE).
+    saved = {
+        "architecture": arch,
+        "d_sae": sae_cfg.d_sae,
+        "k": sae_cfg.k if arch in ("topk", "batchtopk") else None,
+        "l1_coefficient": cfg.sparsity_coefficient if arch in ("relu", "jumprelu") else None,
+        "decoder_norm": sae_cfg.decoder_norm,
+        "batch_size": cfg.batch_size,
+        "tokens": cfg.total_tokens,
+        "lr": cfg.lr,
+        "seed": cfg.seed,
+        "log_every": cfg.log_every_steps,
+        "checkpoint_every": cfg.checkpoint_every_seconds,
+        "checkpoint_every_steps": cfg.checkpoint_every_steps,
+        "device": cfg.device,
+        "dead_strategy": cfg.dead_strategy,
+        "dead_after_tokens": cfg.dead_after_tokens,
+        "resample_every": cfg.resample_every_steps,
+        "no_normalize": not cfg.normalize_activations,
+    }
+    if kind == "synthetic":
+        saved.update(data="synthetic", synthetic_d_in=data.get("d_in"), synthetic_features=data.get("n_features"),
+                     synthetic_l0=data.get("l0"))
+    elif kind == "files":
+        saved["data"] = data.get("path")
+    elif kind == "transformer":
+        saved.update(data="(a transformer's activations: no --data)", model=data.get("model"), hook=data.get("hook"),
+                     text=data.get("text"), seq_len=data.get("seq_len"), max_corpus_tokens=data.get("max_tokens"))
+    differences = []
+    for name in RUN_FLAGS:
+        given = getattr(args, name, None)
+        if given is None or name not in saved:
+            continue
+        was = saved[name]
+        if name == "data":
+            same = was is not None and (given == was if "synthetic" in (given, was) else _same_path(given, was))
+        elif name == "device":
+            same = _same_device(given, was)
+        elif name == "text" and was is not None and given != was:
+            same = given != "pydoc" and was != "pydoc" and _same_path(given, was)
+        elif was is None and name not in ("data", "checkpoint_every", "checkpoint_every_steps", "dead_after_tokens",
+                                          "resample_every", "max_corpus_tokens"):
+            same = True  # a flag this run does not use (e.g. --k for a ReLU SAE), ignored as in a fresh run
+        else:
+            same = given == was
+        if not same:
+            flag = f"--{name.replace('_', '-')}"
+            shown = "" if isinstance(given, bool) else f" {given}"
+            differences.append(f"{flag}{shown} (the run's: {was})")
+    return differences
+
+
+def _secs(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+
+
+def choose_threads(requested, omp_env, torch_default: int, cpus: int, busy: float) -> tuple[int, str]:
+    """(threads, why) for a CPU run. torch's default, one thread per core, assumes the cores are
+    free; on a busy machine its threads wait at every parallel region for peers the kernel has
+    preempted, and fewer threads finish sooner. So, unless asked otherwise, take the cores that
+    other work left idle at the start (`busy`: how many cores it occupied), at least one."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads: expected a positive integer, got {requested}")
+        return requested, "--threads"
+    if omp_env:
+        return torch_default, "OMP_NUM_THREADS"
+    idle = max(1, min(torch_default, int(cpus - busy + 0.5)))
+    if idle == torch_default:
+        return idle, "torch's default: one per core"
+    return idle, f"other work kept {busy:.1f} of {cpus} cores busy at the start"
+
+
+def _busy_cores(samples: int = 10, interval_s: float = 0.02) -> float:
+    """How many cores other processes occupy: the lower of the 1-minute load average (slow to
+    forget a job that just ended) and the runnable tasks seen now in /proc/loadavg, less this
+    process (blind to a job that pauses for a moment). 0 where neither can be read."""
+    import os
+
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+    running = []
+    for _ in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                running.append(int(f.read().split()[3].split("/")[0]) - 1)
+        except (OSError, ValueError, IndexError):
+            return load
+        time.sleep(interval_s)
+    return max(0.0, min(load, sum(running) / len(running)))
+
+
+def _set_threads(args, device: str) -> None:
+    import os
+
+    import torch
+
+    if torch.device(device).type != "cpu" and args.threads is None:
+        return
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    default = torch.get_num_threads()
+    busy = _busy_cores() if args.threads is None and not os.environ.get("OMP_NUM_THREADS") else 0.0
+    threads, why = choose_threads(args.threads, os.environ.get("OMP_NUM_THREADS"), default, cpus, busy)
+    torch.set_num_threads(threads)
+    print(f"threads: {threads} ({why}; --threads N to choose)")
+
+
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
+    threads = torch.get_num_threads()
+    try:
+        return _run_train(args)
+    finally:
+        torch.set_num_threads(threads)  # the thread count chosen for the run ends with it (main() in-process)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import torch
+
     from fastsae.ops import dispatch
+    from fastsae.training.config import TrainerConfig
+    from fastsae.training.data import ActivationFiles
     from fastsae.training.trainer import BadDataError, Trainer
 
     torch.manual_seed(_setting(args, "seed"))
+    device = _setting(args, "device")
     if args.resume:
-        given = [f"--{name.replace('_', '-')}" for name in RUN_FLAGS if getattr(args, name, None) is not None]
-        if given:
-            print(f"fastsae train: --resume takes the run's settings from its checkpoint; drop {' '.join(given)}",
-                  file=sys.stderr)
-            return 2
         if args.out is None:
             print("fastsae train: --resume needs --out (the run folder to continue)", file=sys.stderr)
             return 2
+        # Re-running the same command with --resume appended is fine; a flag that would change the
+        # saved run is refused, naming each difference.
+        from fastsae.training.checkpoint import latest_checkpoint
+
+        folder = latest_checkpoint(args.out)
+        if folder is not None:
+            try:
+                differences = _resume_differences(args, folder)
+                device = TrainerConfig.load(folder).device
+            except (ValueError, FileNotFoundError) as exc:
+                print(f"fastsae train: {exc}", file=sys.stderr)
+                return 2
+            if differences:
+                print(f"fastsae train: --resume continues {folder} with the run's own settings, and these flags "
+                      f"differ from them: {'; '.join(differences)}. Drop them (or start a new run: --overwrite, "
+                      "or another --out)", file=sys.stderr)
+                return 2
     out = Path(args.out) if args.out else Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
     started = time.perf_counter()
+    try:
+        _set_threads(args, device)
+    except (ValueError, RuntimeError) as exc:
+        print(f"fastsae train: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.resume:
             trainer = Trainer.resume(out, progress=not args.no_progress, dtype=args.dtype)
@@ -208,22 +375,32 @@ def run_train(args: argparse.Namespace) -> int:
     sae, cfg = trainer.sae, trainer.cfg
     backend = dispatch.select(sae.device)[0]
     print(f"data: {data!r}")
+    if isinstance(data, ActivationFiles):
+        # Reading every file up front to look for NaN/Inf would cost a pass over all the data.
+        print("      NaN/Inf rows are not checked in advance: a batch holding any is refused when it is drawn, "
+              "naming the file and its rows")
     print(f"sae: {sae} (backend {backend!r}, computing in {cfg.dtype}); {cfg.total_steps:,} steps of {cfg.batch_size:,} tokens; out: {out}")
+    trained_before = trainer.elapsed  # seconds of training in earlier sessions of this run
     try:
         result = trainer.train()
     except BadDataError as exc:
         print(f"fastsae train: {exc}", file=sys.stderr)
         return 1
     m = trainer.last_metrics
-    print(
-        f"done: {result['step']:,} steps, {result['tokens']:,} tokens in {result['elapsed_s']:.0f} s of training "
-        f"({time.perf_counter() - started:.0f} s in all)"
-    )
+    wall = time.perf_counter() - started
+    this_session = result["elapsed_s"] - trained_before
+    times = f"{_secs(this_session)} in training steps, {_secs(wall)} wall clock (with loading, data and checkpoints)"
+    if trained_before > 0:
+        times = f"this session {times}; the whole run {_secs(result['elapsed_s'])} in training steps"
+    print(f"done: {result['step']:,} steps, {result['tokens']:,} tokens; {times}")
+    if result["refused_batches"]:
+        print(f"refused batches (NaN/Inf): {result['refused_batches']:,}, not trained on (messages above)")
     print(
         f"final metrics (last logged steps): mse {m['mse']:.4g}  fvu {m['fvu']:.4f}  "
         f"l0 {m['l0']:.1f}  dead {m['dead_fraction']:.1%}"
     )
-    print(f"checkpoint: {result['checkpoint']} (SAELens layout: fastsae.load(...) or SAELens' SAE.load_from_disk)")
+    print(f"final SAE: {result['checkpoint']} (SAELens layout; fastsae.load({str(out)!r}) and "
+          f"`fastsae convert {out} DST` read a run folder's newest checkpoint)")
     print(f"metrics: {out / 'metrics.jsonl'}")
     exported = trainer.export_sae()
     if hasattr(data, "score"):
@@ -245,6 +422,9 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"fastsae train: no feature browser: {exc}", file=sys.stderr)
     summary = {k: v for k, v in m.items()}
     summary["checkpoint"] = str(result["checkpoint"])
+    summary["refused_batches"] = result["refused_batches"]
+    summary["training_s_this_session"] = this_session
+    summary["wall_s_this_session"] = wall
     with open(out / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
     return 0

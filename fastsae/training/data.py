@@ -161,6 +161,11 @@ class ActivationFiles:
     def describe(self) -> dict:
         return {"kind": "files", "path": str(self.path), "chunk_rows": self.chunk_rows}
 
+    def row_origin(self, index: int, row: int) -> tuple[str, int]:
+        """(file, row in that file) of row `row` of chunk `index`."""
+        s, start, _ = self._chunks[index]
+        return str(self.shards[s].path), start + row
+
     def __repr__(self) -> str:
         rows = sum(s.rows for s in self.shards)
         return f"ActivationFiles({str(self.path)!r}: {len(self.shards)} shard(s), {rows:,} rows x {self.d_in})"
@@ -226,23 +231,65 @@ class ShuffledStream:
     def d_in(self) -> int:
         return self.source.d_in
 
-    def _epoch_plan(self, epoch: int) -> tuple[list[list[int]], list[int]]:
+    def _make_plan(self, epoch: int) -> tuple[list[list[int]], list[int]]:
         """The epoch's buffers (lists of chunk indices) and their cumulative row offsets."""
+        order = torch.randperm(len(self.sizes), generator=keyed_generator(self.seed, epoch)).tolist()
+        groups: list[list[int]] = [[]]
+        rows = 0
+        for chunk in order:
+            if rows >= self.buffer_rows:
+                groups.append([])
+                rows = 0
+            groups[-1].append(chunk)
+            rows += self.sizes[chunk]
+        starts = [0]
+        for group in groups:
+            starts.append(starts[-1] + sum(self.sizes[c] for c in group))
+        return groups, starts
+
+    def _epoch_plan(self, epoch: int) -> tuple[list[list[int]], list[int]]:
         if epoch != self._plan_epoch:
-            order = torch.randperm(len(self.sizes), generator=keyed_generator(self.seed, epoch)).tolist()
-            groups: list[list[int]] = [[]]
-            rows = 0
-            for chunk in order:
-                if rows >= self.buffer_rows:
-                    groups.append([])
-                    rows = 0
-                groups[-1].append(chunk)
-                rows += self.sizes[chunk]
-            starts = [0]
-            for group in groups:
-                starts.append(starts[-1] + sum(self.sizes[c] for c in group))
-            self._plan_epoch, self._plan = epoch, (groups, starts)
+            self._plan_epoch, self._plan = epoch, self._make_plan(epoch)
         return self._plan
+
+    def origin(self, position: int, _cache: dict | None = None) -> tuple[int, int]:
+        """(chunk index, row within that chunk) of stream row `position`. Recomputes the shuffle
+        rather than touching the cached buffer, so it is safe beside a reader."""
+        if position < 0:
+            raise ValueError(f"origin: expected a position >= 0, got {position}")
+        cache = {} if _cache is None else _cache  # plans and permutations, for many look-ups
+        epoch, offset = divmod(position, self.rows_per_epoch)
+        if epoch not in cache:
+            cache[epoch] = self._make_plan(epoch)
+        groups, starts = cache[epoch]
+        group = bisect.bisect_right(starts, offset) - 1
+        if (epoch, group) not in cache:
+            n_rows = starts[group + 1] - starts[group]
+            cache[epoch, group] = torch.randperm(n_rows, generator=keyed_generator(self.seed, epoch, group + 1))
+        row = int(cache[epoch, group][offset - starts[group]])
+        for chunk in groups[group]:
+            if row < self.sizes[chunk]:
+                return chunk, row
+            row -= self.sizes[chunk]
+        raise AssertionError("unreachable: the permutation covers the buffer's rows")
+
+    def describe_rows(self, position: int, offsets) -> str:
+        """Where rows `position + offsets` of the stream come from, for messages: their files and
+        file rows when the source can say (`row_origin`), else their chunks, then the stream rows."""
+        offsets = sorted(int(o) for o in offsets)
+        row_origin = getattr(self.source, "row_origin", None)
+        by_place: dict[str, list[int]] = {}
+        cache: dict = {}
+        for offset in offsets:
+            chunk, row = self.origin(position + offset, cache)
+            place, row = row_origin(chunk, row) if row_origin is not None else (f"chunk {chunk}", row)
+            by_place.setdefault(place, []).append(row)
+        parts = [f"{place} {'row' if len(rows) == 1 else 'rows'} {_ranges(rows)}" for place, rows in by_place.items()]
+        where = "; ".join(parts) if parts else "no rows"
+        if not offsets:
+            return where
+        first, last = position + offsets[0], position + offsets[-1]
+        return f"{where} (stream row {first})" if first == last else f"{where} (stream rows {first}..{last})"
 
     def _load_buffer(self, epoch: int, group: int) -> Tensor:
         if self._buffer_key != (epoch, group):
@@ -426,3 +473,17 @@ class BatchPrefetcher:
                 position += self.batch_size
         except BaseException as exc:  # raised again in the trainer's thread by next()
             self._hand_over(exc)
+
+
+def _ranges(rows: list[int], limit: int = 8) -> str:
+    """'3, 7..9, 12' for sorted row numbers, at most `limit` ranges (then how many more rows)."""
+    rows = sorted(set(rows))
+    spans: list[list[int]] = []
+    for row in rows:
+        if spans and row == spans[-1][1] + 1:
+            spans[-1][1] = row
+        else:
+            spans.append([row, row])
+    shown = ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in spans[:limit])
+    rest = sum(b - a + 1 for a, b in spans[limit:])
+    return shown + (f" and {rest} more" if rest else "")

@@ -161,6 +161,7 @@ class Trainer:
         self.input_scale = 1.0
         self.initialized = False
         self.bad_in_row = 0
+        self.refused_batches = 0  # NaN/Inf batches skipped, summed over resumed sessions
         self.elapsed = 0.0  # seconds of training, summed over resumed sessions
         self.n_resamples = 0
         self.tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=device)
@@ -292,7 +293,7 @@ class Trainer:
                 position, x, n_bad = self._prefetcher.next()
                 self.position = position + cfg.batch_size
                 if n_bad:
-                    self._refuse(f"the batch holds {n_bad} NaN/Inf values (stream rows {position}..{self.position - 1})")
+                    self._refuse(self._bad_batch(position, x, n_bad))
                     continue
                 if not self._train_step(x):
                     continue
@@ -331,7 +332,7 @@ class Trainer:
             self.save_checkpoint()
         # The last logged row's figures, under the run's own step, tokens and time.
         return {**self.last_metrics, "step": self.step, "tokens": self.tokens_seen, "checkpoint": self.last_checkpoint,
-                "elapsed_s": self.elapsed}
+                "elapsed_s": self.elapsed, "refused_batches": self.refused_batches}
 
     def _replay(self, total: int) -> None:
         """After a roll-back at the end of `train`: take the rolled-back steps again (checked)."""
@@ -339,7 +340,7 @@ class Trainer:
             position, x, n_bad = self._prefetcher.next()
             self.position = position + self.cfg.batch_size
             if n_bad:
-                self._refuse(f"the batch holds {n_bad} NaN/Inf values (stream rows {position}..{self.position - 1})")
+                self._refuse(self._bad_batch(position, x, n_bad))
                 continue
             if self._train_step(x):
                 self._bar.update(1)
@@ -357,6 +358,7 @@ class Trainer:
 
     def _refuse(self, why: str) -> None:
         self.bad_in_row += 1
+        self.refused_batches += 1
         self._say(f"step {self.step + 1}: {why}; batch refused ({self.bad_in_row} in a row)")
         if self.bad_in_row >= self.cfg.max_bad_batches:
             kept = self.last_checkpoint or (ckpt.latest_checkpoint(self.out_dir) if self.out_dir else None)
@@ -364,6 +366,14 @@ class Trainer:
                 f"training stopped at step {self.step + 1}: {self.bad_in_row} batches in a row were refused "
                 f"(NaN/Inf); the last good checkpoint is {kept if kept else 'none (no checkpoint was written yet)'}"
             )
+
+    def _bad_batch(self, position: int, x: Tensor, n_bad: int) -> str:
+        """The refusal of a batch holding NaN/Inf: how many values, in which rows, and where they
+        come from (file and row in it, when the source can say). Only a bad batch gets here, so
+        finding its rows on the device costs the sync-free loop nothing."""
+        rows = (~torch.isfinite(x)).any(1).nonzero().squeeze(1).tolist()
+        where = self.stream.describe_rows(position, rows)
+        return f"the batch holds {n_bad} NaN/Inf values in {len(rows)} {'row' if len(rows) == 1 else 'rows'}: {where}"
 
     def _train_step(self, x_raw: Tensor) -> bool:
         """One optimizer step on a batch already on the device; False if the batch was refused
@@ -658,6 +668,7 @@ class Trainer:
             "input_scale": self.input_scale,
             "initialized": self.initialized,
             "bad_in_row": self.bad_in_row,
+            "refused_batches": self.refused_batches,
             "elapsed_s": self.elapsed,
             "n_resamples": self.n_resamples,
             "dead_strategy": self.dead_strategy,
@@ -710,6 +721,7 @@ class Trainer:
         self.input_scale = info["input_scale"]
         self.initialized = info["initialized"]
         self.bad_in_row = info["bad_in_row"]
+        self.refused_batches = info.get("refused_batches", 0)  # absent from checkpoints before it was counted
         self.elapsed = info["elapsed_s"]
         self.n_resamples = info["n_resamples"]
         self._window_steps = info["window_steps"]
