@@ -7,7 +7,8 @@ from conftest import assert_bf16_close, assert_rel_close
 
 import fastsae
 from fastsae import ops
-from fastsae.ops import backend_triton, chunked, measured
+from fastsae.ops import backend_triton, measured
+from fastsae.ops import chunked as chunked_encoder
 from fastsae.kernels import topk_encode as kernel
 
 
@@ -41,7 +42,7 @@ def _check_topk(values, indices, pre64, k, tol=1e-5):
 def chunked(monkeypatch):
     """The chunked path forced, with chunks of 5 rows at d_sae 333 (an uneven last chunk)."""
     monkeypatch.setenv(measured.PATH_ENV_VAR, "chunked")
-    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 5 * 333)
+    monkeypatch.setattr(chunked_encoder, "CHUNK_ELEMENTS", 5 * 333)
 
 
 @pytest.mark.parametrize("d_in,d_sae,k,use_b_dec,use_norm", [(48, 333, 1, True, False), (48, 333, 7, False, True),
@@ -73,7 +74,7 @@ def test_chunked_topk_bf16_within_twice_torch_error(chunked):
 def test_auxk_from_the_chunked_product(monkeypatch, n_dead, k_aux):
     """AuxK always takes the chunked path (no host sync): the top k_aux among dead latents, slots
     beyond the dead latents hold 0; the main top-k is unchanged."""
-    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 7 * 333)
+    monkeypatch.setattr(chunked_encoder, "CHUNK_ELEMENTS", 7 * 333)
     x, enc, b_enc, b_dec, dec_norm = _inputs(29, 48, 333)
     dead = torch.zeros(333, dtype=torch.bool)
     dead[torch.randperm(333)[:n_dead]] = True
