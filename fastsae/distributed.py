@@ -1,0 +1,545 @@
+"""Training on several processes with torch.distributed (NCCL on GPUs, gloo on CPUs).
+
+Two ways to split the work, both exact: a run on N processes computes what the one-process run
+computes on the same data and seed, up to fp32 rounding.
+
+- Data parallel (`data_parallel`): every rank holds the whole SAE and takes its slice of each
+  global batch (`batch_slice`); torch's DDP all-reduces the gradients (bucketed, overlapped with
+  the backward). The loss of a slice is weighted by its share of the batch (`slice_loss_weight`),
+  so DDP's average is the gradient of the global batch's mean even when N does not divide it.
+- Latent sharding (`ShardedSAE`): rank r holds latents [start_r, stop_r) of W_enc, b_enc and W_dec
+  (and so their Adam state); b_dec is replicated. Every rank sees the whole batch. A layer around
+  the single-device ops, which know nothing of ranks:
+    encode   local top-k over the rank's latents; the [N, k] candidates (values, global indices)
+             are all-gathered and the global top-k is taken (the same on every rank);
+    decode   each rank decodes the selected latents it owns; the partial reconstructions are
+             all-reduced (forward: sum; backward: identity, since every rank holds the same loss);
+    backward local to each shard; d b_dec's encoder part is all-reduced (b_dec enters every
+             shard's encoder), and so would d x be if x required a gradient.
+  AuxK takes its dead latents' candidates the same way; the dead-latent counters live on every
+  rank for all d_sae latents (int64 per latent, small beside the weights) and are fed the global
+  activations, so they agree across ranks and with the one-process run.
+  `gather_sae` assembles a normal `fastsae.SAE` (SAELens layout) on one rank for saving.
+
+Kernels and ops stay single-device: this module only calls `fastsae.ops` and torch collectives.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch import Tensor
+
+from fastsae import ops
+from fastsae.config import SAEConfig
+from fastsae.sae import SAE, TrainOutput
+from fastsae.sparse import SparseActivations, pad_at_free_latents
+
+SHARDABLE_ARCHITECTURES = ("topk", "relu")
+
+# ---------------------------------------------------------------- ranks and slices
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group (torchrun, or `init_process_group` by hand)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    """torchrun (and torch.distributed.launch) set these for every worker."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def init_from_env(device: Optional[str] = None, timeout_s: float = 600.0) -> torch.device:
+    """Join the process group torchrun describes in the environment (NCCL when `device` is CUDA,
+    gloo otherwise) and return this rank's device (cuda:LOCAL_RANK for CUDA). A collective that
+    waits longer than `timeout_s` (a peer died or hangs) raises instead of blocking forever."""
+    if not launched_by_torchrun():
+        raise RuntimeError("init_from_env: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are not set (launch with torchrun)")
+    want_cuda = device is not None and torch.device(device).type == "cuda"
+    if want_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        rank_device = torch.device("cuda", local_rank)
+    else:
+        rank_device = torch.device(device) if device is not None else torch.device("cpu")
+    if not is_distributed():
+        dist.init_process_group(
+            backend="nccl" if want_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
+            **({"device_id": rank_device} if want_cuda else {}),
+        )
+    return rank_device
+
+
+def shard_range(total: int, world_size: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of rank's share of `total` items split as evenly as possible in rank order
+    (the first `total % world_size` ranks take one more)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"shard_range: expected 0 <= rank < world_size, got rank {rank} of {world_size}")
+    base, extra = divmod(total, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def batch_slice(batch_size: int, world_size: Optional[int] = None, rank: Optional[int] = None) -> tuple[int, int]:
+    """(offset, rows) of this rank's slice of a global batch: the ranks' slices, in rank order,
+    tile the batch, so the rows trained on per step (and the run's data order) do not depend on
+    the number of processes."""
+    world_size = get_world_size() if world_size is None else world_size
+    rank = get_rank() if rank is None else rank
+    if batch_size < world_size:
+        raise ValueError(f"batch_size: expected at least one row per process ({world_size}), got {batch_size}")
+    start, stop = shard_range(batch_size, world_size, rank)
+    return start, stop - start
+
+
+def slice_loss_weight(rows: int, batch_size: int, world_size: Optional[int] = None) -> float:
+    """The factor on a slice's mean-over-rows loss so that DDP's average of the ranks' gradients
+    is the gradient of the global batch's mean: world_size * rows / batch_size."""
+    world_size = get_world_size() if world_size is None else world_size
+    return world_size * rows / batch_size
+
+
+# ---------------------------------------------------------------- data parallel
+
+
+class _TrainingForward(nn.Module):
+    """DDP prepares its gradient reduction in the wrapped module's forward: this one's forward is
+    the SAE's training_forward."""
+
+    def __init__(self, sae: SAE):
+        super().__init__()
+        self.sae = sae
+
+    def forward(self, x: Tensor, **kwargs) -> TrainOutput:
+        return self.sae.training_forward(x, **kwargs)
+
+
+def data_parallel(sae: SAE, **ddp_kwargs) -> nn.Module:
+    """`sae` under torch's DistributedDataParallel: calling the result with (x, **training_forward
+    options) runs `sae.training_forward` and the backward of its loss all-reduces the gradients.
+    DDP broadcasts rank 0's parameters at construction."""
+    if not is_distributed():
+        raise RuntimeError("data_parallel: no process group (launch with torchrun, then call init_from_env)")
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [sae.device.index] if sae.device.type == "cuda" else None
+    return DistributedDataParallel(_TrainingForward(sae), device_ids=device_ids, **ddp_kwargs)
+
+
+def all_reduce_fired(fired: Tensor) -> Tensor:
+    """The union over ranks of the latents that fired (bool [d_sae]) on each rank's slice."""
+    if not is_distributed():
+        return fired
+    counts = fired.to(torch.int32)
+    dist.all_reduce(counts)
+    return counts > 0
+
+
+# ---------------------------------------------------------------- collectives with autograd
+
+
+class _SumOverShards(torch.autograd.Function):
+    """Forward: the sum over ranks of each rank's partial result. Backward: identity, since every
+    rank then holds the same (replicated) loss and so the same gradient of the sum."""
+
+    @staticmethod
+    def forward(ctx, partial: Tensor, group) -> Tensor:
+        total = partial.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class _IntoShards(torch.autograd.Function):
+    """Forward: identity for a replicated tensor each shard reads. Backward: the sum of the
+    shards' gradients (each shard saw only its latents' contribution)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group) -> Tensor:
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _all_gather_cat(t: Tensor, group, world: int) -> Tensor:
+    """The ranks' [B, w] tensors side by side: [B, world * w] (rank r's at columns r*w..)."""
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+def _pad_columns(t: Tensor, width: int, value) -> Tensor:
+    if t.shape[1] == width:
+        return t
+    return torch.cat([t, t.new_full((t.shape[0], width - t.shape[1]), value)], dim=1)
+
+
+# ---------------------------------------------------------------- the latent-sharded SAE
+
+
+class ShardedSAE(nn.Module):
+    """This rank's share of an SAE split by latent across the process group.
+
+    Parameters carry `SAE`'s names and layouts, restricted to latents [start, stop): W_enc
+    [d_in, d_local] (stored latent-major), b_enc [d_local], W_dec [d_local, d_in]; b_dec [d_in] is
+    whole on every rank. `training_forward` and `forward` are collective: every rank calls them
+    with the same (whole) batch. Architectures: topk and relu.
+
+    Build it with `ShardedSAE.from_sae(sae)` (slices a whole SAE: the same run as one process) or
+    `ShardedSAE(cfg, seed=...)` (initialises only this rank's rows, in fixed blocks of latents, so
+    the initial SAE does not depend on the number of ranks and never exists whole).
+    """
+
+    _INIT_BLOCK = 4096  # latents per independently seeded block of the initialisation
+
+    def __init__(self, cfg: SAEConfig, *, seed: int = 0, group=None, _init: bool = True):
+        super().__init__()
+        if not is_distributed():
+            raise RuntimeError("ShardedSAE: no process group (launch with torchrun, then call init_from_env)")
+        if not isinstance(cfg, SAEConfig):
+            raise ValueError(f"ShardedSAE: expected a fastsae.SAEConfig, got {type(cfg).__name__}")
+        if cfg.architecture not in SHARDABLE_ARCHITECTURES:
+            raise ValueError(
+                f"architecture: latent sharding supports {SHARDABLE_ARCHITECTURES}, got {cfg.architecture!r} "
+                "(train it data-parallel instead)"
+            )
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        if cfg.d_sae < self.world_size:
+            raise ValueError(f"d_sae: expected at least one latent per process ({self.world_size}), got {cfg.d_sae}")
+        self.cfg = cfg
+        self.start, self.stop = shard_range(cfg.d_sae, self.world_size, self.rank)
+        self.shard_sizes = [b - a for a, b in (shard_range(cfg.d_sae, self.world_size, r) for r in range(self.world_size))]
+        d_local, d_in = self.d_local, cfg.d_in
+        factory = dict(dtype=cfg.torch_dtype, device=torch.device(cfg.device))
+        w_dec = self._init_decoder_rows(seed) if _init else torch.zeros(d_local, d_in, **factory)
+        self.W_dec = nn.Parameter(w_dec.to(**factory))
+        self.W_enc = nn.Parameter(w_dec.to(**factory).clone().t())  # tied init, latent-major storage
+        self.b_enc = nn.Parameter(torch.zeros(d_local, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
+        # relu: the row-wise sparse path while rows hold at most this many of the shard's latents
+        # (None: d_local / 8 on CPU, / 32 elsewhere, as SAE's default); past it the dense path.
+        self.sparse_width_limit: Optional[int] = None
+        self._dense_hint = False  # the last pass found rows too dense for the sparse path
+
+    # ------------------------------------------------------------ construction
+
+    def _init_decoder_rows(self, seed: int) -> Tensor:
+        """SAE's initialisation (kaiming-uniform rows, then the decoder-norm rule) for this rank's
+        latents only; block b of `_INIT_BLOCK` latents is drawn from its own generator."""
+        cfg, block = self.cfg, self._INIT_BLOCK
+        bound = 1.0 / math.sqrt(cfg.d_in)  # kaiming_uniform_(a=sqrt(5)) on a [*, d_in] matrix
+        rows = []
+        for b in range(self.start // block, (self.stop - 1) // block + 1):
+            lo, hi = b * block, min(cfg.d_sae, (b + 1) * block)
+            gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + b) % (2**63 - 1))
+            w = torch.empty(hi - lo, cfg.d_in).uniform_(-bound, bound, generator=gen)
+            rows.append(w[max(lo, self.start) - lo : min(hi, self.stop) - lo])
+        w = torch.cat(rows)
+        if cfg.decoder_norm == "unit_norm":
+            w = w / w.norm(dim=1, keepdim=True)
+        elif cfg.decoder_init_norm is not None:
+            w = w / w.norm(dim=1, keepdim=True) * cfg.decoder_init_norm
+        return w
+
+    @classmethod
+    @torch.no_grad()
+    def from_sae(cls, sae: SAE, group=None) -> "ShardedSAE":
+        """This rank's latents of `sae` (copied). Every rank must pass the same SAE."""
+        sharded = cls(sae.cfg, group=group, _init=False)
+        sharded.load_whole_state_dict(sae.state_dict())
+        return sharded
+
+    @torch.no_grad()
+    def load_whole_state_dict(self, state: dict) -> None:
+        """Load this rank's slice of a whole SAE's state dict (as `SAE.state_dict()` gives it)."""
+        expected = {"W_enc", "b_enc", "W_dec", "b_dec"}
+        if set(state) != expected:
+            raise ValueError(f"state dict: expected the keys {sorted(expected)} of a {self.architecture} SAE, got {sorted(state)}")
+        for name, param in self.named_parameters():
+            whole = state[name]
+            dim = latent_dim(name)
+            want = list(param.shape)
+            if dim is not None:
+                want[dim] = self.cfg.d_sae
+            if list(whole.shape) != want:
+                raise ValueError(f"state dict: {name}: expected shape {tuple(want)}, got {tuple(whole.shape)}")
+            param.copy_(self.shard_of(whole, name))
+
+    def shard_of(self, whole: Tensor, name: str) -> Tensor:
+        """This rank's slice of a whole tensor shaped like parameter `name` (itself for b_dec)."""
+        dim = latent_dim(name)
+        return whole if dim is None else whole.narrow(dim, self.start, self.d_local)
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        """All latents (the whole SAE's); this rank holds `d_local` of them."""
+        return self.cfg.d_sae
+
+    @property
+    def d_local(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def architecture(self) -> str:
+        return self.cfg.architecture
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    @property
+    def enc_weight(self) -> Tensor:
+        return self.W_enc.t()
+
+    def extra_repr(self) -> str:
+        return (f"d_in={self.d_in}, d_sae={self.d_sae}, latents [{self.start}, {self.stop}) of rank {self.rank}/"
+                f"{self.world_size}, architecture={self.architecture!r}")
+
+    # Per-latent-row operations are local to the shard: SAE's own methods apply as they are.
+    set_decoder_norm_to_unit_norm = SAE.set_decoder_norm_to_unit_norm
+    remove_gradient_parallel_to_decoder_directions = SAE.remove_gradient_parallel_to_decoder_directions
+    _check_tensor = SAE._check_tensor
+    _flat_input = SAE._flat_input
+
+    # ------------------------------------------------------------ forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The reconstruction x_hat, shaped like x (collective)."""
+        return self.training_forward(x).x_hat
+
+    def training_forward(
+        self,
+        x: Tensor,
+        *,
+        sparsity_coefficient: float = 0.0,
+        dead_mask: Optional[Tensor] = None,
+        k_aux: Optional[int] = None,
+        aux_coefficient: float = 1.0 / 32,
+    ) -> "ShardedTrainOutput":
+        """`SAE.training_forward` over the shards (collective; the same x on every rank). The
+        losses and x_hat are the whole SAE's, the same on every rank; `fired` (bool [d_sae]) and
+        `l0` are the whole batch's. `acts`: topk, the global selection [N, k] (global indices);
+        relu, this rank's own activations (global indices)."""
+        x2 = self._flat_input(x)
+        cfg, group = self.cfg, self.group
+        if x2.requires_grad:
+            x2 = _IntoShards.apply(x2, group)  # each shard's encoder sees only its latents' part of d x
+        b_dec_in = _IntoShards.apply(self.b_dec, group) if cfg.apply_b_dec_to_input else None
+        dec_norm = self.W_dec.norm(dim=1) if cfg.rescale_acts_by_decoder_norm else None
+        zero = x2.new_zeros(())
+        sparsity = aux = zero
+        if self.architecture == "topk":
+            n_aux, aux_width_here, aux_width = self._aux_widths(dead_mask, k_aux)
+            dead_here = dead_mask[self.start : self.stop].to(self.device) if aux_width_here else None
+            values, idx, aux_values, aux_idx = ops.topk_encode(
+                x2, self.enc_weight, self.b_enc, b_dec_in, dec_norm, min(cfg.k, self.d_local), dead_here, aux_width_here
+            )
+            keep, global_values, global_idx = self._global_top(values.detach(), idx, cfg.k, min(cfg.k, max(self.shard_sizes)))
+            partial = ops.sparse_decode(torch.where(keep, values, torch.zeros_like(values)), idx, self.W_dec, None, dec_norm)
+            x_hat = _SumOverShards.apply(partial, group) + self.b_dec
+            acts = SparseActivations(global_values, global_idx, self.d_sae)
+            fired, l0 = _topk_fired_and_l0(acts)
+            if n_aux:
+                # Candidates at live latents (slots past this shard's dead count) never win.
+                candidates = aux_values.detach().masked_fill(~dead_here[aux_idx], float("-inf")) if aux_width_here else aux_values
+                keep_aux, _, _ = self._global_top(candidates, aux_idx, n_aux, aux_width)
+                owned = torch.where(keep_aux, aux_values, torch.zeros_like(aux_values))
+                e_partial = ops.sparse_decode(owned, aux_idx, self.W_dec, None, dec_norm)
+                e_hat = _SumOverShards.apply(e_partial, group)
+                residual = (x2 - x_hat).detach()
+                n_dead = int(dead_mask.sum())
+                aux = aux_coefficient * min(1.0, n_dead / n_aux) * (e_hat - residual).pow(2).sum(-1).mean()
+        else:
+            values, idx, dense_acts = self._relu_local(x2, b_dec_in)
+            if dense_acts is not None:
+                scaled = dense_acts / dec_norm if dec_norm is not None else dense_acts
+                partial = scaled @ self.W_dec
+                weight = self.W_dec.norm(dim=1) if cfg.decoder_norm != "none" else 1.0
+                sparsity_rows = (dense_acts.abs() * weight).sum(-1)
+                active = dense_acts.detach() > 0
+                fired_here = active.any(0)
+                l0_rows = active.sum(-1)
+                acts = SparseActivations.from_dense(dense_acts.detach())
+            else:
+                partial = ops.sparse_decode(values, idx, self.W_dec, None, dec_norm)
+                weight = self.W_dec.norm(dim=1)[idx] if cfg.decoder_norm != "none" else 1.0
+                sparsity_rows = (values.abs() * weight).sum(-1)
+                active = values.detach() > 0
+                fired_here = torch.zeros(self.d_local, dtype=torch.bool, device=self.device)
+                fired_here[idx[active]] = True
+                l0_rows = active.sum(-1)
+                acts = SparseActivations(values.detach(), idx, self.d_local)
+            acts = SparseActivations(acts.values, acts.indices + self.start, self.d_sae)
+            # One all-reduce for the reconstruction, the rows' penalty and their L0.
+            packed = torch.cat([partial, sparsity_rows.unsqueeze(1), l0_rows.to(partial.dtype).unsqueeze(1)], dim=1)
+            total = _SumOverShards.apply(packed, group)
+            x_hat = total[:, : self.d_in] + self.b_dec
+            if sparsity_coefficient:
+                sparsity = sparsity_coefficient * total[:, self.d_in].mean()
+            l0 = total[:, self.d_in + 1].detach().float().mean()
+            fired = self._gather_latent_mask(fired_here)
+        mse = (x_hat - x2).pow(2).sum(-1).mean()
+        loss = mse + sparsity + aux
+        return ShardedTrainOutput(x_hat.reshape(x.shape), acts, mse, sparsity, aux, loss, fired, l0)
+
+    def _global_top(self, values: Tensor, idx: Tensor, k: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
+        """From each rank's candidates (values [B, w_r], local indices), the top k over all ranks:
+        (which of this rank's candidates won [B, w_r], the winners' values and global indices
+        [B, k]). Every rank computes the same winners."""
+        w_here = values.shape[1]
+        cand_values = _all_gather_cat(_pad_columns(values, width, float("-inf")), self.group, self.world_size)
+        cand_idx = _all_gather_cat(_pad_columns(idx + self.start, width, 0), self.group, self.world_size)
+        top = cand_values.topk(k, dim=1)
+        won = torch.zeros_like(cand_values, dtype=torch.bool).scatter_(1, top.indices, True)
+        keep = won[:, self.rank * width : self.rank * width + w_here]
+        return keep, top.values, cand_idx.gather(1, top.indices)
+
+    def _aux_widths(self, dead_mask: Optional[Tensor], k_aux: Optional[int]) -> tuple[int, int, int]:
+        """AuxK: (n_aux as the whole SAE has it, this rank's candidate count, the widest rank's)."""
+        if dead_mask is None:
+            return 0, 0, 0
+        if dead_mask.shape != (self.d_sae,) or dead_mask.dtype != torch.bool:
+            raise ValueError(
+                f"dead_mask: expected a bool tensor of shape ({self.d_sae},) (all latents), got {dead_mask.dtype} {tuple(dead_mask.shape)}"
+            )
+        dead_cpu = dead_mask.cpu()
+        n_dead = int(dead_cpu.sum())
+        if n_dead == 0:
+            return 0, 0, 0
+        k_aux = self.d_in // 2 if k_aux is None else k_aux
+        if k_aux < 1:
+            raise ValueError(f"k_aux: expected a positive integer, got {k_aux}")
+        n_aux = min(k_aux, n_dead, self.d_sae)
+        per_rank = [min(n_aux, int(part.sum())) for part in dead_cpu.split(self.shard_sizes)]
+        return n_aux, per_rank[self.rank], max(per_rank)
+
+    def _width_limit(self) -> int:
+        limit = self.sparse_width_limit
+        if limit is None:
+            limit = max(1, self.d_local // (8 if self.device.type == "cpu" else 32))
+        return min(limit, self.d_local)
+
+    def _relu_local(self, x2: Tensor, b_dec_in: Optional[Tensor]):
+        """This shard's ReLU activations: (values [B, m], local indices [B, m], None) from the
+        row-wise sparse path, or (None, None, dense [B, d_local]) when rows are too dense for it.
+        Each rank picks its path alone (both give the same [B, d_in] partial)."""
+        limit = self._width_limit()
+        if not self._dense_hint:
+            cutoff = torch.zeros(self.d_local, dtype=torch.promote_types(self.dtype, torch.float32), device=self.device)
+            pre, idx, counts = ops.threshold_encode(x2, self.enc_weight, self.b_enc, b_dec_in, None, cutoff, limit)
+            if not (pre.shape[1] == limit and int(counts.max()) > limit):
+                return pre.relu(), pad_at_free_latents(pre != float("-inf"), idx, self.d_local), None
+            self._dense_hint = True
+        x_in = x2 - b_dec_in if b_dec_in is not None else x2
+        pre = x_in @ self.W_enc + self.b_enc
+        widest = int((pre.detach() > 0).sum(-1).max()) if pre.numel() else 0
+        self._dense_hint = 4 * widest > 3 * limit
+        return None, None, pre.relu()
+
+    def _gather_latent_mask(self, mask_here: Tensor) -> Tensor:
+        """The ranks' per-latent bool masks, in latent order: bool [d_sae]."""
+        width = max(self.shard_sizes)
+        padded = torch.zeros(width, dtype=torch.uint8, device=mask_here.device)
+        padded[: mask_here.shape[0]] = mask_here.to(torch.uint8)
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([p[:n] for p, n in zip(parts, self.shard_sizes)]).bool()
+
+    # ------------------------------------------------------------ gathering
+
+    @torch.no_grad()
+    def gather_latents(self, t: Tensor, name: str, dst: Optional[int] = 0) -> Optional[Tensor]:
+        """The whole tensor of which `t` is this rank's slice (shaped like parameter `name`): on
+        rank `dst` (None elsewhere), or on every rank with dst=None. Collective."""
+        dim = latent_dim(name)
+        if dim is None:
+            return t.clone() if dst is None or self.rank == dst else None
+        width = max(self.shard_sizes)
+        rows = t.movedim(dim, 0)
+        padded = rows.new_zeros((width, *rows.shape[1:]))
+        padded[: rows.shape[0]] = rows
+        if dst is None:
+            parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+            dist.all_gather(parts, padded, group=self.group)
+        else:
+            parts = [torch.empty_like(padded) for _ in range(self.world_size)] if self.rank == dst else None
+            dist.gather(padded, parts, dst=dist.get_global_rank(self.group, dst) if self.group is not None else dst,
+                        group=self.group)
+            if self.rank != dst:
+                return None
+        whole = torch.cat([p[:n] for p, n in zip(parts, self.shard_sizes)])
+        return whole.movedim(0, dim).contiguous() if dim else whole
+
+    @torch.no_grad()
+    def gather_sae(self, dst: Optional[int] = 0) -> Optional[SAE]:
+        """The whole SAE (a normal `fastsae.SAE`, SAELens layout) on rank `dst` (None elsewhere;
+        every rank with dst=None). Collective."""
+        whole = {name: self.gather_latents(p.detach(), name, dst) for name, p in self.named_parameters()}
+        if dst is not None and self.rank != dst:
+            return None
+        sae = SAE(self.cfg)
+        sae.W_enc.copy_(whole["W_enc"])
+        sae.b_enc.copy_(whole["b_enc"])
+        sae.W_dec.copy_(whole["W_dec"])
+        sae.b_dec.copy_(whole["b_dec"])
+        return sae
+
+
+def latent_dim(name: str) -> Optional[int]:
+    """The dimension along latents of an SAE parameter (as SAE lays it out), None for b_dec."""
+    return {"W_enc": 1, "b_enc": 0, "W_dec": 0, "b_dec": None}[name]
+
+
+@dataclass
+class ShardedTrainOutput(TrainOutput):
+    """`TrainOutput` plus the whole batch's `fired` (bool [d_sae]) and mean `l0`."""
+
+    fired: Optional[Tensor] = None
+    l0: Optional[Tensor] = None
+
+
+def _topk_fired_and_l0(acts: SparseActivations) -> tuple[Tensor, Tensor]:
+    active = acts.values > 0
+    fired = torch.zeros(acts.d_sae, dtype=torch.bool, device=acts.values.device)
+    fired[acts.indices[active]] = True
+    return fired, active.sum(-1).float().mean()
