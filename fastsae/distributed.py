@@ -39,7 +39,7 @@ from torch import Tensor
 
 from fastsae import ops
 from fastsae.config import SAEConfig
-from fastsae.sae import SAE, TrainOutput
+from fastsae.sae import _SPARSE_PATH_DIVISOR, SAE, TrainOutput
 from fastsae.sparse import SparseActivations, pad_at_free_latents
 
 SHARDABLE_ARCHITECTURES = ("topk", "relu")
@@ -247,7 +247,7 @@ class ShardedSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_local, **factory))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
         # relu: the row-wise sparse path while rows hold at most this many of the shard's latents
-        # (None: d_local / 8 on CPU, / 32 elsewhere, as SAE's default); past it the dense path.
+        # (None: SAE's per-device default over the shard; 0: always dense); past it the dense path.
         self.sparse_width_limit: Optional[int] = None
         self._dense_hint = False  # the last pass found rows too dense for the sparse path
 
@@ -454,9 +454,11 @@ class ShardedSAE(nn.Module):
         return n_aux, per_rank[self.rank], max(per_rank)
 
     def _width_limit(self) -> int:
+        """SAE's rule (`SAE.default_sparse_width_limit`) applied to the shard's latents."""
         limit = self.sparse_width_limit
         if limit is None:
-            limit = max(1, self.d_local // (8 if self.device.type == "cpu" else 32))
+            divisor = _SPARSE_PATH_DIVISOR.get(self.device.type)
+            limit = max(1, self.d_local // divisor) if divisor else 0
         return min(limit, self.d_local)
 
     def _relu_local(self, x2: Tensor, b_dec_in: Optional[Tensor]):
@@ -464,7 +466,7 @@ class ShardedSAE(nn.Module):
         row-wise sparse path, or (None, None, dense [B, d_local]) when rows are too dense for it.
         Each rank picks its path alone (both give the same [B, d_in] partial)."""
         limit = self._width_limit()
-        if not self._dense_hint:
+        if limit > 0 and not self._dense_hint:
             cutoff = torch.zeros(self.d_local, dtype=torch.promote_types(self.dtype, torch.float32), device=self.device)
             pre, idx, counts = ops.threshold_encode(x2, self.enc_weight, self.b_enc, b_dec_in, None, cutoff, limit)
             if not (pre.shape[1] == limit and int(counts.max()) > limit):
@@ -472,8 +474,9 @@ class ShardedSAE(nn.Module):
             self._dense_hint = True
         x_in = x2 - b_dec_in if b_dec_in is not None else x2
         pre = x_in @ self.W_enc + self.b_enc
-        widest = int((pre.detach() > 0).sum(-1).max()) if pre.numel() else 0
-        self._dense_hint = 4 * widest > 3 * limit
+        if limit > 0:  # back to the sparse path once rows fit well within the limit
+            widest = int((pre.detach() > 0).sum(-1).max()) if pre.numel() else 0
+            self._dense_hint = 4 * widest > 3 * limit
         return None, None, pre.relu()
 
     def _gather_latent_mask(self, mask_here: Tensor) -> Tensor:

@@ -107,7 +107,7 @@ def run_case(name: str) -> dict:
             whole = params.gather_sae() if isinstance(params, fdist.ShardedSAE) else params
             if whole is not None:
                 snapshots[step + 1] = {k: v.detach().clone() for k, v in whole.state_dict().items()}
-    return {"weights": snapshots, "mse": losses, "dead_steps": dead_steps}
+    return {"weights": snapshots, "mse": losses, "dead_steps": dead_steps, "sae": whole}
 
 
 def main(rank: int, world: int, port: int, out_dir: Path) -> None:
@@ -117,8 +117,11 @@ def main(rank: int, world: int, port: int, out_dir: Path) -> None:
     try:
         for name in CASES:
             result = run_case(name)
+            sae = result.pop("sae")
             if rank == 0:
                 torch.save(result, out_dir / f"{name}.pt")
+                if CASES[name][1] == "latents":
+                    sae.save(out_dir / f"{name}_sae")  # gathered from the shards
     finally:
         dist.destroy_process_group()
 
