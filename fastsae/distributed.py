@@ -258,11 +258,12 @@ class ShardedSAE(nn.Module):
         latents only; block b of `_INIT_BLOCK` latents is drawn from its own generator."""
         cfg, block = self.cfg, self._INIT_BLOCK
         bound = 1.0 / math.sqrt(cfg.d_in)  # kaiming_uniform_(a=sqrt(5)) on a [*, d_in] matrix
+        device = torch.device(cfg.device)
         rows = []
         for b in range(self.start // block, (self.stop - 1) // block + 1):
             lo, hi = b * block, min(cfg.d_sae, (b + 1) * block)
-            gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + b) % (2**63 - 1))
-            w = torch.empty(hi - lo, cfg.d_in).uniform_(-bound, bound, generator=gen)
+            gen = torch.Generator(device=device).manual_seed((int(seed) * 1_000_003 + b) % (2**63 - 1))
+            w = torch.empty(hi - lo, cfg.d_in, device=device).uniform_(-bound, bound, generator=gen)
             rows.append(w[max(lo, self.start) - lo : min(hi, self.stop) - lo])
         w = torch.cat(rows)
         if cfg.decoder_norm == "unit_norm":
@@ -273,9 +274,11 @@ class ShardedSAE(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_sae(cls, sae: SAE, group=None) -> "ShardedSAE":
-        """This rank's latents of `sae` (copied). Every rank must pass the same SAE."""
-        sharded = cls(sae.cfg, group=group, _init=False)
+    def from_sae(cls, sae: SAE, group=None, device=None) -> "ShardedSAE":
+        """This rank's latents of `sae` (copied, onto `device`; default the SAE's). Every rank must
+        pass the same SAE."""
+        cfg = sae.cfg if device is None else SAEConfig.from_dict({**sae.cfg.to_dict(), "device": str(device)})
+        sharded = cls(cfg, group=group, _init=False)
         sharded.load_whole_state_dict(sae.state_dict())
         return sharded
 
@@ -514,18 +517,58 @@ class ShardedSAE(nn.Module):
         return whole.movedim(0, dim).contiguous() if dim else whole
 
     @torch.no_grad()
-    def gather_sae(self, dst: Optional[int] = 0) -> Optional[SAE]:
+    def gather_sae(self, dst: Optional[int] = 0, device=None) -> Optional[SAE]:
         """The whole SAE (a normal `fastsae.SAE`, SAELens layout) on rank `dst` (None elsewhere;
-        every rank with dst=None). Collective."""
+        every rank with dst=None), on `device` (default: this shard's). Collective."""
         whole = {name: self.gather_latents(p.detach(), name, dst) for name, p in self.named_parameters()}
         if dst is not None and self.rank != dst:
             return None
-        sae = SAE(self.cfg)
+        cfg = self.cfg if device is None else SAEConfig.from_dict({**self.cfg.to_dict(), "device": str(device)})
+        sae = SAE(cfg)
         sae.W_enc.copy_(whole["W_enc"])
         sae.b_enc.copy_(whole["b_enc"])
         sae.W_dec.copy_(whole["W_dec"])
         sae.b_dec.copy_(whole["b_dec"])
         return sae
+
+    @torch.no_grad()
+    def gather_optimizer_state(self, optimizer: torch.optim.Optimizer, dst: Optional[int] = 0) -> Optional[dict]:
+        """`optimizer.state_dict()` for the whole SAE (what a one-process run's optimizer holds, for
+        parameters in the same order) on rank `dst`, None elsewhere. Collective."""
+        whole = optimizer.state_dict()
+        names = self._optimizer_param_names(optimizer)
+        state = {}
+        for index in sorted(whole["state"]):
+            state[index] = {
+                key: self.gather_latents(value, names[index], dst) if isinstance(value, Tensor) and value.ndim else value
+                for key, value in whole["state"][index].items()
+            }
+        if dst is not None and self.rank != dst:
+            return None
+        return {"state": state, "param_groups": whole["param_groups"]}
+
+    @torch.no_grad()
+    def shard_optimizer_state(self, whole: dict, optimizer: torch.optim.Optimizer) -> dict:
+        """This rank's slice of a whole SAE's optimizer state dict (from a one-process run or from
+        `gather_optimizer_state`), ready for `optimizer.load_state_dict`."""
+        names = self._optimizer_param_names(optimizer)
+        state = {}
+        for index, entry in whole["state"].items():
+            index = int(index)
+            state[index] = {
+                key: self.shard_of(value, names[index]).clone() if isinstance(value, Tensor) and value.ndim else value
+                for key, value in entry.items()
+            }
+        return {"state": state, "param_groups": whole["param_groups"]}
+
+    def _optimizer_param_names(self, optimizer: torch.optim.Optimizer) -> list[str]:
+        """Parameter names in the optimizer's order (its state dict's indices)."""
+        name_of = {id(p): name for name, p in self.named_parameters()}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        unknown = [i for i, p in enumerate(params) if id(p) not in name_of]
+        if unknown:
+            raise ValueError(f"optimizer: parameters {unknown} are not this ShardedSAE's")
+        return [name_of[id(p)] for p in params]
 
 
 def latent_dim(name: str) -> Optional[int]:
