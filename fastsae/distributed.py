@@ -204,6 +204,42 @@ def _pad_columns(t: Tensor, width: int, value) -> Tensor:
 
 # ---------------------------------------------------------------- the latent-sharded SAE
 
+_INIT_BLOCK = 4096  # latents per independently seeded block of a sharded SAE's initialisation
+
+
+def init_decoder_rows(cfg: SAEConfig, seed: int, start: int, stop: int) -> Tensor:
+    """Decoder rows [stop - start, d_in] of latents [start, stop) as a sharded SAE initialises
+    them: SAE's rule (kaiming-uniform rows, then the decoder-norm rule; W_enc = W_dec^T), with
+    block b of `_INIT_BLOCK` latents drawn from its own generator on cfg.device, so that the
+    initial SAE does not depend on how it is split, and no rank makes more than its rows."""
+    bound = 1.0 / math.sqrt(cfg.d_in)  # kaiming_uniform_(a=sqrt(5)) on a [*, d_in] matrix
+    device = torch.device(cfg.device)
+    rows = []
+    for b in range(start // _INIT_BLOCK, (stop - 1) // _INIT_BLOCK + 1):
+        lo, hi = b * _INIT_BLOCK, min(cfg.d_sae, (b + 1) * _INIT_BLOCK)
+        gen = torch.Generator(device=device).manual_seed((int(seed) * 1_000_003 + b) % (2**63 - 1))
+        w = torch.empty(hi - lo, cfg.d_in, device=device).uniform_(-bound, bound, generator=gen)
+        rows.append(w[max(lo, start) - lo : min(hi, stop) - lo])
+    w = torch.cat(rows)
+    if cfg.decoder_norm == "unit_norm":
+        w = w / w.norm(dim=1, keepdim=True)
+    elif cfg.decoder_init_norm is not None:
+        w = w / w.norm(dim=1, keepdim=True) * cfg.decoder_init_norm
+    return w.to(cfg.torch_dtype)
+
+
+@torch.no_grad()
+def sharded_initial_sae(cfg: SAEConfig, seed: int = 0) -> SAE:
+    """The whole SAE that `ShardedSAE(cfg, seed=seed)` starts from on any number of processes
+    (its one-process equivalent)."""
+    sae = SAE(cfg)
+    w_dec = init_decoder_rows(cfg, seed, 0, cfg.d_sae)
+    sae.W_dec.copy_(w_dec)
+    sae.W_enc.copy_(w_dec.t())
+    for name in ("b_enc", "b_dec"):
+        getattr(sae, name).zero_()
+    return sae
+
 
 class ShardedSAE(nn.Module):
     """This rank's share of an SAE split by latent across the process group.
@@ -215,10 +251,9 @@ class ShardedSAE(nn.Module):
 
     Build it with `ShardedSAE.from_sae(sae)` (slices a whole SAE: the same run as one process) or
     `ShardedSAE(cfg, seed=...)` (initialises only this rank's rows, in fixed blocks of latents, so
-    the initial SAE does not depend on the number of ranks and never exists whole).
+    the initial SAE does not depend on the number of ranks and never exists whole; its
+    one-process equivalent is `sharded_initial_sae(cfg, seed)`).
     """
-
-    _INIT_BLOCK = 4096  # latents per independently seeded block of the initialisation
 
     def __init__(self, cfg: SAEConfig, *, seed: int = 0, group=None, _init: bool = True):
         super().__init__()
@@ -241,7 +276,7 @@ class ShardedSAE(nn.Module):
         self.shard_sizes = [b - a for a, b in (shard_range(cfg.d_sae, self.world_size, r) for r in range(self.world_size))]
         d_local, d_in = self.d_local, cfg.d_in
         factory = dict(dtype=cfg.torch_dtype, device=torch.device(cfg.device))
-        w_dec = self._init_decoder_rows(seed) if _init else torch.zeros(d_local, d_in, **factory)
+        w_dec = init_decoder_rows(cfg, seed, self.start, self.stop) if _init else torch.zeros(d_local, d_in, **factory)
         self.W_dec = nn.Parameter(w_dec.to(**factory))
         self.W_enc = nn.Parameter(w_dec.to(**factory).clone().t())  # tied init, latent-major storage
         self.b_enc = nn.Parameter(torch.zeros(d_local, **factory))
@@ -252,25 +287,6 @@ class ShardedSAE(nn.Module):
         self._dense_hint = False  # the last pass found rows too dense for the sparse path
 
     # ------------------------------------------------------------ construction
-
-    def _init_decoder_rows(self, seed: int) -> Tensor:
-        """SAE's initialisation (kaiming-uniform rows, then the decoder-norm rule) for this rank's
-        latents only; block b of `_INIT_BLOCK` latents is drawn from its own generator."""
-        cfg, block = self.cfg, self._INIT_BLOCK
-        bound = 1.0 / math.sqrt(cfg.d_in)  # kaiming_uniform_(a=sqrt(5)) on a [*, d_in] matrix
-        device = torch.device(cfg.device)
-        rows = []
-        for b in range(self.start // block, (self.stop - 1) // block + 1):
-            lo, hi = b * block, min(cfg.d_sae, (b + 1) * block)
-            gen = torch.Generator(device=device).manual_seed((int(seed) * 1_000_003 + b) % (2**63 - 1))
-            w = torch.empty(hi - lo, cfg.d_in, device=device).uniform_(-bound, bound, generator=gen)
-            rows.append(w[max(lo, self.start) - lo : min(hi, self.stop) - lo])
-        w = torch.cat(rows)
-        if cfg.decoder_norm == "unit_norm":
-            w = w / w.norm(dim=1, keepdim=True)
-        elif cfg.decoder_init_norm is not None:
-            w = w / w.norm(dim=1, keepdim=True) * cfg.decoder_init_norm
-        return w
 
     @classmethod
     @torch.no_grad()

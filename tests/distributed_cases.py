@@ -1,5 +1,9 @@
 """The training runs test_distributed.py compares: one process against N processes (gloo, CPU).
 
+Two kinds: the bare step (`CASES`: training_forward, backward, Adam, the dead-latent counter
+feeding AuxK, on fixed random batches) and the `Trainer` (`TRAINER_CASES`: its data slices,
+loss weighting, agreement on checks, ReLU resampling across shards, the whole SAE at the end).
+
 Run as a script, it is one rank of a multi-process run:
     python distributed_cases.py RANK WORLD_SIZE PORT OUT_DIR
 Each rank trains every case of `CASES` (data parallel and latent-sharded) and rank 0 writes the
@@ -110,6 +114,35 @@ def run_case(name: str) -> dict:
     return {"weights": snapshots, "mse": losses, "dead_steps": dead_steps, "sae": whole}
 
 
+# name -> (SAE options, split, trainer options)
+TRAINER_CASES = {
+    "trainer_topk_dp": (dict(architecture="topk", k=3), "data", {}),
+    "trainer_relu_shard_resample": (dict(architecture="relu"), "latents",
+                                    dict(sparsity_coefficient=10.0, resample_every_steps=6, dead_after_tokens=BATCH)),
+}
+
+
+def run_trainer_case(name: str) -> dict:
+    """Train trainer case `name` on this process group (or alone); on rank 0: the exported SAE's
+    weights, the logged metrics and the trainer's messages."""
+    from fastsae.training import Trainer, TrainerConfig
+    from fastsae.training.synthetic import SyntheticActivations
+
+    options, split, trainer_options = TRAINER_CASES[name]
+    sae = initial_sae(options)
+    if fdist.get_world_size() > 1 and split == "latents":
+        sae = fdist.ShardedSAE.from_sae(sae)
+    data = SyntheticActivations(d_in=D_IN, n_features=40, l0=3.0, n_rows=4096, seed=3)
+    cfg = TrainerConfig(total_tokens=STEPS * BATCH, batch_size=BATCH, lr=3e-3, log_every_steps=5, checkpoint_every_seconds=None,
+                        progress=False, seed=0, init_sample_rows=256, **trainer_options)
+    trainer = Trainer(sae, data, cfg)
+    trainer.train()
+    exported = trainer.export_sae()
+    weights = None if exported is None else {k: v.detach().clone() for k, v in exported.state_dict().items()}
+    return {"weights": weights, "n_resamples": trainer.n_resamples, "metrics": trainer.last_metrics,
+            "messages": trainer.messages, "dead": trainer.dead_mask().clone()}
+
+
 def main(rank: int, world: int, port: int, out_dir: Path) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -122,6 +155,10 @@ def main(rank: int, world: int, port: int, out_dir: Path) -> None:
                 torch.save(result, out_dir / f"{name}.pt")
                 if CASES[name][1] == "latents":
                     sae.save(out_dir / f"{name}_sae")  # gathered from the shards
+        for name in TRAINER_CASES:
+            result = run_trainer_case(name)
+            if rank == 0:
+                torch.save(result, out_dir / f"{name}.pt")
     finally:
         dist.destroy_process_group()
 

@@ -53,7 +53,9 @@ def _launch(world: int, out_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def references():
     with use_backend("torch"):
-        return {name: {k: v for k, v in cases.run_case(name).items() if k != "sae"} for name in cases.CASES}
+        refs = {name: {k: v for k, v in cases.run_case(name).items() if k != "sae"} for name in cases.CASES}
+        refs.update({name: cases.run_trainer_case(name) for name in cases.TRAINER_CASES})
+    return refs
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -79,3 +81,15 @@ def test_multi_process_training_equals_one_process(world, references, tmp_path):
             assert loaded.d_sae == cases.D_SAE and loaded.architecture == options["architecture"]
             for key, value in ref["weights"][cases.STEPS].items():
                 assert_rel_close(getattr(loaded, key).detach(), value, 1e-5, f"{name} saved {key}")
+    for name, (options, split, _) in cases.TRAINER_CASES.items():
+        ref, got = references[name], torch.load(tmp_path / f"{name}.pt", weights_only=True)
+        what = f"Trainer {name} ({world} processes)"
+        if "resample" in name:
+            assert ref["n_resamples"] > 0 and any("resampled" in m for m in ref["messages"]), f"{what}: nothing resampled"
+            assert got["n_resamples"] == ref["n_resamples"], what
+        assert torch.equal(got["dead"], ref["dead"]), what
+        for key, value in ref["weights"].items():
+            assert_rel_close(got["weights"][key], value, 1e-5, f"{what}: {key}")
+        for key in ("mse", "l0", "loss", "aux_loss", "sparsity_loss"):
+            assert got["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-5), f"{what}: {key}"
+        assert (got["metrics"]["world_size"], got["metrics"]["shard_latents"]) == (world, split == "latents")

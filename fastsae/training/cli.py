@@ -107,7 +107,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("several processes (launch with torchrun --nproc-per-node N -m fastsae.cli train ...)")
     g.add_argument("--shard-latents", action=argparse.BooleanOptionalAction, default=None,
                    help="split W_enc, b_enc, W_dec and their Adam state by latent across the processes (topk, relu); "
-                   "default: data parallel (with --resume: as the run did)")
+                   "default: data parallel (with --resume: as the run did). On one process it trains the whole SAE "
+                   "from the same initialisation, so the same flags give the same SAE on any number of processes")
     g.add_argument("--dist-timeout", type=float, default=300.0,
                    help="seconds a process waits for the others in a collective before stopping with an error (default 300)")
     p.set_defaults(func=run_train)
@@ -183,11 +184,16 @@ def _build(args, data, device=None):
         data=data.describe(),
     )
     if args.shard_latents:
-        from fastsae.distributed import ShardedSAE
+        from fastsae import distributed as fdist
 
-        # Each rank initialises only its latents (in fixed blocks: the same SAE on any number of
-        # processes), so the whole SAE never exists on one device.
-        return ShardedSAE(sae_cfg, seed=_setting(args, "seed")), cfg
+        if arch not in fdist.SHARDABLE_ARCHITECTURES:
+            raise ValueError(f"--shard-latents: supports {', '.join(fdist.SHARDABLE_ARCHITECTURES)}, got --architecture {arch} "
+                             "(train it data parallel: drop --shard-latents)")
+        # Each rank initialises only its latents, in fixed blocks: the same SAE on any number of
+        # processes (one included), and the whole SAE never exists on one device.
+        if fdist.get_world_size() > 1:
+            return fdist.ShardedSAE(sae_cfg, seed=_setting(args, "seed")), cfg
+        return fdist.sharded_initial_sae(sae_cfg, seed=_setting(args, "seed")), cfg
     return fastsae.SAE(sae_cfg), cfg
 
 
@@ -374,10 +380,6 @@ def _run_train(args: argparse.Namespace) -> int:
     torch.manual_seed(_setting(args, "seed"))
     device = _setting(args, "device")
     rank_device = _join_processes(args)  # under torchrun: this rank's device
-    if rank_device is None and args.shard_latents:
-        print("fastsae train: --shard-latents needs several processes: launch with "
-              "torchrun --nproc-per-node N -m fastsae.cli train ...", file=sys.stderr)
-        return 2
     if args.resume:
         if args.out is None:
             print("fastsae train: --resume needs --out (the run folder to continue)", file=sys.stderr)
