@@ -93,3 +93,52 @@ def test_multi_process_training_equals_one_process(world, references, tmp_path):
         for key in ("mse", "l0", "loss", "aux_loss", "sparsity_loss"):
             assert got["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-5), f"{what}: {key}"
         assert (got["metrics"]["world_size"], got["metrics"]["shard_latents"]) == (world, split == "latents")
+
+
+# ---------------------------------------------------------------- helpers, in this process
+
+
+@pytest.mark.parametrize("total,world", [(26, 3), (10, 3), (5, 5), (4096 * 2 + 7, 4)])
+def test_shard_ranges_tile_in_rank_order(total, world):
+    from fastsae.distributed import batch_slice, shard_range
+
+    ranges = [shard_range(total, world, r) for r in range(world)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == total
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
+    assert [batch_slice(total, world, r) for r in range(world)] == [(a, b - a) for a, b in ranges]
+
+
+def test_bad_splits_are_refused():
+    from fastsae import distributed as fdist
+
+    with pytest.raises(ValueError, match="batch_size: expected at least one row per process \\(4\\), got 3"):
+        fdist.batch_slice(3, 4, 0)
+    with pytest.raises(ValueError, match="rank 2 of 2"):
+        fdist.shard_range(10, 2, 2)
+    with pytest.raises(RuntimeError, match="no process group"):
+        fdist.ShardedSAE(fastsae.SAEConfig(d_in=4, d_sae=8, architecture="topk", k=2))
+
+
+@pytest.mark.parametrize("decoder_norm", ["norm_weighted", "unit_norm"])
+def test_sharded_initialisation_does_not_depend_on_the_split(decoder_norm):
+    from fastsae.distributed import init_decoder_rows, shard_range, sharded_initial_sae
+
+    cfg = fastsae.SAEConfig(d_in=6, d_sae=4096 + 50, architecture="topk", k=3, decoder_norm=decoder_norm)
+    whole = sharded_initial_sae(cfg, seed=5)
+    assert torch.equal(whole.W_enc, whole.W_dec.t()) and not whole.b_dec.any()
+    for world in (2, 3):
+        parts = [init_decoder_rows(cfg, 5, *shard_range(cfg.d_sae, world, r)) for r in range(world)]
+        assert torch.equal(torch.cat(parts), whole.W_dec.detach())
+    assert not torch.equal(sharded_initial_sae(cfg, seed=6).W_dec, whole.W_dec)
+    if decoder_norm == "unit_norm":
+        assert torch.allclose(whole.W_dec.norm(dim=1), torch.ones(cfg.d_sae))
+
+
+def test_shard_latents_refuses_other_architectures(capsys, tmp_path):
+    from fastsae.cli import main
+
+    code = main(["train", "--data", "synthetic", "--architecture", "jumprelu", "--shard-latents", "--tokens", "64",
+                 "--batch-size", "32", "--no-progress", "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "--shard-latents: supports topk, relu, got --architecture jumprelu" in capsys.readouterr().err
