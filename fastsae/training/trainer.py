@@ -271,8 +271,9 @@ class Trainer:
                 f"on {trainer.world_size}{' with sharded latents' if trainer.sharded else ''}: the checkpoint holds the "
                 f"whole SAE, {how}; the data order does not depend on the number of processes"
             )
-        ckpt.remove_stale_temporaries(out_dir)
-        ckpt.truncate_metrics(out_dir, trainer.step)
+        if trainer.rank == 0:  # rank 0 owns the run's files
+            ckpt.remove_stale_temporaries(out_dir)
+            ckpt.truncate_metrics(out_dir, trainer.step)
         rows = ckpt.read_metrics(out_dir)
         trainer.last_metrics = rows[-1] if rows else {}
         return trainer
