@@ -13,7 +13,7 @@ import torch
 
 import fastsae
 import distributed_cases as cases
-from conftest import assert_rel_close
+from conftest import assert_bf16_close, assert_rel_close
 from fastsae.ops import use_backend
 
 HERE = Path(__file__).resolve().parent
@@ -142,3 +142,61 @@ def test_shard_latents_refuses_other_architectures(capsys, tmp_path):
                  "--batch-size", "32", "--no-progress", "--out", str(tmp_path / "run")])
     assert code == 2
     assert "--shard-latents: supports topk, relu, got --architecture jumprelu" in capsys.readouterr().err
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of one (this process), destroyed afterwards."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg-store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sharded_trainer_of_one_shard_checkpoints_and_resumes(one_process_group, tmp_path, dtype):
+    """The sharded code path on one process (ShardedSAE, its compute twin, the gathered checkpoint,
+    the resume) against the plain trainer from the same initial SAE."""
+    from fastsae import distributed as fdist
+    from fastsae.training import Trainer, TrainerConfig
+    from fastsae.training.synthetic import SyntheticActivations
+
+    cfg = fastsae.SAEConfig(d_in=8, d_sae=26, architecture="topk", k=3)
+    data = SyntheticActivations(d_in=8, n_features=40, l0=3.0, n_rows=2048, seed=3)
+
+    def trainer_cfg(dtype=dtype):
+        return TrainerConfig(total_tokens=20 * 16, batch_size=16, lr=3e-3, log_every_steps=5, checkpoint_every_seconds=None,
+                             progress=False, init_sample_rows=256, dead_after_tokens=32, dtype=dtype)
+
+    sharded = Trainer(fdist.ShardedSAE(cfg, seed=4), data, trainer_cfg(), tmp_path / "sharded")
+    assert isinstance(sharded.compute_sae, fdist.ShardedSAE) and sharded.compute_sae.dtype == getattr(torch, dtype)
+    sharded.train(max_steps=10)
+    saved = fastsae.load(ckpt_dir(tmp_path / "sharded", 10))
+    assert saved.d_sae == 26
+    assert '"shard_latents": true' in (ckpt_dir(tmp_path / "sharded", 10) / "trainer_cfg.json").read_text()
+    resumed = Trainer.resume(tmp_path / "sharded")
+    resumed.train()
+    plain = Trainer(fdist.sharded_initial_sae(cfg, seed=4), data, trainer_cfg(), tmp_path / "plain")
+    plain.train()
+    got, ref = resumed.export_sae(), plain.export_sae()
+    if dtype == "float32":
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            assert_rel_close(getattr(got, name).detach(), getattr(ref, name).detach(), 1e-5, f"{dtype} {name}")
+        return
+    # bf16 compute rounds differently on the two paths: each is held to the float32 run by the
+    # house rule, |sharded - fp32| <= 2 |plain - fp32| + atol.
+    full = Trainer(fdist.sharded_initial_sae(cfg, seed=4), data, trainer_cfg("float32"), tmp_path / "fp32")
+    full.train()
+    ref32 = full.export_sae()
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert_bf16_close(getattr(got, name).detach(), getattr(ref32, name).detach().double(), getattr(ref, name).detach(),
+                          1e-3, f"{dtype} {name}")
+
+
+def ckpt_dir(out, step):
+    from fastsae.training import checkpoint as ckpt
+
+    return ckpt.checkpoint_dir(out, step)

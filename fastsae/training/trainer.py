@@ -265,7 +265,8 @@ class Trainer:
         trainer.out_dir = out_dir
         trainer._load_state(folder)
         if (previous_world, previous_sharded) != (trainer.world_size, trainer.sharded):
-            how = "latents re-sharded" if trainer.sharded else "batches re-sliced"
+            how = ("latents re-sharded" if trainer.sharded else "batches re-sliced" if trainer.data_parallel
+                   else "the SAE whole on this process")
             trainer._say(
                 f"resuming a run trained on {previous_world} process(es){' with sharded latents' if previous_sharded else ''} "
                 f"on {trainer.world_size}{' with sharded latents' if trainer.sharded else ''}: the checkpoint holds the "
