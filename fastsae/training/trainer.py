@@ -316,7 +316,7 @@ class Trainer:
         if not self.initialized:
             self._initialize()
         total = cfg.total_steps if max_steps is None else min(cfg.total_steps, self.step + max_steps)
-        bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not cfg.progress, unit="step", dynamic_ncols=True,
+        bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not cfg.progress or self.rank != 0, unit="step", dynamic_ncols=True,
                    file=sys.stderr, desc="training")
         self._bar = bar
         self._prefetcher = BatchPrefetcher(self.stream, cfg.batch_size, self.position, self.sae.device, rows=self._rows)
