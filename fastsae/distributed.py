@@ -205,6 +205,7 @@ def _pad_columns(t: Tensor, width: int, value) -> Tensor:
 # ---------------------------------------------------------------- the latent-sharded SAE
 
 _INIT_BLOCK = 4096  # latents per independently seeded block of a sharded SAE's initialisation
+_GATHER_CHUNK_ELEMENTS = 1 << 26  # elements per piece of a gather (256 MiB of float32 over all ranks)
 
 
 def init_decoder_rows(cfg: SAEConfig, seed: int, start: int, stop: int) -> Tensor:
@@ -510,33 +511,47 @@ class ShardedSAE(nn.Module):
     # ------------------------------------------------------------ gathering
 
     @torch.no_grad()
-    def gather_latents(self, t: Tensor, name: str, dst: Optional[int] = 0) -> Optional[Tensor]:
-        """The whole tensor of which `t` is this rank's slice (shaped like parameter `name`): on
-        rank `dst` (None elsewhere), or on every rank with dst=None. Collective."""
+    def gather_latents(self, t: Tensor, name: str, dst: Optional[int] = 0, device=None) -> Optional[Tensor]:
+        """The whole tensor of which `t` is this rank's slice (shaped like parameter `name`, W_enc
+        latent-major in memory as SAE stores it): on rank `dst` (None elsewhere), or on every rank
+        with dst=None; on `device` (default t's). Collective. It goes over in pieces of at most
+        `_GATHER_CHUNK_ELEMENTS` (all ranks' rows together), so gathering onto the CPU never needs
+        the whole tensor on a device."""
         dim = latent_dim(name)
+        out_device = t.device if device is None else torch.device(device)
+        receiving = dst is None or self.rank == dst
         if dim is None:
-            return t.clone() if dst is None or self.rank == dst else None
+            return t.detach().to(out_device, copy=True) if receiving else None
+        rows = t.detach().movedim(dim, 0)  # [d_local, ...]
+        rest = tuple(rows.shape[1:])
         width = max(self.shard_sizes)
-        rows = t.movedim(dim, 0)
-        padded = rows.new_zeros((width, *rows.shape[1:]))
-        padded[: rows.shape[0]] = rows
-        if dst is None:
-            parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-            dist.all_gather(parts, padded, group=self.group)
-        else:
-            parts = [torch.empty_like(padded) for _ in range(self.world_size)] if self.rank == dst else None
-            dist.gather(padded, parts, dst=dist.get_global_rank(self.group, dst) if self.group is not None else dst,
-                        group=self.group)
-            if self.rank != dst:
-                return None
-        whole = torch.cat([p[:n] for p, n in zip(parts, self.shard_sizes)])
-        return whole.movedim(0, dim).contiguous() if dim else whole
+        starts = [shard_range(self.d_sae, self.world_size, r)[0] for r in range(self.world_size)]
+        chunk = max(1, _GATHER_CHUNK_ELEMENTS // (max(1, math.prod(rest)) * self.world_size))
+        whole = torch.empty((self.d_sae, *rest), dtype=t.dtype, device=out_device) if receiving else None
+        dst_global = dst if dst is None or self.group is None else dist.get_global_rank(self.group, dst)
+        for lo in range(0, width, chunk):
+            hi = min(width, lo + chunk)
+            piece = rows.new_zeros((hi - lo, *rest))  # ranks with fewer rows pad
+            mine = max(0, min(hi, rows.shape[0]) - lo)
+            piece[:mine] = rows[lo : lo + mine]
+            parts = [torch.empty_like(piece) for _ in range(self.world_size)] if receiving else None
+            if dst is None:
+                dist.all_gather(parts, piece, group=self.group)
+            else:
+                dist.gather(piece, parts, dst=dst_global, group=self.group)
+            if receiving:
+                for r, part in enumerate(parts):
+                    take = max(0, min(hi, self.shard_sizes[r]) - lo)
+                    whole[starts[r] + lo : starts[r] + lo + take] = part[:take]
+        if not receiving:
+            return None
+        return whole.movedim(0, dim) if dim else whole
 
     @torch.no_grad()
     def gather_sae(self, dst: Optional[int] = 0, device=None) -> Optional[SAE]:
         """The whole SAE (a normal `fastsae.SAE`, SAELens layout) on rank `dst` (None elsewhere;
         every rank with dst=None), on `device` (default: this shard's). Collective."""
-        whole = {name: self.gather_latents(p.detach(), name, dst) for name, p in self.named_parameters()}
+        whole = {name: self.gather_latents(p, name, dst, device) for name, p in self.named_parameters()}
         if dst is not None and self.rank != dst:
             return None
         cfg = self.cfg if device is None else SAEConfig.from_dict({**self.cfg.to_dict(), "device": str(device)})
@@ -548,15 +563,16 @@ class ShardedSAE(nn.Module):
         return sae
 
     @torch.no_grad()
-    def gather_optimizer_state(self, optimizer: torch.optim.Optimizer, dst: Optional[int] = 0) -> Optional[dict]:
+    def gather_optimizer_state(self, optimizer: torch.optim.Optimizer, dst: Optional[int] = 0, device=None) -> Optional[dict]:
         """`optimizer.state_dict()` for the whole SAE (what a one-process run's optimizer holds, for
-        parameters in the same order) on rank `dst`, None elsewhere. Collective."""
+        parameters in the same order) on rank `dst`, None elsewhere; its tensors on `device`
+        (default: where they are). Collective."""
         whole = optimizer.state_dict()
         names = self._optimizer_param_names(optimizer)
         state = {}
         for index in sorted(whole["state"]):
             state[index] = {
-                key: self.gather_latents(value, names[index], dst) if isinstance(value, Tensor) and value.ndim else value
+                key: self.gather_latents(value, names[index], dst, device) if isinstance(value, Tensor) and value.ndim else value
                 for key, value in whole["state"][index].items()
             }
         if dst is not None and self.rank != dst:

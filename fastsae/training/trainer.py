@@ -799,7 +799,7 @@ class Trainer:
             )
         # Sharded: the whole SAE and Adam state, gathered on rank 0, make a one-process checkpoint.
         whole = self._whole_sae()
-        optimizer_state = self.sae.gather_optimizer_state(self.optimizer, dst=0) if self.sharded else None
+        optimizer_state = self.sae.gather_optimizer_state(self.optimizer, dst=0, device="cpu") if self.sharded else None
         if self.rank != 0:  # rank 0 writes the run's files
             self.last_checkpoint = ckpt.checkpoint_dir(self.out_dir, self.step)
             return self.last_checkpoint
