@@ -20,6 +20,12 @@ check had a non-finite loss or gradient, it restores the state copied at that ch
 Adam, counters, metrics) and replays those steps checking each one, refusing the bad batch.
 Metrics go to metrics.jsonl every `log_every_steps`; checkpoints every few minutes and at the end.
 
+Several processes (torchrun; `fastsae.distributed`): with an `SAE`, data parallel (each rank
+reads its slice of every global batch, DDP all-reduces the gradients, slices' losses weighted by
+their share); with a `ShardedSAE`, latents split across the ranks, which all read the whole
+batch. The ranks take every decision together (refusals, roll-backs, checkpoint times); rank 0
+writes the files, and a checkpoint holds the whole SAE and Adam state in either case.
+
 Precision (`TrainerConfig.dtype`): the SAE the trainer holds keeps float32 master weights and
 Adam state; with bfloat16 or float16 a twin SAE in that dtype runs forward and backward on a copy
 of the weights made at each step (mixed precision, as autocast would give, but with the kernels'
