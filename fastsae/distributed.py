@@ -389,7 +389,7 @@ class ShardedSAE(nn.Module):
         zero = x2.new_zeros(())
         sparsity = aux = zero
         if self.architecture == "topk":
-            n_aux, aux_width_here, aux_width = self._aux_widths(dead_mask, k_aux)
+            n_aux, n_dead, aux_width_here, aux_width = self._aux_widths(dead_mask, k_aux)
             dead_here = dead_mask[self.start : self.stop].to(self.device) if aux_width_here else None
             values, idx, aux_values, aux_idx = ops.topk_encode(
                 x2, self.enc_weight, self.b_enc, b_dec_in, dec_norm, min(cfg.k, self.d_local), dead_here, aux_width_here
@@ -402,12 +402,12 @@ class ShardedSAE(nn.Module):
             if n_aux:
                 # Candidates at live latents (slots past this shard's dead count) never win.
                 candidates = aux_values.detach().masked_fill(~dead_here[aux_idx], float("-inf")) if aux_width_here else aux_values
-                keep_aux, _, _ = self._global_top(candidates, aux_idx, n_aux, aux_width)
+                # The top n_aux dead latents (all of them when fewer are dead).
+                keep_aux, _, _ = self._global_top(candidates, aux_idx, min(n_aux, n_dead), aux_width)
                 owned = torch.where(keep_aux, aux_values, torch.zeros_like(aux_values))
                 e_partial = ops.sparse_decode(owned, aux_idx, self.W_dec, None, dec_norm)
                 e_hat = _SumOverShards.apply(e_partial, group)
                 residual = (x2 - x_hat).detach()
-                n_dead = int(dead_mask.sum())
                 aux = aux_coefficient * min(1.0, n_dead / n_aux) * (e_hat - residual).pow(2).sum(-1).mean()
         else:
             values, idx, dense_acts = self._relu_local(x2, b_dec_in)
@@ -454,24 +454,26 @@ class ShardedSAE(nn.Module):
         keep = won[:, self.rank * width : self.rank * width + w_here]
         return keep, top.values, cand_idx.gather(1, top.indices)
 
-    def _aux_widths(self, dead_mask: Optional[Tensor], k_aux: Optional[int]) -> tuple[int, int, int]:
-        """AuxK: (n_aux as the whole SAE has it, this rank's candidate count, the widest rank's)."""
+    def _aux_widths(self, dead_mask: Optional[Tensor], k_aux: Optional[int]) -> tuple[int, int, int, int]:
+        """AuxK: (the whole SAE's k_aux, the number of dead latents, this rank's candidate count, the
+        widest rank's). As `SAE`: k_aux does not depend on the dead count (the loss is scaled by
+        min(1, n_dead / k_aux)); the candidates are the dead latents only."""
         if dead_mask is None:
-            return 0, 0, 0
+            return 0, 0, 0, 0
         if dead_mask.shape != (self.d_sae,) or dead_mask.dtype != torch.bool:
             raise ValueError(
                 f"dead_mask: expected a bool tensor of shape ({self.d_sae},) (all latents), got {dead_mask.dtype} {tuple(dead_mask.shape)}"
             )
-        dead_cpu = dead_mask.cpu()
-        n_dead = int(dead_cpu.sum())
-        if n_dead == 0:
-            return 0, 0, 0
         k_aux = self.d_in // 2 if k_aux is None else k_aux
         if k_aux < 1:
             raise ValueError(f"k_aux: expected a positive integer, got {k_aux}")
-        n_aux = min(k_aux, n_dead, self.d_sae)
+        dead_cpu = dead_mask.cpu()
+        n_dead = int(dead_cpu.sum())
+        if n_dead == 0:
+            return 0, 0, 0, 0  # the loss is 0 (scaled by n_dead / k_aux)
+        n_aux = min(k_aux, self.d_sae)
         per_rank = [min(n_aux, int(part.sum())) for part in dead_cpu.split(self.shard_sizes)]
-        return n_aux, per_rank[self.rank], max(per_rank)
+        return n_aux, n_dead, per_rank[self.rank], max(per_rank)
 
     def _width_limit(self) -> int:
         """SAE's rule (`SAE.default_sparse_width_limit`) applied to the shard's latents."""
