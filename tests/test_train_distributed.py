@@ -80,15 +80,22 @@ def test_data_parallel_run_equals_one_process(tmp_path):
 
 
 def _child_pids(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (from /proc/*/stat: the field after the command's ')')."""
     children = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children += [int(c) for c in (task / "children").read_text().split()]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
     return children
 
 
-def _rank_of(pid: int) -> int:
+def _rank_of(pid: int):
+    """The RANK torchrun gave process `pid` (None for another child)."""
     env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return int(next(e for e in env if e.startswith(b"RANK=")).split(b"=", 1)[1])
+    return next((int(e.split(b"=", 1)[1]) for e in env if e.startswith(b"RANK=")), None)
 
 
 def test_sharded_run_killed_rank_then_resume_on_one_process(tmp_path, capsys):
@@ -101,7 +108,7 @@ def test_sharded_run_killed_rank_then_resume_on_one_process(tmp_path, capsys):
             assert proc.poll() is None, proc.communicate()[0][-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 180 s"
             time.sleep(0.02)
-        victim = next(pid for pid in _child_pids(proc.pid) if _rank_of(pid) == 1)
+        victim = next(pid for pid in _child_pids(proc.pid) if _rank_of(pid) == 1)  # torchrun's workers
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
         output = proc.communicate(timeout=120)[0]
