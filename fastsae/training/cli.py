@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 # Settings default to None on the command line so that --resume can tell given flags from
 # defaults; these are the values used when a flag is not given.
@@ -103,6 +104,13 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: the cores other work leaves idle at the "
                    "start, at least 1; OMP_NUM_THREADS, when set, is kept)")
+    g = p.add_argument_group("several processes (launch with torchrun --nproc-per-node N -m fastsae.cli train ...)")
+    g.add_argument("--shard-latents", action=argparse.BooleanOptionalAction, default=None,
+                   help="split W_enc, b_enc, W_dec and their Adam state by latent across the processes (topk, relu); "
+                   "default: data parallel (with --resume: as the run did). On one process it trains the whole SAE "
+                   "from the same initialisation, so the same flags give the same SAE on any number of processes")
+    g.add_argument("--dist-timeout", type=float, default=300.0,
+                   help="seconds a process waits for the others in a collective before stopping with an error (default 300)")
     p.set_defaults(func=run_train)
     return p
 
@@ -142,8 +150,8 @@ def _open_data(args):
     )
 
 
-def _build(args, data):
-    """A fresh SAE and TrainerConfig from the flags."""
+def _build(args, data, device=None):
+    """A fresh SAE (this rank's shard with --shard-latents) and TrainerConfig from the flags."""
     import fastsae
     from fastsae.training.config import TrainerConfig
 
@@ -155,7 +163,7 @@ def _build(args, data):
         architecture=arch,
         k=_setting(args, "k") if arch in ("topk", "batchtopk") else None,
         decoder_norm=_setting(args, "decoder_norm"),
-        device=_setting(args, "device"),
+        device=str(device) if device is not None else _setting(args, "device"),
     )
     cfg = TrainerConfig(
         total_tokens=_setting(args, "tokens"),
@@ -175,6 +183,17 @@ def _build(args, data):
         progress=not args.no_progress,
         data=data.describe(),
     )
+    if args.shard_latents:
+        from fastsae import distributed as fdist
+
+        if arch not in fdist.SHARDABLE_ARCHITECTURES:
+            raise ValueError(f"--shard-latents: supports {', '.join(fdist.SHARDABLE_ARCHITECTURES)}, got --architecture {arch} "
+                             "(train it data parallel: drop --shard-latents)")
+        # Each rank initialises only its latents, in fixed blocks: the same SAE on any number of
+        # processes (one included), and the whole SAE never exists on one device.
+        if fdist.get_world_size() > 1:
+            return fdist.ShardedSAE(sae_cfg, seed=_setting(args, "seed")), cfg
+        return fdist.sharded_initial_sae(sae_cfg, seed=_setting(args, "seed")), cfg
     return fastsae.SAE(sae_cfg), cfg
 
 
@@ -312,6 +331,34 @@ def _set_threads(args, device: str) -> None:
     print(f"threads: {threads} ({why}; --threads N to choose)")
 
 
+def _join_processes(args) -> "Optional[torch.device]":
+    """Under torchrun: join the process group and return this rank's device (cuda:LOCAL_RANK on
+    CUDA); ranks other than 0 print nothing but errors. None when not launched by torchrun."""
+    import atexit
+    import os
+
+    import torch.distributed as dist
+
+    from fastsae import distributed as fdist
+
+    if not fdist.launched_by_torchrun():
+        return None
+    device = _setting(args, "device")
+    if args.resume and args.out:  # the run's device type, from its checkpoint
+        from fastsae.training import checkpoint as ckpt
+        from fastsae.training.config import TrainerConfig
+
+        folder = ckpt.latest_checkpoint(args.out)
+        if folder is not None:
+            device = TrainerConfig.load(folder).device
+    rank_device = fdist.init_from_env(device, timeout_s=args.dist_timeout)
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    if fdist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+        args.no_progress = True
+    return rank_device
+
+
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -332,6 +379,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     torch.manual_seed(_setting(args, "seed"))
     device = _setting(args, "device")
+    rank_device = _join_processes(args)  # under torchrun: this rank's device
     if args.resume:
         if args.out is None:
             print("fastsae train: --resume needs --out (the run folder to continue)", file=sys.stderr)
@@ -353,6 +401,8 @@ def _run_train(args: argparse.Namespace) -> int:
                       f"differ from them: {'; '.join(differences)}. Drop them (or start a new run: --overwrite, "
                       "or another --out)", file=sys.stderr)
                 return 2
+    if rank_device is not None:
+        device = rank_device
     out = Path(args.out) if args.out else Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
     started = time.perf_counter()
     try:
@@ -362,18 +412,23 @@ def _run_train(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.resume:
-            trainer = Trainer.resume(out, progress=not args.no_progress, dtype=args.dtype)
+            trainer = Trainer.resume(out, progress=not args.no_progress, dtype=args.dtype, device=device,
+                                     shard_latents=args.shard_latents)
             data = trainer.data
             print(f"resuming {out} at step {trainer.step:,} of {trainer.cfg.total_steps:,}")
         else:
             data = _open_data(args)
-            sae, cfg = _build(args, data)
+            sae, cfg = _build(args, data, device)
             trainer = Trainer(sae, data, cfg, out, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as exc:
         print(f"fastsae train: {exc}", file=sys.stderr)
         return 2
     sae, cfg = trainer.sae, trainer.cfg
     backend = dispatch.select(sae.device)[0]
+    if trainer.world_size > 1:
+        how = "latents sharded" if trainer.sharded else "data parallel"
+        print(f"{trainer.world_size} processes ({how}, {torch.distributed.get_backend()}); the batch of "
+              f"{cfg.batch_size:,} is global")
     print(f"data: {data!r}")
     if isinstance(data, ActivationFiles):
         # Reading every file up front to look for NaN/Inf would cost a pass over all the data.
@@ -402,7 +457,9 @@ def _run_train(args: argparse.Namespace) -> int:
     print(f"final SAE: {result['checkpoint']} (SAELens layout; fastsae.load({str(out)!r}) and "
           f"`fastsae convert {out} DST` read a run folder's newest checkpoint)")
     print(f"metrics: {out / 'metrics.jsonl'}")
-    exported = trainer.export_sae()
+    exported = trainer.export_sae()  # collective when sharded; None on ranks other than 0
+    if exported is None:
+        return 0
     if hasattr(data, "score"):
         print(f"mean max cosine similarity to the {data.n_features} true features: {data.score(exported):.4f}")
     if hasattr(data, "tokenizer") and args.report_features > 0:

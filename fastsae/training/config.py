@@ -60,10 +60,14 @@ class TrainerConfig:
     # precision). None: bfloat16 on CUDA, float32 elsewhere (resolved when the trainer is built).
     dtype: Optional[str] = None
     data: dict = field(default_factory=dict)  # the source's describe(): lets --resume reopen it
+    # Processes (torchrun): set by the trainer from the process group. Data parallel unless
+    # shard_latents, which splits W_enc, b_enc and W_dec by latent (fastsae.distributed).
+    world_size: int = 1
+    shard_latents: bool = False
 
     def __post_init__(self):
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
-        positive_ints = ("total_tokens", "batch_size", "init_sample_rows", "resample_sample_rows", "log_every_steps",
+        positive_ints = ("world_size", "total_tokens", "batch_size", "init_sample_rows", "resample_sample_rows", "log_every_steps",
                          "shuffle_buffer_rows", "max_bad_batches")
         for name in positive_ints:
             value = getattr(self, name)

@@ -350,11 +350,16 @@ class BatchPrefetcher:
     a ring of pinned host buffers and `next()` issues a non_blocking copy; a buffer is refilled
     only after an event recorded behind its copy has completed. A source that makes its rows on
     the device (synthetic data on a GPU) is read inline: its work is kernel launches, which a
-    thread would only slow down by contending for the interpreter."""
+    thread would only slow down by contending for the interpreter.
 
-    def __init__(self, stream: ShuffledStream, batch_size: int, position: int, device, depth: int = 3):
+    `rows` (a slice of each batch: a data-parallel rank's share) limits what goes to the device;
+    n_bad still counts the whole batch, so every rank refuses the same batches."""
+
+    def __init__(self, stream: ShuffledStream, batch_size: int, position: int, device, depth: int = 3,
+                 rows: Optional[slice] = None):
         self.stream = stream
         self.batch_size = int(batch_size)
+        self.rows = slice(0, self.batch_size) if rows is None else rows
         self.device = torch.device(device)
         self.depth = max(1, int(depth))
         # Sources return CPU rows unless they say otherwise (SyntheticActivations on a GPU).
@@ -375,15 +380,15 @@ class BatchPrefetcher:
         if self.inline:
             position = self._position
             self._position += self.batch_size
-            rows = self.stream.read(position, self.batch_size).to(self.device, non_blocking=True)
+            rows = self.stream.read(position, self.batch_size)[self.rows].to(self.device, non_blocking=True)
             return position, rows, None
         item = self._ready.get()
         if isinstance(item, BaseException):
             raise item
         position, rows, n_bad = item
         if not self.pinned:
-            return position, rows.to(self.device), n_bad
-        on_device = rows.to(self.device, non_blocking=True)
+            return position, rows[self.rows].to(self.device), n_bad
+        on_device = rows[self.rows].to(self.device, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record()  # on the current stream, behind the copy
         self._free.put((rows, copied))

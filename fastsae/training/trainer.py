@@ -20,6 +20,12 @@ check had a non-finite loss or gradient, it restores the state copied at that ch
 Adam, counters, metrics) and replays those steps checking each one, refusing the bad batch.
 Metrics go to metrics.jsonl every `log_every_steps`; checkpoints every few minutes and at the end.
 
+Several processes (torchrun; `fastsae.distributed`): with an `SAE`, data parallel (each rank
+reads its slice of every global batch, DDP all-reduces the gradients, slices' losses weighted by
+their share); with a `ShardedSAE`, latents split across the ranks, which all read the whole
+batch. The ranks take every decision together (refusals, roll-backs, checkpoint times); rank 0
+writes the files, and a checkpoint holds the whole SAE and Adam state in either case.
+
 Precision (`TrainerConfig.dtype`): the SAE the trainer holds keeps float32 master weights and
 Adam state; with bfloat16 or float16 a twin SAE in that dtype runs forward and backward on a copy
 of the weights made at each step (mixed precision, as autocast would give, but with the kernels'
@@ -40,6 +46,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from fastsae import distributed as fdist
 from fastsae.config import SAEConfig
 from fastsae.formats import saelens
 from fastsae.sae import SAE
@@ -112,8 +119,8 @@ class Trainer:
         *,
         overwrite: bool = False,
     ):
-        if not isinstance(sae, SAE):
-            raise ValueError(f"Trainer: expected a fastsae.SAE, got {type(sae).__name__}")
+        if not isinstance(sae, (SAE, fdist.ShardedSAE)):
+            raise ValueError(f"Trainer: expected a fastsae.SAE (or a fastsae.distributed.ShardedSAE), got {type(sae).__name__}")
         cfg = TrainerConfig() if cfg is None else cfg
         if not isinstance(cfg, TrainerConfig):
             raise ValueError(f"Trainer: expected a TrainerConfig, got {type(cfg).__name__}")
@@ -129,6 +136,17 @@ class Trainer:
         self.sae = sae
         self.data = data
         self.cfg = cfg
+        # Processes: the data-parallel ranks each take a slice of every batch; the latent-sharded
+        # ranks all take the whole batch, each holding a slice of the latents.
+        self.world_size, self.rank = fdist.get_world_size(), fdist.get_rank()
+        self.sharded = isinstance(sae, fdist.ShardedSAE)
+        self.data_parallel = self.world_size > 1 and not self.sharded
+        cfg.world_size, cfg.shard_latents = self.world_size, self.sharded
+        offset, rows = fdist.batch_slice(cfg.batch_size) if self.data_parallel else (0, cfg.batch_size)
+        self._rows = slice(offset, offset + rows)
+        self._loss_weight = fdist.slice_loss_weight(rows, cfg.batch_size) if self.data_parallel else 1.0
+        if self.data_parallel:
+            _broadcast_module(sae)  # every rank starts from rank 0's weights
         if not cfg.data:
             try:
                 cfg.data = data.describe()
@@ -143,12 +161,15 @@ class Trainer:
                         f"{self.out_dir}: holds an earlier run (checkpoints or {ckpt.METRICS_FILENAME}); "
                         "resume it with Trainer.resume / --resume, or pass overwrite=True / --overwrite"
                     )
-                _clear_run(self.out_dir)
+                if self.rank == 0:
+                    _clear_run(self.out_dir)
         self.stream = ShuffledStream(data, seed=cfg.seed, buffer_rows=cfg.shuffle_buffer_rows)
         # torch's fused Adam on CUDA, the chunked in-place one on the CPU (optim.make_adam says why).
         self.optimizer = make_adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, device=sae.device)
         self.dead_strategy = self._resolve_dead_strategy()
         self.compute_sae = self._compute_twin()
+        # Data parallel: DDP all-reduces the compute SAE's gradients during its backward.
+        self._ddp = fdist.data_parallel(self.compute_sae) if self.data_parallel else None
         device = sae.device
         self._loss_scale = FLOAT16_LOSS_SCALE if cfg.dtype == "float16" else 1.0
         self._inv_scale = torch.full((1,), 1.0 / self._loss_scale, device=device)
@@ -185,7 +206,8 @@ class Trainer:
         the compute dtype whose weights are refreshed from the master's at every step."""
         if self.cfg.dtype == "float32":
             return self.sae
-        twin = SAE(SAEConfig.from_dict({**self.sae.cfg.to_dict(), "dtype": self.cfg.dtype}))
+        twin_cfg = SAEConfig.from_dict({**self.sae.cfg.to_dict(), "dtype": self.cfg.dtype})
+        twin = fdist.ShardedSAE(twin_cfg, group=self.sae.group, _init=False) if self.sharded else SAE(twin_cfg)
         with torch.no_grad():
             for mine, master in zip(twin.state_dict().values(), self.sae.state_dict().values()):
                 mine.copy_(master)
@@ -209,11 +231,15 @@ class Trainer:
         *,
         progress: Optional[bool] = None,
         dtype: Optional[str] = None,
+        device: Optional[str] = None,
+        shard_latents: Optional[bool] = None,
     ) -> "Trainer":
         """A trainer that continues the newest complete checkpoint in `out_dir` (data: the saved
         source description is reopened unless a source is given; `dtype`: a compute dtype other
         than the run's, e.g. float32 to continue a bfloat16 run at full precision, no longer
-        bit-exact with an uninterrupted run)."""
+        bit-exact with an uninterrupted run). Under torchrun: `device` is this rank's (default: the
+        run's), `shard_latents` splits the latents (default: as the run did); the checkpoint holds
+        the whole SAE, so a run continues on any number of processes, re-sharded or re-sliced."""
         out_dir = Path(out_dir)
         folder = ckpt.latest_checkpoint(out_dir)
         if folder is None:
@@ -227,9 +253,16 @@ class Trainer:
         sae_cfg = SAEConfig.from_dict(saelens.read_cfg(folder))
         if cfg.dtype is None:  # a run from before TrainerConfig.dtype computed in its weights' dtype
             cfg.dtype = sae_cfg.dtype if sae_cfg.dtype in ("float32", "bfloat16", "float16") else "float32"
+        if device is not None:
+            cfg.device = str(device)
         sae_cfg.device = cfg.device
         sae_cfg.dtype = "float32"  # the master weights (saved in float32)
-        sae = SAE(sae_cfg)
+        previous_world, previous_sharded = cfg.world_size, cfg.shard_latents
+        shard = previous_sharded if shard_latents is None else shard_latents
+        if shard and fdist.get_world_size() > 1:
+            sae = fdist.ShardedSAE(sae_cfg, _init=False)  # its slices come from the checkpoint
+        else:
+            sae = SAE(sae_cfg)
         if data is None:
             data = open_source(cfg.data)
         trainer = cls.__new__(cls)
@@ -237,8 +270,17 @@ class Trainer:
         cls.__init__(trainer, sae, data, cfg, None)
         trainer.out_dir = out_dir
         trainer._load_state(folder)
-        ckpt.remove_stale_temporaries(out_dir)
-        ckpt.truncate_metrics(out_dir, trainer.step)
+        if (previous_world, previous_sharded) != (trainer.world_size, trainer.sharded):
+            how = ("latents re-sharded" if trainer.sharded else "batches re-sliced" if trainer.data_parallel
+                   else "the SAE whole on this process")
+            trainer._say(
+                f"resuming a run trained on {previous_world} process(es){' with sharded latents' if previous_sharded else ''} "
+                f"on {trainer.world_size}{' with sharded latents' if trainer.sharded else ''}: the checkpoint holds the "
+                f"whole SAE, {how}; the data order does not depend on the number of processes"
+            )
+        if trainer.rank == 0:  # rank 0 owns the run's files
+            ckpt.remove_stale_temporaries(out_dir)
+            ckpt.truncate_metrics(out_dir, trainer.step)
         rows = ckpt.read_metrics(out_dir)
         trainer.last_metrics = rows[-1] if rows else {}
         return trainer
@@ -280,10 +322,10 @@ class Trainer:
         if not self.initialized:
             self._initialize()
         total = cfg.total_steps if max_steps is None else min(cfg.total_steps, self.step + max_steps)
-        bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not cfg.progress, unit="step", dynamic_ncols=True,
+        bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not cfg.progress or self.rank != 0, unit="step", dynamic_ncols=True,
                    file=sys.stderr, desc="training")
         self._bar = bar
-        self._prefetcher = BatchPrefetcher(self.stream, cfg.batch_size, self.position, self.sae.device)
+        self._prefetcher = BatchPrefetcher(self.stream, cfg.batch_size, self.position, self.sae.device, rows=self._rows)
         self._note_dead_possible()
         self._take_snapshot()
         last_save = time.monotonic()
@@ -302,7 +344,7 @@ class Trainer:
                 log = self.step % cfg.log_every_steps == 0 or self.step == cfg.total_steps
                 save = self.out_dir is not None and (
                     (cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0)
-                    or (cfg.checkpoint_every_seconds is not None and time.monotonic() - last_save >= cfg.checkpoint_every_seconds)
+                    or self._time_to_save(last_save, log)
                 )
                 if not (resample or log or save):
                     continue
@@ -334,6 +376,31 @@ class Trainer:
         return {**self.last_metrics, "step": self.step, "tokens": self.tokens_seen, "checkpoint": self.last_checkpoint,
                 "elapsed_s": self.elapsed, "refused_batches": self.refused_batches}
 
+    def _time_to_save(self, last_save: float, log: bool) -> bool:
+        """Whether checkpoint_every_seconds has passed. On several processes every rank must take
+        the same decision (saving is collective when latents are sharded, and it syncs the ranks'
+        state): rank 0's clock decides, read at log steps only, so the agreement costs one small
+        broadcast per log interval."""
+        every = self.cfg.checkpoint_every_seconds
+        if every is None:
+            return False
+        due = time.monotonic() - last_save >= every
+        if self.world_size == 1:
+            return due
+        if not log:
+            return False
+        flag = torch.tensor([float(due)], device=self.sae.device)
+        torch.distributed.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank if `flag` is True on any (one decision for all; collective)."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.sae.device)
+        torch.distributed.all_reduce(t)
+        return bool(t.item())
+
     def _replay(self, total: int) -> None:
         """After a roll-back at the end of `train`: take the rolled-back steps again (checked)."""
         while self.step < total:
@@ -350,6 +417,8 @@ class Trainer:
 
     def _say(self, message: str) -> None:
         self.messages.append(message)
+        if getattr(self, "rank", 0) != 0:  # the ranks say the same things: rank 0 speaks
+            return
         bar = getattr(self, "_bar", None)
         if bar is not None and not bar.disable:
             bar.write(message, file=sys.stderr)
@@ -393,16 +462,22 @@ class Trainer:
         dead_mask = None
         if self.dead_strategy == "auxk" and self._dead_possible:
             dead_mask = self.tokens_since_fired >= cfg.dead_after
-        out = sae.training_forward(
+        forward = self._ddp if self._ddp is not None else sae.training_forward
+        out = forward(
             x, sparsity_coefficient=coefficient, dead_mask=dead_mask, k_aux=cfg.aux_k, aux_coefficient=cfg.aux_coefficient
         )
-        if checked and not torch.isfinite(out.loss):
-            self._refuse(f"the loss is not finite ({out.loss.item()})")
+        if checked and self._any_rank(not torch.isfinite(out.loss)):
+            if self._ddp is not None:  # DDP expects the forward's backward: a zero one, discarded
+                (torch.nan_to_num(out.loss) * 0).backward()
+                sae.zero_grad(set_to_none=True)
+            self._refuse(f"the loss is not finite ({out.loss.item()}{' on some rank' if self.world_size > 1 else ''})")
             return False
         sae.zero_grad(set_to_none=True)
         if mixed:
             master.zero_grad(set_to_none=True)
-        (out.loss * self._loss_scale if self._loss_scale != 1.0 else out.loss).backward()
+        # A data-parallel slice's loss is weighted by its share of the batch (DDP averages).
+        scale = self._loss_scale * self._loss_weight
+        (out.loss * scale if scale != 1.0 else out.loss).backward()
         found = torch.zeros(1, device=master.device) if checked else self._nonfinite
         found.add_((~torch.isfinite(out.loss.detach())).float())
         if self._loss_scale != 1.0:
@@ -415,7 +490,7 @@ class Trainer:
             found.add_((~torch.isfinite(torch.stack(torch._foreach_norm(grads)).float().sum())).float())
             if mixed:
                 self._master_grads(mixed)
-        if checked and found.item():
+        if checked and self._any_rank(bool(found.item())):
             self._refuse("a gradient is not finite")
             return False
         if master.cfg.decoder_norm == "unit_norm":
@@ -428,18 +503,25 @@ class Trainer:
                 master.threshold.clamp_(min=cfg.jumprelu_min_threshold)
             if mixed and master.architecture == "batchtopk":
                 master.topk_threshold.copy_(sae.topk_threshold)  # updated by the forward
-            fired, l0 = _fired_and_l0(out.acts, master.d_sae)
-            self.tokens_since_fired += x.shape[0]
+            if isinstance(out, fdist.ShardedTrainOutput):  # the whole batch's, from the shards
+                fired, l0 = out.fired, out.l0
+            else:
+                fired, l0 = _fired_and_l0(out.acts, master.d_sae)
+                if self.data_parallel:  # a latent fired if it fired in any rank's slice
+                    fired = fdist.all_reduce_fired(fired)
+            self.tokens_since_fired += cfg.batch_size
             self.tokens_since_fired.masked_fill_(fired, 0)
             x_hat = out.x_hat.reshape(x.shape).float()
             err = (x_hat - x32).pow(2).sum()
             var = (x32 - x32.mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
             values = torch.stack([t.float() for t in (out.loss, out.mse_loss, err / var, l0, out.sparsity_loss, out.aux_loss)])
-            self._window += values.double()
+            # Data parallel: weighted by the slice's share, so the ranks' sum / world_size is the
+            # batch's mean (FVU: the slices' mean FVU).
+            self._window += values.double() * self._loss_weight
         self._window_steps += 1
-        self._window_tokens += x.shape[0]
+        self._window_tokens += cfg.batch_size
         self.step += 1
-        self.tokens_seen += x.shape[0]
+        self.tokens_seen += cfg.batch_size
         self.bad_in_row = 0
         return True
 
@@ -460,6 +542,8 @@ class Trainer:
         """Wait for the device and read the non-finite flag. True if every step since the last
         check was finite; otherwise the state of that check is restored, the steps after it are
         taken again with a check each (refusing the bad batch) and False is returned."""
+        if self.world_size > 1:  # every rank rolls back together
+            torch.distributed.all_reduce(self._nonfinite)
         bad = bool(self._nonfinite.item())
         seconds = time.perf_counter() - self._clock
         self.elapsed += seconds
@@ -491,7 +575,7 @@ class Trainer:
         self._dead_possible = most + self.cfg.log_every_steps * self.cfg.batch_size >= self.cfg.dead_after
 
     _HOST_STATE = ("step", "tokens_seen", "position", "bad_in_row", "_window_steps", "_window_tokens")
-    _HINTS = ("_sparse_hint", "_dense_passes_to_skip", "_overflow_backoff")
+    _HINTS = ("_sparse_hint", "_dense_passes_to_skip", "_overflow_backoff", "_dense_hint")  # SAE's, ShardedSAE's
 
     @torch.no_grad()
     def _take_snapshot(self) -> None:
@@ -514,7 +598,7 @@ class Trainer:
         self._snapshot = {
             "tensors": copies,
             "host": {name: getattr(self, name) for name in self._HOST_STATE},
-            "hints": {name: getattr(self.compute_sae, name) for name in self._HINTS},
+            "hints": {name: getattr(self.compute_sae, name) for name in self._HINTS if hasattr(self.compute_sae, name)},
         }
 
     @torch.no_grad()
@@ -585,12 +669,17 @@ class Trainer:
 
         idx = dead.nonzero().squeeze(1).to(sae.device)
         alive = ~dead.to(sae.device)
+        if self.sharded:  # this rank's dead latents, with their drawn directions
+            mine = (idx >= sae.start) & (idx < sae.stop)
+            idx, directions = idx[mine] - sae.start, directions[mine]
+            alive = alive[sae.start : sae.stop]
+        any_alive = bool(alive.any()) if not self.sharded else self.n_alive() > 0
         enc = sae.enc_weight  # [d_sae, d_in] view of W_enc
-        enc_norm = enc[alive].norm(dim=1).mean() if alive.any() else enc.new_tensor(1.0)
-        if sae.cfg.decoder_norm == "unit_norm" or not alive.any():
+        enc_norm = self._mean_row_norm(enc, alive) if any_alive else enc.new_tensor(1.0)
+        if sae.cfg.decoder_norm == "unit_norm" or not any_alive:
             dec_norm = 1.0
         else:
-            dec_norm = sae.W_dec[alive].norm(dim=1).mean()
+            dec_norm = self._mean_row_norm(sae.W_dec, alive)
         sae.W_dec[idx] = directions * dec_norm
         enc[idx] = directions * (0.2 * enc_norm)
         sae.b_enc[idx] = 0
@@ -601,6 +690,17 @@ class Trainer:
         self.n_resamples += 1
         self._say(f"step {self.step}: resampled {n_dead} dead latents ({n_dead / sae.d_sae:.1%})")
         return n_dead
+
+    def n_alive(self) -> int:
+        return int((~self.dead_mask()).sum())
+
+    def _mean_row_norm(self, rows: Tensor, alive: Tensor) -> Tensor:
+        """The mean norm of the alive latents' rows (over all shards when sharded)."""
+        if not self.sharded:
+            return rows[alive].norm(dim=1).mean()
+        total = torch.stack([rows[alive].norm(dim=1).sum(), alive.sum().to(rows.dtype)])
+        torch.distributed.all_reduce(total)
+        return total[0] / total[1]
 
     def _reset_adam(self, param: Tensor, idx: Tensor, dim: int) -> None:
         state = self.optimizer.state.get(param)
@@ -614,8 +714,12 @@ class Trainer:
 
     def _log_metrics(self) -> dict:
         n = max(1, self._window_steps)
+        if self.data_parallel:  # each rank's window holds its slices' weighted figures
+            torch.distributed.all_reduce(self._window)
+            self._window /= self.world_size
         means = (self._window / n).tolist()
-        row = {"step": self.step, "tokens": self.tokens_seen}
+        row = {"step": self.step, "tokens": self.tokens_seen, "world_size": self.world_size,
+               "shard_latents": self.sharded}
         row.update({name: float(value) for name, value in zip(METRIC_NAMES, means)})
         row["dead_fraction"] = float(self.dead_mask().double().mean())
         row["tokens_per_s"] = self._window_tokens / self._window_seconds if self._window_seconds > 0 else None
@@ -626,7 +730,7 @@ class Trainer:
         self._window.zero_()
         self._window_steps = self._window_tokens = 0
         self._window_seconds = 0.0
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             with open(self.out_dir / ckpt.METRICS_FILENAME, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -645,14 +749,25 @@ class Trainer:
     def export_sae(self) -> SAE:
         """The SAE for use on raw activations (the normalisation factor folded in), in eval mode:
         the float32 master weights, with the training dtype noted in cfg.metadata["trained_dtype"]
-        (`fastsae.load(folder, dtype=torch.bfloat16)` gives it in that dtype)."""
-        sae = fold_input_scale(self.sae, self.input_scale)
+        (`fastsae.load(folder, dtype=torch.bfloat16)` gives it in that dtype). Latent-sharded:
+        collective; the whole SAE, gathered on the CPU of rank 0 (None on the other ranks)."""
+        whole = self._whole_sae()
+        return None if whole is None else self._export(whole)
+
+    def _whole_sae(self) -> Optional[SAE]:
+        """The master SAE; when sharded, gathered on rank 0's CPU (None elsewhere; collective)."""
+        return self.sae.gather_sae(dst=0, device="cpu") if self.sharded else self.sae
+
+    def _export(self, whole: SAE) -> SAE:
+        sae = fold_input_scale(whole, self.input_scale)
         sae.cfg.metadata["trained_dtype"] = self.cfg.dtype
+        if self.world_size > 1:
+            sae.cfg.metadata["trained_world_size"] = self.world_size
         return sae.eval()
 
-    def _state_dict(self) -> dict:
+    def _state_dict(self, whole: SAE) -> dict:
         return {
-            "sae": {name: t.detach().cpu().clone() for name, t in self.sae.state_dict().items()},
+            "sae": {name: t.detach().cpu().clone() for name, t in whole.state_dict().items()},
             "tokens_since_fired": self.tokens_since_fired.cpu().clone(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -682,18 +797,25 @@ class Trainer:
         """Write a complete checkpoint atomically; the previous one stays until this one is in place."""
         if self.out_dir is None:
             raise ValueError("save_checkpoint: this trainer has no out_dir")
-        for name, param in self.sae.named_parameters():
-            if not torch.isfinite(param).all():
-                raise RuntimeError(
-                    f"step {self.step}: parameter {name} holds NaN/Inf; not overwriting the last good "
-                    f"checkpoint {self.last_checkpoint}"
-                )
-        state, info = self._state_dict(), self._state_json()
+        bad = [name for name, param in self.sae.named_parameters() if not torch.isfinite(param).all()]
+        if self._any_rank(bool(bad)):
+            raise RuntimeError(
+                f"step {self.step}: parameter {', '.join(bad) or 'of another rank'} holds NaN/Inf; not overwriting "
+                f"the last good checkpoint {self.last_checkpoint}"
+            )
+        # Sharded: the whole SAE and Adam state, gathered on rank 0, make a one-process checkpoint.
+        whole = self._whole_sae()
+        optimizer_state = self.sae.gather_optimizer_state(self.optimizer, dst=0, device="cpu") if self.sharded else None
+        if self.rank != 0:  # rank 0 writes the run's files
+            self.last_checkpoint = ckpt.checkpoint_dir(self.out_dir, self.step)
+            return self.last_checkpoint
+        optimizer_state = optimizer_state if self.sharded else self.optimizer.state_dict()
+        state, info = self._state_dict(whole), self._state_json()
 
         def write(folder: Path) -> None:
-            self.export_sae().save(folder)
+            self._export(whole).save(folder)
             self.cfg.save(folder)
-            torch.save(self.optimizer.state_dict(), folder / ckpt.OPTIMIZER_PT)
+            torch.save(optimizer_state, folder / ckpt.OPTIMIZER_PT)
             torch.save(state, folder / ckpt.STATE_PT)
             with open(folder / ckpt.STATE_JSON, "w") as f:
                 json.dump(info, f, indent=2)
@@ -706,10 +828,15 @@ class Trainer:
         path = folder / ckpt.STATE_PT
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            optimizer_state = torch.load(folder / ckpt.OPTIMIZER_PT, map_location=self.sae.device, weights_only=True)
+            optimizer_state = torch.load(folder / ckpt.OPTIMIZER_PT, map_location="cpu" if self.sharded else self.sae.device,
+                                         weights_only=True)
         except Exception as exc:
             raise ValueError(f"{folder}: cannot read the checkpoint's state: {exc}") from exc
-        self.sae.load_state_dict({k: v.to(self.sae.device) for k, v in state["sae"].items()})
+        if self.sharded:  # the checkpoint holds the whole SAE: this rank takes its latents
+            self.sae.load_whole_state_dict(state["sae"])
+            optimizer_state = self.sae.shard_optimizer_state(optimizer_state, self.optimizer)
+        else:
+            self.sae.load_state_dict({k: v.to(self.sae.device) for k, v in state["sae"].items()})
         self.optimizer.load_state_dict(optimizer_state)
         self.tokens_since_fired = state["tokens_since_fired"].to(self.sae.device).clone()
         self.generator.set_state(state["generator"])
@@ -745,6 +872,13 @@ def _fired_and_l0(acts, d_sae: int) -> tuple[Tensor, Tensor]:
         return counts > 0, active.sum(-1).float().mean()
     active = acts > 0
     return active.any(0), active.sum(-1).float().mean()
+
+
+@torch.no_grad()
+def _broadcast_module(module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank."""
+    for t in module.state_dict().values():
+        torch.distributed.broadcast(t, src=0)
 
 
 def _clear_run(out_dir: Path) -> None:
