@@ -21,8 +21,6 @@ The contract, for every op:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -128,8 +126,8 @@ def check_index_range(name: str, indices: Tensor, d_sae: int) -> None:
 # ------------------------------------------------------------------ one function per op
 
 
-def check_encoder_inputs(x, enc_weight, b_enc, b_dec, dec_norm) -> tuple[int, int]:
-    """What both encoders take; returns (d_sae, d_in)."""
+def _x_and_encoder(x, enc_weight) -> tuple[Tensor, int, int]:
+    """x [N, d_in] and enc_weight [d_sae, d_in], alike; returns (x, d_sae, d_in)."""
     x = _leading("x", x, "[N, d_in]")
     enc_weight = _tensor("enc_weight", enc_weight, "a 2-D tensor [d_sae, d_in]")
     if enc_weight.ndim != 2:
@@ -138,6 +136,12 @@ def check_encoder_inputs(x, enc_weight, b_enc, b_dec, dec_norm) -> tuple[int, in
     if x.shape[1] != d_in:
         _fail(f"x: expected last dimension d_in={d_in} (enc_weight's), got shape {_shape(x)}")
     _like("enc_weight", enc_weight, (d_sae, d_in), "x", x, "[d_sae, d_in]")
+    return x, d_sae, d_in
+
+
+def check_encoder_inputs(x, enc_weight, b_enc, b_dec, dec_norm) -> tuple[int, int]:
+    """What both encoders take; returns (d_sae, d_in)."""
+    x, d_sae, d_in = _x_and_encoder(x, enc_weight)
     if d_sae >= 2**31:
         _fail(f"enc_weight: expected fewer than 2^31 latents, got d_sae={d_sae}")
     _like("b_enc", b_enc, (d_sae,), "x", x, f"d_sae={d_sae}")
@@ -178,14 +182,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_topk_encode_backward(grad_pre, indices, x, enc_weight, b_dec, check_range: bool = True) -> None:
-    x = _leading("x", x, "[N, d_in]")
-    enc_weight = _tensor("enc_weight", enc_weight, "a 2-D tensor [d_sae, d_in]")
-    if enc_weight.ndim != 2:
-        _fail(f"enc_weight: expected a 2-D tensor [d_sae, d_in], got shape {_shape(enc_weight)}")
-    d_sae, d_in = enc_weight.shape
-    if x.shape[1] != d_in:
-        _fail(f"x: expected last dimension d_in={d_in} (enc_weight's), got shape {_shape(x)}")
-    _like("enc_weight", enc_weight, (d_sae, d_in), "x", x, "[d_sae, d_in]")
+    x, d_sae, d_in = _x_and_encoder(x, enc_weight)
     grad_pre = _tensor("grad_pre", grad_pre, "a 2-D tensor [N, m]")
     if grad_pre.ndim != 2 or grad_pre.shape[0] != x.shape[0]:
         _fail(f"grad_pre: expected a 2-D tensor [N, m] with N={x.shape[0]} rows (as x), got shape {_shape(grad_pre)}")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastsae
+from training_testing import small_cfg, small_data
 from fastsae.training import (
     BadDataError,
     SyntheticActivations,
@@ -28,17 +29,7 @@ def _sae(arch, d_in=16, d_sae=64, **kw):
     return fastsae.SAE(d_in=d_in, d_sae=d_sae, architecture=arch, **k, **kw)
 
 
-def _data(**kw):
-    args = dict(d_in=16, n_features=48, l0=3, n_rows=4096, seed=1, chunk_rows=512)
-    args.update(kw)
-    return SyntheticActivations(**args)
-
-
-def _cfg(**kw):
-    args = dict(total_tokens=256 * 12, batch_size=256, lr=3e-3, progress=False, log_every_steps=2,
-                checkpoint_every_seconds=None, shuffle_buffer_rows=1024, init_sample_rows=1024, sparsity_coefficient=0.5)
-    args.update(kw)
-    return TrainerConfig(**args)
+_data, _cfg = small_data, small_cfg
 
 
 # ---------------------------------------------------------------- pieces
