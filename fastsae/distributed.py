@@ -322,34 +322,14 @@ class ShardedSAE(nn.Module):
 
     # ------------------------------------------------------------ properties
 
-    @property
-    def d_in(self) -> int:
-        return self.cfg.d_in
-
-    @property
-    def d_sae(self) -> int:
-        """All latents (the whole SAE's); this rank holds `d_local` of them."""
-        return self.cfg.d_sae
+    # The whole SAE's shape and type, as SAE reports them (d_sae counts all latents; this rank
+    # holds `d_local` of them).
+    d_in, d_sae, architecture = SAE.d_in, SAE.d_sae, SAE.architecture
+    dtype, device, enc_weight = SAE.dtype, SAE.device, SAE.enc_weight
 
     @property
     def d_local(self) -> int:
         return self.stop - self.start
-
-    @property
-    def architecture(self) -> str:
-        return self.cfg.architecture
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.W_dec.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.W_dec.device
-
-    @property
-    def enc_weight(self) -> Tensor:
-        return self.W_enc.t()
 
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, d_sae={self.d_sae}, latents [{self.start}, {self.stop}) of rank {self.rank}/"
