@@ -39,6 +39,7 @@ from ._launch import INTERPRET, contiguous, dot_precision, launch, next_pow2, re
 
 _NEG_INF = tl.constexpr(float("-inf"))
 _POS_INF = tl.constexpr(float("inf"))
+_FP32_MAX = tl.constexpr(3.4028234663852886e38)
 
 # Largest k (rounded up to a power of two) whose running top-k lives in registers; larger k
 # goes through row chunks of dense pre-activations (`_topk_by_chunks`), each chunk holding at
@@ -128,6 +129,19 @@ def _absorb_tile(score, tile_start, top_val, top_col, tau, tau_slot, slots, BLOC
 
 
 @triton.jit
+def _rank_key(val):
+    """fp32 keys that order NaN above +inf above every number, as torch.topk ranks them: NaN
+    competes as +inf and +inf as the largest float, elementwise (no extra reduction)."""
+    return tl.where(val != val, _POS_INF, tl.where(val == _POS_INF, _FP32_MAX, val))
+
+
+@triton.jit
+def _from_rank_key(key):
+    """The values back from `_rank_key` (a pre-activation of exactly the largest float reads +inf)."""
+    return tl.where(key == _POS_INF, float("nan"), tl.where(key == _FP32_MAX, _POS_INF, key))
+
+
+@triton.jit
 def _topk_select_kernel(
     x_ptr, w_ptr, lat_ptr, bias_ptr, norm_ptr, val_ptr, idx_ptr,
     N, D_IN, n_cols, tiles_per_split,
@@ -156,7 +170,7 @@ def _topk_select_kernel(
             x_ptr, w_ptr, lat_ptr, bias_ptr, norm_ptr, rows, cols, N, D_IN, n_cols,
             HAS_LIST, HAS_NORM, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST,
         )
-        score = tl.where(row_ok[:, None] & (cols < n_cols)[None, :], score.to(tl.float32), _NEG_INF)
+        score = tl.where(row_ok[:, None] & (cols < n_cols)[None, :], _rank_key(score.to(tl.float32)), _NEG_INF)
         top_val, top_col, tau, tau_slot = _absorb_tile(
             score, tile * BLOCK_N, top_val, top_col, tau, tau_slot, slots, BLOCK_N
         )
@@ -167,8 +181,9 @@ def _topk_select_kernel(
         top_idx = tl.load(lat_ptr + top_col)
     else:
         top_idx = top_col
+    top_val = _from_rank_key(top_val)  # slots at or beyond K are never stored
     if RELU:
-        top_val = tl.maximum(top_val, 0.0)
+        top_val = tl.where(top_val != top_val, top_val, tl.maximum(top_val, 0.0))  # relu(NaN) is NaN
     out = (rows.to(tl.int64)[:, None] * n_splits + split) * K + slots[None, :]
     ok = row_ok[:, None] & (slots < K)[None, :]
     tl.store(val_ptr + out, top_val.to(val_ptr.dtype.element_ty), mask=ok)
@@ -187,15 +202,16 @@ def _topk_merge_kernel(
     js = tl.arange(0, L_PAD)
     ok = row_ok[:, None] & (js < L)[None, :]
     src = rows.to(tl.int64)[:, None] * L + js[None, :]
-    value = tl.load(cand_val_ptr + src, mask=ok, other=float("-inf"))
+    value = _rank_key(tl.load(cand_val_ptr + src, mask=ok, other=float("-inf")))
     latent = tl.load(cand_idx_ptr + src, mask=ok, other=0)
     for t in range(K):
         best, pos = tl.max(value, axis=1, return_indices=True, return_indices_tie_break_left=True)
         hit = js[None, :] == pos[:, None]
         best_latent = tl.sum(tl.where(hit, latent, 0), axis=1)
         value = tl.where(hit, float("-inf"), value)
+        best = _from_rank_key(best)
         if RELU:
-            best = tl.maximum(best, 0.0)
+            best = tl.where(best != best, best, tl.maximum(best, 0.0))
         dst = rows.to(tl.int64) * K + t
         tl.store(val_ptr + dst, best.to(val_ptr.dtype.element_ty), mask=row_ok)
         tl.store(idx_ptr + dst, best_latent.to(idx_ptr.dtype.element_ty), mask=row_ok)

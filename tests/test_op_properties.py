@@ -66,10 +66,8 @@ def _assert_same_nonfinite_and_close(got, ref, tol, what):
     assert (err <= tol[fin]).all(), f"{what}: max error {err.max():.3g} beyond its bound"
 
 
-# The Triton top-k drops NaN pre-activations (a row of NaN comes back as zeros; torch and cpp
-# rank NaN first, as torch.topk): a kernel bug outside this test's reach, pinned by the strict
-# xfail below; the Triton property run draws no NaN pre-activations until it is fixed.
-NAN_TOPK = {"torch": True, "cpp": True, "cuda": True, "triton": False}
+# Every backend ranks NaN pre-activations first, as torch.topk does.
+NAN_TOPK = {"torch": True, "cpp": True, "cuda": True, "triton": True}
 
 
 @st.composite
@@ -242,7 +240,6 @@ def test_sparse_decode_and_backward_match_float64(backend, device, examples):
     check()
 
 
-@pytest.mark.xfail(strict=True, reason="Triton top-k kernel drops NaN pre-activations (kernels/topk_encode.py)")
 def test_triton_topk_encode_keeps_nan_rows():
     x = torch.tensor([[float("nan"), 1.0, 2.0]], device=TRITON_DEVICE)
     W, b = torch.randn(5, 3, device=TRITON_DEVICE), torch.zeros(5, device=TRITON_DEVICE)

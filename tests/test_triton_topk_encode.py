@@ -63,6 +63,26 @@ def test_topk_encode_any_number_of_splits(splits):
     _check_topk(values, indices, _pre64(x, enc, b_enc, dec_norm), 16)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_topk_encode_ranks_nan_first_as_torch_topk(splits):
+    """A NaN input row (every pre-activation NaN) and a NaN latent (its bias): NaN ranks above every
+    number, as in torch.topk, in one split and through the merge of several; ReLU keeps it NaN."""
+    x, enc, b_enc, _, dec_norm = _inputs(9, 48, 333)
+    x[4, 7] = float("nan")
+    b_enc[100] = float("nan")
+    values, indices = triton_ops.topk_encode(x, enc, b_enc, dec_norm, None, 5, True, splits)
+    ref = _pre64(x, enc, b_enc, dec_norm).topk(5, dim=1)
+    assert values[4].isnan().all()
+    others = torch.arange(9, device=DEVICE) != 4
+    # every other row: latent 100 (NaN) and its 4 largest numbers, as torch.topk selects them
+    # (the order of the slots is not part of the contract)
+    got = values[others].double()
+    nan_slots = got.isnan()
+    assert (nan_slots.sum(1) == 1).all() and (indices[others][nan_slots] == 100).all()
+    want = ref.values[others].relu().masked_fill(ref.values[others].isnan(), 0).sort(1).values
+    assert_rel_close(got.masked_fill(nan_slots, 0).sort(1).values, want, 1e-5, "values beside the NaN")
+
+
 def test_topk_encode_without_relu_over_a_latent_list():
     """Selection among listed latents (AuxK's pass), raw values, indices mapped back to latents."""
     x, enc, b_enc, _, _ = _inputs(37, 48, 333)
