@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastsae
-from training_testing import small_cfg, small_data
+from training_testing import PoisonedSource, small_cfg, small_data
 from fastsae.training import (
     BadDataError,
     SyntheticActivations,
@@ -213,17 +213,7 @@ def test_dead_latent_counters_count_tokens_since_firing():
 # ---------------------------------------------------------------- bad data
 
 
-class _PoisonedSource(SyntheticActivations):
-    """Synthetic rows, with NaN/Inf in the chunks listed in `poisoned`."""
-
-    poisoned: set = set()
-
-    def load_chunk(self, index):
-        rows = super().load_chunk(index)
-        if index in self.poisoned:
-            rows[3, 2] = float("nan")
-            rows[5, 0] = float("inf")
-        return rows
+_PoisonedSource = PoisonedSource
 
 
 def _poisoned_trainer(tmp_path, bad_batches, **kw):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastsae
-from training_testing import small_cfg, small_data
+from training_testing import PoisonedSource, small_cfg, small_data
 from fastsae.training import SyntheticActivations, Trainer, TrainerConfig, read_metrics
 from fastsae.training.data import BatchPrefetcher, ShuffledStream
 from fastsae.training.trainer import FLOAT16_LOSS_SCALE
@@ -191,14 +191,8 @@ def test_steps_between_log_steps_read_nothing_back_from_the_device(monkeypatch, 
 # ---------------------------------------------------------------- non-finite steps
 
 
-class _PoisonedSource(SyntheticActivations):
-    poisoned: set = set()
-
-    def load_chunk(self, index):
-        rows = super().load_chunk(index)
-        if index in self.poisoned:
-            rows[3, 2] = float("nan")
-        return rows
+class _PoisonedSource(PoisonedSource):
+    with_inf = False  # NaN alone
 
 
 def _one_chunk_per_batch(out_dir=None, **kw):

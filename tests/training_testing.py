@@ -14,3 +14,19 @@ def small_cfg(**kw) -> TrainerConfig:
                 checkpoint_every_seconds=None, shuffle_buffer_rows=1024, init_sample_rows=1024, sparsity_coefficient=0.5)
     args.update(kw)
     return TrainerConfig(**args)
+
+
+class PoisonedSource(SyntheticActivations):
+    """Synthetic rows, with NaN (and, unless `with_inf` is False, +inf) in the chunks listed in
+    `poisoned`."""
+
+    poisoned: set = set()
+    with_inf = True
+
+    def load_chunk(self, index):
+        rows = super().load_chunk(index)
+        if index in self.poisoned:
+            rows[3, 2] = float("nan")
+            if self.with_inf:
+                rows[5, 0] = float("inf")
+        return rows
