@@ -52,6 +52,18 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def shutdown(barrier: bool = True) -> None:
+    """Leave the process group, if in one. With `barrier`, every rank first waits for the others,
+    so none tears its connections down while a peer still finishes its last writes (a gloo peer
+    that vanishes under another can abort it: "terminate called without an active exception").
+    Pass barrier=False on a failure path, where a peer may never arrive."""
+    if not is_distributed():
+        return
+    if barrier:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def get_rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 

@@ -160,8 +160,9 @@ def main(rank: int, world: int, port: int, out_dir: Path) -> None:
             result = run_trainer_case(name)
             if rank == 0:
                 torch.save(result, out_dir / f"{name}.pt")
+        fdist.shutdown()  # every rank done before any leaves
     finally:
-        dist.destroy_process_group()
+        fdist.shutdown(barrier=False)
 
 
 if __name__ == "__main__":

@@ -362,9 +362,13 @@ def _join_processes(args) -> "Optional[torch.device]":
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
+    from fastsae import distributed as fdist
+
     threads = torch.get_num_threads()
     try:
-        return _run_train(args)
+        rc = _run_train(args)
+        fdist.shutdown(barrier=rc == 0)  # several processes: all leave together (the atexit hook covers failures)
+        return rc
     finally:
         torch.set_num_threads(threads)  # the thread count chosen for the run ends with it (main() in-process)
 
