@@ -75,8 +75,7 @@ class BatchTopK(Architecture):
         bound = min(d_sae, max(sae._batchtopk_bound or 0, 4 * k))
         while True:
             cand, cand_idx, aux_values, aux_indices = sae._topk_flat(x2, dead_mask if n_aux else None, n_aux, bound)
-            n_keep = min(n * k, n * bound)
-            chosen = cand.detach().flatten().topk(n_keep, sorted=False).indices
+            chosen = cand.detach().flatten().topk(n * k, sorted=False).indices  # bound >= k: there are enough
             keep = torch.zeros(n * bound, dtype=torch.bool, device=cand.device)
             keep[chosen] = True
             keep = keep.view(n, bound)

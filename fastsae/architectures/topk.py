@@ -16,10 +16,6 @@ from fastsae.sparse import SparseActivations
 class TopK(Architecture):
     name = "topk"
 
-    def acts_dense(self, sae, pre: Tensor) -> Tensor:
-        top = pre.topk(sae.cfg.k, dim=-1)
-        return pre.new_zeros(pre.shape).scatter(-1, top.indices, top.values.relu())
-
     def encode_sparse(self, sae, x2: Tensor) -> SparseActivations:
         values, indices, _, _ = sae._topk_flat(x2)
         return SparseActivations(values, indices, sae.d_sae)

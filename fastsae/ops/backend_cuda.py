@@ -11,13 +11,11 @@ the cpp backend's. Importing this module without the CUDA parts raises ImportErr
 from __future__ import annotations
 
 import os
-
-import torch
-from torch.utils.cpp_extension import CUDA_HOME
-
 from typing import Optional
 
+import torch
 from torch import Tensor
+from torch.utils.cpp_extension import CUDA_HOME
 
 from fastsae.ops import backend_cpp
 from fastsae.ops.backend_cpp import (  # noqa: F401  (the backend's op functions)
