@@ -161,8 +161,10 @@ def main(rank: int, world: int, port: int, out_dir: Path) -> None:
             if rank == 0:
                 torch.save(result, out_dir / f"{name}.pt")
         fdist.shutdown()  # every rank done before any leaves
-    finally:
+    except BaseException:
         fdist.shutdown(barrier=False)
+        raise
+    fdist.exit_process(0)  # as `fastsae train` does: DDP's gloo threads can abort the interpreter's exit
 
 
 if __name__ == "__main__":

@@ -98,6 +98,17 @@ def test_multi_process_training_equals_one_process(world, references, tmp_path):
 # ---------------------------------------------------------------- helpers, in this process
 
 
+def test_exit_process_keeps_the_code_and_flushes_the_streams():
+    """`exit_process` skips the interpreter's finalisation: what the process printed into its
+    buffers (a pipe: block-buffered) must still arrive, and its exit code must be the one given."""
+    code = ("import sys; from fastsae import distributed as d; "
+            "sys.stdout.write('last words'); sys.stderr.write('and a warning'); d.exit_process(3)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    assert proc.stdout == "last words"
+    assert proc.stderr.endswith("and a warning")
+
+
 @pytest.mark.parametrize("total,world", [(26, 3), (10, 3), (5, 5), (4096 * 2 + 7, 4)])
 def test_shard_ranges_tile_in_rank_order(total, world):
     from fastsae.distributed import batch_slice, shard_range

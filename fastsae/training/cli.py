@@ -367,7 +367,9 @@ def run_train(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
     try:
         rc = _run_train(args)
-        fdist.shutdown(barrier=rc == 0)  # several processes: all leave together (the atexit hook covers failures)
+        if fdist.is_distributed():  # under torchrun: all leave together (the atexit hook covers exceptions)
+            fdist.shutdown(barrier=rc == 0)
+            fdist.exit_process(rc)  # DDP's gloo threads outlive the group and can abort the interpreter's exit
         return rc
     finally:
         torch.set_num_threads(threads)  # the thread count chosen for the run ends with it (main() in-process)
