@@ -70,8 +70,9 @@ def exit_process(code: int) -> NoReturn:
     Why: torch's DistributedDataParallel keeps its process group alive after
     `destroy_process_group` (its gloo worker threads are still running at exit, whatever is
     deleted first), and at interpreter finalisation those threads abort the process about once in
-    15 runs ("terminate called without an active exception", SIGABRT), after all the work is
-    done. Plain torch reproduces it: 3 gloo ranks, DDP, barrier, destroy_process_group, exit.
+    23 runs ("terminate called without an active exception", SIGABRT), after all the work is
+    done. Plain torch reproduces it (3 gloo ranks, DDP, barrier, destroy_process_group, exit):
+    7 aborts in 160 runs; ending with os._exit instead, 0 in 160.
     Everything fastsae writes is closed by then; only the standard streams are flushed here."""
     for stream in (sys.stdout, sys.stderr):
         try:
