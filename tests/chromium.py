@@ -126,6 +126,11 @@ class Chromium:
         os.close(self._from_browser)
 
 
+# What Runtime.evaluate answers while the page it ran in is being replaced by another.
+_NAVIGATING = ("Inspected target navigated or closed", "Execution context was destroyed",
+               "Cannot find context with specified id")
+
+
 class Page:
     def __init__(self, browser: Chromium, session: str):
         self.browser, self.session = browser, session
@@ -146,10 +151,17 @@ class Page:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 10.0):
-        """Polls a JavaScript expression until it is truthy; returns its value."""
+        """Polls a JavaScript expression until it is truthy; returns its value. A navigation
+        under way (a click on a link) destroys the context an evaluation ran in: that is polled
+        through, as "not yet"."""
         deadline = time.monotonic() + timeout
         while True:
-            value = self.eval(expression)
+            try:
+                value = self.eval(expression)
+            except ProtocolError as e:
+                if not any(why in str(e) for why in _NAVIGATING):
+                    raise
+                value = None
             if value:
                 return value
             if time.monotonic() > deadline:
