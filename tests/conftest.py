@@ -89,6 +89,6 @@ def pytest_runtest_logreport(report):
 def pytest_terminal_summary(terminalreporter, config):
     """The random order's seed, also under -q (which hides the header pytest-randomly prints it in),
     so that a failure that depends on the order can be replayed."""
-    seed = getattr(config.option, "randomly_seed", None)
-    if _is_controller and isinstance(seed, int) and config.pluginmanager.has_plugin("randomly"):
+    seed = getattr(config.option, "randomly_seed", None)  # absent under -p no:randomly
+    if _is_controller and isinstance(seed, int):
         terminalreporter.write_line(f"tests ran in a random order; replay it with: python3 -m pytest -q --randomly-seed={seed}")
