@@ -190,7 +190,7 @@ def shape_targets(run: Run, shape, ceilings, dtype):
 
     # ---- backward ops vs their bandwidth floor
     with torch.no_grad():
-        values, indices, _, _ = ops.topk_encode(xs[0], enc, b_enc, b_dec, None, k)
+        values, indices, _ = ops.topk_encode(xs[0], enc, b_enc, b_dec, None, k)
     grad_pre = torch.randn_like(values)
     grad_out = torch.randn(n, d_in, device=dev, dtype=dtype)
     used_rows = min(n * k, d_sae)
@@ -260,6 +260,7 @@ def shape_targets(run: Run, shape, ceilings, dtype):
 
     dead = torch.zeros(d_sae, dtype=torch.bool, device=dev)
     dead[torch.randperm(d_sae, device=dev)[: max(1, d_sae // 50)]] = True
+    dead_list = fastsae.DeadLatents.from_mask(dead)  # built once: the timed step reads no count
 
     @run.measure(20, target="step", shape=name, what="fastsae step eager with AuxK (2% dead, k_aux d_in/2; chunked path)")
     def _():
@@ -268,7 +269,7 @@ def shape_targets(run: Run, shape, ceilings, dtype):
 
         def step():
             opt.zero_grad(set_to_none=True)
-            model.training_forward(x_next(), dead_mask=dead).loss.backward()
+            model.training_forward(x_next(), dead_mask=dead_list).loss.backward()
             opt.step()
         r = run.time(step)
         if eager.get("ms"):
@@ -295,7 +296,7 @@ def shape_targets(run: Run, shape, ceilings, dtype):
             a, b = copy.deepcopy(sae), copy.deepcopy(sae)
             opt_a = make_adam(a.parameters(), lr=1e-3, device=dev, capturable=True)
             opt_b = make_adam(b.parameters(), lr=1e-3, device=dev)
-            out_a = CapturedStep(a, opt_a, n, k_aux=256).run(xs[0], dead)
+            out_a = CapturedStep(a, opt_a, n, k_aux=256, aux_capacity=dead_list.capacity).run(xs[0], dead)
             out_b = b.training_forward(xs[0], dead_mask=dead, k_aux=256)
             out_b.loss.backward()
             opt_b.step()

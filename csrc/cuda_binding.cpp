@@ -4,19 +4,15 @@
 // Compiled only when the extension is built with CUDA (fastsae/ops/backend_cpp.py).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/aminmax.h>
-#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/sub.h>
-#include <ATen/ops/where.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <limits>
 
 #include "cuda_launchers.h"
 #include "functional_forms.h"
@@ -63,27 +59,6 @@ void check_indices_cuda(const Tensor& idx, int64_t d_sae, const char* what) {
               h, "]");
 }
 
-// AuxK's slots as fastsae.reference.aux_select defines them, from dense pre-activations [rows, d_sae]
-// (bias and norm applied): a row's candidates are its dead latents whose pre-activation is not
-// -inf (NaN ranks first, as in top-k), best first; the other slots hold 0 at the live latents in
-// ascending order, then at the row's other dead latents. ATen ops only: no count reaches the host.
-void aux_select(const Tensor& pre, const Tensor& mask, int64_t k_aux, const Tensor& out_values,
-                const Tensor& out_indices) {
-  const int64_t rows = pre.size(0), d_sae = pre.size(1);
-  const double neg_inf = -std::numeric_limits<double>::infinity();
-  const Tensor candidate = mask.logical_and(pre.ne(neg_inf));
-  const auto [top_values, top_indices] = pre.masked_fill(candidate.logical_not(), neg_inf).topk(k_aux, -1, true, true);
-  const Tensor count = candidate.sum(-1, /*keepdim=*/true);
-  const Tensor latent = at::arange(d_sae, pre.options().dtype(at::kLong));
-  const Tensor order = at::where(mask, latent.add(d_sae), latent).expand({rows, d_sae}).masked_fill(candidate, 2 * d_sae);
-  const Tensor fillers = std::get<1>(order.topk(k_aux, -1, /*largest=*/false, /*sorted=*/true));
-  const Tensor slot = at::arange(k_aux, count.options()).unsqueeze(0);
-  const Tensor real = slot.lt(count);
-  const Tensor filled = fillers.gather(1, slot.sub(count).clamp(0, k_aux - 1));
-  out_values.copy_(at::where(real, top_values, at::zeros_like(top_values)));
-  out_indices.copy_(at::where(real, top_indices, filled));
-}
-
 void check_pair_count(int64_t count) {
   TORCH_CHECK(count < (int64_t{1} << 31), "fastsae_cpp (CUDA): at most 2^31 - 1 (row, slot) pairs, got ", count);
 }
@@ -104,18 +79,21 @@ void scatter_outer(const Tensor& coef, const Tensor& idx, const Tensor& rows, co
 
 void topk_encode_out_cuda(const Tensor& x, const Tensor& enc_weight, const Tensor& b_enc,
                           const std::optional<Tensor>& b_dec, const std::optional<Tensor>& dec_norm, int64_t k,
-                          const std::optional<Tensor>& dead_mask, int64_t k_aux, const Tensor& values,
-                          const Tensor& indices, const Tensor& aux_values, const Tensor& aux_indices) {
+                          const std::optional<Tensor>& aux_latents, int64_t k_aux, const Tensor& values,
+                          const Tensor& indices, const Tensor& aux_pre) {
   const BelowAutograd below_autograd;
-  check_topk_encode_inputs(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux);
-  check_topk_encode_outputs(x, k, k_aux, values, indices, aux_values, aux_indices);
+  check_topk_encode_inputs(x, enc_weight, b_enc, b_dec, dec_norm, k, aux_latents, k_aux);
+  // AuxK runs on the chunked path shared by the GPU backends (fastsae/ops/chunked.py), which the
+  // cuda backend takes whenever a list is given; this kernel has none.
+  TORCH_CHECK(!present(aux_latents), "fastsae_cpp (CUDA) topk_encode: no AuxK path here (aux_latents given); "
+              "fastsae's cuda backend computes AuxK on the chunked path");
+  check_topk_encode_outputs(x, k, 0, values, indices, aux_pre);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t n = x.size(0), d_sae = enc_weight.size(0);
   if (n == 0) return;
   const DType dtype = dtype_of(x);
   const cudaStream_t stream = current_stream();
 
-  const Tensor mask = k_aux > 0 ? dead_mask->contiguous() : Tensor();
   const Tensor x_in = (present(b_dec) ? at::sub(x, *b_dec) : x).contiguous();
   const Tensor enc = enc_weight.contiguous(), bias = b_enc.contiguous();
   const Tensor norm = contiguous_or_null(dec_norm);
@@ -129,19 +107,14 @@ void topk_encode_out_cuda(const Tensor& x, const Tensor& enc_weight, const Tenso
                                         nullptr, k, /*relu=*/true, values.narrow(0, r0, rows).data_ptr(),
                                         indices.narrow(0, r0, rows).data_ptr<int64_t>(), k, stream),
                  "row_topk");
-    if (k_aux > 0) {
-      Tensor full = pre.add(bias);  // in x's dtype, as the reference forms it
-      if (norm.defined()) full.mul_(norm);
-      aux_select(full, mask, k_aux, aux_values.narrow(0, r0, rows), aux_indices.narrow(0, r0, rows));
-    }
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> topk_encode_cuda(const Tensor& x, const Tensor& enc_weight,
-                                                            const Tensor& b_enc, const std::optional<Tensor>& b_dec,
-                                                            const std::optional<Tensor>& dec_norm, int64_t k,
-                                                            const std::optional<Tensor>& dead_mask, int64_t k_aux) {
-  return topk_encode_functional(topk_encode_out_cuda, x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux);
+std::tuple<Tensor, Tensor, Tensor> topk_encode_cuda(const Tensor& x, const Tensor& enc_weight, const Tensor& b_enc,
+                                                    const std::optional<Tensor>& b_dec,
+                                                    const std::optional<Tensor>& dec_norm, int64_t k,
+                                                    const std::optional<Tensor>& aux_latents, int64_t k_aux) {
+  return topk_encode_functional(topk_encode_out_cuda, plain_empty, x, enc_weight, b_enc, b_dec, dec_norm, k, aux_latents, k_aux);
 }
 
 void topk_encode_backward_out_cuda(const Tensor& grad_pre, const Tensor& indices, const Tensor& x,

@@ -1,7 +1,8 @@
 // The functional form of each op, shared by the CPU and the CUDA implementations: check the
 // arguments, allocate the outputs, call the device's `_out` form (which every kernel has, so the
-// tests can poison its buffers). `WeightAllocator` allocates the [d_sae, d_in] weight gradients:
-// the CPU passes its huge-page allocator (cpu_memory.h), CUDA plain at::empty.
+// tests can poison its buffers). `WeightAllocator` allocates the large outputs (the [d_sae, d_in]
+// weight gradients, AuxK's [N, C]): the CPU passes its huge-page allocator (cpu_memory.h), CUDA
+// plain at::empty.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -21,18 +22,17 @@ inline at::Tensor plain_empty(at::IntArrayRef sizes, const at::TensorOptions& op
 }
 
 template <typename OutForm>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_functional(
-    OutForm out_form, const at::Tensor& x, const at::Tensor& enc_weight, const at::Tensor& b_enc,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_functional(
+    OutForm out_form, WeightAllocator alloc_large, const at::Tensor& x, const at::Tensor& enc_weight, const at::Tensor& b_enc,
     const std::optional<at::Tensor>& b_dec, const std::optional<at::Tensor>& dec_norm, int64_t k,
-    const std::optional<at::Tensor>& dead_mask, int64_t k_aux) {
-  check_topk_encode_inputs(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux);
+    const std::optional<at::Tensor>& aux_latents, int64_t k_aux) {
+  check_topk_encode_inputs(x, enc_weight, b_enc, b_dec, dec_norm, k, aux_latents, k_aux);
   const int64_t n = x.size(0);
   at::Tensor values = at::empty({n, k}, x.options());
   at::Tensor indices = at::empty({n, k}, x.options().dtype(at::kLong));
-  at::Tensor aux_values = at::empty({n, k_aux}, x.options());
-  at::Tensor aux_indices = at::empty({n, k_aux}, x.options().dtype(at::kLong));
-  out_form(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux, values, indices, aux_values, aux_indices);
-  return {values, indices, aux_values, aux_indices};
+  at::Tensor aux_pre = alloc_large({n, aux_width(aux_latents)}, x.options());
+  out_form(x, enc_weight, b_enc, b_dec, dec_norm, k, aux_latents, k_aux, values, indices, aux_pre);
+  return {values, indices, aux_pre};
 }
 
 template <typename OutForm>

@@ -85,18 +85,23 @@ inline void check_encoder_inputs(const at::Tensor& x, const at::Tensor& enc_weig
 inline void check_topk_encode_inputs(const at::Tensor& x, const at::Tensor& enc_weight, const at::Tensor& b_enc,
                                      const std::optional<at::Tensor>& b_dec,
                                      const std::optional<at::Tensor>& dec_norm, int64_t k,
-                                     const std::optional<at::Tensor>& dead_mask, int64_t k_aux) {
+                                     const std::optional<at::Tensor>& aux_latents, int64_t k_aux) {
   check_encoder_inputs(x, enc_weight, b_enc, b_dec, dec_norm);
   const int64_t d_sae = enc_weight.size(0);
   TORCH_CHECK(k >= 1 && k <= d_sae, "k: expected 1 <= k <= d_sae=", d_sae, ", got ", k);
   TORCH_CHECK(k_aux >= 0 && k_aux <= d_sae, "k_aux: expected 0 <= k_aux <= d_sae=", d_sae, ", got ", k_aux);
-  if (k_aux > 0) {
-    const at::Tensor* dead = present(dead_mask);
-    TORCH_CHECK(dead != nullptr, "dead_mask: expected a bool mask of shape (", d_sae, ",) when k_aux > 0");
-    expect_shape(*dead, {d_sae}, "dead_mask");
-    TORCH_CHECK(dead->scalar_type() == at::kBool, "dead_mask: expected dtype bool, got ", dead->scalar_type());
-    TORCH_CHECK(dead->device() == x.device(), "dead_mask: expected device ", x.device(), ", got ", dead->device());
+  if (const at::Tensor* list = present(aux_latents)) {
+    TORCH_CHECK(list->dim() == 1 && list->size(0) <= d_sae, "aux_latents: expected a vector of at most d_sae=", d_sae,
+                " latents, got shape ", list->sizes());
+    TORCH_CHECK(list->scalar_type() == at::kLong, "aux_latents: expected dtype int64, got ", list->scalar_type());
+    TORCH_CHECK(list->device() == x.device(), "aux_latents: expected device ", x.device(), ", got ", list->device());
   }
+}
+
+// The width of AuxK's output: the list's capacity (0 without a list).
+inline int64_t aux_width(const std::optional<at::Tensor>& aux_latents) {
+  const at::Tensor* list = present(aux_latents);
+  return list ? list->size(0) : 0;
 }
 
 // The cutoff is compared in the kernels' accumulation type: float, or double for double x.
@@ -115,14 +120,12 @@ inline void check_threshold_encode_inputs(const at::Tensor& x, const at::Tensor&
               max_width);
 }
 
-inline void check_topk_encode_outputs(const at::Tensor& x, int64_t k, int64_t k_aux, const at::Tensor& values,
-                                      const at::Tensor& indices, const at::Tensor& aux_values,
-                                      const at::Tensor& aux_indices) {
+inline void check_topk_encode_outputs(const at::Tensor& x, int64_t k, int64_t aux_width, const at::Tensor& values,
+                                      const at::Tensor& indices, const at::Tensor& aux_pre) {
   const int64_t n = x.size(0);
   expect_out(values, {n, k}, x.scalar_type(), x, "values");
   expect_out(indices, {n, k}, at::kLong, x, "indices");
-  expect_out(aux_values, {n, k_aux}, x.scalar_type(), x, "aux_values");
-  expect_out(aux_indices, {n, k_aux}, at::kLong, x, "aux_indices");
+  expect_out(aux_pre, {n, aux_width}, x.scalar_type(), x, "aux_pre");
 }
 
 inline void check_topk_encode_backward_inputs(const at::Tensor& grad_pre, const at::Tensor& indices,

@@ -12,11 +12,10 @@
 TORCH_LIBRARY(fastsae_cpp, m) {
   m.def(
       "topk_encode(Tensor x, Tensor enc_weight, Tensor b_enc, Tensor? b_dec, Tensor? dec_norm, int k, "
-      "Tensor? dead_mask, int k_aux) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? aux_latents, int k_aux) -> (Tensor, Tensor, Tensor)");
   m.def(
       "topk_encode_out(Tensor x, Tensor enc_weight, Tensor b_enc, Tensor? b_dec, Tensor? dec_norm, int k, "
-      "Tensor? dead_mask, int k_aux, *, Tensor(a!) values, Tensor(b!) indices, Tensor(c!) aux_values, "
-      "Tensor(d!) aux_indices) -> ()");
+      "Tensor? aux_latents, int k_aux, *, Tensor(a!) values, Tensor(b!) indices, Tensor(c!) aux_pre) -> ()");
   m.def(
       "topk_encode_backward(Tensor grad_pre, Tensor indices, Tensor x, Tensor enc_weight, Tensor? b_dec) "
       "-> (Tensor, Tensor, Tensor)");

@@ -6,16 +6,18 @@
 // parts (small batches), the partial top-k lists are merged at the end.
 //
 // Semantics (fastsae/reference.py): top-k of the (rescaled) pre-activations, then ReLU on the
-// kept values. NaN ranks above every number, as in torch.topk. AuxK: a row's candidates are its
-// dead latents whose pre-activation is not -inf; its first min(k_aux, candidates) slots hold the
-// best of them (raw values, best first), the others value 0 at distinct unselected latents: the
-// live ones ascending, then the row's remaining dead latents (at -inf) ascending.
+// kept values. NaN ranks above every number, as in torch.topk. AuxK, over a list of latents (the
+// dead ones, -1 for an empty entry): the tiles' columns at the listed latents are copied into
+// aux_pre [N, C] as they stream by; then each row keeps its best min(k_aux, candidates) entries
+// (candidates: not -inf; NaN first) and the others become -inf. The cost follows the list, not
+// k_aux or d_sae.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "cpu_memory.h"
@@ -125,78 +127,133 @@ inline int64_t write_best(Candidate<A>* cands, int64_t count, int64_t k, T* valu
   return taken;
 }
 
-// AuxK slots [taken, k_aux) of one row: value 0 at distinct latents the row did not select, the
-// live ones (`live`, ascending) first, then the row's other dead latents ascending (only when
-// every latent is dead or nearly: those are at -inf, as the candidates are all taken).
-template <typename T>
-inline void fill_aux(T* values, int64_t* indices, int64_t taken, int64_t k_aux, const std::vector<int32_t>& live,
-                     const std::vector<int32_t>& dead) {
-  int64_t s = taken;
-  for (size_t p = 0; s < k_aux && p < live.size(); ++p, ++s) {
-    values[s] = T(0);
-    indices[s] = live[p];
+// A listed latent and its entry in the AuxK list.
+struct AuxEntry {
+  int32_t latent, position;
+};
+
+// An unsigned key with the order AuxK ranks by: NaN highest (as torch.topk), then larger values;
+// -inf (no candidate) gets 0, below every candidate.
+template <typename A>
+struct RankKey;
+template <>
+struct RankKey<float> {
+  using type = uint32_t;
+  static uint32_t of(float v) {  // branch-free (selects), so the loop over a row vectorizes
+    uint32_t b;
+    std::memcpy(&b, &v, sizeof b);
+    const uint32_t ordered = b ^ (static_cast<uint32_t>(static_cast<int32_t>(b) >> 31) | 0x80000000u);
+    const uint32_t key = (b & 0x7FFFFFFFu) > 0x7F800000u ? 0xFFFFFFFFu : ordered;  // NaN highest
+    return b == 0xFF800000u ? 0u : key;                                             // -inf: none
   }
-  if (s == k_aux) return;
-  std::vector<int64_t> chosen(indices, indices + taken);
-  std::sort(chosen.begin(), chosen.end());
-  for (size_t p = 0; s < k_aux && p < dead.size(); ++p) {
-    if (std::binary_search(chosen.begin(), chosen.end(), static_cast<int64_t>(dead[p]))) continue;
-    values[s] = T(0);
-    indices[s++] = dead[p];
+};
+template <>
+struct RankKey<double> {
+  using type = uint64_t;
+  static uint64_t of(double v) {
+    uint64_t b;
+    std::memcpy(&b, &v, sizeof b);
+    const uint64_t ordered = b ^ (static_cast<uint64_t>(static_cast<int64_t>(b) >> 63) | (uint64_t{1} << 63));
+    const uint64_t key = (b & ~(uint64_t{1} << 63)) > 0x7FF0000000000000ull ? ~uint64_t{0} : ordered;
+    return b == 0xFFF0000000000000ull ? 0u : key;
+  }
+};
+
+template <typename K>
+inline int64_t count_at_least(const K* keys, int64_t n, K t) {
+  K c = 0;  // the key's width: the compare-and-add vectorizes lane for lane (n < 2^31)
+#pragma omp simd reduction(+ : c)
+  for (int64_t j = 0; j < n; ++j) c += static_cast<K>(keys[j] >= t);
+  return static_cast<int64_t>(c);
+}
+
+// One row of aux_pre [C]: keeps its best k_aux candidates (not -inf; NaN first, then larger values,
+// then earlier entries) and writes -inf over the others. The k_aux-th best key is found by
+// bisection over the key range, each step a branch-free count (nth_element's data-dependent
+// branches cost ~10x more here); one pass then keeps the keys above it and the earliest equal ones.
+template <typename T, typename A>
+inline void keep_best_aux(T* row, int64_t width, int64_t k_aux, std::vector<typename RankKey<A>::type>& keys) {
+  using K = typename RankKey<A>::type;
+  K* key = keys.data();
+  for (int64_t j = 0; j < width; ++j) key[j] = RankKey<A>::of(static_cast<A>(row[j]));
+  const int64_t count = count_at_least(key, width, K(1));
+  if (count <= k_aux) return;
+  const T neg_inf = static_cast<T>(-std::numeric_limits<A>::infinity());
+  if (k_aux == 0) {
+    std::fill(row, row + width, neg_inf);
+    return;
+  }
+  // Bisection for the largest t with at least k_aux keys >= t, from the range of the candidates'
+  // keys: lo always qualifies, hi never does. A t with exactly k_aux keys >= t ends it early: those
+  // are the row's best k_aux, whatever the ties below.
+  K lo = std::numeric_limits<K>::max(), top = 1;
+  for (int64_t j = 0; j < width; ++j) {
+    lo = std::min(lo, key[j] == 0 ? lo : key[j]);
+    top = std::max(top, key[j]);
+  }
+  if (count_at_least(key, width, top) >= k_aux) lo = top;  // ties at the highest key (NaN, say)
+  for (K hi = top; hi - lo > 1;) {
+    const K mid = lo + (hi - lo) / 2;
+    const int64_t c = count_at_least(key, width, mid);
+    if (c == k_aux) {
+      for (int64_t j = 0; j < width; ++j)
+        if (key[j] < mid) row[j] = neg_inf;
+      return;
+    }
+    (c > k_aux ? lo : hi) = mid;
+  }
+  const K threshold = lo;
+  int64_t ties = k_aux - (threshold == std::numeric_limits<K>::max() ? 0 : count_at_least(key, width, K(threshold + 1)));
+  for (int64_t j = 0; j < width; ++j) {
+    if (key[j] > threshold) continue;
+    if (key[j] == threshold && ties > 0) {
+      --ties;
+      continue;
+    }
+    row[j] = neg_inf;
   }
 }
 
 template <typename T>
-void topk_encode_kernel(const Tensor& x_in, const Tensor& enc, const Tensor& b_enc, const Tensor* norm,
-                        const std::vector<int32_t>& dead, const std::vector<int32_t>& live, int64_t k,
-                        int64_t k_aux_real, T* values, int64_t* indices, T* aux_values, int64_t* aux_indices,
+void topk_encode_kernel(const Tensor& x_in, const Tensor& enc, const Tensor& b_enc, const Tensor* norm, int64_t k,
+                        T* values, int64_t* indices, const std::vector<AuxEntry>& aux, T* aux_pre, int64_t aux_width,
                         int64_t k_aux) {
   using A = acc_t<T>;
   const int64_t n_rows = x_in.size(0), d_sae = enc.size(0);
   const TileGrid grid(n_rows, d_sae);
   const int64_t parts = grid.parts, block_rows = grid.block_rows;
   const int64_t cap = std::max<int64_t>(4 * k, k + 64);
-  const int64_t cap_aux = k_aux_real > 0 ? std::max<int64_t>(4 * k_aux_real, k_aux_real + 64) : 0;
 
   // Each (part, row)'s best candidates, merged per row at the end.
-  std::vector<Candidate<A>> partial(parts * n_rows * k), partial_aux(parts * n_rows * k_aux_real);
-  std::vector<int64_t> partial_count(parts * n_rows), partial_count_aux(parts * n_rows);
+  std::vector<Candidate<A>> partial(parts * n_rows * k);
+  std::vector<int64_t> partial_count(parts * n_rows);
 
   const A* bias = b_enc.data_ptr<A>();
   const A* scale = norm ? norm->data_ptr<A>() : nullptr;
 
-  // Per thread: the running top-k (and aux top-k) of each row of its current row block.
+  // Per thread: the running top-k of each row of its current row block.
   struct RowBlockBest {
-    std::vector<Candidate<A>> slots, slots_aux;
-    std::vector<RunningTopK<A>> best, best_aux;
+    std::vector<Candidate<A>> slots;
+    std::vector<RunningTopK<A>> best;
   };
   for_each_pre_tile<T>(
       x_in, enc, grid,
-      [&] {
-        return RowBlockBest{std::vector<Candidate<A>>(block_rows * cap), std::vector<Candidate<A>>(block_rows * cap_aux),
-                            std::vector<RunningTopK<A>>(block_rows), std::vector<RunningTopK<A>>(block_rows)};
-      },
+      [&] { return RowBlockBest{std::vector<Candidate<A>>(block_rows * cap), std::vector<RunningTopK<A>>(block_rows)}; },
       [&](RowBlockBest& s, int64_t, int64_t, int64_t rows) {
-        for (int64_t r = 0; r < rows; ++r) {
-          s.best[r].reset(s.slots.data() + r * cap, k, cap);
-          if (k_aux_real > 0) s.best_aux[r].reset(s.slots_aux.data() + r * cap_aux, k_aux_real, cap_aux);
-        }
+        for (int64_t r = 0; r < rows; ++r) s.best[r].reset(s.slots.data() + r * cap, k, cap);
       },
-      [&](RowBlockBest& s, int64_t, int64_t, int64_t rows, int64_t l0, int64_t cols, const A* p) {
-        const auto dead_begin = std::lower_bound(dead.begin(), dead.end(), static_cast<int32_t>(l0));
-        const auto dead_end = std::lower_bound(dead_begin, dead.end(), static_cast<int32_t>(l0 + cols));
+      [&](RowBlockBest& s, int64_t, int64_t r0, int64_t rows, int64_t l0, int64_t cols, const A* p) {
         const A* block_scale = scale ? scale + l0 : nullptr;
+        // The listed latents of this tile (the list is sorted by latent): their columns go to aux_pre.
+        const auto by_latent = [](const AuxEntry& e, int64_t l) { return e.latent < l; };
+        const auto aux_begin = std::lower_bound(aux.begin(), aux.end(), l0, by_latent);
+        const auto aux_end = std::lower_bound(aux_begin, aux.end(), l0 + cols, by_latent);
         for (int64_t r = 0; r < rows; ++r) {
           const A* row = p + r * cols;
           scan_row(row, cols, static_cast<int32_t>(l0), bias + l0, block_scale, s.best[r]);
-          if (k_aux_real > 0) {
-            RunningTopK<A>& aux = s.best_aux[r];
-            for (auto it = dead_begin; it != dead_end; ++it) {
-              const A v = pre_value(row, bias + l0, block_scale, *it - l0);
-              // -inf is no candidate (a switched-off latent); NaN is, as in the top-k.
-              if (v != -std::numeric_limits<A>::infinity() && aux.admits(v)) aux.push(v, *it);
-            }
-          }
+          T* aux_row = aux_pre + (r0 + r) * aux_width;
+          for (auto it = aux_begin; it != aux_end; ++it)
+            aux_row[it->position] = static_cast<T>(pre_value(row, bias + l0, block_scale, it->latent - l0));
         }
       },
       [&](RowBlockBest& s, int64_t part, int64_t r0, int64_t rows) {
@@ -205,20 +262,14 @@ void topk_encode_kernel(const Tensor& x_in, const Tensor& enc, const Tensor& b_e
           s.best[r].cut();
           std::copy(s.best[r].slots, s.best[r].slots + s.best[r].count, partial.begin() + slot * k);
           partial_count[slot] = s.best[r].count;
-          if (k_aux_real > 0) {
-            s.best_aux[r].cut();
-            std::copy(s.best_aux[r].slots, s.best_aux[r].slots + s.best_aux[r].count,
-                      partial_aux.begin() + slot * k_aux_real);
-            partial_count_aux[slot] = s.best_aux[r].count;
-          }
         }
       });
 
-  // Merge the parts of each row and write the outputs.
+  // Merge the parts of each row and write the outputs; AuxK's selection per row.
   auto relu = [](A v) { return std::max(v, A(0)); };  // keeps NaN, as torch.relu
-  auto identity = [](A v) { return v; };
-  at::parallel_for(0, n_rows, grain_for(parts * (k + k_aux_real) * 8), [&](int64_t r0, int64_t r1) {
-    std::vector<Candidate<A>> merged(parts * std::max(k, k_aux_real));
+  at::parallel_for(0, n_rows, grain_for(parts * k * 8 + aux_width), [&](int64_t r0, int64_t r1) {
+    std::vector<Candidate<A>> merged(parts * k);
+    std::vector<typename RankKey<A>::type> keys(aux_width);
     for (int64_t n = r0; n < r1; ++n) {
       int64_t count = 0;
       for (int64_t part = 0; part < parts; ++part) {
@@ -227,62 +278,52 @@ void topk_encode_kernel(const Tensor& x_in, const Tensor& enc, const Tensor& b_e
         count += partial_count[slot];
       }
       write_best<T>(merged.data(), count, k, values + n * k, indices + n * k, relu);
-      if (k_aux > 0) {
-        int64_t taken = 0;
-        if (k_aux_real > 0) {
-          count = 0;
-          for (int64_t part = 0; part < parts; ++part) {
-            const int64_t slot = grid.slot(part, n);
-            std::copy_n(partial_aux.begin() + slot * k_aux_real, partial_count_aux[slot], merged.begin() + count);
-            count += partial_count_aux[slot];
-          }
-          taken = write_best<T>(merged.data(), count, k_aux_real, aux_values + n * k_aux, aux_indices + n * k_aux,
-                                identity);
-        }
-        fill_aux<T>(aux_values + n * k_aux, aux_indices + n * k_aux, taken, k_aux, live, dead);
-      }
+      if (aux_width > 0) keep_best_aux<T, A>(aux_pre + n * aux_width, aux_width, k_aux, keys);
     }
   });
 }
 
 void topk_encode_out_cpu(const Tensor& x, const Tensor& enc_weight, const Tensor& b_enc,
                          const std::optional<Tensor>& b_dec, const std::optional<Tensor>& dec_norm, int64_t k,
-                         const std::optional<Tensor>& dead_mask, int64_t k_aux, const Tensor& values,
-                         const Tensor& indices, const Tensor& aux_values, const Tensor& aux_indices) {
+                         const std::optional<Tensor>& aux_latents, int64_t k_aux, const Tensor& values,
+                         const Tensor& indices, const Tensor& aux_pre) {
   const BelowAutograd below_autograd;
-  check_topk_encode_inputs(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux);
-  check_topk_encode_outputs(x, k, k_aux, values, indices, aux_values, aux_indices);
+  check_topk_encode_inputs(x, enc_weight, b_enc, b_dec, dec_norm, k, aux_latents, k_aux);
+  const int64_t aux_width = fastsae_cpp::aux_width(aux_latents);
+  check_topk_encode_outputs(x, k, aux_width, values, indices, aux_pre);
   const int64_t n = x.size(0), d_sae = enc_weight.size(0);
   if (n == 0) return;
 
-  // Dead latents (sorted), and the first k_aux live ones, which fill aux slots with no candidate.
-  std::vector<int32_t> dead, live;
-  if (k_aux > 0) {
-    const Tensor mask = dead_mask->contiguous();
-    const bool* m = mask.data_ptr<bool>();
-    for (int64_t i = 0; i < d_sae; ++i) {
-      if (m[i]) dead.push_back(static_cast<int32_t>(i));
-      else if (static_cast<int64_t>(live.size()) < k_aux) live.push_back(static_cast<int32_t>(i));
+  // The listed latents (-1: an empty entry) with their entries, sorted by latent, so that each
+  // tile finds its own in one search. Entries never written stay -inf.
+  std::vector<AuxEntry> aux;
+  if (aux_width > 0) {
+    const Tensor list = aux_latents->contiguous();
+    const int64_t* l = list.data_ptr<int64_t>();
+    for (int64_t j = 0; j < aux_width; ++j) {
+      TORCH_CHECK(l[j] >= -1 && l[j] < d_sae, "aux_latents: expected latents in [0, ", d_sae,
+                  ") or -1 (empty), got ", l[j], " at entry ", j);
+      if (l[j] >= 0) aux.push_back({static_cast<int32_t>(l[j]), static_cast<int32_t>(j)});
     }
+    std::sort(aux.begin(), aux.end(), [](const AuxEntry& a, const AuxEntry& b) { return a.latent < b.latent; });
+    aux_pre.fill_(-std::numeric_limits<double>::infinity());
   }
-  const int64_t k_aux_real = std::min<int64_t>(k_aux, dead.size());
 
   const Tensor x_in = encoder_input(x, b_dec);
   const Tensor enc = enc_weight.contiguous();
   const Tensor bias = to_acc(b_enc);
   const Tensor norm = present(dec_norm) ? to_acc(*dec_norm) : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastsae_cpp::topk_encode", [&] {
-    topk_encode_kernel<scalar_t>(x_in, enc, bias, norm.defined() ? &norm : nullptr, dead, live, k, k_aux_real,
-                                 values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(),
-                                 aux_values.data_ptr<scalar_t>(), aux_indices.data_ptr<int64_t>(), k_aux);
+    topk_encode_kernel<scalar_t>(x_in, enc, bias, norm.defined() ? &norm : nullptr, k, values.data_ptr<scalar_t>(),
+                                 indices.data_ptr<int64_t>(), aux, aux_pre.data_ptr<scalar_t>(), aux_width, k_aux);
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> topk_encode_cpu(const Tensor& x, const Tensor& enc_weight,
-                                                           const Tensor& b_enc, const std::optional<Tensor>& b_dec,
-                                                           const std::optional<Tensor>& dec_norm, int64_t k,
-                                                           const std::optional<Tensor>& dead_mask, int64_t k_aux) {
-  return topk_encode_functional(topk_encode_out_cpu, x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux);
+std::tuple<Tensor, Tensor, Tensor> topk_encode_cpu(const Tensor& x, const Tensor& enc_weight, const Tensor& b_enc,
+                                                   const std::optional<Tensor>& b_dec,
+                                                   const std::optional<Tensor>& dec_norm, int64_t k,
+                                                   const std::optional<Tensor>& aux_latents, int64_t k_aux) {
+  return topk_encode_functional(topk_encode_out_cpu, plain_empty, x, enc_weight, b_enc, b_dec, dec_norm, k, aux_latents, k_aux);
 }
 
 // Backward: grad_x_in = gather_sum(grad_pre, W), grad_enc_weight[i] = sum of grad_pre * x_in over

@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from fastsae.auxk import DeadLatents
 from fastsae.config import SAEConfig
 from fastsae.formats import load
 from fastsae.ops import available_backends, requested_backend, use_backend
@@ -10,6 +11,7 @@ from fastsae.sparse import SparseActivations
 from fastsae.training import Trainer, TrainerConfig
 
 __all__ = [
+    "DeadLatents",
     "SAE",
     "SAEConfig",
     "SparseActivations",

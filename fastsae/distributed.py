@@ -40,7 +40,8 @@ from torch import Tensor
 
 from fastsae import ops
 from fastsae.config import SAEConfig
-from fastsae.sae import _SPARSE_PATH_DIVISOR, SAE, TrainOutput
+from fastsae.auxk import DeadLatents, check_dead_mask
+from fastsae.sae import _SPARSE_PATH_DIVISOR, SAE, TrainOutput, mean_squared_norm
 from fastsae.sparse import SparseActivations, pad_at_free_latents
 
 SHARDABLE_ARCHITECTURES = ("topk", "relu")
@@ -399,26 +400,31 @@ class ShardedSAE(nn.Module):
         zero = x2.new_zeros(())
         sparsity = aux = zero
         if self.architecture == "topk":
-            n_aux, n_dead, aux_width_here, aux_width = self._aux_widths(dead_mask, k_aux)
-            dead_here = dead_mask[self.start : self.stop].to(self.device) if aux_width_here else None
-            values, idx, aux_values, aux_idx = ops.topk_encode(
-                x2, self.enc_weight, self.b_enc, b_dec_in, dec_norm, min(cfg.k, self.d_local), dead_here, aux_width_here
+            n_aux, n_dead, dead_here, aux_width = self._dead_lists(dead_mask, k_aux)
+            values, idx, aux_pre = ops.topk_encode(
+                x2, self.enc_weight, self.b_enc, b_dec_in, dec_norm, min(cfg.k, self.d_local),
+                dead_here.latents if n_aux else None, n_aux, check_indices=False,
             )
             keep, global_values, global_idx = self._global_top(values.detach(), idx, cfg.k, min(cfg.k, max(self.shard_sizes)))
-            partial = ops.sparse_decode(torch.where(keep, values, torch.zeros_like(values)), idx, self.W_dec, None, dec_norm)
-            x_hat = _SumOverShards.apply(partial, group) + self.b_dec
+            kept = torch.where(keep, values, torch.zeros_like(values))
             acts = SparseActivations(global_values, global_idx, self.d_sae)
             fired, l0 = _topk_fired_and_l0(acts)
             if n_aux:
-                # Candidates at live latents (slots past this shard's dead count) never win.
-                candidates = aux_values.detach().masked_fill(~dead_here[aux_idx], float("-inf")) if aux_width_here else aux_values
-                # The top n_aux dead latents (all of them when fewer are dead).
-                keep_aux, _, _ = self._global_top(candidates, aux_idx, min(n_aux, n_dead), aux_width)
-                owned = torch.where(keep_aux, aux_values, torch.zeros_like(aux_values))
-                e_partial = ops.sparse_decode(owned, aux_idx, self.W_dec, None, dec_norm)
-                e_hat = _SumOverShards.apply(e_partial, group)
+                # The top n_aux dead latents over all ranks (all of them when fewer are dead): each
+                # rank's list already holds only its own best n_aux, so the winners are among them.
+                keep_aux, _, _ = self._global_top(aux_pre.detach(), dead_here.latents, min(n_aux, n_dead), aux_width)
+                aux_pre = aux_pre.masked_fill(~keep_aux, float("-inf"))
+                partial, e_partial = ops.sparse_decode_with_aux(
+                    kept, idx, self.W_dec, None, dec_norm, aux_pre, dead_here.latents, check_indices=False
+                )
+                # One all-reduce for both reconstructions.
+                total = _SumOverShards.apply(torch.cat([partial, e_partial], dim=1), group)
+                x_hat, e_hat = total[:, : self.d_in] + self.b_dec, total[:, self.d_in :]
                 residual = (x2 - x_hat).detach()
-                aux = aux_coefficient * min(1.0, n_dead / n_aux) * (e_hat - residual).pow(2).sum(-1).mean()
+                aux = aux_coefficient * min(1.0, n_dead / n_aux) * mean_squared_norm(e_hat, residual)
+            else:
+                partial = ops.sparse_decode(kept, idx, self.W_dec, None, dec_norm, check_indices=False)
+                x_hat = _SumOverShards.apply(partial, group) + self.b_dec
         else:
             values, idx, dense_acts = self._relu_local(x2, b_dec_in)
             if dense_acts is not None:
@@ -448,7 +454,7 @@ class ShardedSAE(nn.Module):
                 sparsity = sparsity_coefficient * total[:, self.d_in].mean()
             l0 = total[:, self.d_in + 1].detach().float().mean()
             fired = self._gather_latent_mask(fired_here)
-        mse = (x_hat - x2).pow(2).sum(-1).mean()
+        mse = mean_squared_norm(x_hat, x2)
         loss = mse + sparsity + aux
         return ShardedTrainOutput(x_hat.reshape(x.shape), acts, mse, sparsity, aux, loss, fired, l0)
 
@@ -464,26 +470,24 @@ class ShardedSAE(nn.Module):
         keep = won[:, self.rank * width : self.rank * width + w_here]
         return keep, top.values, cand_idx.gather(1, top.indices)
 
-    def _aux_widths(self, dead_mask: Optional[Tensor], k_aux: Optional[int]) -> tuple[int, int, int, int]:
-        """AuxK: (the whole SAE's k_aux, the number of dead latents, this rank's candidate count, the
-        widest rank's). As `SAE`: k_aux does not depend on the dead count (the loss is scaled by
-        min(1, n_dead / k_aux)); the candidates are the dead latents only."""
+    def _dead_lists(self, dead_mask: Optional[Tensor], k_aux: Optional[int]) -> tuple[int, int, Optional[DeadLatents], int]:
+        """AuxK: (the whole SAE's k_aux, the number of dead latents, this rank's dead latents (local
+        indices), the longest rank's count). As `SAE`: k_aux does not depend on the dead count (the
+        loss is scaled by min(1, n_dead / k_aux)); the candidates are the dead latents only. The
+        mask is read on the host (every rank needs the counts to size its exchange)."""
         if dead_mask is None:
-            return 0, 0, 0, 0
-        if dead_mask.shape != (self.d_sae,) or dead_mask.dtype != torch.bool:
-            raise ValueError(
-                f"dead_mask: expected a bool tensor of shape ({self.d_sae},) (all latents), got {dead_mask.dtype} {tuple(dead_mask.shape)}"
-            )
-        k_aux = self.d_in // 2 if k_aux is None else k_aux
-        if k_aux < 1:
-            raise ValueError(f"k_aux: expected a positive integer, got {k_aux}")
+            return 0, 0, None, 0
+        if isinstance(dead_mask, DeadLatents):
+            raise ValueError("dead_mask: a sharded SAE takes the bool mask [d_sae] (every rank sizes its own list)")
+        check_dead_mask(dead_mask, self.d_sae)
+        n_aux = SAE._aux_width(self, k_aux)
         dead_cpu = dead_mask.cpu()
         n_dead = int(dead_cpu.sum())
         if n_dead == 0:
-            return 0, 0, 0, 0  # the loss is 0 (scaled by n_dead / k_aux)
-        n_aux = min(k_aux, self.d_sae)
-        per_rank = [min(n_aux, int(part.sum())) for part in dead_cpu.split(self.shard_sizes)]
-        return n_aux, n_dead, per_rank[self.rank], max(per_rank)
+            return 0, 0, None, 0  # the loss is 0 (scaled by n_dead / k_aux)
+        widest = max(int(part.sum()) for part in dead_cpu.split(self.shard_sizes))
+        here = DeadLatents.from_mask(dead_mask[self.start : self.stop].to(self.device))
+        return n_aux, n_dead, here, widest
 
     def _width_limit(self) -> int:
         """SAE's rule (`SAE.default_sparse_width_limit`) applied to the shard's latents."""

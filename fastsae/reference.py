@@ -105,69 +105,69 @@ def topk_encode(
     b_dec: Optional[Tensor],
     dec_norm: Optional[Tensor],
     k: int,
-    dead_mask: Optional[Tensor],
+    aux_latents: Optional[Tensor],
     k_aux: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k of the pre-activations per row, ReLU applied to the kept values (SAELens' TopK).
 
-    With k_aux > 0, also AuxK's slots (Gao et al.), the same on every backend:
-    - the candidates of a row are its dead latents (dead_mask True) whose pre-activation is not
-      -inf (NaN is a candidate and ranks first, as in top-k); the row's first
-      min(k_aux, candidates) slots hold the best of them, best first, with their raw
-      pre-activations (no ReLU);
-    - the other slots (fewer dead latents than k_aux, or dead latents at -inf, such as latents
-      switched off by b_enc = -inf) hold value 0, so they add nothing to a decode, at distinct
-      latents the row did not select: the latents that are not dead in ascending order, then,
-      once those are used up, the row's remaining dead latents (all at -inf) in ascending order.
-    The op's autograd gives no gradient to slots at latents that are not dead.
-    Returns (values, indices, aux_values, aux_indices); the aux pair is [N, 0] when k_aux == 0.
+    With `aux_latents` (int64 [C]: latents, -1 for an empty entry; the dead latents, compacted),
+    also AuxK's pre-activations (Gao et al.), dense over that list: `aux_select` of the
+    pre-activations at the listed latents. Returns (values [N, k], indices [N, k], aux_pre [N, C],
+    [N, 0] without a list).
     """
     pre = pre_activations(x, enc_weight, b_enc, b_dec, dec_norm)
     top = pre.topk(k, dim=-1, sorted=False)
     values = top.values.relu()
-    n = x.shape[0]
+    if aux_latents is None:
+        return values, top.indices, x.new_empty(x.shape[0], 0)
+    return values, top.indices, aux_select(aux_columns(pre, aux_latents), aux_latents, k_aux)
+
+
+def aux_columns(pre: Tensor, aux_latents: Tensor) -> Tensor:
+    """pre [N, d_sae] at the listed latents, [N, C] (an empty entry, -1, reads latent 0)."""
+    return pre.index_select(1, aux_latents.clamp(min=0))
+
+
+def aux_select(pre_at: Tensor, aux_latents: Tensor, k_aux: int) -> Tensor:
+    """AuxK's selection over a list of latents, the same on every backend.
+
+    pre_at [N, C] holds the pre-activations at `aux_latents` [C]. A row's candidates are the
+    entries at a latent (not -1) whose pre-activation is not -inf (a latent switched off by
+    b_enc = -inf is no candidate; NaN is one, and ranks first, as in top-k). The row keeps its
+    best min(k_aux, candidates) entries, with their raw pre-activations (no ReLU); every other
+    entry is -inf, which adds nothing to the aux reconstruction and takes no gradient.
+    """
+    candidate = (aux_latents >= 0) & (pre_at != float("-inf"))  # NaN != -inf: a candidate
+    masked = pre_at.masked_fill(~candidate, float("-inf"))
+    if k_aux >= pre_at.shape[1]:
+        return masked
+    chosen = torch.zeros_like(candidate)
     if k_aux > 0:
-        assert dead_mask is not None
-        aux_values, aux_indices = aux_select(pre, dead_mask, k_aux)
-    else:
-        aux_values = x.new_zeros(n, 0)
-        aux_indices = torch.zeros(n, 0, dtype=torch.int64, device=x.device)
-    return values, top.indices, aux_values, aux_indices
+        chosen.scatter_(1, masked.topk(k_aux, dim=1, sorted=False).indices, True)
+    return masked.masked_fill(~(chosen & candidate), float("-inf"))
 
 
-def aux_select(pre: Tensor, dead_mask: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
-    """AuxK's [N, k_aux] (values, indices) from dense pre-activations [N, d_sae], as
-    `topk_encode` defines them (candidates first, best first, then value-0 fillers)."""
-    candidate = dead_mask & (pre != float("-inf"))  # NaN != -inf: a candidate
-    top = pre.masked_fill(~candidate, float("-inf")).topk(k_aux, dim=-1, sorted=True)  # NaN first
-    count = candidate.sum(-1, keepdim=True)
-    return aux_assemble(top.values, top.indices, count, aux_fillers(dead_mask, candidate, k_aux), k_aux)
+def aux_coefficients(aux_pre: Tensor) -> Tensor:
+    """AuxK's activations from `aux_select`'s output: -inf (not kept) becomes 0; NaN and +inf
+    stay, as a dense decode would carry them."""
+    return torch.nan_to_num(aux_pre, nan=float("nan"), posinf=float("inf"), neginf=0.0)
 
 
-def aux_fillers(dead_mask: Tensor, chosen: Tensor, k_aux: int) -> Tensor:
-    """[N, k_aux] latents for AuxK's value-0 slots, per row in the order `topk_encode` defines:
-    the latents that are not dead (ascending), then the dead ones not `chosen` [N, d_sae]."""
-    n, d_sae = chosen.shape
-    latent = torch.arange(d_sae, device=chosen.device)
-    if 2 * d_sae < 2**31:  # half the memory of int64 for this [N, d_sae] key
-        latent = latent.to(torch.int32)
-    order = torch.where(dead_mask, latent + d_sae, latent).expand(n, d_sae).masked_fill(chosen, 2 * d_sae)
-    return order.topk(k_aux, dim=-1, largest=False, sorted=True).indices
+def aux_kept(aux_pre: Tensor) -> Tensor:
+    """1 where AuxK kept an entry (not -inf), else 0, in aux_pre's dtype: the mask of its gradient
+    (a multiply, several times faster than torch.where on a CPU)."""
+    return torch.isneginf(aux_pre).logical_not_().to(aux_pre.dtype)
 
 
-def aux_assemble(values: Tensor, indices: Tensor, count: Tensor, fillers: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
-    """AuxK's [N, k_aux] slots: row n's first count[n] from (values, indices) [N, >= count] (its
-    candidates, best first), then value 0 at fillers[n, 0], fillers[n, 1], ..."""
-    n = values.shape[0]
-    if values.shape[1] < k_aux:
-        pad = k_aux - values.shape[1]
-        values = torch.cat([values, values.new_zeros(n, pad)], dim=1)
-        indices = torch.cat([indices, indices.new_zeros(n, pad)], dim=1)
-    values, indices = values[:, :k_aux], indices[:, :k_aux]
-    slot = torch.arange(k_aux, device=values.device)
-    real = slot < count
-    filled = fillers.gather(1, (slot - count).clamp(min=0, max=max(fillers.shape[1] - 1, 0))) if fillers.numel() else indices
-    return torch.where(real, values, torch.zeros_like(values)), torch.where(real, indices, filled)
+def aux_decode(aux_pre: Tensor, aux_latents: Tensor, W_dec: Tensor, dec_norm: Optional[Tensor]) -> Tensor:
+    """AuxK's reconstruction [N, d_in]: sum over the entries j of aux_pre [N, C] that are not -inf
+    of aux_pre[n, j] * W_dec[aux_latents[j]] (/ ||W_dec|| when rescaled): a dense product over the
+    listed rows of W_dec. Empty entries (latent -1) must be -inf, as `aux_select` leaves them."""
+    rows = aux_latents.clamp(min=0)
+    coef = aux_coefficients(aux_pre)
+    if dec_norm is not None:
+        coef = coef / dec_norm[rows]
+    return coef @ W_dec[rows]
 
 
 def threshold_encode(

@@ -16,9 +16,11 @@ from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastsae import architectures, ops
+from fastsae.auxk import DeadLatents, as_dead_latents
 from fastsae.config import SAEConfig
 from fastsae.sparse import SparseActivations, pad_at_free_latents, tracing
 
@@ -33,6 +35,11 @@ class TrainOutput:
     sparsity_loss: Tensor
     aux_loss: Tensor
     loss: Tensor
+
+
+def mean_squared_norm(a: Tensor, b: Tensor) -> Tensor:
+    """The mean over rows of ||a - b||^2 (SAELens' MSE), as one fused op and its one-pass backward."""
+    return F.mse_loss(a, b, reduction="sum") / a.shape[0]
 
 
 # The row-wise sparse path's default width limit per device type, as d_sae / divisor, from the
@@ -222,9 +229,11 @@ class SAE(nn.Module):
         if not self._sparse_hint:
             self._dense_passes_to_skip = 7
 
-    def _topk_flat(self, x2: Tensor, dead_mask: Optional[Tensor] = None, k_aux: int = 0, k: Optional[int] = None):
+    def _topk_flat(self, x2: Tensor, dead: Optional[DeadLatents] = None, k_aux: int = 0, k: Optional[int] = None):
+        """(values [N, k], indices [N, k], AuxK's aux_pre [N, C] over `dead`'s list, or [N, 0])."""
         return ops.topk_encode(
-            x2, self.enc_weight, self.b_enc, self._b_dec_in(), self._dec_norm(), k or self.cfg.k, dead_mask, k_aux
+            x2, self.enc_weight, self.b_enc, self._b_dec_in(), self._dec_norm(), k or self.cfg.k,
+            dead.latents if dead is not None else None, k_aux, check_indices=False,
         )
 
     def encode_sparse(self, x: Tensor) -> SparseActivations:
@@ -271,7 +280,7 @@ class SAE(nn.Module):
         x: Tensor,
         *,
         sparsity_coefficient: float = 0.0,
-        dead_mask: Optional[Tensor] = None,
+        dead_mask: Union[Tensor, DeadLatents, None] = None,
         k_aux: Optional[int] = None,
         aux_coefficient: float = 1.0 / 32,
     ) -> TrainOutput:
@@ -285,45 +294,38 @@ class SAE(nn.Module):
           sum_i relu(pi_gate)_i * ||W_dec,i|| (plain relu(pi_gate)_i with decoder_norm "none");
           aux_loss = mean over rows of ||relu(pi_gate) @ W_dec + b_dec - x||^2 (weight 1, as SAELens),
           where pi_gate = x_in @ W_enc + b_gate.
-        - topk / batchtopk: with a bool `dead_mask` [d_sae], the AuxK loss of Gao et al.:
-          the top k_aux (default d_in // 2) dead latents reconstruct the detached residual,
-          aux_loss = aux_coefficient * min(1, n_dead / k_aux) * mean ||e_hat - e||^2.
+        - topk / batchtopk: with `dead_mask` (a bool [d_sae], or `fastsae.DeadLatents` built from
+          one), the AuxK loss of Gao et al.: each row's top k_aux (default d_in // 2) dead latents
+          reconstruct the detached residual e, aux_loss = aux_coefficient * min(1, n_dead / k_aux)
+          * mean ||e_hat - e||^2. Its cost follows the number of dead latents (see `fastsae.auxk`).
         BatchTopK also updates its inference threshold here. `acts` is always `SparseActivations`
         (ReLU/JumpReLU: from the sparse path, or converted after a dense pass; JumpReLU's may hold
         zero-valued entries just below the threshold, which its pseudo-gradients use).
         """
         x2 = self._flat_input(x)
-        step = self.arch.training_step(self, x2, sparsity_coefficient, dead_mask, k_aux)
+        dead = as_dead_latents(dead_mask, self.d_sae, self.device)
+        n_aux = self._aux_width(k_aux)
+        if dead is not None and dead.capacity == 0:
+            dead = None  # no dead latent: the loss is 0 (scaled by n_dead / k_aux), nothing to compute
+        step = self.arch.training_step(self, x2, sparsity_coefficient, dead, n_aux)
         x_hat, acts, sparsity, aux = step.x_hat, step.acts, step.sparsity, step.aux
-        mse = (x_hat - x2).pow(2).sum(-1).mean()
-        if step.aux_pair is not None:
-            aux_values, aux_indices, n_aux = step.aux_pair
+        mse = mean_squared_norm(x_hat, x2)
+        if step.aux_recon is not None:
             # As sparsify: the loss shrinks when fewer latents are dead than k_aux (0 when none
             # is). A device tensor, not a Python number: no host sync, so the step can be
             # compiled with fullgraph=True and captured as a CUDA graph.
-            n_dead = dead_mask.sum().to(x_hat.dtype)
-            scale = (n_dead / n_aux).clamp(max=1.0)
+            scale = (dead.count().to(x_hat.dtype) / n_aux).clamp(max=1.0)
             residual = (x2 - x_hat).detach()
-            e_hat = ops.sparse_decode(aux_values, aux_indices, self.W_dec, None, self._dec_norm(), check_indices=False)
-            aux = aux_coefficient * scale * (e_hat - residual).pow(2).sum(-1).mean()
+            aux = aux_coefficient * scale * mean_squared_norm(step.aux_recon, residual)
         if not isinstance(acts, SparseActivations):  # one type whichever path ran
             acts = SparseActivations.from_dense(acts)
         return TrainOutput(x_hat.reshape(x.shape), acts, mse, sparsity, aux, mse + sparsity + aux)
 
-    def _aux_width(self, dead_mask: Optional[Tensor], k_aux: Optional[int]) -> int:
-        if dead_mask is None:
-            return 0
-        if dead_mask.shape != (self.d_sae,) or dead_mask.dtype != torch.bool:
-            raise ValueError(
-                f"dead_mask: expected a bool tensor of shape ({self.d_sae},), got {dead_mask.dtype} {tuple(dead_mask.shape)}"
-            )
+    def _aux_width(self, k_aux: Optional[int]) -> int:
+        """AuxK's k_aux (default d_in // 2, at most d_sae)."""
         k_aux = self.d_in // 2 if k_aux is None else k_aux
-        if k_aux < 1:
-            raise ValueError(f"k_aux: expected a positive integer, got {k_aux}")
-        # The width does not depend on how many latents are dead (that would need the count on
-        # the host: a sync, and a shape that changes from step to step). Slots beyond the dead
-        # latents hold 0 and the loss is scaled by min(1, n_dead / k_aux), so the result is the
-        # same as selecting among the dead latents only.
+        if isinstance(k_aux, bool) or not isinstance(k_aux, int) or k_aux < 1:
+            raise ValueError(f"k_aux: expected a positive integer, got {k_aux!r}")
         return min(k_aux, self.d_sae)
 
     # ------------------------------------------------------------ decoder constraints

@@ -9,7 +9,7 @@ The contract, for every op:
 - tensors are `torch.Tensor`s (a numpy array or a list is refused, not converted);
 - the leading float tensor (x, values, grad_pre, grad_out) is float16, bfloat16, float32 or
   float64, and every other float tensor has exactly its dtype (no silent promotion); indices are
-  int64, dead_mask is bool; threshold_encode's cutoff is in the accumulation type (float32, or
+  int64 (aux_latents: int64 latents or -1); threshold_encode's cutoff is in the accumulation type (float32, or
   float64 for float64 x);
 - every tensor is on the leading tensor's device;
 - shapes are exact (no broadcasting): [N, d_in], [d_sae, d_in], vectors of d_sae or d_in;
@@ -150,17 +150,29 @@ def check_encoder_inputs(x, enc_weight, b_enc, b_dec, dec_norm) -> tuple[int, in
     return d_sae, d_in
 
 
-def check_topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux) -> None:
+def check_topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, aux_latents, k_aux, check_range: bool = True) -> None:
     d_sae, _ = check_encoder_inputs(x, enc_weight, b_enc, b_dec, dec_norm)
     _integer("k", k, 1, d_sae, f"1 <= k <= d_sae={d_sae}")
     _integer("k_aux", k_aux, 0, d_sae, f"0 <= k_aux <= d_sae={d_sae}")
-    if k_aux > 0:
-        mask = _tensor("dead_mask", dead_mask, f"a bool mask of shape ({d_sae},) when k_aux > 0")
-        if _shape(mask) != (d_sae,):
-            _fail(f"dead_mask: expected a vector of shape ({d_sae},), got shape {_shape(mask)} (d_sae={d_sae})")
-        if mask.dtype != torch.bool:
-            _fail(f"dead_mask: expected dtype torch.bool, got {mask.dtype}")
-        _same_device("dead_mask", mask, "x", x)
+    if aux_latents is not None:
+        check_aux_latents(aux_latents, d_sae, x, check_range)
+
+
+def check_aux_latents(aux_latents, d_sae: int, ref: Tensor, check_range: bool) -> Tensor:
+    """AuxK's list of latents: int64 [C] with C <= d_sae, on ref's device, each in [0, d_sae) or -1
+    (an empty entry; the range is read only with `check_range`, as for indices)."""
+    aux_latents = _tensor("aux_latents", aux_latents, f"an int64 vector of at most d_sae={d_sae} latents")
+    if aux_latents.ndim != 1 or aux_latents.shape[0] > d_sae:
+        _fail(f"aux_latents: expected a vector of at most d_sae={d_sae} latents, got shape {_shape(aux_latents)}")
+    if aux_latents.dtype != torch.int64:
+        _fail(f"aux_latents: expected dtype torch.int64, got {aux_latents.dtype}")
+    _same_device("aux_latents", aux_latents, "x", ref)
+    if check_range and aux_latents.numel() and _has_data(aux_latents):
+        lo, hi = torch.aminmax(aux_latents.detach())
+        lo, hi = int(lo), int(hi)
+        if lo < -1 or hi >= d_sae:
+            _fail(f"aux_latents: expected latents in [0, {d_sae}) or -1 (empty), got values in [{lo}, {hi}]")
+    return aux_latents
 
 
 def check_threshold_encode(x, enc_weight, b_enc, b_dec, dec_norm, cutoff, max_width) -> None:
@@ -205,6 +217,13 @@ def check_sparse_decode(values, indices, W_dec, b_dec, dec_norm, check_range: bo
     _optional_like("dec_norm", dec_norm, (d_sae,), "values", values, f"d_sae={d_sae}")
     if check_range:
         check_index_range("indices", indices, d_sae)
+
+
+def check_sparse_decode_with_aux(values, indices, W_dec, b_dec, dec_norm, aux_pre, aux_latents, check_range: bool = True) -> None:
+    check_sparse_decode(values, indices, W_dec, b_dec, dec_norm, check_range)
+    latents = check_aux_latents(aux_latents, W_dec.shape[0], values, check_range)
+    shape = (values.shape[0], latents.shape[0])
+    _like("aux_pre", aux_pre, shape, "values", values, f"[N, C] with N={shape[0]} (as values), C={shape[1]} (as aux_latents)")
 
 
 def check_sparse_decode_backward(grad_out, values, indices, W_dec, dec_norm, check_range: bool = True) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fastsae import ops
+from fastsae.auxk import DeadLatents
 from fastsae.sparse import SparseActivations
 
 if TYPE_CHECKING:
@@ -26,13 +27,13 @@ if TYPE_CHECKING:
 class Step:
     """One training batch's forward pass, before the losses shared by every architecture (MSE,
     AuxK): the reconstruction, the activations, the architecture's sparsity and auxiliary losses,
-    and, for AuxK, the dead latents' (values, indices, k_aux) or None."""
+    and, for AuxK, the dead latents' reconstruction of the residual [N, d_in] (or None)."""
 
     x_hat: Tensor
     acts: object  # SparseActivations, or dense [N, d_sae] (converted by the module)
     sparsity: Tensor
     aux: Tensor
-    aux_pair: Optional[tuple] = None
+    aux_recon: Optional[Tensor] = None
 
 
 class Architecture:
@@ -104,9 +105,8 @@ class Architecture:
         pre = sae._pre_dense_fallback(x2)
         return sae.decode(self.acts_dense(sae, pre))
 
-    def training_step(
-        self, sae: "SAE", x2: Tensor, coefficient: float, dead_mask: Optional[Tensor], k_aux: Optional[int]
-    ) -> Step:
+    def training_step(self, sae: "SAE", x2: Tensor, coefficient: float, dead: Optional[DeadLatents], k_aux: int) -> Step:
+        """One batch's forward. `dead`: the dead latents (AuxK's, for the architectures that use it)."""
         sparse_pre = sae._sparse_pre(x2)
         if sparse_pre is not None:
             pre, indices = sparse_pre

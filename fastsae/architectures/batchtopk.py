@@ -12,6 +12,8 @@ from torch import Tensor
 from fastsae import ops, reference
 from fastsae.activations import batch_topk
 from fastsae.architectures.base import Architecture, Step
+from fastsae.architectures.topk import decode_with_aux
+from fastsae.auxk import DeadLatents
 from fastsae.sparse import SparseActivations, tracing
 
 
@@ -32,25 +34,24 @@ class BatchTopK(Architecture):
             return None  # the batch's selection has no per-latent rule
         return sae.topk_threshold.clamp_min(0).to(acc).expand(sae.d_sae)
 
-    def training_step(self, sae, x2: Tensor, coefficient: float, dead_mask: Optional[Tensor], k_aux: Optional[int]) -> Step:
-        n_aux = sae._aux_width(dead_mask, k_aux)
+    def training_step(self, sae, x2: Tensor, coefficient: float, dead: Optional[DeadLatents], k_aux: int) -> Step:
         zero = x2.new_zeros(())
-        sparse = self._sparse_selection(sae, x2, dead_mask, n_aux)
+        sparse = self._sparse_selection(sae, x2, dead, k_aux)
         if sparse is not None:
-            values, indices, aux_values, aux_indices = sparse
-            x_hat = ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, sae._dec_norm(), check_indices=False)
+            values, indices, aux_pre = sparse
+            x_hat, aux_recon = decode_with_aux(sae, values, indices, dead, aux_pre)
             self._update_threshold(sae, values)
-            aux_pair = (aux_values, aux_indices, n_aux) if n_aux else None
-            return Step(x_hat, SparseActivations(values, indices, sae.d_sae), zero, zero, aux_pair)
+            return Step(x_hat, SparseActivations(values, indices, sae.d_sae), zero, zero, aux_recon)
         pre = sae._pre_dense_fallback(x2)
         acts = self.acts_dense(sae, pre)
         x_hat = sae.decode(acts)
         self._update_threshold(sae, acts)
-        aux_pair = None
-        if n_aux:
-            # AuxK's slots as the topk_encode op defines them (dead latents at -inf skipped).
-            aux_pair = (*reference.aux_select(pre, dead_mask, n_aux), n_aux)
-        return Step(x_hat, acts, zero, zero, aux_pair)
+        aux_recon = None
+        if dead is not None:
+            # AuxK's selection as the topk_encode op makes it (dead latents at -inf skipped).
+            aux_pre = reference.aux_select(reference.aux_columns(pre, dead.latents), dead.latents, k_aux)
+            aux_recon = reference.aux_decode(aux_pre, dead.latents, sae.W_dec, sae._dec_norm())
+        return Step(x_hat, acts, zero, zero, aux_recon)
 
     @staticmethod
     @torch.no_grad()
@@ -61,20 +62,20 @@ class BatchTopK(Architecture):
             sae.topk_threshold.mul_(1 - lr).add_(lr * positive.min().to(torch.float64))
 
     @staticmethod
-    def _sparse_selection(sae, x2: Tensor, dead_mask: Optional[Tensor], n_aux: int):
+    def _sparse_selection(sae, x2: Tensor, dead: Optional[DeadLatents], k_aux: int):
         """The batch's N k largest activations without the dense matrix: each row's top `bound`
         candidates from the top-k encoder, then the batch's N k largest among them. Exact unless a
         row had all its candidates selected while its smallest one is positive (its next entries
         might belong too): then the bound doubles and the batch is encoded again (and the larger
-        bound kept for the next batches). Returns (values, indices, aux values, aux indices) with
-        rows padded by value-0 slots, or None for the dense path (off, or traced: the width
-        depends on the data)."""
+        bound kept for the next batches). Returns (values, indices, AuxK's aux_pre) with rows
+        padded by value-0 slots, or None for the dense path (off, or traced: the width depends on
+        the data)."""
         if sae._width_limit() <= 0 or tracing():
             return None
         n, k, d_sae = x2.shape[0], sae.cfg.k, sae.d_sae
         bound = min(d_sae, max(sae._batchtopk_bound or 0, 4 * k))
         while True:
-            cand, cand_idx, aux_values, aux_indices = sae._topk_flat(x2, dead_mask if n_aux else None, n_aux, bound)
+            cand, cand_idx, aux_pre = sae._topk_flat(x2, dead, k_aux, bound)
             chosen = cand.detach().flatten().topk(n * k, sorted=False).indices  # bound >= k: there are enough
             keep = torch.zeros(n * bound, dtype=torch.bool, device=cand.device)
             keep[chosen] = True
@@ -89,4 +90,4 @@ class BatchTopK(Architecture):
         width = max(1, int(keep.sum(1).max())) if n else 0
         order = cand.detach().masked_fill(~keep, float("-inf")).topk(width, dim=1).indices
         values = torch.where(keep.gather(1, order), cand.gather(1, order), cand.new_zeros(()))
-        return values, cand_idx.gather(1, order), aux_values, aux_indices
+        return values, cand_idx.gather(1, order), aux_pre

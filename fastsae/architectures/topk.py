@@ -10,6 +10,7 @@ from torch import Tensor
 
 from fastsae import ops
 from fastsae.architectures.base import Architecture, Step
+from fastsae.auxk import DeadLatents
 from fastsae.sparse import SparseActivations
 
 
@@ -17,21 +18,30 @@ class TopK(Architecture):
     name = "topk"
 
     def encode_sparse(self, sae, x2: Tensor) -> SparseActivations:
-        values, indices, _, _ = sae._topk_flat(x2)
+        values, indices, _ = sae._topk_flat(x2)
         return SparseActivations(values, indices, sae.d_sae)
 
     def encode(self, sae, x2: Tensor) -> Tensor:
         return self.encode_sparse(sae, x2).to_dense()
 
     def forward(self, sae, x2: Tensor) -> Tensor:
-        values, indices, _, _ = sae._topk_flat(x2)
+        values, indices, _ = sae._topk_flat(x2)
         # The encoder's own indices: check_indices=False skips the range check (a host sync on a GPU).
         return ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, sae._dec_norm(), check_indices=False)
 
-    def training_step(self, sae, x2: Tensor, coefficient: float, dead_mask: Optional[Tensor], k_aux: Optional[int]) -> Step:
-        n_aux = sae._aux_width(dead_mask, k_aux)
-        values, indices, aux_values, aux_indices = sae._topk_flat(x2, dead_mask if n_aux else None, n_aux)
-        x_hat = ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, sae._dec_norm(), check_indices=False)
+    def training_step(self, sae, x2: Tensor, coefficient: float, dead: Optional[DeadLatents], k_aux: int) -> Step:
+        values, indices, aux_pre = sae._topk_flat(x2, dead, k_aux)
         zero = x2.new_zeros(())
-        aux_pair = (aux_values, aux_indices, n_aux) if n_aux else None
-        return Step(x_hat, SparseActivations(values, indices, sae.d_sae), zero, zero, aux_pair)
+        acts = SparseActivations(values, indices, sae.d_sae)
+        x_hat, aux_recon = decode_with_aux(sae, values, indices, dead, aux_pre)
+        return Step(x_hat, acts, zero, zero, aux_recon)
+
+
+def decode_with_aux(sae, values: Tensor, indices: Tensor, dead: Optional[DeadLatents], aux_pre: Tensor):
+    """(x_hat, AuxK's reconstruction or None) from the encoder's own indices (check_indices=False
+    skips the range check, a host sync on a GPU): one op, whose backward writes one decoder gradient."""
+    if dead is None:
+        return ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, sae._dec_norm(), check_indices=False), None
+    return ops.sparse_decode_with_aux(
+        values, indices, sae.W_dec, sae.b_dec, sae._dec_norm(), aux_pre, dead.latents, check_indices=False
+    )

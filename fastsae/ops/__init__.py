@@ -26,6 +26,7 @@ __all__ = [
     "topk_encode",
     "threshold_encode",
     "sparse_decode",
+    "sparse_decode_with_aux",
 ]
 
 
@@ -36,15 +37,18 @@ def topk_encode(
     b_dec: Optional[Tensor],
     dec_norm: Optional[Tensor],
     k: int,
-    dead_mask: Optional[Tensor] = None,
+    aux_latents: Optional[Tensor] = None,
     k_aux: int = 0,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    *,
+    check_indices: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Fused TopK encode. x [N, d_in], enc_weight [d_sae, d_in] -> (values [N, k], indices [N, k],
-    aux_values [N, k_aux], aux_indices [N, k_aux]); see `fastsae.reference.topk_encode`."""
-    validation.check_topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux)
-    if k_aux == 0:
-        dead_mask = None
-    return torch.ops.fastsae.topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux)
+    aux_pre [N, C]): with `aux_latents` (int64 [C], latents or -1; `fastsae.DeadLatents`), AuxK's
+    pre-activations at those latents, each row's best k_aux kept and -inf elsewhere; see
+    `fastsae.reference.topk_encode`. `check_indices=False` skips reading aux_latents' range (a host
+    sync on a GPU), for lists fastsae built."""
+    validation.check_topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, aux_latents, k_aux, check_range=False)
+    return torch.ops.fastsae.topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, aux_latents, k_aux, check_indices)
 
 
 def threshold_encode(
@@ -91,3 +95,21 @@ def sparse_decode(
     time, on real tensors), never in code that torch.compile traces."""
     validation.check_sparse_decode(values, indices, W_dec, b_dec, dec_norm, check_range=False)
     return torch.ops.fastsae.sparse_decode(values, indices, W_dec, b_dec, dec_norm, check_indices)
+
+
+def sparse_decode_with_aux(
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    b_dec: Optional[Tensor],
+    dec_norm: Optional[Tensor],
+    aux_pre: Tensor,
+    aux_latents: Tensor,
+    *,
+    check_indices: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """The sparse decode and AuxK's reconstruction in one op, whose backward writes one decoder
+    gradient: (x_hat [N, d_in], e_hat [N, d_in]) with e_hat = `fastsae.reference.aux_decode` of
+    `topk_encode`'s aux_pre [N, C] over aux_latents [C] (a dense product over those rows of W_dec)."""
+    validation.check_sparse_decode_with_aux(values, indices, W_dec, b_dec, dec_norm, aux_pre, aux_latents, check_range=False)
+    return torch.ops.fastsae.sparse_decode_with_aux(values, indices, W_dec, b_dec, dec_norm, aux_pre, aux_latents, check_indices)

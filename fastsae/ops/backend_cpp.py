@@ -155,18 +155,14 @@ _ops = torch.ops.fastsae_cpp
 
 
 @torch.library.register_fake("fastsae_cpp::topk_encode")
-def _(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux):
+def _(x, enc_weight, b_enc, b_dec, dec_norm, k, aux_latents, k_aux):
     n = x.shape[0]
-    return (
-        x.new_empty(n, k),
-        x.new_empty(n, k, dtype=torch.int64),
-        x.new_empty(n, k_aux),
-        x.new_empty(n, k_aux, dtype=torch.int64),
-    )
+    width = aux_latents.shape[0] if aux_latents is not None else 0
+    return x.new_empty(n, k), x.new_empty(n, k, dtype=torch.int64), x.new_empty(n, width)
 
 
 @torch.library.register_fake("fastsae_cpp::topk_encode_out")
-def _(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux, *, values, indices, aux_values, aux_indices):
+def _(x, enc_weight, b_enc, b_dec, dec_norm, k, aux_latents, k_aux, *, values, indices, aux_pre):
     return None
 
 
@@ -218,10 +214,10 @@ def topk_encode(
     b_dec: Optional[Tensor],
     dec_norm: Optional[Tensor],
     k: int,
-    dead_mask: Optional[Tensor],
+    aux_latents: Optional[Tensor],
     k_aux: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return tuple(_ops.topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux))
+) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(_ops.topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, aux_latents, k_aux))
 
 
 def topk_encode_backward(

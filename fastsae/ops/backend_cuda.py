@@ -43,13 +43,12 @@ def topk_encode(
     b_dec: Optional[Tensor],
     dec_norm: Optional[Tensor],
     k: int,
-    dead_mask: Optional[Tensor],
+    aux_latents: Optional[Tensor],
     k_aux: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    # AuxK takes the chunked torch path, as on the triton backend: its slots are the reference's
-    # (dead latents at -inf skipped, value-0 fillers per row) and no count of dead latents reaches
-    # the host, where the kernel's aux pass needed one (a nonzero, a sync every step).
-    if k_aux > 0:
+) -> tuple[Tensor, Tensor, Tensor]:
+    # AuxK takes the chunked torch path, as on the triton backend (the shared design: the dead
+    # latents' columns of each chunk's product, over a list of fixed capacity, no host sync).
+    if aux_latents is not None:
         x_in = x - b_dec if b_dec is not None else x
-        return topk_encode_chunked(x_in, enc_weight, b_enc, dec_norm, k, dead_mask, k_aux)
+        return topk_encode_chunked(x_in, enc_weight, b_enc, dec_norm, k, aux_latents, k_aux)
     return backend_cpp.topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, None, 0)

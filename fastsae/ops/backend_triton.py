@@ -35,21 +35,20 @@ def topk_encode(
     b_dec: Optional[Tensor],
     dec_norm: Optional[Tensor],
     k: int,
-    dead_mask: Optional[Tensor],
+    aux_latents: Optional[Tensor],
     k_aux: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     # b_dec is subtracted once here ([N, d_in] elementwise) rather than folded into the kernel as
     # x W^T - b_dec W^T, which would read the [d_sae, d_in] weight a second time.
     x_in = x - b_dec if b_dec is not None else x
     n = x.shape[0]
     path = measured.encoder_path(x.device.type, x.shape[1], k, dispatch._device_name(x.device) if x.is_cuda else None)
-    if k_aux > 0 or path == "chunked":
-        # AuxK takes the chunked path whatever the width: its selection among the dead latents
-        # comes from the same product, and nothing depends on how many are dead (the fused
-        # kernel's pass over a compacted list of them needed their count on the host).
-        return topk_encode_chunked(x_in, enc_weight, b_enc, dec_norm, k, dead_mask, k_aux)
+    if aux_latents is not None or path == "chunked":
+        # AuxK takes the chunked path whatever the width: the dead latents' columns come from the
+        # same product, over a list whose capacity, not count, sets the shapes (no host sync).
+        return topk_encode_chunked(x_in, enc_weight, b_enc, dec_norm, k, aux_latents, k_aux)
     values, indices = _ops.topk_encode(x_in, enc_weight, b_enc, dec_norm, None, k, True)
-    return values, indices, x.new_zeros(n, 0), torch.zeros(n, 0, dtype=torch.int64, device=x.device)
+    return values, indices, x.new_empty(n, 0)
 
 
 def topk_encode_backward(

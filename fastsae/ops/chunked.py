@@ -30,19 +30,19 @@ def topk_encode_chunked(
     b_enc: Tensor,
     dec_norm: Optional[Tensor],
     k: int,
-    dead_mask: Optional[Tensor],
+    aux_latents: Optional[Tensor],
     k_aux: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """cuBLAS in row chunks + a top-k select: per chunk, the dense pre-activations by addmm (in
     x's dtype, as the reference forms them), torch.topk for the k largest, and, for AuxK, the
-    k_aux largest among dead latents from the same chunk (one product serves both). Shapes depend
-    only on N, k and k_aux: no host sync. AuxK's slots follow `fastsae.reference.topk_encode`."""
+    chunk's columns at `aux_latents` with each row's best k_aux kept (one product serves both).
+    Shapes depend only on N, k and the list's capacity: no host sync. AuxK's entries follow
+    `fastsae.reference.aux_select`."""
     n = x_in.shape[0]
     d_sae = enc_weight.shape[0]
     values = x_in.new_empty(n, k)
     indices = torch.empty(n, k, dtype=torch.int64, device=x_in.device)
-    aux_values = x_in.new_empty(n, k_aux)
-    aux_indices = torch.empty(n, k_aux, dtype=torch.int64, device=x_in.device)
+    aux_pre = x_in.new_empty(n, aux_latents.shape[0] if aux_latents is not None else 0)
     step = _chunk_rows(d_sae)
     for a in range(0, n, step):
         b = min(n, a + step)
@@ -52,7 +52,6 @@ def topk_encode_chunked(
         top = pre.topk(k, dim=1, sorted=False)
         values[a:b] = top.values.relu()
         indices[a:b] = top.indices
-        if k_aux > 0:
-            # AuxK's slots as the reference defines them (dead latents at -inf skipped), sync-free.
-            aux_values[a:b], aux_indices[a:b] = reference.aux_select(pre, dead_mask, k_aux)
-    return values, indices, aux_values, aux_indices
+        if aux_latents is not None:
+            aux_pre[a:b] = reference.aux_select(reference.aux_columns(pre, aux_latents), aux_latents, k_aux)
+    return values, indices, aux_pre

@@ -3,7 +3,8 @@
 Each op's real implementation asks `dispatch.select` for the backend at call time, so the
 FASTSAE_BACKEND variable and `use_backend` apply to eager and compiled code alike.
 
-Forward ops:  fastsae::topk_encode, fastsae::threshold_encode, fastsae::sparse_decode
+Forward ops:  fastsae::topk_encode, fastsae::threshold_encode, fastsae::sparse_decode,
+              fastsae::sparse_decode_with_aux (the decode and AuxK's dense one, one gradient)
 Backward ops: fastsae::topk_encode_backward (shared by both encoders), fastsae::sparse_decode_backward
 
 Every op, real and fake implementation alike, first runs its check from `fastsae.validation`:
@@ -42,24 +43,21 @@ def topk_encode(
     b_dec: Optional[Tensor],
     dec_norm: Optional[Tensor],
     k: int,
-    dead_mask: Optional[Tensor],
+    aux_latents: Optional[Tensor],
     k_aux: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    validation.check_topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux)
+    check_indices: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    validation.check_topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, aux_latents, k_aux, check_indices)
     backend = _backend(x, x.shape[1])
-    return backend.topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask if k_aux else None, k_aux)
+    return backend.topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, aux_latents, k_aux)
 
 
 @topk_encode.register_fake
-def _(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux):
-    validation.check_topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux)
+def _(x, enc_weight, b_enc, b_dec, dec_norm, k, aux_latents, k_aux, check_indices=True):
+    validation.check_topk_encode(x, enc_weight, b_enc, b_dec, dec_norm, k, aux_latents, k_aux, check_range=False)
     n = x.shape[0]
-    return (
-        x.new_empty(n, k),
-        x.new_empty(n, k, dtype=torch.int64),
-        x.new_empty(n, k_aux),
-        x.new_empty(n, k_aux, dtype=torch.int64),
-    )
+    width = aux_latents.shape[0] if aux_latents is not None else 0
+    return x.new_empty(n, k), x.new_empty(n, k, dtype=torch.int64), x.new_empty(n, width)
 
 
 @torch.library.custom_op("fastsae::topk_encode_backward", mutates_args=())
@@ -82,17 +80,19 @@ def _(grad_pre, indices, x, enc_weight, b_dec, check_indices=True):
 
 
 def _topk_encode_setup(ctx, inputs, output):
-    x, enc_weight, b_enc, b_dec, dec_norm, k, dead_mask, k_aux = inputs
-    values, indices, aux_values, aux_indices = output
+    x, enc_weight, b_enc, b_dec, dec_norm, k, aux_latents, k_aux, _check_indices = inputs
+    values, indices, aux_pre = output
     ctx.has_b_dec = b_dec is not None
     ctx.has_dec_norm = dec_norm is not None
-    ctx.k_aux = k_aux
-    ctx.save_for_backward(x, enc_weight, b_dec, dec_norm, dead_mask, values, indices, aux_values, aux_indices)
+    ctx.save_for_backward(x, enc_weight, b_dec, dec_norm, values, indices, aux_latents, aux_pre)
 
 
-def _encoder_grads(ctx, grad_act: Tensor, acts: Tensor, idx: Tensor, x, enc_weight, b_dec, dec_norm):
+def _encoder_grads(ctx, grad_act: Tensor, acts: Tensor, idx: Tensor, x, enc_weight, b_dec, dec_norm, aux=None):
     """The encoder's input gradients from d loss / d act at the [N, m] selected entries, where
-    act = pre (times dec_norm when rescaled); grad_act is already zero wherever act is constant."""
+    act = pre (times dec_norm when rescaled); grad_act is already zero wherever act is constant.
+    `aux`: AuxK's (grad_aux [N, C], aux_pre [N, C], aux_latents [C]), dense over its list of
+    latents (grad_aux zero wherever aux_pre is -inf): added by dense products over the listed
+    rows, into the tensors the sparse backward returned."""
     grad_dec_norm = None
     if ctx.has_dec_norm:
         norm = dec_norm[idx]
@@ -103,25 +103,39 @@ def _encoder_grads(ctx, grad_act: Tensor, acts: Tensor, idx: Tensor, x, enc_weig
         grad_pre = grad_act
     # The indices are the forward's own output (or checked by it): no range check, no host sync.
     grad_x_in, grad_enc_weight, grad_b_enc = topk_encode_backward(grad_pre, idx, x, enc_weight, b_dec, False)
-    grad_b_dec = -grad_x_in.sum(0) if ctx.has_b_dec else None
+    if aux is not None:
+        grad_aux, aux_pre, aux_latents = aux
+        rows = aux_latents.clamp(min=0)  # an empty entry (-1) has no gradient: it adds 0 at latent 0
+        if ctx.has_dec_norm:
+            norm = dec_norm[rows]
+            grad_dec_norm.index_add_(0, rows, (grad_aux * reference.aux_coefficients(aux_pre) / norm).sum(0))
+            grad_aux = grad_aux * norm
+        x_in = x - b_dec if b_dec is not None else x
+        grad_enc_weight.index_add_(0, rows, grad_aux.t() @ x_in)
+        grad_b_enc.index_add_(0, rows, grad_aux.sum(0))
+        enc_rows = enc_weight[rows]
+        if ctx.needs_input_grad[0]:
+            grad_x_in = grad_x_in + grad_aux @ enc_rows
+            grad_b_dec = -grad_x_in.sum(0) if ctx.has_b_dec else None
+        else:  # x takes no gradient: b_dec's needs only the column sums, not the [N, d_in] product
+            grad_b_dec = -(grad_x_in.sum(0) + grad_aux.sum(0) @ enc_rows) if ctx.has_b_dec else None
+    else:
+        grad_b_dec = -grad_x_in.sum(0) if ctx.has_b_dec else None
     return grad_x_in, grad_enc_weight, grad_b_enc, grad_b_dec, grad_dec_norm
 
 
-def _topk_encode_grad(ctx, grad_values, grad_indices, grad_aux_values, grad_aux_indices):
-    x, enc_weight, b_dec, dec_norm, dead_mask, values, indices, aux_values, aux_indices = ctx.saved_tensors
+def _topk_encode_grad(ctx, grad_values, grad_indices, grad_aux_pre):
+    x, enc_weight, b_dec, dec_norm, values, indices, aux_latents, aux_pre = ctx.saved_tensors
     if grad_values is None:
         grad_values = torch.zeros_like(values)
     # ReLU on the kept values: no gradient where the value was clamped to zero.
     grad_act = torch.where(values > 0, grad_values, torch.zeros_like(grad_values))
-    acts, idx = values, indices
-    if ctx.k_aux > 0 and grad_aux_values is not None:
-        # Aux slots past the number of dead latents are constants.
-        grad_aux = torch.where(dead_mask[aux_indices], grad_aux_values, torch.zeros_like(grad_aux_values))
-        grad_act = torch.cat([grad_act, grad_aux], dim=1)
-        acts = torch.cat([values, aux_values], dim=1)
-        idx = torch.cat([indices, aux_indices], dim=1)
-    grads = _encoder_grads(ctx, grad_act, acts, idx, x, enc_weight, b_dec, dec_norm)
-    return *grads, None, None, None
+    aux = None
+    if aux_latents is not None and aux_pre.shape[1] and grad_aux_pre is not None:
+        # Entries AuxK did not keep (-inf) are constants.
+        aux = (grad_aux_pre * reference.aux_kept(aux_pre), aux_pre, aux_latents)
+    grads = _encoder_grads(ctx, grad_act, values, indices, x, enc_weight, b_dec, dec_norm, aux)
+    return *grads, None, None, None, None
 
 
 torch.library.register_autograd("fastsae::topk_encode", _topk_encode_grad, setup_context=_topk_encode_setup)
@@ -229,8 +243,8 @@ def _sparse_decode_setup(ctx, inputs, output):
     ctx.save_for_backward(values, indices, W_dec, dec_norm)
 
 
-def _sparse_decode_grad(ctx, grad_out):
-    values, indices, W_dec, dec_norm = ctx.saved_tensors
+def _decode_grads(ctx, grad_out, values, indices, W_dec, dec_norm):
+    """(grad_values, grad_W_dec, grad_b_dec, grad_dec_norm) of the sparse decode."""
     # The forward checked (or was told to trust) these indices: no second check, no host sync.
     grad_values, grad_W_dec = sparse_decode_backward(grad_out.contiguous(), values, indices, W_dec, dec_norm, False)
     grad_b_dec = grad_out.sum(0) if ctx.has_b_dec else None
@@ -238,7 +252,76 @@ def _sparse_decode_grad(ctx, grad_out):
     if ctx.has_dec_norm:
         # out uses values / norm: d/d norm = -grad_coef * values / norm^2 = -grad_values * values / norm.
         grad_dec_norm = -reference.scatter_sum(grad_values * values / dec_norm[indices], indices, dec_norm.shape[0])
+    return grad_values, grad_W_dec, grad_b_dec, grad_dec_norm
+
+
+def _sparse_decode_grad(ctx, grad_out):
+    values, indices, W_dec, dec_norm = ctx.saved_tensors
+    grad_values, grad_W_dec, grad_b_dec, grad_dec_norm = _decode_grads(ctx, grad_out, values, indices, W_dec, dec_norm)
     return grad_values, None, grad_W_dec, grad_b_dec, grad_dec_norm, None
 
 
 torch.library.register_autograd("fastsae::sparse_decode", _sparse_decode_grad, setup_context=_sparse_decode_setup)
+
+
+# ---------------------------------------------------------------- sparse_decode_with_aux
+
+
+@torch.library.custom_op("fastsae::sparse_decode_with_aux", mutates_args=())
+def sparse_decode_with_aux(
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    b_dec: Optional[Tensor],
+    dec_norm: Optional[Tensor],
+    aux_pre: Tensor,
+    aux_latents: Tensor,
+    check_indices: bool = True,
+) -> tuple[Tensor, Tensor]:
+    validation.check_sparse_decode_with_aux(values, indices, W_dec, b_dec, dec_norm, aux_pre, aux_latents, check_indices)
+    x_hat = _backend(values, W_dec.shape[1]).sparse_decode(values, indices, W_dec, b_dec, dec_norm)
+    # AuxK's reconstruction: one dense product over the listed rows of W_dec, on every backend.
+    return x_hat, reference.aux_decode(aux_pre, aux_latents, W_dec, dec_norm)
+
+
+@sparse_decode_with_aux.register_fake
+def _(values, indices, W_dec, b_dec, dec_norm, aux_pre, aux_latents, check_indices=True):
+    validation.check_sparse_decode_with_aux(values, indices, W_dec, b_dec, dec_norm, aux_pre, aux_latents, False)
+    shape = (values.shape[0], W_dec.shape[1])
+    return W_dec.new_empty(shape), W_dec.new_empty(shape)
+
+
+def _sparse_decode_with_aux_setup(ctx, inputs, output):
+    values, indices, W_dec, b_dec, dec_norm, aux_pre, aux_latents, _check_indices = inputs
+    ctx.has_b_dec = b_dec is not None
+    ctx.has_dec_norm = dec_norm is not None
+    ctx.save_for_backward(values, indices, W_dec, dec_norm, aux_pre, aux_latents)
+
+
+def _sparse_decode_with_aux_grad(ctx, grad_out, grad_aux_out):
+    values, indices, W_dec, dec_norm, aux_pre, aux_latents = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros(values.shape[0], W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
+    grad_values, grad_W_dec, grad_b_dec, grad_dec_norm = _decode_grads(ctx, grad_out, values, indices, W_dec, dec_norm)
+    grad_aux_pre = None
+    if grad_aux_out is not None and aux_latents.shape[0]:
+        # e = coef @ W_dec[rows], coef = aux_pre (0 where -inf) / norm: dense products over the
+        # listed rows, added in place to the decoder gradient the sparse backward made (no second
+        # [d_sae, d_in] tensor for autograd to sum).
+        rows = aux_latents.clamp(min=0)
+        coef = reference.aux_coefficients(aux_pre)
+        if ctx.has_dec_norm:
+            norm = dec_norm[rows]
+            coef = coef / norm
+        grad_coef = grad_aux_out @ W_dec[rows].t()
+        grad_W_dec.index_add_(0, rows, coef.t() @ grad_aux_out)
+        if ctx.has_dec_norm:
+            grad_dec_norm.index_add_(0, rows, -(grad_coef * coef / norm).sum(0))
+            grad_coef = grad_coef / norm
+        grad_aux_pre = grad_coef.mul_(reference.aux_kept(aux_pre))
+    return grad_values, None, grad_W_dec, grad_b_dec, grad_dec_norm, grad_aux_pre, None, None
+
+
+torch.library.register_autograd(
+    "fastsae::sparse_decode_with_aux", _sparse_decode_with_aux_grad, setup_context=_sparse_decode_with_aux_setup
+)

@@ -3,8 +3,8 @@ and replayed: one launch per step instead of a few hundred, the small-batch cost
 measured (about 3 ms per step at N 4096 against a ~0.5 ms floor).
 
 Why it can be captured: the TopK step has no host sync and no data-dependent shape (AuxK
-included: `SAE._aux_width` does not count the dead latents on the host, the triton backend
-selects among them from the chunked product), and the optimizer is torch's fused Adam with
+included: its dead latents go in a list of fixed capacity, `fastsae.DeadLatents`, and the GPU
+backends select among them from the chunked product), and the optimizer is torch's fused Adam with
 `capturable=True` (step count and learning rate on the device; `optim.make_adam`).
 
 What stays exact:
@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from fastsae.auxk import DeadLatents
 from fastsae.sae import TrainOutput
 from fastsae.training.optim import set_lr
 
@@ -56,7 +57,9 @@ class CapturedStep:
     """`step = CapturedStep(sae, optimizer, rows)`; then `out = step.run(x, dead_mask, lr)` per batch.
 
     x must have `rows` rows; dead_mask is a bool [d_sae] (None: no latent is dead; with
-    `auxk=False` it must stay None). The returned `TrainOutput` holds static tensors that the
+    `auxk=False` it must stay None). `aux_capacity`: the most dead latents AuxK takes (its list's
+    fixed capacity, which its cost follows; default d_sae, exact whatever the count; a mask with
+    more lists the first `aux_capacity`). The returned `TrainOutput` holds static tensors that the
     next `run` overwrites: copy what you keep.
     """
 
@@ -69,6 +72,7 @@ class CapturedStep:
         auxk: bool = True,
         k_aux: Optional[int] = None,
         aux_coefficient: float = 1.0 / 32,
+        aux_capacity: Optional[int] = None,
         after_step: Optional[Callable[[], None]] = None,
         warmup: int = 3,
     ):
@@ -85,6 +89,7 @@ class CapturedStep:
             raise ValueError(f"rows: expected a positive integer, got {rows!r}")
         self.sae, self.optimizer, self.rows = sae, optimizer, rows
         self.k_aux, self.aux_coefficient, self.after_step, self.warmup = k_aux, aux_coefficient, after_step, warmup
+        self.aux_capacity = sae.d_sae if aux_capacity is None else aux_capacity
         device = sae.device
         self.x = torch.zeros(rows, sae.d_in, dtype=sae.dtype, device=device)
         self.dead = torch.zeros(sae.d_sae, dtype=torch.bool, device=device) if auxk else None
@@ -94,7 +99,8 @@ class CapturedStep:
 
     def _step(self) -> TrainOutput:
         sae = self.sae
-        out = sae.training_forward(self.x, dead_mask=self.dead, k_aux=self.k_aux, aux_coefficient=self.aux_coefficient)
+        dead = DeadLatents.from_mask(self.dead, capacity=self.aux_capacity) if self.dead is not None else None
+        out = sae.training_forward(self.x, dead_mask=dead, k_aux=self.k_aux, aux_coefficient=self.aux_coefficient)
         out.loss.backward()
         if sae.cfg.decoder_norm == "unit_norm":
             sae.remove_gradient_parallel_to_decoder_directions()

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from fastsae import distributed as fdist
+from fastsae.auxk import DeadLatents
 from fastsae.config import SAEConfig
 from fastsae.formats import saelens
 from fastsae.sae import SAE
@@ -193,6 +194,7 @@ class Trainer:
         self._window_seconds = 0.0
         self._replay_until = 0  # steps below this one check the device at each step (after a roll-back)
         self._dead_possible = True  # whether a latent can be dead before the next check (AuxK)
+        self._aux_capacity = sae.d_sae  # a bound on the dead latents until the next check
         self._snapshot: Optional[dict] = None
         self._prefetcher: Optional[BatchPrefetcher] = None
         self.last_metrics: dict = {}
@@ -462,6 +464,10 @@ class Trainer:
         dead_mask = None
         if self.dead_strategy == "auxk" and self._dead_possible:
             dead_mask = self.tokens_since_fired >= cfg.dead_after
+            if sae.device.type != "cpu" and not self.sharded:
+                # No host sync on an accelerator: the dead latents go in a list whose capacity
+                # bounds their count until the next check (on the CPU the mask's count is read).
+                dead_mask = DeadLatents.from_mask(dead_mask, capacity=self._aux_capacity)
         forward = self._ddp if self._ddp is not None else sae.training_forward
         out = forward(
             x, sparsity_coefficient=coefficient, dead_mask=dead_mask, k_aux=cfg.aux_k, aux_coefficient=cfg.aux_coefficient
@@ -566,13 +572,18 @@ class Trainer:
         return False
 
     def _note_dead_possible(self) -> None:
-        """At a check: can any latent reach `dead_after` tokens without firing before the next
-        check? If not, the steps until then pass no dead mask (AuxK has nothing to do, and the
-        forward need not look at the mask); the result is the same as passing it."""
+        """At a check: how many latents can reach `dead_after` tokens without firing before the next
+        check (at most `log_every_steps` steps away)? None: the steps until then pass no dead mask
+        (AuxK has nothing to do; the result is the same as passing it). Otherwise that count,
+        rounded up to a multiple of 64 (fewer distinct shapes), bounds the dead latents until then:
+        the capacity of AuxK's list on an accelerator, where counting them each step would wait
+        for the device."""
         if self.dead_strategy != "auxk":
             return
-        most = int(self.tokens_since_fired.max()) if self.tokens_since_fired.numel() else 0
-        self._dead_possible = most + self.cfg.log_every_steps * self.cfg.batch_size >= self.cfg.dead_after
+        horizon = self.cfg.log_every_steps * self.cfg.batch_size
+        possible = int((self.tokens_since_fired + horizon >= self.cfg.dead_after).sum())
+        self._dead_possible = possible > 0
+        self._aux_capacity = min(self.sae.d_sae, -(-possible // 64) * 64)
 
     _HOST_STATE = ("step", "tokens_seen", "position", "bad_in_row", "_window_steps", "_window_tokens")
     _HINTS = ("_sparse_hint", "_dense_passes_to_skip", "_overflow_backoff", "_dense_hint")  # SAE's, ShardedSAE's
