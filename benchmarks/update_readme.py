@@ -20,6 +20,34 @@ def _estimate(row: dict) -> str:
     return " (floor an estimate)" if row.get("floor_is_estimate") else ""
 
 
+def _step(row: dict) -> str:
+    """The step a row times: its architecture and, with AuxK, the dead fraction (older results
+    files, without these fields, timed TopK without AuxK)."""
+    arch = row.get("architecture", "topk")
+    dead = row.get("dead_fraction")
+    return arch if dead is None else f"{arch}, AuxK {dead:.0%} dead"
+
+
+def _speedup(pairs: dict, baseline: str) -> str:
+    row = pairs.get(baseline)
+    return "-" if row is None else f"{row['speedup']:.2f}x"
+
+
+def _headline(result: dict) -> str:
+    """The step training runs most: TopK with AuxK at 1% dead latents, against SAELens' math."""
+    rows = [r for r in result["rows"] if r["op"] == "train_step" and r.get("architecture") == "topk"
+            and r.get("dead_fraction") == 0.01 and not r["is_baseline"] and r["baseline"] == "torch-dense"]
+    if not rows:
+        return ""
+    best = min(rows, key=lambda r: r["ms"])
+    peers = [r for r in result["rows"] if r["op"] == "train_step" and r.get("dead_fraction") == 0.01
+             and r.get("architecture") == "topk" and r["backend"] in ("saelens", "sparsify") and r["baseline"] == "torch-dense"]
+    vs_peers = "".join(f", {r['ms'] / best['ms']:.2f}x {r['backend']}'s own step ({r['ms']:.0f} ms)" for r in peers)
+    return (f"Headline, the step training runs (TopK with AuxK, 1% of latents dead, {best['shape']}): "
+            f"{best['backend']} {best['ms']:.0f} ms, {best['speedup']:.2f}x SAELens' math in pure torch "
+            f"(torch-dense, {best['baseline_ms']:.0f} ms){vs_peers}.\n\n")
+
+
 def _table(result: dict) -> str:
     meta = result["meta"]
     lines = [
@@ -27,22 +55,23 @@ def _table(result: dict) -> str:
         f"measured ceilings {meta['ceilings']['matmul_tflops']:.2f} TFLOP/s matmul, "
         f"{meta['ceilings']['copy_gbps']:.0f} GB/s copy)",
         "",
-        "| op | shape | backend | ms (median) | x floor | vs torch-dense | vs torch-sparse | peak MiB (vs dense) |",
-        "|---|---|---|---|---|---|---|---|",
+        _headline(result) + "| op | shape | step | backend | ms (median) | x floor | vs torch-dense | vs torch-sparse | peak MiB (vs dense) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     rows = result["rows"]
     seen = set()
+    key = lambda r: (r["op"], r["shape"], _step(r), r["backend"])  # noqa: E731
     for r in rows:
-        if r["is_baseline"] or (r["op"], r["shape"], r["backend"]) in seen:
+        if r["is_baseline"] or key(r) in seen:
             continue
-        seen.add((r["op"], r["shape"], r["backend"]))
-        sp = {x["baseline"]: x for x in rows if (x["op"], x["shape"], x["backend"]) == (r["op"], r["shape"], r["backend"])}
-        dense = sp["torch-dense"]
+        seen.add(key(r))
+        pairs = {x["baseline"]: x for x in rows if key(x) == key(r)}
+        dense = pairs.get("torch-dense")
         mem = "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.0f}"
-        dmem = "-" if dense["baseline_peak_mem_bytes"] is None else f"{dense['baseline_peak_mem_bytes'] / 2**20:.0f}"
+        dmem = "-" if dense is None or dense["baseline_peak_mem_bytes"] is None else f"{dense['baseline_peak_mem_bytes'] / 2**20:.0f}"
         lines.append(
-            f"| {r['op']} | {r['shape']} | {r['backend']} | {r['ms']:.1f} | {r['of_floor']:.2f}{_estimate(r)} | "
-            f"{dense['speedup']:.2f}x | {sp['torch-sparse']['speedup']:.2f}x | {mem} ({dmem}) |"
+            f"| {r['op']} | {r['shape']} | {_step(r)} | {r['backend']} | {r['ms']:.1f} | {r['of_floor']:.2f}{_estimate(r)} | "
+            f"{_speedup(pairs, 'torch-dense')} | {_speedup(pairs, 'torch-sparse')} | {mem} ({dmem}) |"
         )
     return "\n".join(lines)
 

@@ -1,23 +1,37 @@
 """The pure-torch baselines fastsae is measured against, written the way each library runs them.
 
-- `torch-dense`: SAELens' TopK SAE. Dense pre-activations, torch.topk, ReLU, the kept values
-  scattered into a dense [N, d_sae] matrix, decoded by a dense matrix product.
-- `torch-sparse`: sparsify's fallback. Dense pre-activations, ReLU, torch.topk, and a decoder
-  that reads only the k selected rows through F.embedding_bag (on CUDA in 16 bits, whose
-  embedding_bag has no backward, a gather of the k rows and a weighted sum).
+- `torch-dense`: SAELens' training math for every architecture, dense: pre-activations
+  [N, d_sae], the activation (TopK: torch.topk, ReLU, the kept values scattered into [N, d_sae];
+  BatchTopK: the batch's N k largest; ReLU; JumpReLU with its pseudo-gradients), a dense decode,
+  and the architecture's losses: ReLU's decoder-norm-weighted L1, JumpReLU's L0 through the step
+  pseudo-gradient, and for TopK and BatchTopK with a dead mask SAELens' AuxK (the dead latents'
+  pre-activations masked dense, torch.topk of k_aux, scattered into [N, d_sae] and decoded, the
+  dead count read on the host).
+- `torch-sparse`: sparsify's fallback, TopK only. Dense pre-activations, ReLU, torch.topk, and a
+  decoder that reads only the k selected rows through F.embedding_bag (on CUDA in 16 bits, whose
+  embedding_bag has no backward, a gather of the k rows and a weighted sum); AuxK the same way
+  (masked dense top-k, then the embedding-bag decoder).
 
-Both hold SAELens-layout parameters (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec),
-copied from the fastsae SAE being compared, and compute the same loss (mean over rows of the
-squared error summed over d_in), so every contender does the same work on the same numbers.
+Both hold SAELens-layout parameters (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec,
+JumpReLU's threshold), copied from the fastsae SAE being compared, and compute the loss
+`SAE.training_forward` computes (MSE summed over d_in and averaged over rows, plus the sparsity
+and AuxK terms with the same coefficients), so every contender does the same work on the same numbers.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastsae.activations import JumpReLU, Step, batch_topk
+
 BASELINES = ("torch-dense", "torch-sparse")
+# The architectures each baseline computes.
+BASELINE_ARCHITECTURES = {"torch-dense": ("topk", "batchtopk", "relu", "jumprelu"), "torch-sparse": ("topk",)}
+AUX_COEFFICIENT = 1.0 / 32  # SAE.training_forward's default
 
 
 def gather_weighted_sum(values: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
@@ -26,49 +40,110 @@ def gather_weighted_sum(values: Tensor, indices: Tensor, weight: Tensor) -> Tens
     return torch.bmm(values.unsqueeze(1), weight[indices]).squeeze(1)
 
 
-class DenseTopK(nn.Module):
-    """SAELens' TopK SAE (encode returns the dense [N, d_sae] activations)."""
+def aux_k(d_in: int, d_sae: int) -> int:
+    return min(d_in // 2, d_sae)
+
+
+class DenseSAE(nn.Module):
+    """SAELens' training step for the SAE's architecture, dense (encode returns [N, d_sae])."""
 
     def __init__(self, sae):
         super().__init__()
+        self.architecture = sae.architecture
         self.k = sae.cfg.k
+        self.bandwidth = sae.cfg.jumprelu_bandwidth
         self.W_enc = nn.Parameter(sae.W_enc.detach().clone().contiguous())
         self.b_enc = nn.Parameter(sae.b_enc.detach().clone())
         self.W_dec = nn.Parameter(sae.W_dec.detach().clone())
         self.b_dec = nn.Parameter(sae.b_dec.detach().clone())
+        if self.architecture == "jumprelu":
+            self.threshold = nn.Parameter(sae.threshold.detach().clone())
 
-    def encode(self, x: Tensor) -> Tensor:
-        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
-        top = pre.topk(self.k, dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    def pre(self, x: Tensor) -> Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
 
-    def decode(self, acts: Tensor) -> Tensor:
+    def activate(self, pre: Tensor) -> Tensor:
+        if self.architecture == "topk":
+            top = pre.topk(self.k, dim=-1, sorted=False)
+            return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+        if self.architecture == "batchtopk":
+            return batch_topk(pre.relu(), self.k)
+        if self.architecture == "jumprelu":
+            return JumpReLU.apply(pre, self.threshold, self.bandwidth)
+        return pre.relu()
+
+    def encode(self, x: Tensor):
+        return self.activate(self.pre(x))
+
+    def decode(self, acts) -> Tensor:
         return acts @ self.W_dec + self.b_dec
 
-    def loss(self, x: Tensor) -> Tensor:
-        return (self.decode(self.encode(x)) - x).pow(2).sum(-1).mean()
+    def aux_decode(self, top: torch.return_types.topk, like: Tensor) -> Tensor:
+        """AuxK's reconstruction from the dead latents' top k_aux: SAELens scatters them dense."""
+        return torch.zeros_like(like).scatter(-1, top.indices, top.values) @ self.W_dec
+
+    def loss(self, x: Tensor, dead_mask: Optional[Tensor] = None, coefficient: float = 0.0) -> Tensor:
+        pre = self.pre(x)
+        acts = self.sparse_form(pre) if self.architecture == "topk" else self.activate(pre)
+        x_hat = self.decode(acts)
+        loss = (x_hat - x).pow(2).sum(-1).mean()
+        if self.architecture == "relu" and coefficient:
+            loss = loss + coefficient * (acts * self.W_dec.norm(dim=1)).sum(-1).mean()
+        if self.architecture == "jumprelu" and coefficient:
+            loss = loss + coefficient * Step.apply(pre, self.threshold, self.bandwidth).sum(-1).mean()
+        if dead_mask is not None and self.architecture in ("topk", "batchtopk"):
+            n_dead = int(dead_mask.sum())  # a host sync on a GPU, as SAELens does
+            if n_dead:
+                k_aux = aux_k(x.shape[1], pre.shape[1])
+                top = pre.masked_fill(~dead_mask, float("-inf")).topk(min(k_aux, n_dead), dim=-1, sorted=False)
+                residual = (x - x_hat).detach()
+                e_hat = self.aux_decode(top, pre)
+                loss = loss + AUX_COEFFICIENT * min(1.0, n_dead / k_aux) * (e_hat - residual).pow(2).sum(-1).mean()
+        return loss
+
+    def sparse_form(self, pre: Tensor):
+        """The activations in the form `decode` takes (dense here)."""
+        return self.activate(pre)
 
 
-class SparseTopK(DenseTopK):
+# The name the TopK baseline had before every architecture had one.
+DenseTopK = DenseSAE
+
+
+class SparseTopK(DenseSAE):
     """sparsify's TopK SAE with its embedding_bag decoder (values, indices never densified)."""
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        pre = F.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
-        top = pre.topk(self.k, dim=-1, sorted=False)
+        return self.sparse_form(self.pre(x))
+
+    def sparse_form(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        top = F.relu(pre).topk(self.k, dim=-1, sorted=False)
         return top.values, top.indices
 
-    def decode(self, acts: tuple[Tensor, Tensor]) -> Tensor:
-        values, indices = acts
+    def _bag(self, values: Tensor, indices: Tensor) -> Tensor:
         if values.is_cuda and values.dtype in (torch.bfloat16, torch.float16):
             # embedding_bag has no 16-bit backward on CUDA: the same sum as a pure-torch gather of
             # the k rows and a weighted sum (a batched product, fp32 accumulation).
-            return gather_weighted_sum(values, indices, self.W_dec) + self.b_dec
-        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
+            return gather_weighted_sum(values, indices, self.W_dec)
+        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")
+
+    def decode(self, acts: tuple[Tensor, Tensor]) -> Tensor:
+        values, indices = acts
+        return self._bag(values, indices) + self.b_dec
+
+    def aux_decode(self, top: torch.return_types.topk, like: Tensor) -> Tensor:
+        return self._bag(top.values, top.indices)
 
 
-def make_baseline(name: str, sae) -> DenseTopK:
-    if name == "torch-dense":
-        return DenseTopK(sae)
-    if name == "torch-sparse":
-        return SparseTopK(sae)
-    raise ValueError(f"baseline: expected one of {BASELINES}, got {name!r}")
+def make_baseline(name: str, sae) -> DenseSAE:
+    if name not in BASELINES:
+        raise ValueError(f"baseline: expected one of {BASELINES}, got {name!r}")
+    if sae.architecture not in BASELINE_ARCHITECTURES[name]:
+        raise ValueError(
+            f"baseline {name!r}: computes {BASELINE_ARCHITECTURES[name]}, not architecture {sae.architecture!r}"
+        )
+    return DenseSAE(sae) if name == "torch-dense" else SparseTopK(sae)
+
+
+def baselines_for(architecture: str) -> tuple[str, ...]:
+    return tuple(name for name in BASELINES if architecture in BASELINE_ARCHITECTURES[name])

@@ -1,7 +1,8 @@
 """The libraries users would otherwise pick, as bench contenders, when they are importable.
 
-- `saelens`: SAELens' own `TopKSAE` (package `sae-lens`): its encode (dense [N, d_sae] output)
-  and, for train_step, its forward with the bench's loss and torch's Adam.
+- `saelens`: SAELens' own training SAEs (package `sae-lens`): their encode (dense [N, d_sae]
+  output) and, for train_step, their `training_forward_pass` (AuxK on the same dead mask,
+  sparsity penalties at the same coefficient) with torch's Adam.
 - `sparsify`: sparsify's own kernels (package `eai-sparsify`): its Triton `fused_encoder` and its
   decoder (`decoder_impl`: the Triton embedding-bag where it has one), as its SparseCoder runs them.
 
@@ -41,28 +42,46 @@ def available_peers(device_type: str) -> list[str]:
     return [p for p in PEERS if importable(p) and (p != "sparsify" or device_type == "cuda")]
 
 
-class SAELensTopK(nn.Module):
-    """SAELens' TopKSAE holding the fastsae SAE's weights."""
+class SAELensTraining(nn.Module):
+    """SAELens' own training SAE of the fastsae SAE's architecture (TopKTrainingSAE,
+    BatchTopKTrainingSAE, StandardTrainingSAE, JumpReLUTrainingSAE), holding its weights; `loss`
+    is SAELens' `training_forward_pass` with the bench's dead mask (AuxK for TopK and BatchTopK,
+    at fastsae's coefficient 1/32) and sparsity coefficient."""
 
-    def __init__(self, sae):
+    def __init__(self, sae, coefficient: float = 0.0):
         super().__init__()
-        from sae_lens import TopKSAE, TopKSAEConfig
+        import sae_lens
 
-        cfg = TopKSAEConfig(
-            d_in=sae.d_in, d_sae=sae.d_sae, k=sae.cfg.k, dtype=str(sae.dtype).removeprefix("torch."), device=str(sae.device)
-        )
-        self.sae = TopKSAE(cfg)
+        common = dict(d_in=sae.d_in, d_sae=sae.d_sae, dtype=str(sae.dtype).removeprefix("torch."), device=str(sae.device))
+        arch = sae.architecture
+        if arch in ("topk", "batchtopk"):
+            names = ("TopKTrainingSAE", "TopKTrainingSAEConfig") if arch == "topk" else ("BatchTopKTrainingSAE", "BatchTopKTrainingSAEConfig")
+            cfg = getattr(sae_lens, names[1])(k=sae.cfg.k, aux_loss_coefficient=1.0 / 32, **common)
+            self.coefficients = {}
+        elif arch == "relu":
+            names = ("StandardTrainingSAE", "StandardTrainingSAEConfig")
+            cfg = sae_lens.StandardTrainingSAEConfig(l1_coefficient=coefficient, **common)
+            self.coefficients = {"l1": coefficient}
+        elif arch == "jumprelu":
+            names = ("JumpReLUTrainingSAE", "JumpReLUTrainingSAEConfig")
+            cfg = sae_lens.JumpReLUTrainingSAEConfig(l0_coefficient=coefficient, jumprelu_bandwidth=sae.cfg.jumprelu_bandwidth, **common)
+            self.coefficients = {"l0": coefficient}
+        else:
+            raise ValueError(f"peer saelens: no training SAE for architecture {arch!r} here")
+        self.sae = getattr(sae_lens, names[0])(cfg)
         with torch.no_grad():
-            self.sae.W_enc.copy_(sae.W_enc)
-            self.sae.b_enc.copy_(sae.b_enc)
-            self.sae.W_dec.copy_(sae.W_dec)
-            self.sae.b_dec.copy_(sae.b_dec)
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if arch == "jumprelu" else ()):
+                getattr(self.sae, name).copy_(getattr(sae, name))
 
     def encode(self, x: Tensor) -> Tensor:
         return self.sae.encode(x)
 
-    def loss(self, x: Tensor) -> Tensor:
-        return (self.sae(x) - x).pow(2).sum(-1).mean()
+    def loss(self, x: Tensor, dead_mask: Optional[Tensor] = None, coefficient: float = 0.0) -> Tensor:
+        from sae_lens.saes.sae import TrainStepInput
+
+        step = TrainStepInput(sae_in=x, coefficients=self.coefficients, dead_neuron_mask=dead_mask,
+                              n_training_steps=0, is_logging_step=False)
+        return self.sae.training_forward_pass(step).loss
 
 
 class SparsifyTopK(nn.Module):
@@ -91,15 +110,28 @@ class SparsifyTopK(nn.Module):
         values, indices, _ = self._encoder(x - self.b_dec, self.W, self.b, self.k, "topk")
         return values, indices
 
-    def loss(self, x: Tensor) -> Tensor:
-        values, indices = self.encode(x)
+    def loss(self, x: Tensor, dead_mask: Optional[Tensor] = None, coefficient: float = 0.0) -> Tensor:
+        values, indices, pre_acts = self._encoder(x - self.b_dec, self.W, self.b, self.k, "topk")
         out = self._decoder(indices, values.to(self.W_dec.dtype), self.W_dec.mT) + self.b_dec
-        return (out - x).pow(2).sum(-1).mean()
+        loss = (out - x).pow(2).sum(-1).mean()
+        if dead_mask is not None and (n_dead := int(dead_mask.sum())):
+            # sparsify's AuxK: its encoder's dense pre-activations masked to the dead latents, a
+            # dense top-k_aux, and its decoder (fastsae's coefficient and scaling, for equal work).
+            k_aux = min(x.shape[1] // 2, self.W.shape[0])
+            top = torch.where(dead_mask[None], pre_acts, -torch.inf).topk(min(k_aux, n_dead), sorted=False)
+            e_hat = self._decoder(top.indices, top.values.to(self.W_dec.dtype), self.W_dec.mT)
+            residual = (x - out).detach()
+            loss = loss + min(1.0, n_dead / k_aux) / 32 * (e_hat - residual).pow(2).sum(-1).mean()
+        return loss
 
 
-def make_peer(name: str, sae) -> Optional[nn.Module]:
+# The architectures each peer runs.
+PEER_ARCHITECTURES = {"saelens": ("topk", "batchtopk", "relu", "jumprelu"), "sparsify": ("topk",)}
+
+
+def make_peer(name: str, sae, coefficient: float = 0.0) -> Optional[nn.Module]:
     if name == "saelens":
-        return SAELensTopK(sae)
+        return SAELensTraining(sae, coefficient)
     if name == "sparsify":
         return SparsifyTopK(sae)
     raise ValueError(f"peer: expected one of {PEERS}, got {name!r}")

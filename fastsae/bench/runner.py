@@ -1,18 +1,26 @@
 """`fastsae bench`: encode, decode and train_step for every available backend, against the
 pure-torch baselines, measured in the same run on the same inputs.
 
-What each op times (TopK SAE, no AuxK):
-- encode:     sae.encode_sparse(x) under torch.no_grad (baselines: their encode)
+What each op times:
+- encode:     a TopK SAE's sae.encode_sparse(x) under torch.no_grad (baselines: their encode)
 - decode:     sae.decode(SparseActivations) (torch-dense decodes the dense [N, d_sae] matrix)
-- train_step: zero_grad, training_forward, backward, Adam step (each contender has its own copy
+- train_step: the steps training runs (`STEP_CASES`): TopK with AuxK at 0%, 1% and 10% dead
+              latents (a dead mask passed every step, as `fastsae train` does once latents can be
+              dead), BatchTopK with AuxK at 1%, ReLU with its L1 penalty and JumpReLU with its
+              L0 penalty (their dead latents are resampled between steps, or left: no mask).
+              ReLU and JumpReLU SAEs are set so that rows hold about k active latents, as a
+              trained one does (their bias or threshold at each latent's 1 - k/d_sae quantile).
+              Each row names its `architecture` and `dead_fraction`; the baselines and peers run
+              the same architecture with the same mask and coefficient.
+              Each step: zero_grad, training_forward, backward, Adam step (each contender has its own copy
               of the same initial parameters and its own Adam: fastsae's backends the Adam that
               `fastsae train` runs, `optim.make_adam`: torch's fused Adam on CUDA, on the CPU
               fastsae.training.optim.Adam, torch's update without its parameter-sized
               temporaries; the baselines and peers torch.optim.Adam, as SAELens runs it).
               With graph=True (CUDA), also "<backend>+graph": the same step captured once as a
               CUDA graph and replayed (`fastsae.training.graph.CapturedStep`).
-Peers (`fastsae.bench.peers`): SAELens' TopKSAE and sparsify's kernels, when importable (on CUDA
-by default; `peers=[...]` asks for them anywhere).
+Peers (`fastsae.bench.peers`): SAELens' own training SAEs and sparsify's kernels, when importable
+(on CUDA by default; `peers=[...]` asks for them anywhere).
 
 Floors (how close to physics each time is): bare operations timed round by round alongside the
 contenders, so load on a shared machine hits them alike, each counted by its fastest round (the
@@ -45,8 +53,8 @@ import torch
 
 import fastsae
 from fastsae.bench import timing
-from fastsae.bench.baselines import BASELINES, make_baseline
-from fastsae.bench.peers import PEERS, available_peers, make_peer
+from fastsae.bench.baselines import BASELINE_ARCHITECTURES, BASELINES, make_baseline
+from fastsae.bench.peers import PEER_ARCHITECTURES, PEERS, available_peers, make_peer
 from fastsae.ops import dispatch
 from fastsae.sparse import SparseActivations
 from fastsae.training.optim import Adam, make_adam
@@ -65,6 +73,30 @@ class Shape:
         return f"N{self.n}-d{self.d_in}-s{self.d_sae}-k{self.k}"
 
 
+@dataclass(frozen=True)
+class StepCase:
+    """A training step to time: the architecture and, for AuxK (topk, batchtopk), the fraction of
+    latents marked dead (None: no dead mask)."""
+
+    architecture: str
+    dead_fraction: Optional[float] = None
+
+    def __str__(self) -> str:
+        dead = "" if self.dead_fraction is None else f", {self.dead_fraction:.0%} dead"
+        return f"{self.architecture}{dead}"
+
+
+STEP_CASES = (
+    StepCase("topk", 0.0),
+    StepCase("topk", 0.01),
+    StepCase("topk", 0.10),
+    StepCase("batchtopk", 0.01),
+    StepCase("relu"),
+    StepCase("jumprelu"),
+)
+# The TopK SAE without a dead mask: what encode and decode time.
+ENCODE_CASE = StepCase("topk")
+SPARSITY_COEFFICIENT = 1.0  # relu's L1, jumprelu's L0 (the same for every contender)
 CPU_SHAPES = [Shape(2048, 768, 16384, 32)]
 CPU_QUICK = [Shape(1024, 256, 4096, 16)]
 GPU_SHAPES = [
@@ -112,19 +144,49 @@ class _Rotating:
         return self.items[self.i]
 
 
-def _contenders(
-    op: str, shape: Shape, device: torch.device, dtype: torch.dtype, backends: list[str], n_inputs: int,
-    baselines: tuple[str, ...] = BASELINES, peers: tuple[str, ...] = (), graph: bool = False,
-):
-    """{name: fn} for one op and shape; fns take no arguments and run one call."""
+def bench_sae(shape: Shape, case: StepCase, device: torch.device, dtype: torch.dtype):
+    """The SAE a case times: fastsae's initialisation with small random biases; ReLU and JumpReLU
+    with each latent's bias (ReLU) or threshold (JumpReLU) at its 1 - k/d_sae quantile on inputs
+    like the bench's, so rows hold about k active latents, as in a trained SAE."""
     torch.manual_seed(0)
+    arch = case.architecture
     sae = fastsae.SAE(
-        d_in=shape.d_in, d_sae=shape.d_sae, architecture="topk", k=shape.k,
+        d_in=shape.d_in, d_sae=shape.d_sae, architecture=arch, k=shape.k if arch in ("topk", "batchtopk") else None,
         dtype=str(dtype).removeprefix("torch."), device=str(device),
     )
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.01)
         sae.b_dec.normal_(0, 0.01)
+        if arch in ("relu", "jumprelu"):
+            sample = torch.randn(min(shape.n, 4096), shape.d_in, device=device, dtype=torch.float32)
+            pre = (sample - sae.b_dec.float()) @ sae.W_enc.float() + sae.b_enc.float()
+            q = torch.quantile(pre, 1 - min(1.0, shape.k / shape.d_sae), dim=0)
+            if arch == "relu":
+                sae.b_enc.sub_(q.to(dtype))
+            else:
+                sae.threshold.copy_(q.clamp_min(1e-3).to(dtype))
+    return sae
+
+
+def dead_mask_for(case: StepCase, d_sae: int, device: torch.device) -> Optional[torch.Tensor]:
+    """The case's dead latents, a fixed random set (None without AuxK)."""
+    if case.dead_fraction is None:
+        return None
+    generator = torch.Generator().manual_seed(1)
+    mask = torch.zeros(d_sae, dtype=torch.bool)
+    mask[torch.randperm(d_sae, generator=generator)[: round(case.dead_fraction * d_sae)]] = True
+    return mask.to(device)
+
+
+def _contenders(
+    op: str, shape: Shape, device: torch.device, dtype: torch.dtype, backends: list[str], n_inputs: int,
+    baselines: tuple[str, ...] = BASELINES, peers: tuple[str, ...] = (), graph: bool = False,
+    case: StepCase = ENCODE_CASE,
+):
+    """{name: fn} for one op, shape and (train_step) case; fns take no arguments and run one call."""
+    sae = bench_sae(shape, case, device, dtype)
+    baselines = tuple(b for b in baselines if case.architecture in BASELINE_ARCHITECTURES[b])
+    peers = tuple(p for p in peers if case.architecture in PEER_ARCHITECTURES[p])
     xs = _Rotating([torch.randn(shape.n, shape.d_in, device=device, dtype=dtype) for _ in range(n_inputs)])
     fns: dict[str, Callable[[], object]] = {}
 
@@ -159,6 +221,8 @@ def _contenders(
             else:
                 fns[name] = lambda base=base: _no_grad(base.decode, _pair(sp.next()))
     elif op == "train_step":
+        mask = dead_mask_for(case, shape.d_sae, device)
+        coefficient = SPARSITY_COEFFICIENT if case.architecture in ("relu", "jumprelu") else 0.0
         for b in backends:
             model = copy.deepcopy(sae)
             opt = make_adam(model.parameters(), lr=1e-4, device=device)
@@ -166,18 +230,18 @@ def _contenders(
             def run(b=b, model=model, opt=opt):
                 with fastsae.use_backend(b):
                     opt.zero_grad(set_to_none=True)
-                    model.training_forward(xs.next()).loss.backward()
+                    model.training_forward(xs.next(), sparsity_coefficient=coefficient, dead_mask=mask).loss.backward()
                     opt.step()
             fns[b] = run
-            if graph and device.type == "cuda":
-                fns[f"{b}+graph"] = _captured_step(b, sae, xs, device)
+            if graph and device.type == "cuda" and case.architecture == "topk":
+                fns[f"{b}+graph"] = _captured_step(b, sae, xs, device, mask)
         for name in list(baselines) + list(peers):
-            base = make_baseline(name, sae) if name in BASELINES else make_peer(name, sae)
+            base = make_baseline(name, sae) if name in BASELINES else make_peer(name, sae, coefficient)
             opt = torch.optim.Adam(base.parameters(), lr=1e-4)
 
             def run(base=base, opt=opt):
                 opt.zero_grad(set_to_none=True)
-                base.loss(xs.next()).backward()
+                base.loss(xs.next(), mask, coefficient).backward()
                 opt.step()
             fns[name] = run
     else:
@@ -193,20 +257,24 @@ def _contenders(
     return {name: synced(fn) for name, fn in fns.items()}, sae
 
 
-def _captured_step(backend: str, sae, xs, device: torch.device):
+def _captured_step(backend: str, sae, xs, device: torch.device, mask: Optional[torch.Tensor]):
     """The train_step of `backend` captured as one CUDA graph (captured at the first call, which the
-    timing's warm-up absorbs); each call copies the next input into the graph's buffer and replays."""
+    timing's warm-up absorbs); each call copies the next input (and the dead mask, whose count
+    sets AuxK's capacity) into the graph's buffers and replays."""
     from fastsae.training.graph import CapturedStep
 
     model = copy.deepcopy(sae)
     opt = make_adam(model.parameters(), lr=1e-4, device=device, capturable=True)
     holder = {}
+    capacity = int(mask.sum()) if mask is not None else None
 
     def run():
         with fastsae.use_backend(backend):
             if "step" not in holder:
-                holder["step"] = CapturedStep(model, opt, xs.items[0].shape[0], auxk=False)
-            return holder["step"].run(xs.next())
+                holder["step"] = CapturedStep(
+                    model, opt, xs.items[0].shape[0], auxk=mask is not None, aux_capacity=capacity
+                )
+            return holder["step"].run(xs.next(), mask)
     return run
 
 
@@ -294,9 +362,11 @@ def run_bench(
     log: Callable[[str], None] = print,
     peers: Optional[list[str]] = None,
     graph: bool = False,
+    cases: tuple[StepCase, ...] = STEP_CASES,
 ) -> dict:
-    """Measure and return {"meta": ..., "rows": [...]}. Shapes whose dense pre-activations exceed
-    DENSE_MAX_ELEMENTS run fastsae's backends only (no baselines, no peers)."""
+    """Measure and return {"meta": ..., "rows": [...]}: encode and decode of a TopK SAE, and
+    train_step for each of `cases`. Shapes whose dense pre-activations exceed DENSE_MAX_ELEMENTS
+    run fastsae's backends only (no baselines, no peers)."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: cuda was asked for, but torch sees no CUDA device")
@@ -338,23 +408,26 @@ def run_bench(
     rows = []
     for shape in shapes:
         for op in ops:
-            dense_fits = shape.n * shape.d_sae <= DENSE_MAX_ELEMENTS
-            fns, sae = _contenders(
-                op, shape, dev, dtype, backends, n_inputs,
-                baselines=BASELINES if dense_fits else (), peers=tuple(peers) if dense_fits else (), graph=graph,
-            )
-            parts = _floor_parts(op, shape, sae, dev, dtype)
-            warm = 2 if op == "train_step" else 1
-            if dev.type == "cuda":
-                times = {name: timing.time_cuda(fn, dev, iters=reps) for name, fn in {**fns, **parts}.items()}
-            else:
-                times = timing.time_cpu_alternating({**fns, **parts}, reps=reps, warmup=warm)
-            mems = {name: timing.peak_memory_bytes(fn, dev) for name, fn in fns.items()}
-            floor, matmul_ms = _floor_ms(op, shape, dtype, ceilings, {n: times[n].min_ms for n in parts}, dev)
-            contender_times = {n: t for n, t in times.items() if n not in parts}
-            rows.extend(_rows(op, shape, meta, contender_times, mems, floor, matmul_ms))
-            log(format_table([r for r in rows if r["op"] == op and r["shape"] == str(shape)], title=f"{op} {shape}"))
-            del fns, sae, parts
+            for case in cases if op == "train_step" else (ENCODE_CASE,):
+                dense_fits = shape.n * shape.d_sae <= DENSE_MAX_ELEMENTS
+                fns, sae = _contenders(
+                    op, shape, dev, dtype, backends, n_inputs,
+                    baselines=BASELINES if dense_fits else (), peers=tuple(peers) if dense_fits else (), graph=graph,
+                    case=case,
+                )
+                parts = _floor_parts(op, shape, sae, dev, dtype)
+                warm = 2 if op == "train_step" else 1
+                if dev.type == "cuda":
+                    times = {name: timing.time_cuda(fn, dev, iters=reps) for name, fn in {**fns, **parts}.items()}
+                else:
+                    times = timing.time_cpu_alternating({**fns, **parts}, reps=reps, warmup=warm)
+                mems = {name: timing.peak_memory_bytes(fn, dev) for name, fn in fns.items()}
+                floor, matmul_ms = _floor_ms(op, shape, dtype, ceilings, {n: times[n].min_ms for n in parts}, dev)
+                contender_times = {n: t for n, t in times.items() if n not in parts}
+                new_rows = _rows(op, shape, meta, contender_times, mems, floor, matmul_ms, case)
+                rows.extend(new_rows)
+                log(format_table(new_rows, title=f"{op} {shape}" + (f" {case}" if op == "train_step" else "")))
+                del fns, sae, parts
     return {"meta": meta, "rows": rows}
 
 
@@ -365,9 +438,10 @@ def _version(module: str) -> Optional[str]:
         return None
 
 
-def _rows(op, shape, meta, times, mems, floor, matmul_ms) -> list[dict]:
-    """One row per (contender, baseline) pair other than a baseline against itself; a shape
-    without baselines (too large for them) gets one row per contender, baseline None."""
+def _rows(op, shape, meta, times, mems, floor, matmul_ms, case: StepCase = ENCODE_CASE) -> list[dict]:
+    """One row per (contender, baseline) pair other than a baseline against itself; a contender
+    with no other baseline to compare with (a shape too large for them, or the only baseline of
+    an architecture) gets one row, baseline None."""
     out = []
     present = [bl for bl in BASELINES if bl in times]
     for name in times:
@@ -375,6 +449,8 @@ def _rows(op, shape, meta, times, mems, floor, matmul_ms) -> list[dict]:
         row = {
             "op": op,
             "shape": str(shape),
+            "architecture": case.architecture,
+            "dead_fraction": case.dead_fraction,
             "n": shape.n, "d_in": shape.d_in, "d_sae": shape.d_sae, "k": shape.k,
             "dtype": meta["dtype"],
             "device": meta["device"],
@@ -396,7 +472,7 @@ def _rows(op, shape, meta, times, mems, floor, matmul_ms) -> list[dict]:
         }
         if op in ("encode", "train_step"):
             row["tflops"] = 2 * shape.n * shape.d_in * shape.d_sae / (t.median_ms * 1e-3) / 1e12
-        if not present:
+        if not [bl for bl in present if bl != name]:  # nothing to compare with: the row alone
             out.append({**row, "baseline": None, "baseline_ms": None, "speedup": None, "baseline_peak_mem_bytes": None})
         for bl in present:
             if bl != name:
