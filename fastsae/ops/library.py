@@ -110,15 +110,19 @@ def _encoder_grads(ctx, grad_act: Tensor, acts: Tensor, idx: Tensor, x, enc_weig
             norm = dec_norm[rows]
             grad_dec_norm.index_add_(0, rows, (grad_aux * reference.aux_coefficients(aux_pre) / norm).sum(0))
             grad_aux = grad_aux * norm
-        x_in = x - b_dec if b_dec is not None else x
-        grad_enc_weight.index_add_(0, rows, grad_aux.t() @ x_in)
-        grad_b_enc.index_add_(0, rows, grad_aux.sum(0))
+        # G^T (x - b_dec) = G^T x - (column sums of G) b_dec: a rank-one term instead of x - b_dec.
+        column_sums = grad_aux.sum(0)
+        grad_rows = grad_aux.t() @ x
+        if b_dec is not None:
+            grad_rows.sub_(column_sums[:, None] * b_dec)
+        grad_enc_weight.index_add_(0, rows, grad_rows)
+        grad_b_enc.index_add_(0, rows, column_sums)
         enc_rows = enc_weight[rows]
         if ctx.needs_input_grad[0]:
             grad_x_in = grad_x_in + grad_aux @ enc_rows
             grad_b_dec = -grad_x_in.sum(0) if ctx.has_b_dec else None
         else:  # x takes no gradient: b_dec's needs only the column sums, not the [N, d_in] product
-            grad_b_dec = -(grad_x_in.sum(0) + grad_aux.sum(0) @ enc_rows) if ctx.has_b_dec else None
+            grad_b_dec = -(grad_x_in.sum(0) + column_sums @ enc_rows) if ctx.has_b_dec else None
     else:
         grad_b_dec = -grad_x_in.sum(0) if ctx.has_b_dec else None
     return grad_x_in, grad_enc_weight, grad_b_enc, grad_b_dec, grad_dec_norm

@@ -517,8 +517,10 @@ class Trainer:
                     fired = fdist.all_reduce_fired(fired)
             self.tokens_since_fired += cfg.batch_size
             self.tokens_since_fired.masked_fill_(fired, 0)
-            x_hat = out.x_hat.reshape(x.shape).float()
-            err = (x_hat - x32).pow(2).sum()
+            if out.x_hat.dtype == torch.float32:  # the step's own MSE is this sum already (over rows)
+                err = out.mse_loss.detach() * x32.shape[0]
+            else:  # a 16-bit step's MSE is rounded: the float32 error instead
+                err = torch.nn.functional.mse_loss(out.x_hat.reshape(x.shape).float(), x32, reduction="sum")
             var = (x32 - x32.mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
             values = torch.stack([t.float() for t in (out.loss, out.mse_loss, err / var, l0, out.sparsity_loss, out.aux_loss)])
             # Data parallel: weighted by the slice's share, so the ranks' sum / world_size is the
