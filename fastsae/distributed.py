@@ -401,9 +401,11 @@ class ShardedSAE(nn.Module):
         sparsity = aux = zero
         if self.architecture == "topk":
             n_aux, n_dead, dead_here, aux_width = self._dead_lists(dead_mask, k_aux)
+            # This rank keeps its own best n_aux (all of its dead latents when it has fewer).
             values, idx, aux_pre = ops.topk_encode(
                 x2, self.enc_weight, self.b_enc, b_dec_in, dec_norm, min(cfg.k, self.d_local),
-                dead_here.latents if n_aux else None, n_aux, check_indices=False,
+                dead_here.latents if n_aux else None, min(n_aux, dead_here.capacity) if n_aux else 0,
+                check_indices=False,
             )
             keep, global_values, global_idx = self._global_top(values.detach(), idx, cfg.k, min(cfg.k, max(self.shard_sizes)))
             kept = torch.where(keep, values, torch.zeros_like(values))
@@ -412,7 +414,9 @@ class ShardedSAE(nn.Module):
             if n_aux:
                 # The top n_aux dead latents over all ranks (all of them when fewer are dead): each
                 # rank's list already holds only its own best n_aux, so the winners are among them.
-                keep_aux, _, _ = self._global_top(aux_pre.detach(), dead_here.latents, min(n_aux, n_dead), aux_width)
+                # The list is the same for every row: its local indices, one row per batch row.
+                aux_idx = dead_here.latents.expand(aux_pre.shape[0], -1)
+                keep_aux, _, _ = self._global_top(aux_pre.detach(), aux_idx, min(n_aux, n_dead), aux_width)
                 aux_pre = aux_pre.masked_fill(~keep_aux, float("-inf"))
                 partial, e_partial = ops.sparse_decode_with_aux(
                     kept, idx, self.W_dec, None, dec_norm, aux_pre, dead_here.latents, check_indices=False

@@ -159,6 +159,12 @@ def aux_kept(aux_pre: Tensor) -> Tensor:
     return torch.isneginf(aux_pre).logical_not_().to(aux_pre.dtype)
 
 
+def aux_norms(aux_latents: Tensor, dec_norm: Tensor) -> Tensor:
+    """The decoder norms [C] at the listed latents, 1 at the empty entries (-1): an empty entry's
+    coefficient is 0, and 0 / 1 stays 0 where latent 0's norm (which it would read) may be 0."""
+    return torch.where(aux_latents >= 0, dec_norm[aux_latents.clamp(min=0)], dec_norm.new_ones(()))
+
+
 def aux_decode(aux_pre: Tensor, aux_latents: Tensor, W_dec: Tensor, dec_norm: Optional[Tensor]) -> Tensor:
     """AuxK's reconstruction [N, d_in]: sum over the entries j of aux_pre [N, C] that are not -inf
     of aux_pre[n, j] * W_dec[aux_latents[j]] (/ ||W_dec|| when rescaled): a dense product over the
@@ -166,7 +172,7 @@ def aux_decode(aux_pre: Tensor, aux_latents: Tensor, W_dec: Tensor, dec_norm: Op
     rows = aux_latents.clamp(min=0)
     coef = aux_coefficients(aux_pre)
     if dec_norm is not None:
-        coef = coef / dec_norm[rows]
+        coef = coef / aux_norms(aux_latents, dec_norm)
     return coef @ W_dec[rows]
 
 

@@ -4,6 +4,8 @@ import pytest
 import torch
 from conftest import assert_rel_close, encoder_inputs, pre_activations64
 
+from auxk_testing import assert_aux_pre_matches, random_dead
+
 from fastsae import ops, reference
 
 # Float64 kernels of every backend that has them: gradcheck runs the op's autograd on each.
@@ -36,31 +38,24 @@ def test_topk_encode_matches_float64(d_in, d_sae, k, use_b_dec, use_norm):
     x, enc, b_enc, b_dec, dec_norm = encoder_inputs(37, d_in, d_sae)
     b_dec = b_dec if use_b_dec else None
     dec_norm = dec_norm if use_norm else None
-    values, indices, aux_v, aux_i = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k)
-    assert values.dtype == x.dtype and aux_v.shape == (37, 0) and aux_i.shape == (37, 0)
+    values, indices, aux_pre = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k)
+    assert values.dtype == x.dtype and aux_pre.shape == (37, 0) and aux_pre.dtype == x.dtype
     _check_topk_selection(values, indices, pre_activations64(x, enc, b_enc, b_dec, dec_norm), k)
 
 
-@pytest.mark.parametrize("n_dead,k_aux", [(50, 24), (5, 24), (1, 1)])
-def test_topk_encode_aux_selects_among_dead(n_dead, k_aux):
+@pytest.mark.parametrize("n_dead,k_aux,capacity", [(50, 24, None), (5, 24, None), (1, 1, None), (5, 3, 9), (0, 3, 4)])
+def test_topk_encode_aux_selects_among_dead(n_dead, k_aux, capacity):
+    """aux_pre [N, C] over the dead list: each row's top min(k_aux, n_dead) dead latents' raw
+    pre-activations (no ReLU) at their list entries, -inf elsewhere (the -1 padding included)."""
     d_in, d_sae, k = 48, 333, 7
     x, enc, b_enc, b_dec, dec_norm = encoder_inputs(29, d_in, d_sae)
-    dead = torch.zeros(d_sae, dtype=torch.bool)
-    dead[torch.randperm(d_sae)[:n_dead]] = True
-    values, indices, aux_v, aux_i = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k, dead, k_aux)
+    _, dead = random_dead(d_sae, n_dead, capacity)
+    values, indices, aux_pre = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k, dead.latents, k_aux)
     pre64 = pre_activations64(x, enc, b_enc, b_dec, dec_norm)
     _check_topk_selection(values, indices, pre64, k)
-    assert aux_v.shape == aux_i.shape == (29, k_aux)
-    real = min(n_dead, k_aux)
-    # Sort slots by value: the real ones are the dead latents' top pre-activations (raw, no ReLU),
-    # the rest (when fewer latents are dead than k_aux) hold value 0.
-    masked = pre64.masked_fill(~dead, float("-inf"))
-    expect = masked.topk(real, dim=-1).values
-    got_dead = dead[aux_i]
-    assert (got_dead.sum(-1) == real).all()
-    got = torch.where(got_dead, aux_v.double(), torch.full_like(aux_v.double(), float("-inf")))
-    assert_rel_close(got.sort(-1, descending=True).values[:, :real], expect, 1e-5, "aux values")
-    assert (aux_v[~got_dead] == 0).all()
+    assert aux_pre.shape == (29, dead.capacity)
+    assert (torch.isfinite(aux_pre).sum(-1) == min(n_dead, k_aux)).all()
+    assert_aux_pre_matches(aux_pre, pre64, dead.latents, k_aux)
 
 
 @pytest.mark.parametrize("d_in,d_sae,m", [(48, 333, 7), (100, 1000, 16), (100, 333, 1)])
@@ -86,16 +81,17 @@ def test_topk_encode_gradcheck(backend, device, use_b_dec, use_norm, k_aux):
     """Finite differences in float64 through the op's own autograd (selection is fixed locally)."""
     n, d_in, d_sae, k = 4, 5, 11, 3
     x, enc, b_enc, b_dec, dec_norm = encoder_inputs(n, d_in, d_sae, dtype=torch.float64, device=device)
-    dead = torch.zeros(d_sae, dtype=torch.bool, device=device)
-    dead[torch.randperm(d_sae)[:4]] = True  # fewer dead than k_aux: exercises the constant slots
+    # fewer dead than k_aux, and -1 padding: exercises the constant (-inf) entries
+    _, dead = random_dead(d_sae, 4, capacity=6, device=device)
     args = [x, enc, b_enc, b_dec if use_b_dec else None, dec_norm if use_norm else None]
     for t in args:
         if t is not None:
             t.requires_grad_(True)
 
     def f(*tensors):
-        v, _, av, _ = ops.topk_encode(*tensors, k, dead if k_aux else None, k_aux)
-        return v, av
+        v, _, aux_pre = ops.topk_encode(*tensors, k, dead.latents if k_aux else None, k_aux)
+        # -inf entries are constants: compare the kept ones (their pattern is fixed locally).
+        return v, aux_pre.masked_fill(torch.isneginf(aux_pre), 0.0)
 
     with ops.use_backend(backend):
         assert torch.autograd.gradcheck(f, tuple(args), eps=1e-6, atol=1e-7)
@@ -131,7 +127,7 @@ def test_fp32_gradients_match_float64(d_in, d_sae, k):
     base = (x, enc, b_enc, b_dec, norm_enc, norm_dec, W_dec)
     leaves32 = [t.clone().requires_grad_() for t in base]
     x32, enc32, be32, bd32, ne32, nd32, wd32 = leaves32
-    v, idx, _, _ = ops.topk_encode(x32, enc32, be32, bd32, ne32, k)
+    v, idx, _ = ops.topk_encode(x32, enc32, be32, bd32, ne32, k)
     out = ops.sparse_decode(v, idx, wd32, bd32, nd32)
     out.backward(grad_out)
 
@@ -172,14 +168,17 @@ def test_backward_ops_match_reference_helpers():
 def test_opcheck_every_op():
     n, d_in, d_sae, k = 6, 10, 17, 3
     x, enc, b_enc, b_dec, dec_norm = encoder_inputs(n, d_in, d_sae)
-    dead = torch.zeros(d_sae, dtype=torch.bool)
-    dead[:8] = True
+    _, dead = random_dead(d_sae, 8, capacity=10)
     W_dec = torch.randn(d_sae, d_in)
     for req in (False, True):
         leaves = [t.clone().requires_grad_(req) for t in (x, enc, b_enc, b_dec, dec_norm)]
-        torch.library.opcheck(torch.ops.fastsae.topk_encode.default, (*leaves, k, dead, 4))
+        torch.library.opcheck(torch.ops.fastsae.topk_encode.default, (*leaves, k, dead.latents, 4))
         torch.library.opcheck(torch.ops.fastsae.topk_encode.default, (*leaves[:3], None, None, k, None, 0))
-    values, indices, _, _ = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k)
+    values, indices, aux_pre = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k, dead.latents, 4)
+    for req in (False, True):
+        v, w, b, nrm, a = (t.clone().requires_grad_(req) for t in (values, W_dec, b_dec, dec_norm, aux_pre))
+        torch.library.opcheck(torch.ops.fastsae.sparse_decode_with_aux.default, (v, indices, w, b, nrm, a, dead.latents))
+        torch.library.opcheck(torch.ops.fastsae.sparse_decode_with_aux.default, (v, indices, w, None, None, a, dead.latents))
     for req in (False, True):
         v, w, b, nrm = (t.clone().requires_grad_(req) for t in (values, W_dec, b_dec, dec_norm))
         torch.library.opcheck(torch.ops.fastsae.sparse_decode.default, (v, indices, w, b, nrm))
@@ -202,8 +201,14 @@ def test_ops_reject_bad_arguments():
         ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 18)
     with pytest.raises(ValueError, match="2-D"):
         ops.topk_encode(x[None], enc, b_enc, b_dec, dec_norm, 3)
-    with pytest.raises(ValueError, match="dead_mask"):
-        ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 3, None, 2)
+    with pytest.raises(ValueError, match="aux_latents: expected dtype torch.int64, got torch.int32"):
+        ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 3, torch.tensor([1, 2], dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match=r"aux_latents: expected latents in \[0, 17\) or -1 \(empty\), got values in \[-2, 3\]"):
+        torch.ops.fastsae.topk_encode(x, enc, b_enc, b_dec, dec_norm, 3, torch.tensor([3, -2]), 2)
+    with pytest.raises(ValueError, match=r"aux_latents: expected a vector of at most d_sae=17 latents, got shape \(18,\)"):
+        ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 3, torch.full((18,), -1), 2)
+    with pytest.raises(ValueError, match="k_aux: expected 0 <= k_aux <= d_sae=17, got 18"):
+        ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 3, torch.tensor([1]), 18)
     with pytest.raises(ValueError, match="b_enc: expected a vector of shape \\(17,\\)"):
         ops.topk_encode(x, enc, b_enc[:5], b_dec, dec_norm, 3)
     with pytest.raises(ValueError, match="enc_weight: expected dtype torch.float32, got torch.float64"):

@@ -2,6 +2,7 @@
 can be captured as a CUDA graph; the parts of the capture that run on the CPU are checked here."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -84,12 +85,12 @@ def test_triton_topk_with_auxk_has_no_data_dependent_step(monkeypatch, path):
     sae = _topk_sae()
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         x = mode.from_tensor(torch.randn(37, 24))
-        dead = mode.from_tensor(_dead(150, 7))
+        dead = fastsae.DeadLatents.from_mask(mode.from_tensor(_dead(150, 7)), capacity=16)
         args = [mode.from_tensor(t.detach()) for t in (sae.enc_weight.contiguous(), sae.b_enc, sae.b_dec)]
-        v, i, av, ai = backend_triton.topk_encode(x, args[0], args[1], args[2], None, 5, dead, 12)
-        assert v.shape == i.shape == (37, 5) and av.shape == ai.shape == (37, 12)
-        v, i, av, ai = backend_triton.topk_encode(x, args[0], args[1], args[2], None, 5, None, 0)
-        assert v.shape == (37, 5) and av.shape == (37, 0)
+        v, i, aux_pre = backend_triton.topk_encode(x, args[0], args[1], args[2], None, 5, dead.latents, 12)
+        assert v.shape == i.shape == (37, 5) and aux_pre.shape == (37, 16)
+        v, i, aux_pre = backend_triton.topk_encode(x, args[0], args[1], args[2], None, 5, None, 0)
+        assert v.shape == (37, 5) and aux_pre.shape == (37, 0)
 
 
 def test_warm_up_is_undone_exactly():
@@ -134,6 +135,22 @@ def test_found_inf_refuses_the_step():
     for n, p in sae.named_parameters():
         assert torch.equal(p, before[n]), n
     assert torch.equal(opt.state[sae.W_dec]["step"], step_before)
+
+
+def test_captured_step_run_checks_the_dead_mask_as_training_forward():
+    """run() copies the mask into the captured buffer: a wrong shape would broadcast and a wrong
+    dtype be cast silently, so it is checked first (the graph itself needs CUDA; the check does not)."""
+    sae = _topk_sae()
+    step = graph.CapturedStep.__new__(graph.CapturedStep)
+    step.sae, step.x, step.dead, step.graph = sae, torch.zeros(8, 24), torch.zeros(150, dtype=torch.bool), None
+    x = torch.randn(8, 24)
+    for bad, got in ((torch.zeros(150), "torch.float32 (150,)"), (torch.ones(1, dtype=torch.bool), "torch.bool (1,)"),
+                     (torch.ones(150, 1, dtype=torch.bool), "torch.bool (150, 1)")):
+        with pytest.raises(ValueError, match=rf"dead_mask: expected a bool tensor of shape \(150,\) on cpu, got {re.escape(got)}"):
+            step.run(x, dead_mask=bad)
+    with pytest.raises(ValueError, match="dead_mask: expected a bool tensor of shape \\(150,\\), got list"):
+        step.run(x, dead_mask=[True] * 150)
+    assert not step.dead.any(), "a refused mask was copied"
 
 
 def test_captured_step_and_adam_choices_check_their_arguments():

@@ -107,7 +107,7 @@ def _encoder_grads(ctx, grad_act: Tensor, acts: Tensor, idx: Tensor, x, enc_weig
         grad_aux, aux_pre, aux_latents = aux
         rows = aux_latents.clamp(min=0)  # an empty entry (-1) has no gradient: it adds 0 at latent 0
         if ctx.has_dec_norm:
-            norm = dec_norm[rows]
+            norm = reference.aux_norms(aux_latents, dec_norm)
             grad_dec_norm.index_add_(0, rows, (grad_aux * reference.aux_coefficients(aux_pre) / norm).sum(0))
             grad_aux = grad_aux * norm
         # G^T (x - b_dec) = G^T x - (column sums of G) b_dec: a rank-one term instead of x - b_dec.
@@ -315,7 +315,7 @@ def _sparse_decode_with_aux_grad(ctx, grad_out, grad_aux_out):
         rows = aux_latents.clamp(min=0)
         coef = reference.aux_coefficients(aux_pre)
         if ctx.has_dec_norm:
-            norm = dec_norm[rows]
+            norm = reference.aux_norms(aux_latents, dec_norm)
             coef = coef / norm
         grad_coef = grad_aux_out @ W_dec[rows].t()
         grad_W_dec.index_add_(0, rows, coef.t() @ grad_aux_out)

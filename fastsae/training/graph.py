@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from fastsae.auxk import DeadLatents
+from fastsae.auxk import DeadLatents, check_dead_mask
 from fastsae.sae import TrainOutput
 from fastsae.training.optim import set_lr
 
@@ -136,6 +136,9 @@ class CapturedStep:
             raise ValueError(f"x: expected shape {tuple(self.x.shape)} (the captured batch), got {tuple(x.shape)}")
         if dead_mask is not None and self.dead is None:
             raise ValueError("dead_mask: this step was captured without AuxK (auxk=False), got a mask")
+        if dead_mask is not None:
+            # As training_forward: copy_ would broadcast a wrong shape or cast a wrong dtype silently.
+            check_dead_mask(dead_mask, self.sae.d_sae, self.sae.device)
         self.x.copy_(x, non_blocking=True)
         if self.dead is not None:
             if dead_mask is None:
