@@ -6,6 +6,7 @@ import torch
 from conftest import assert_bf16_close, assert_rel_close
 
 import fastsae
+from auxk_testing import assert_aux_pre_matches, random_dead
 from fastsae import ops
 from fastsae.ops import backend_triton, measured
 from fastsae.ops import chunked as chunked_encoder
@@ -52,15 +53,15 @@ def test_chunked_topk_matches_float64(chunked, d_in, d_sae, k, use_b_dec, use_no
     b_dec = b_dec if use_b_dec else None
     dec_norm = dec_norm if use_norm else None
     with fastsae.use_backend("triton"):
-        values, indices, aux_v, aux_i = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k)
-    assert aux_v.shape == aux_i.shape == (37, 0)
+        values, indices, aux_pre = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k)
+    assert aux_pre.shape == (37, 0)
     _check_topk(values, indices, _pre64(x, enc, b_enc, b_dec, dec_norm), k)
 
 
 def test_chunked_topk_bf16_within_twice_torch_error(chunked):
     x, enc, b_enc, b_dec, dec_norm = _inputs(37, 64, 333, torch.bfloat16)
     with fastsae.use_backend("triton"):
-        values, indices, _, _ = ops.topk_encode(x, enc, b_enc, b_dec, None, 8)
+        values, indices, _ = ops.topk_encode(x, enc, b_enc, b_dec, None, 8)
     pre64 = _pre64(x, enc, b_enc, b_dec, None)
     assert (indices.sort(-1).values.diff(dim=-1) != 0).all()
     ref = pre64.gather(1, indices).relu()
@@ -70,42 +71,39 @@ def test_chunked_topk_bf16_within_twice_torch_error(chunked):
     assert (pre64.gather(1, indices) >= kth - 2e-2 * pre64.abs().max()).all()
 
 
-@pytest.mark.parametrize("n_dead,k_aux", [(50, 24), (5, 24), (1, 1), (0, 3)])
-def test_auxk_from_the_chunked_product(monkeypatch, n_dead, k_aux):
-    """AuxK always takes the chunked path (no host sync): the top k_aux among dead latents, slots
-    beyond the dead latents hold 0; the main top-k is unchanged."""
+@pytest.mark.parametrize("n_dead,capacity,k_aux", [(50, 50, 24), (5, 8, 24), (1, 1, 1), (0, 3, 3), (333, 333, 40)])
+def test_auxk_from_the_chunked_product(monkeypatch, n_dead, capacity, k_aux):
+    """AuxK always takes the chunked path (no host sync): over the dead-latent list, each row's
+    best k_aux pre-activations (raw), -inf elsewhere and at empty entries, chunk by chunk (7 rows:
+    an uneven last chunk); the main top-k is unchanged."""
     monkeypatch.setattr(chunked_encoder, "CHUNK_ELEMENTS", 7 * 333)
     x, enc, b_enc, b_dec, dec_norm = _inputs(29, 48, 333)
-    dead = torch.zeros(333, dtype=torch.bool)
-    dead[torch.randperm(333)[:n_dead]] = True
+    _, dead = random_dead(333, n_dead, capacity)
     with fastsae.use_backend("triton"):
-        values, indices, aux_v, aux_i = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 7, dead, k_aux)
+        values, indices, aux_pre = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 7, dead.latents, k_aux)
     pre64 = _pre64(x, enc, b_enc, b_dec, dec_norm)
     _check_topk(values, indices, pre64, 7)
-    assert aux_v.shape == aux_i.shape == (29, k_aux)
-    real = min(n_dead, k_aux)
-    got_dead = dead[aux_i]
-    assert (got_dead.sum(-1) == real).all() and (aux_v[~got_dead] == 0).all()
-    if real:
-        expect = pre64.masked_fill(~dead, float("-inf")).topk(real, dim=-1).values
-        got = torch.where(got_dead, aux_v.double(), torch.full_like(aux_v.double(), float("-inf")))
-        assert_rel_close(got.sort(-1, descending=True).values[:, :real], expect, 1e-5, "aux values")
+    assert aux_pre.shape == (29, capacity)
+    assert_aux_pre_matches(aux_pre, pre64, dead.latents, k_aux)
 
 
 def test_chunked_gradients_match_float64(chunked):
-    """fp32 through the triton backend on the chunked path (with AuxK, fewer dead than k_aux):
-    every input's gradient against float64 autograd of the dense formula with the same selection."""
+    """fp32 through the triton backend on the chunked path (with AuxK, fewer dead than k_aux, and
+    an empty list entry): every input's gradient against float64 autograd of the dense formula
+    with the same selection."""
     base = _inputs(23, 48, 333)
     tensors = [t.clone().requires_grad_() for t in base]
-    dead = torch.zeros(333, dtype=torch.bool)
-    dead[torch.randperm(333)[:3]] = True
+    _, dead = random_dead(333, 3, capacity=4)
     with fastsae.use_backend("triton"):
-        v, i, av, ai = ops.topk_encode(*tensors, 5, dead, 4)
-    g, ga = torch.randn_like(v), torch.randn_like(av)
-    ((v * g).sum() + (av * ga).sum()).backward()
+        v, i, aux_pre = ops.topk_encode(*tensors, 5, dead.latents, 4)
+    kept = torch.isfinite(aux_pre)
+    assert kept.sum(1).eq(3).all(), "every listed dead latent is kept when fewer than k_aux"
+    g, ga = torch.randn_like(v), torch.randn_like(aux_pre)
+    # The incoming gradient is nonzero at the -inf (not kept) entries too: they must take none.
+    torch.autograd.backward([v, aux_pre], [g, ga])
     ref = [t.double().requires_grad_() for t in base]
     pre = ((ref[0] - ref[3]) @ ref[1].T + ref[2]) * ref[4]
-    aux = torch.where(dead[ai], pre.gather(1, ai), torch.zeros((), dtype=torch.float64))
+    aux = pre[:, dead.latents.clamp(min=0)].masked_fill(~kept, 0)
     ((pre.gather(1, i).relu() * g.double()).sum() + (aux * ga.double()).sum()).backward()
     for got, want, name in zip(tensors, ref, ("x", "enc", "b_enc", "b_dec", "dec_norm")):
         assert want.grad.abs().max() > 0, name

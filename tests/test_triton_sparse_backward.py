@@ -8,6 +8,7 @@ from conftest import assert_rel_close
 from triton_util import DEVICE, poisoned, triton_ops  # noqa: F401  (fixture)
 
 import fastsae
+from auxk_testing import random_dead
 from fastsae import ops
 from fastsae.kernels import sparse_backward
 
@@ -77,8 +78,9 @@ def test_backward_ops_match_float64():
 
 @pytest.mark.parametrize("d_in,d_sae,k,k_aux", [(48, 333, 7, 0), (100, 1000, 16, 0), (48, 333, 1, 5)])
 def test_every_gradient_matches_float64(d_in, d_sae, k, k_aux):
-    """Encode then decode (and, with k_aux, decode the AuxK pair too) in fp32 through the ops on
-    the triton backend; every gradient against float64 autograd of the dense formula with the same
+    """Encode then decode (and, with k_aux, AuxK's reconstruction over a list of 40 dead latents
+    with 3 empty entries, through sparse_decode_with_aux) in fp32 through the ops on the triton
+    backend; every gradient against float64 autograd of the dense formula with the same
     selection. Encode and decode get different norm vectors (one vector would cancel)."""
     n = 23
     x = torch.randn(n, d_in, device=DEVICE)
@@ -88,8 +90,7 @@ def test_every_gradient_matches_float64(d_in, d_sae, k, k_aux):
     norm_enc = torch.rand(d_sae, device=DEVICE) + 0.5
     norm_dec = torch.rand(d_sae, device=DEVICE) + 0.5
     W_dec = torch.randn(d_sae, d_in, device=DEVICE) / d_in**0.5
-    dead = torch.zeros(d_sae, dtype=torch.bool, device=DEVICE)
-    dead[torch.randperm(d_sae, device=DEVICE)[:40]] = True
+    _, dead = random_dead(d_sae, 40, capacity=43, device=DEVICE)
     grad_out = torch.randn(n, d_in, device=DEVICE)
     grad_aux = torch.randn(n, d_in, device=DEVICE)
     names = ("x", "enc_weight", "b_enc", "b_dec", "norm_enc", "norm_dec", "W_dec")
@@ -98,11 +99,13 @@ def test_every_gradient_matches_float64(d_in, d_sae, k, k_aux):
     leaves32 = [t.clone().requires_grad_() for t in base]
     x32, enc32, be32, bd32, ne32, nd32, wd32 = leaves32
     with fastsae.use_backend("triton"):
-        v, idx, av, ai = ops.topk_encode(x32, enc32, be32, bd32, ne32, k, dead if k_aux else None, k_aux)
-        out = ops.sparse_decode(v, idx, wd32, bd32, nd32)
-        loss = (out * grad_out).sum()
+        v, idx, aux_pre = ops.topk_encode(x32, enc32, be32, bd32, ne32, k, dead.latents if k_aux else None, k_aux)
         if k_aux:
-            loss = loss + (ops.sparse_decode(av, ai, wd32, None, nd32) * grad_aux).sum()
+            out, e_hat = ops.sparse_decode_with_aux(v, idx, wd32, bd32, nd32, aux_pre, dead.latents)
+            loss = (out * grad_out).sum() + (e_hat * grad_aux).sum()
+        else:
+            out = ops.sparse_decode(v, idx, wd32, bd32, nd32)
+            loss = (out * grad_out).sum()
         loss.backward()
 
     leaves64 = [t.double().requires_grad_() for t in base]
@@ -112,8 +115,13 @@ def test_every_gradient_matches_float64(d_in, d_sae, k, k_aux):
     ref = (acts / nd64) @ wd64 + bd64
     loss64 = (ref * grad_out.double()).sum()
     if k_aux:
-        aux_acts = torch.zeros_like(pre).scatter(1, ai, pre.gather(1, ai))
-        loss64 = loss64 + ((aux_acts / nd64) @ wd64 * grad_aux.double()).sum()
+        kept = torch.isfinite(aux_pre.detach())
+        assert (kept.sum(1) == k_aux).all() and not kept[:, 40:].any()
+        rows = dead.latents.clamp(min=0)
+        aux_acts = (pre[:, rows] / nd64[rows]).masked_fill(~kept, 0)
+        e_ref = aux_acts @ wd64[rows]
+        assert_rel_close(e_hat, e_ref.detach(), 1e-5, "e_hat")
+        loss64 = loss64 + (e_ref * grad_aux.double()).sum()
     loss64.backward()
     assert_rel_close(out, ref.detach(), 1e-5, "output")
     for name, a, b in zip(names, leaves32, leaves64):

@@ -7,6 +7,7 @@ from conftest import assert_bf16_close, assert_rel_close
 from triton_util import DEVICE, poisoned, triton_ops  # noqa: F401  (fixture)
 
 import fastsae
+from auxk_testing import assert_aux_pre_matches, random_dead
 from fastsae import ops
 
 pytestmark = pytest.mark.usefixtures("poisoned")
@@ -49,8 +50,8 @@ def test_topk_encode_matches_float64(d_in, d_sae, k, use_b_dec, use_norm):
     b_dec = b_dec if use_b_dec else None
     dec_norm = dec_norm if use_norm else None
     with fastsae.use_backend("triton"):
-        values, indices, aux_v, aux_i = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k)
-    assert values.dtype == x.dtype and aux_v.shape == (37, 0) and aux_i.shape == (37, 0)
+        values, indices, aux_pre = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k)
+    assert values.dtype == x.dtype and aux_pre.shape == (37, 0)
     _check_topk(values, indices, _pre64(x - b_dec if use_b_dec else x, enc, b_enc, dec_norm), k)
 
 
@@ -100,31 +101,23 @@ def test_topk_encode_without_relu_over_a_latent_list():
     assert (picked >= kth - 1e-5 * pre64.abs().max()).all()
 
 
-@pytest.mark.parametrize("n_dead,k_aux", [(50, 24), (24, 24), (5, 24), (1, 1)])
-def test_topk_encode_aux_matches_float64(n_dead, k_aux):
-    """AuxK through the backend: top k_aux among dead latents (selection), all of them when there
-    are exactly k_aux, and value-0 slots at live latents when there are fewer."""
+@pytest.mark.parametrize("n_dead,capacity,k_aux", [(50, 50, 24), (24, 24, 24), (5, 9, 24), (1, 1, 1), (0, 4, 3)])
+def test_topk_encode_aux_matches_float64(n_dead, capacity, k_aux):
+    """AuxK through the backend: aux_pre [N, C] over the dead-latent list holds each row's best
+    k_aux pre-activations among the listed latents (raw, no ReLU), all of them when there are at
+    most k_aux, -inf elsewhere and at the list's empty entries (capacity above the count)."""
     d_in, d_sae, k = 48, 333, 7
     x, enc, b_enc, b_dec, dec_norm = _inputs(29, d_in, d_sae)
-    dead = torch.zeros(d_sae, dtype=torch.bool, device=DEVICE)
-    dead[torch.randperm(d_sae, device=DEVICE)[:n_dead]] = True
+    b_enc = b_enc - 1.0  # most pre-activations negative: a ReLU would show
+    _, dead = random_dead(d_sae, n_dead, capacity, device=DEVICE)
     with fastsae.use_backend("triton"):
-        values, indices, aux_v, aux_i = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k, dead, k_aux)
+        values, indices, aux_pre = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k, dead.latents, k_aux)
     pre64 = _pre64(x - b_dec, enc, b_enc, dec_norm)
     _check_topk(values, indices, pre64, k)
-    assert aux_v.shape == aux_i.shape == (29, k_aux) and aux_i.dtype == torch.int64
-    assert ((aux_i >= 0) & (aux_i < d_sae)).all()
-    assert (aux_i.sort(-1).values.diff(dim=-1) != 0).all(), "duplicate aux latents in a row"
-    real = min(n_dead, k_aux)
-    got_dead = dead[aux_i]
-    assert (got_dead.sum(-1) == real).all()
-    masked = pre64.masked_fill(~dead, float("-inf"))
-    expect = masked.topk(real, dim=-1).values
-    got = torch.where(got_dead, aux_v.double(), torch.full_like(aux_v.double(), float("-inf")))
-    assert_rel_close(got.sort(-1, descending=True).values[:, :real], expect, 1e-5, "aux values")
-    assert (aux_v[~got_dead] == 0).all()
-    # The values are those of the latents they name (raw, no ReLU).
-    assert_rel_close(torch.where(got_dead, aux_v.double(), 0), torch.where(got_dead, pre64.gather(1, aux_i), 0), 1e-5)
+    assert aux_pre.shape == (29, capacity) and aux_pre.dtype == x.dtype
+    assert_aux_pre_matches(aux_pre, pre64, dead.latents, k_aux)
+    if n_dead:
+        assert (aux_pre[torch.isfinite(aux_pre)] < 0).any(), "no negative value kept: was ReLU applied?"
 
 
 def test_topk_encode_large_k_takes_row_chunks(monkeypatch):
@@ -155,8 +148,8 @@ def test_topk_encode_16bit(dtype):
     d_in, d_sae, k = 100, 333, 7
     x, enc, b_enc, b_dec, dec_norm = _inputs(37, d_in, d_sae, dtype)
     with fastsae.use_backend("triton"):
-        values, indices, _, _ = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k)
-    assert values.dtype == dtype
+        values, indices, aux_pre = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k)
+    assert values.dtype == dtype and aux_pre.shape == (37, 0)
     x_in = x - b_dec  # rounded as the module rounds it
     pre64 = _pre64(x_in, enc, b_enc, dec_norm)
     picked = pre64.gather(1, indices)
