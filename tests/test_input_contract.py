@@ -1,7 +1,7 @@
 """One input contract for every op on every backend (fastsae.validation): the malformed inputs
 of issue 18, each refused with a ValueError naming the argument, what was expected and what
 came, by fastsae.ops and by the raw torch.ops.fastsae ops, whichever backend runs; and AuxK's
-slots when fewer dead latents than k_aux are usable, the same on every backend."""
+entries when dead latents are switched off (-inf) or NaN, the same on every backend."""
 
 import contextlib
 
@@ -115,8 +115,10 @@ def test_sparse_decode_with_zero_width_output(backend):
 
 def test_empty_batch(backend):
     x, enc, b_enc, b_dec, dec_norm = encoder_inputs(0, 8, 16, device=backend)
-    v, i, av, ai = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 3)
-    assert v.shape == i.shape == (0, 3) and av.shape == ai.shape == (0, 0)
+    v, i, aux_pre = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 3)
+    assert v.shape == i.shape == (0, 3) and aux_pre.shape == (0, 0)
+    _, _, aux_pre = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 3, torch.tensor([2, 5, -1], device=backend), 2)
+    assert aux_pre.shape == (0, 3)
     assert ops.sparse_decode(v, i, torch.randn(16, 8, device=backend), b_dec).shape == (0, 8)
 
 
@@ -173,17 +175,29 @@ def test_raw_threshold_encode_checks_cutoff(backend):
         torch.ops.fastsae.threshold_encode(x, enc, b_enc, b_dec, dec_norm, cutoff, 17)
 
 
-def test_bad_dead_mask_and_k(backend):
+def test_bad_aux_latents_and_k(backend):
     x, enc, b_enc, b_dec, dec_norm = encoder_inputs(4, 8, 16, device=backend)
+    bad = [
+        (torch.ones(16, dtype=torch.bool), r"aux_latents: expected dtype torch.int64, got torch.bool"),
+        (torch.arange(3, dtype=torch.int32), r"aux_latents: expected dtype torch.int64, got torch.int32"),
+        (torch.arange(17), r"aux_latents: expected a vector of at most d_sae=16 latents, got shape \(17,\)"),
+        (torch.arange(4).reshape(2, 2), r"aux_latents: expected a vector of at most d_sae=16 latents, got shape \(2, 2\)"),
+        (torch.tensor([0, 16]), r"aux_latents: expected latents in \[0, 16\) or -1 \(empty\), got values in \[0, 16\]"),
+        (torch.tensor([-2, 3]), r"aux_latents: expected latents in \[0, 16\) or -1 \(empty\), got values in \[-2, 3\]"),
+    ]
     for encode in _both_entry_points("topk_encode"):
-        with pytest.raises(ValueError, match=r"dead_mask: expected a bool mask of shape \(16,\) when k_aux > 0, got None"):
-            encode(x, enc, b_enc, b_dec, dec_norm, 3, None, 2)
-        with pytest.raises(ValueError, match=r"dead_mask: expected dtype torch.bool, got torch.int64"):
-            encode(x, enc, b_enc, b_dec, dec_norm, 3, torch.ones(16, dtype=torch.int64, device=backend), 2)
+        for latents, message in bad:
+            with pytest.raises(ValueError, match=message):
+                encode(x, enc, b_enc, b_dec, dec_norm, 3, latents.to(backend), 2)
         with pytest.raises(ValueError, match=r"k_aux: expected 0 <= k_aux <= d_sae=16, got 17"):
-            encode(x, enc, b_enc, b_dec, dec_norm, 3, torch.ones(16, dtype=torch.bool, device=backend), 17)
+            encode(x, enc, b_enc, b_dec, dec_norm, 3, torch.arange(3, device=backend), 17)
     with pytest.raises(ValueError, match=r"k: expected an integer 1 <= k <= d_sae=16, got float 2.0"):
         ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 2.0)
+    sae = SAE(d_in=8, d_sae=16, architecture="topk", k=3, device=backend)
+    with pytest.raises(ValueError, match=r"dead_mask"):
+        sae.training_forward(x, dead_mask=torch.ones(15, dtype=torch.bool, device=backend))
+    with pytest.raises(ValueError, match=r"dead_mask"):
+        sae.training_forward(x, dead_mask=torch.ones(16, dtype=torch.int64, device=backend))
 
 
 def test_non_contiguous_and_expanded_inputs_are_accepted(backend):
@@ -234,50 +248,49 @@ def test_compiled_graph_checks_indices_at_run_time():
 # ------------------------------------------------------------------ AuxK when dead latents are at -inf
 
 
-def _aux(backend, x, enc, b_enc, dead, k_aux, k=2):
-    _, _, av, ai = ops.topk_encode(x, enc, b_enc, None, None, k, dead, k_aux)
-    return av.cpu(), ai.cpu()
+def _aux(backend, x, enc, b_enc, latents, k_aux, k=2):
+    latents = torch.tensor(latents, device=backend)
+    _, _, aux_pre = ops.topk_encode(x, enc, b_enc, None, None, k, latents, k_aux)
+    assert aux_pre.shape == (x.shape[0], latents.shape[0])
+    return aux_pre.cpu().double()
 
 
-def test_aux_slots_skip_dead_latents_at_minus_inf(backend):
-    """The issue's case: b_enc[[1, 3]] = -inf, dead [1, 3, 5], k_aux = 3. Slot 0 holds latent 5
-    (the one usable dead latent), the others value 0 at the first live latents (0, 2)."""
+def test_aux_skips_dead_latents_at_minus_inf(backend):
+    """The issue's case: b_enc[[1, 3]] = -inf, dead [1, 3, 5], k_aux = 3. Latent 5, the one usable
+    dead latent, keeps its pre-activation; the switched-off ones and the empty entry stay -inf."""
     x, enc, b_enc, _, _ = encoder_inputs(4, 8, 8, device=backend)
     b_enc[[1, 3]] = float("-inf")
-    dead = torch.zeros(8, dtype=torch.bool, device=backend)
-    dead[[1, 3, 5]] = True
-    av, ai = _aux(backend, x, enc, b_enc, dead, 3)
+    aux_pre = _aux(backend, x, enc, b_enc, [1, 3, 5, -1], 3)
     pre = (x.double() @ enc.double().T + b_enc.double()).cpu()
-    assert ai.tolist() == [[5, 0, 2]] * 4
-    torch.testing.assert_close(av[:, 0].double(), pre[:, 5], rtol=1e-5, atol=1e-6)
-    assert (av[:, 1:] == 0).all()
+    assert torch.isneginf(aux_pre[:, [0, 1, 3]]).all()
+    torch.testing.assert_close(aux_pre[:, 2], pre[:, 5], rtol=1e-5, atol=1e-6)
 
 
-def test_aux_slots_when_every_latent_is_dead(backend):
-    """No live latent to fill with: the value-0 slots sit at the unused dead latents (the ones at
-    -inf), ascending, after the usable ones best first."""
+@pytest.mark.parametrize("k_aux", [8, 4])
+def test_aux_when_every_latent_is_dead(backend, k_aux):
+    """Every latent listed, two switched off: each row keeps its best min(k_aux, 6) usable ones."""
     x, enc, b_enc, _, _ = encoder_inputs(3, 8, 8, device=backend)
     b_enc[[6, 1]] = float("-inf")
-    dead = torch.ones(8, dtype=torch.bool, device=backend)
-    av, ai = _aux(backend, x, enc, b_enc, dead, 8)
+    aux_pre = _aux(backend, x, enc, b_enc, list(range(8)), k_aux)
     pre = (x.double() @ enc.double().T + b_enc.double()).cpu()
-    best = pre[:, [0, 2, 3, 4, 5, 7]].sort(1, descending=True)
-    order = torch.tensor([0, 2, 3, 4, 5, 7])[best.indices]
-    assert torch.equal(ai[:, :6], order)
-    assert ai[:, 6:].tolist() == [[1, 6]] * 3
-    torch.testing.assert_close(av[:, :6].double(), best.values, rtol=1e-5, atol=1e-6)
-    assert (av[:, 6:] == 0).all() and torch.isfinite(av).all()
+    kept = torch.isfinite(aux_pre)
+    assert (kept.sum(1) == min(k_aux, 6)).all() and not kept[:, [1, 6]].any()
+    best = pre.topk(min(k_aux, 6), dim=1)  # -inf ranks last, so never among them
+    assert torch.equal(kept, torch.zeros_like(kept).scatter(1, best.indices, True))
+    torch.testing.assert_close(aux_pre[kept], pre[kept], rtol=1e-5, atol=1e-6)
 
 
-def test_aux_nan_ranks_first(backend):
+@pytest.mark.parametrize("k_aux", [1, 3])
+def test_aux_nan_ranks_first(backend, k_aux):
     x, enc, b_enc, _, _ = encoder_inputs(3, 8, 8, device=backend)
     b_enc[4] = float("nan")
     b_enc[2] = float("-inf")
-    dead = torch.zeros(8, dtype=torch.bool, device=backend)
-    dead[[2, 4, 7]] = True
-    av, ai = _aux(backend, x, enc, b_enc, dead, 3)
-    assert ai.tolist() == [[4, 7, 0]] * 3
-    assert av[:, 0].isnan().all() and (av[:, 2] == 0).all() and torch.isfinite(av[:, 1]).all()
+    aux_pre = _aux(backend, x, enc, b_enc, [2, 4, 7], k_aux)
+    assert aux_pre[:, 1].isnan().all() and torch.isneginf(aux_pre[:, 0]).all()
+    if k_aux == 1:
+        assert torch.isneginf(aux_pre[:, 2]).all()
+    else:
+        assert torch.isfinite(aux_pre[:, 2]).all()
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
