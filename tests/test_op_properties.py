@@ -83,6 +83,9 @@ def _encoder_case(draw, allow_nan=True):
     b_dec = torch.randn(d_in, generator=gen, dtype=torch.float64) * 0.1 if draw(st.booleans()) else None
     dec_norm = torch.rand(d_sae, generator=gen, dtype=torch.float64) + 0.5 if draw(st.booleans()) else None
     dead = torch.rand(d_sae, generator=gen) < draw(st.sampled_from([0.0, 0.3, 0.9, 1.0]))
+    # AuxK's list: the dead latents ascending, then up to 3 empty entries (-1), within d_sae.
+    pad = min(draw(st.integers(0, 3)), d_sae - int(dead.sum()))
+    aux_latents = torch.cat([dead.nonzero().flatten(), torch.full((pad,), -1, dtype=torch.int64)])
     poisons = ["none", "x_nan", "x_inf", "b_enc_-inf", "b_enc_nan"] if allow_nan else ["none", "b_enc_-inf"]
     poison = draw(st.sampled_from(poisons))
     if poison.startswith("x") and n:
@@ -90,7 +93,7 @@ def _encoder_case(draw, allow_nan=True):
     elif poison.startswith("b_enc"):
         b_enc[torch.rand(d_sae, generator=gen) < 0.3] = float("-inf" if poison == "b_enc_-inf" else "nan")
     layout = draw(st.sampled_from(["contiguous", "strided"]))
-    return dtype, x, enc, b_enc, b_dec, dec_norm, k, dead, k_aux, layout
+    return dtype, x, enc, b_enc, b_dec, dec_norm, k, aux_latents, k_aux, layout
 
 
 def _laid_out(layout, dtype, device, x, enc, b_enc, b_dec, dec_norm):
@@ -112,19 +115,20 @@ def test_topk_encode_matches_float64(backend, device, examples):
     @_settings(examples)
     @given(_encoder_case(allow_nan=NAN_TOPK[backend]))
     def check(case):
-        dtype, x, enc, b_enc, b_dec, dec_norm, k, dead, k_aux, layout = case
+        dtype, x, enc, b_enc, b_dec, dec_norm, k, aux_latents, k_aux, layout = case
         args = _laid_out(layout, dtype, device, x, enc, b_enc, b_dec, dec_norm)
         with _use(backend, device):
-            values, indices, aux_v, aux_i = ops.topk_encode(*args, k, dead.to(device), k_aux)
+            values, indices, aux_pre = ops.topk_encode(*args, k, aux_latents.to(device), k_aux)
         xs, encs, be, bd, nrm = (None if t is None else t.double().cpu() for t in args)
         x_in = xs - bd if bd is not None else xs
         pre = (x_in @ encs.T + be) * (nrm if nrm is not None else 1)
         bound = (x_in.abs() @ encs.abs().T + be.abs()) * (nrm if nrm is not None else 1)
         tol = (8 + x.shape[1]) * _eps(dtype, backend) * bound.nan_to_num(0, 0, 0) + 1e-30
         n, d_sae = pre.shape
-        for t, width, want in ((values, k, dtype), (indices, k, torch.int64), (aux_v, k_aux, dtype), (aux_i, k_aux, torch.int64)):
+        c = aux_latents.shape[0]
+        for t, width, want in ((values, k, dtype), (indices, k, torch.int64), (aux_pre, c, dtype)):
             assert t.shape == (n, width) and t.dtype == want and t.device.type == torch.device(device).type
-        values, indices, aux_v, aux_i = values.cpu(), indices.cpu(), aux_v.cpu(), aux_i.cpu()
+        values, indices, aux_pre = values.cpu(), indices.cpu(), aux_pre.double().cpu()
         if n == 0:
             return
         # Top-k: k distinct latents, none ranked below the row's k-th best by more than the bound.
@@ -134,27 +138,21 @@ def test_topk_encode_matches_float64(backend, device, examples):
         _assert_same_nonfinite_and_close(values, picked.relu(), picked_tol, "values")
         kth = _key(pre).topk(k, dim=1).values[:, -1:]
         assert (_key(picked) + picked_tol >= kth).all(), "a selected latent is not among the row's top k"
-        if k_aux == 0:
-            return
-        # AuxK: usable dead latents (not -inf) first, best first; then value 0 at the fillers.
-        candidate = dead & (pre != float("-inf"))
-        count = candidate.sum(1)
-        live = torch.arange(d_sae)[~dead].tolist()
+        # AuxK: each row keeps its best min(k_aux, candidates) listed latents (candidates: not -1,
+        # not -inf; NaN first) with their raw pre-activations, -inf everywhere else.
+        listed = aux_latents >= 0
+        at = pre[:, aux_latents.clamp(min=0)]
+        at_tol = tol[:, aux_latents.clamp(min=0)]
+        candidate = listed & (at != float("-inf"))
+        kept = aux_pre != float("-inf")
+        assert not (kept & ~candidate).any(), "an entry kept at an empty entry or a latent at -inf"
+        assert torch.equal(kept.sum(1), candidate.sum(1).clamp(max=k_aux)), "kept count != min(k_aux, candidates)"
+        _assert_same_nonfinite_and_close(aux_pre[kept], at[kept], at_tol[kept], "aux_pre")
         for r in range(n):
-            real = min(k_aux, int(count[r]))
-            got_i = aux_i[r].tolist()
-            assert len(set(got_i)) == k_aux, "duplicate latents in an aux row"
-            assert candidate[r, aux_i[r, :real]].all(), "an aux slot holds a latent that is not a usable dead one"
-            _assert_same_nonfinite_and_close(aux_v[r, :real], pre[r, aux_i[r, :real]], tol[r, aux_i[r, :real]], "aux")
-            ranked = _key(aux_v[r, :real].double())
-            assert (ranked[:-1] >= ranked[1:]).all(), "aux slots not best first"
-            if real:
-                nth = _key(pre[r][candidate[r]]).topk(real).values[-1]
-                assert (_key(pre[r, aux_i[r, :real]]) + tol[r, aux_i[r, :real]] >= nth).all()
-            chosen = set(got_i[:real])
-            fillers = live + [i for i in torch.arange(d_sae)[dead].tolist() if i not in chosen]
-            assert got_i[real:] == fillers[: k_aux - real], "filler latents"
-            assert (aux_v[r, real:] == 0).all()
+            real = int(kept[r].sum())
+            if real and real < int(candidate[r].sum()):
+                nth = _key(at[r][candidate[r]]).topk(real).values[-1]
+                assert (_key(at[r][kept[r]]) + at_tol[r][kept[r]] >= nth).all(), "a kept aux entry is not among the best"
 
     check()
 
