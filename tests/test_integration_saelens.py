@@ -23,11 +23,11 @@ def _unpatched():
     revert_saelens()
 
 
-def _training_sae(rescale=True, apply_b_dec=True, seed=0):
+def _training_sae(rescale=True, apply_b_dec=True, seed=0, sparse=False):
     torch.manual_seed(seed)
     cfg = TopKTrainingSAEConfig(
         d_in=D_IN, d_sae=D_SAE, k=K, rescale_acts_by_decoder_norm=rescale, apply_b_dec_to_input=apply_b_dec,
-        aux_loss_coefficient=0.75,
+        aux_loss_coefficient=0.75, use_sparse_activations=sparse,
     )
     sae = TopKTrainingSAE(cfg)
     with torch.no_grad():  # no zero biases, decoder rows of different norms
@@ -47,18 +47,32 @@ def _step(sae, x, mask):
 
 
 def _close(a, b, what):
+    if a.is_sparse or b.is_sparse:
+        assert a.is_sparse and b.is_sparse, f"{what}: layouts {a.layout} and {b.layout}"
+        a, b = a.to_dense(), b.to_dense()
     torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5, msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("rescale", [True, False])
 @pytest.mark.parametrize("apply_b_dec", [True, False])
 @pytest.mark.parametrize("n_dead", [0, 3, 60])
-def test_training_step_matches_saelens(rescale, apply_b_dec, n_dead):
-    sae = _training_sae(rescale, apply_b_dec, seed=n_dead)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_training_step_matches_saelens(rescale, apply_b_dec, n_dead, sparse):
+    sae = _training_sae(rescale, apply_b_dec, seed=n_dead, sparse=sparse)
     x = torch.randn(N, D_IN) * 2
     mask = torch.zeros(D_SAE, dtype=torch.bool)
     mask[torch.randperm(D_SAE)[:n_dead]] = True
-    want, want_grads = _step(sae, x, mask)
+    if sparse and rescale:
+        # SAELens 6.54's own backward fails here (a view of its sparse rescaled activations); the
+        # patched step computes what its dense layout computes, the same math.
+        with pytest.raises(NotImplementedError, match="aten::view"):
+            _step(sae, x, mask)
+        sae.cfg.use_sparse_activations = sae.activation_fn.use_sparse_activations = False
+        want, want_grads = _step(sae, x, mask)
+        sae.cfg.use_sparse_activations = sae.activation_fn.use_sparse_activations = True
+        want.feature_acts = want.feature_acts.to_sparse()
+    else:
+        want, want_grads = _step(sae, x, mask)
     apply_to_saelens()
     assert TopKTrainingSAE.training_forward_pass.__fastsae_original__ is not None
     got, got_grads = _step(sae, x, mask)
@@ -75,8 +89,9 @@ def test_training_step_matches_saelens(rescale, apply_b_dec, n_dead):
         _close(got_grads[name], want_grads[name], f"grad {name}")
 
 
-def test_inference_and_training_encode_forward_match_3d_input():
-    train = _training_sae()
+@pytest.mark.parametrize("sparse", [False, True])
+def test_inference_and_training_encode_forward_match_3d_input(sparse):
+    train = _training_sae(sparse=sparse)
     cfg = TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, rescale_acts_by_decoder_norm=True)
     infer = TopKSAE(cfg)
     infer.load_state_dict(train.state_dict())

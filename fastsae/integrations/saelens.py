@@ -9,7 +9,7 @@ A call takes SAELens' own code, unchanged, whenever its result could differ or a
 value the fused path never builds:
 - a hook registered on any of the SAE's hook points;
 - `normalize_activations` other than "none", `reshape_activations` other than "none";
-- `use_sparse_activations` (SAELens' COO tensors), autocast, a non-float32/float64 SAE;
+- autocast, a non-float32/float64 SAE;
 - an instance of a subclass (BatchTopK, Matryoshka, transcoders...), whose math is its own.
 
 `TrainStepOutput.hidden_pre`: SAELens returns the dense [N, d_sae] pre-activations, which its
@@ -120,8 +120,6 @@ def _fast_ok(sae, x: torch.Tensor) -> bool:
         return False
     if getattr(cfg, "normalize_activations", "none") != "none" or getattr(cfg, "reshape_activations", "none") != "none":
         return False
-    if getattr(cfg, "use_sparse_activations", False):
-        return False
     if torch.is_autocast_enabled(x.device.type):
         return False
     if x.device != sae.W_enc.device:
@@ -145,6 +143,23 @@ def _encoder_args(sae):
 
 def _dense(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
     return values.new_zeros(values.shape[0], d_sae).scatter(-1, indices, values)
+
+
+def _feature_acts(sae, values: torch.Tensor, indices: torch.Tensor, lead: tuple) -> torch.Tensor:
+    """The activations in SAELens' layout: dense [..., d_sae], or with `use_sparse_activations` the
+    COO tensor SAELens' TopK builds (the same entries; coalesce or to_dense to compare)."""
+    d_sae = sae.cfg.d_sae
+    if not getattr(sae.cfg, "use_sparse_activations", False):
+        return _dense(values, indices, d_sae).reshape(*lead, d_sae)
+    n, k = indices.shape
+    rows = torch.arange(n, device=indices.device).repeat_interleave(k)
+    coords = []
+    for size in reversed(lead):
+        coords.append(rows % size)
+        rows = rows // size
+    coords.reverse()
+    sparse_indices = torch.stack([*coords, indices.flatten()]) if lead else indices.flatten()[None]
+    return torch.sparse_coo_tensor(sparse_indices, values.flatten(), (*lead, d_sae), check_invariants=False)
 
 
 def _encode_flat(sae, x: torch.Tensor, dead: Optional[DeadLatents] = None, k_aux: int = 0):
@@ -179,7 +194,7 @@ def _patched_encode(original: Callable) -> Callable:
         if not _fast_ok(self, x):
             return original(self, x)
         _, _, values, indices, _ = _encode_flat(self, x)
-        return _dense(values, indices, self.cfg.d_sae).reshape(*x.shape[:-1], self.cfg.d_sae)
+        return _feature_acts(self, values, indices, tuple(x.shape[:-1]))
 
     encode.__fastsae_original__ = original
     return encode
@@ -238,7 +253,7 @@ def _patched_training_forward_pass(original: Callable) -> Callable:
             residual = (sae_in - sae_out).detach()
             aux_loss = (e_hat.reshape(*lead, d_in) - residual).pow(2).sum(dim=-1).mean()
             aux_loss = self.cfg.aux_loss_coefficient * scale * aux_loss
-        feature_acts = _dense(values, indices, d_sae).reshape(*lead, d_sae)
+        feature_acts = _feature_acts(self, values, indices, tuple(lead))
         return TrainStepOutput(
             sae_in=sae_in,
             sae_out=sae_out,
