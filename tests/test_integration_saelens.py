@@ -198,3 +198,44 @@ def test_saelens_trainer_runs_patched_and_matches():
     assert got_trainer.n_training_steps == want_trainer.n_training_steps == 6
     for name, p in want.named_parameters():
         torch.testing.assert_close(dict(got.named_parameters())[name], p, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "arch, kw",
+    [("topk", {"k": 4, "rescale_acts_by_decoder_norm": True}), ("topk", {"k": 4}), ("relu", {}), ("jumprelu", {}),
+     ("batchtopk", {"k": 4})],
+)
+@pytest.mark.parametrize("training", [False, True])
+def test_to_and_from_saelens_objects(arch, kw, training):
+    import fastsae
+    from fastsae.config import SAEConfig
+
+    torch.manual_seed(0)
+    sae = fastsae.SAE(SAEConfig(architecture=arch, d_in=16, d_sae=64, **kw))
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+            if name == "threshold":
+                p.abs_()
+    sae.eval()
+    x = torch.randn(10, 16)
+    sl = sae.to_saelens(training=training)
+    assert type(sl).__name__.endswith("TrainingSAE") == training
+    back = fastsae.SAE.from_saelens(sl)
+    assert back.architecture == (sae.architecture if training or arch != "batchtopk" else "jumprelu")
+    torch.testing.assert_close(back(x), sae(x))
+    if not (training and arch == "batchtopk"):  # SAELens' training BatchTopK selects over the batch
+        sl.eval()
+        torch.testing.assert_close(sl(x), sae(x), rtol=1e-5, atol=1e-6)
+    for name, p in sae.named_parameters():
+        if arch != "batchtopk" or training:
+            torch.testing.assert_close(dict(back.named_parameters())[name], p, rtol=0, atol=0)
+
+
+def test_from_saelens_refuses_other_objects():
+    import fastsae
+
+    with pytest.raises(ValueError, match="expected a sae_lens SAE"):
+        fastsae.SAE.from_saelens(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="training: expected a bool"):
+        fastsae.SAE(d_in=8, d_sae=16, k=2).to_saelens(training="yes")
