@@ -239,3 +239,40 @@ def test_from_saelens_refuses_other_objects():
         fastsae.SAE.from_saelens(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="training: expected a bool"):
         fastsae.SAE(d_in=8, d_sae=16, k=2).to_saelens(training="yes")
+
+
+def test_hooked_sae_transformer_same_logits_and_cache():
+    from sae_lens import HookedSAETransformer
+    from transformer_lens import HookedTransformerConfig
+
+    torch.manual_seed(0)
+    model = HookedSAETransformer(HookedTransformerConfig(
+        n_layers=1, d_model=D_IN, n_ctx=8, d_head=4, n_heads=6, d_vocab=50, act_fn="relu", device="cpu",
+    ))
+    sae = TopKSAE(TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, rescale_acts_by_decoder_norm=True))
+    sae.load_state_dict(_training_sae().state_dict())
+    sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+    tokens = torch.randint(0, 50, (3, 8))
+
+    def run():
+        logits = model.run_with_saes(tokens, saes=[sae])
+        cached_logits, cache = model.run_with_cache_with_saes(tokens, saes=[sae])
+        acts = {name: t for name, t in cache.items() if "hook_sae" in name}
+        return logits, cached_logits, acts
+
+    want = run()
+    assert not torch.allclose(want[0], model(tokens))  # the SAE is spliced in
+    apply_to_saelens()
+    calls = []
+    original = integ._encode_flat
+    integ._encode_flat = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        got = run()
+    finally:
+        integ._encode_flat = original
+    assert calls == [1]  # run_with_saes fused; run_with_cache_with_saes hooks the SAE: SAELens' code
+    _close(got[0], want[0], "run_with_saes logits")
+    _close(got[1], want[1], "run_with_cache_with_saes logits")
+    assert set(got[2]) == set(want[2]) and any("hook_sae_acts_post" in name for name in want[2])
+    for name in want[2]:
+        _close(got[2][name], want[2][name], name)
