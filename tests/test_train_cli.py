@@ -194,9 +194,10 @@ def test_resume_compares_transformer_and_device_flags_with_the_saved_run(tmp_pat
 
 
 def test_topk_defaults_are_saelens_training_choices_as_readme_says():
-    """`fastsae train`'s TopK/BatchTopK SAE selects on decoder-norm-scaled pre-activations and the
-    trainer clips gradients to norm 1 (SAELens' TopKTrainingSAE and SAETrainer; issue 27);
-    README says so. Quality itself is measured by benchmarks/quality_vs_saelens.py, not here."""
+    """`fastsae train`'s TopK/BatchTopK SAE selects on decoder-norm-scaled pre-activations and
+    starts b_dec at zeros, and the trainer clips gradients to norm 1 (SAELens' TopKTrainingSAE and
+    SAETrainer; issue 27); README says so. Quality itself is measured by
+    benchmarks/quality_vs_saelens.py, not here."""
     from pathlib import Path
 
     from fastsae.cli import build_parser
@@ -210,9 +211,11 @@ def test_topk_defaults_are_saelens_training_choices_as_readme_says():
         sae, cfg = _build(build_parser().parse_args(["train", "--data", "synthetic", "--architecture", arch]), data)
         assert sae.cfg.rescale_acts_by_decoder_norm is rescaled, arch
         assert cfg.grad_clip_norm == 1.0, arch
+        assert cfg.b_dec_init == ("zeros" if rescaled else "geometric_median"), arch
     sae, cfg = _build(build_parser().parse_args(["train", "--data", "synthetic", "--no-rescale-acts-by-decoder-norm",
-                                                 "--grad-clip-norm", "0"]), data)
+                                                 "--grad-clip-norm", "0", "--b-dec-init", "geometric_median"]), data)
     assert sae.cfg.rescale_acts_by_decoder_norm is False and cfg.grad_clip_norm is None
+    assert cfg.b_dec_init == "geometric_median"
     # A checkpoint written before clipping existed resumes without it.
     saved = TrainerConfig().to_dict()
     del saved["grad_clip_norm"]
@@ -220,6 +223,7 @@ def test_topk_defaults_are_saelens_training_choices_as_readme_says():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "`rescale_acts_by_decoder_norm` on for TopK and BatchTopK" in readme
     assert "gradients clipped to global norm 1" in readme
+    assert "`b_dec` starts at zeros for TopK and BatchTopK" in readme
 
 
 def test_gradient_clipping_bounds_the_step_gradient(tmp_path):

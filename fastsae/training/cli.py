@@ -29,6 +29,9 @@ DEFAULTS = {
     "rescale_acts_by_decoder_norm": True,
     # Gradients clipped to global norm 1 before each Adam step (SAELens' SAETrainer); 0: off.
     "grad_clip_norm": 1.0,
+    # b_dec's start: zeros for topk/batchtopk (as SAELens; better there on the MiniLM head to
+    # head, issue 27), the geometric median (TrainerConfig's default) for relu/jumprelu.
+    "b_dec_init": {"topk": "zeros", "batchtopk": "zeros"},
     "batch_size": 2048,
     "tokens": 800_000,
     "lr": 1e-3,
@@ -48,7 +51,7 @@ DEFAULTS = {
 # Flags that describe a run; with --resume they come from the checkpoint, and a flag given with
 # --resume must equal the saved value.
 RUN_FLAGS = ("data", "architecture", "d_sae", "k", "l1_coefficient", "decoder_norm", "rescale_acts_by_decoder_norm",
-             "grad_clip_norm", "batch_size", "tokens", "lr",
+             "grad_clip_norm", "b_dec_init", "batch_size", "tokens", "lr",
              "seed", "model", "hook", "text", "seq_len", "max_corpus_tokens", "synthetic_d_in", "synthetic_features",
              "synthetic_l0", "log_every", "checkpoint_every", "checkpoint_every_steps", "device", "dead_strategy",
              "dead_after_tokens", "resample_every", "no_normalize")
@@ -77,6 +80,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help=f"rows per step (default {DEFAULTS['batch_size']})")
     p.add_argument("--tokens", type=int, help=f"rows to train on (default {DEFAULTS['tokens']:,})")
     p.add_argument("--lr", type=float, help=f"Adam's peak learning rate (default {DEFAULTS['lr']})")
+    p.add_argument("--b-dec-init", choices=("zeros", "geometric_median", "mean"),
+                   help="b_dec's start: zeros, or the geometric median or mean of a sample of the (normalised) data "
+                   "(default: zeros for topk/batchtopk, geometric_median for relu/jumprelu)")
     p.add_argument("--grad-clip-norm", type=float,
                    help=f"clip the gradients' global norm to this before each step, 0: off (default {DEFAULTS['grad_clip_norm']})")
     p.add_argument("--seed", type=int, help=f"default {DEFAULTS['seed']}")
@@ -182,6 +188,7 @@ def _build(args, data, device=None):
         batch_size=_setting(args, "batch_size"),
         lr=_setting(args, "lr"),
         grad_clip_norm=_setting(args, "grad_clip_norm") or None,
+        b_dec_init=args.b_dec_init or DEFAULTS["b_dec_init"].get(arch, "geometric_median"),
         sparsity_coefficient=_setting(args, "l1_coefficient") if arch in ("relu", "jumprelu") else 0.0,
         seed=_setting(args, "seed"),
         device=_setting(args, "device"),
@@ -244,6 +251,7 @@ def _resume_differences(args: argparse.Namespace, folder: Path) -> list[str]:
         "decoder_norm": sae_cfg.decoder_norm,
         "rescale_acts_by_decoder_norm": sae_cfg.rescale_acts_by_decoder_norm if arch in ("topk", "batchtopk") else None,
         "grad_clip_norm": cfg.grad_clip_norm or 0.0,
+        "b_dec_init": cfg.b_dec_init,
         "batch_size": cfg.batch_size,
         "tokens": cfg.total_tokens,
         "lr": cfg.lr,
