@@ -244,3 +244,30 @@ def test_gradient_clipping_bounds_the_step_gradient(tmp_path):
     trainer.optimizer.step = spy
     trainer.train()
     assert len(seen) == 2 and max(seen) <= 1e-3 * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e6])
+def test_gradient_clipping_is_torch_clip_grad_norm(max_norm):
+    """The trainer's clip (its norm reused from the step's finiteness check, per-tensor scaling on
+    the CPU) gives torch.nn.utils.clip_grad_norm_'s gradients: clipped and, above the norm, not."""
+    from fastsae.training.synthetic import SyntheticActivations
+
+    data = SyntheticActivations(d_in=16, n_features=32, l0=2, seed=0)
+    sae = fastsae.SAE(d_in=16, d_sae=64, architecture="topk", k=2)
+    trainer = Trainer(sae, data, TrainerConfig(total_tokens=512, batch_size=256, grad_clip_norm=max_norm, progress=False,
+                                               checkpoint_every_seconds=None))
+    for p in sae.parameters():
+        p.grad = torch.randn_like(p)
+    saved = [p.grad.clone() for p in sae.parameters()]
+    shadow = [torch.nn.Parameter(torch.zeros_like(g)) for g in saved]
+    for s, g in zip(shadow, saved):
+        s.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(shadow, max_norm)
+    given = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(saved)), 2)
+    for grad_norm in (None, given):
+        for p, g in zip(sae.parameters(), saved):
+            p.grad = g.clone()
+        trainer._clip_gradients(max_norm, grad_norm)
+        for p, s, g in zip(sae.parameters(), shadow, saved):
+            assert torch.equal(p.grad, s.grad)
+            assert torch.equal(p.grad, g) == (max_norm > 1)
