@@ -20,8 +20,8 @@ def test_topk_encode_matches_float64(device, d_in, d_sae, k, use_b_dec, use_norm
     b_dec = b_dec if use_b_dec else None
     dec_norm = dec_norm if use_norm else None
     with kernel_backend(device):
-        values, indices, aux_v, aux_i = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k)
-    assert values.dtype == x.dtype and aux_v.shape == (37, 0) and aux_i.shape == (37, 0)
+        values, indices, aux_pre = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k)
+    assert values.dtype == x.dtype and aux_pre.shape == (37, 0) and aux_pre.dtype == x.dtype
     _check_topk_selection(values.cpu(), indices.cpu(), pre_activations64(x, enc, b_enc, b_dec, dec_norm).cpu(), k)
 
 
@@ -33,7 +33,7 @@ def test_topk_encode_selects_before_relu(device):
     x, enc, b_enc, b_dec, _ = encoder_inputs(31, d_in, d_sae, device=device)
     b_enc = b_enc - 3.0
     with kernel_backend(device):
-        values, indices, _, _ = ops.topk_encode(x, enc, b_enc, b_dec, None, k)
+        values, indices, _ = ops.topk_encode(x, enc, b_enc, b_dec, None, k)
     pre64 = pre_activations64(x, enc, b_enc, b_dec, None).cpu()
     picked = pre64.gather(1, indices.cpu())
     assert (picked < 0).float().mean() > 0.5, "the test needs negative kept pre-activations"
@@ -180,7 +180,7 @@ def test_topk_encode_bf16_within_twice_torch_error(device):
     x, enc, b_enc, b_dec, dec_norm = encoder_inputs(n, d_in, d_sae, device=device)
     bf = [t.bfloat16() for t in (x, enc, b_enc, b_dec, dec_norm)]
     with kernel_backend(device):
-        values, indices, _, _ = ops.topk_encode(*bf, k)
+        values, indices, _ = ops.topk_encode(*bf, k)
     ref_values = reference.topk_encode(*(t.double() for t in bf), k, None, 0)[0]
     torch_values = reference.topk_encode(*bf, k, None, 0)[0]
     ordered = lambda t: t.double().sort(-1, descending=True).values  # noqa: E731
@@ -209,7 +209,7 @@ def test_topk_encode_handles_ties_and_empty_batches(device):
     enc = torch.randn(d_sae, d_in, device=device)
     b_enc = torch.full((d_sae,), 0.25, device=device)
     with kernel_backend(device):
-        values, indices, _, _ = ops.topk_encode(x, enc, b_enc, None, None, k)
+        values, indices, _ = ops.topk_encode(x, enc, b_enc, None, None, k)
         empty = ops.topk_encode(x[:0], enc, b_enc, None, None, k)
     assert (values == 0.25).all()
     assert (indices.sort(-1).values.diff(dim=-1) != 0).all()
