@@ -3,11 +3,12 @@ float64 references: selections, aux selections, every gradient, poisoned output 
 
 import pytest
 import torch
+from auxk_testing import assert_aux_pre_matches, random_dead
 from conftest import assert_bf16_close, assert_rel_close
 from cpp_testing import DEVICES, encoder_inputs, kernel_backend, kernel_ops, poison_like, pre_activations64
 from test_ops import _check_topk_selection
 
-from fastsae import ops, reference
+from fastsae import DeadLatents, ops, reference
 
 SHAPES = [(48, 333, 1), (48, 333, 7), (100, 1000, 16), (100, 333, 7), (48, 1000, 1), (100, 1000, 7)]
 
@@ -48,47 +49,42 @@ def test_topk_encode_row_and_latent_blocking(device, n_rows, threads):
     threads, where the latents are split too and partial top-k lists merged."""
     d_in, d_sae, k = 48, 1500, 16  # three latent blocks of 512, the last one partial
     x, enc, b_enc, b_dec, dec_norm = encoder_inputs(n_rows, d_in, d_sae, device=device)
-    dead = torch.rand(d_sae, device=device) < 0.2
+    _, dead = random_dead(d_sae, 300, capacity=307, device=device)  # 7 empty entries (-1)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with kernel_backend(device):
-            values, indices, aux_v, aux_i = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k, dead, 20)
+            values, indices, aux_pre = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k, dead.latents, 20)
     finally:
         torch.set_num_threads(before)
     pre64 = pre_activations64(x, enc, b_enc, b_dec, dec_norm).cpu()
     _check_topk_selection(values.cpu(), indices.cpu(), pre64, k)
-    expect = pre64.masked_fill(~dead.cpu(), float("-inf")).topk(20, dim=-1).values
-    assert dead.cpu()[aux_i.cpu()].all()
-    assert_rel_close(aux_v.cpu().sort(-1, descending=True).values, expect, 1e-5, "aux values")
+    assert aux_pre.shape == (n_rows, 307) and aux_pre.dtype == x.dtype
+    assert_aux_pre_matches(aux_pre, pre64, dead.latents, 20)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("n_dead,k_aux", [(50, 24), (5, 24), (1, 1), (0, 3), (333, 333)])
-def test_topk_encode_aux_selects_among_dead(device, n_dead, k_aux):
+@pytest.mark.parametrize("n_dead,k_aux,capacity", [(50, 24, None), (5, 24, None), (5, 24, 9), (1, 1, None),
+                                                   (0, 3, None), (0, 3, 4), (333, 333, None), (40, 1, 41)])
+def test_topk_encode_aux_selects_among_dead(device, n_dead, k_aux, capacity):
+    """aux_pre against the float64 contract: each row keeps its best min(k_aux, #dead) listed
+    latents (raw pre-activations, no ReLU), -inf elsewhere and at every empty entry (-1);
+    k_aux above the number of dead latents, and lists longer than their count."""
     d_in, d_sae, k = 48, 333, 7
     x, enc, b_enc, b_dec, dec_norm = encoder_inputs(29, d_in, d_sae, device=device)
-    dead = torch.zeros(d_sae, dtype=torch.bool)
-    dead[torch.randperm(d_sae)[:n_dead]] = True
-    dead = dead.to(device)
+    _, dead = random_dead(d_sae, n_dead, capacity, device=device)
+    lat = dead.latents
     with kernel_backend(device):
-        values, indices, aux_v, aux_i = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k, dead, k_aux)
+        values, indices, aux_pre = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k, lat, k_aux)
     pre64 = pre_activations64(x, enc, b_enc, b_dec, dec_norm).cpu()
-    values, indices, aux_v, aux_i, dead = values.cpu(), indices.cpu(), aux_v.cpu(), aux_i.cpu(), dead.cpu()
-    _check_topk_selection(values, indices, pre64, k)
-    assert aux_v.shape == aux_i.shape == (29, k_aux)
-    real = min(n_dead, k_aux)
-    got_dead = dead[aux_i]
-    # The real slots are the dead latents' top pre-activations (raw, no ReLU); padding slots hold
-    # value 0 at latents that are not dead (so no gradient reaches them).
-    assert (got_dead.sum(-1) == real).all()
-    assert (aux_v[~got_dead] == 0).all()
-    if real:
-        expect = pre64.masked_fill(~dead, float("-inf")).topk(real, dim=-1).values
-        got = torch.where(got_dead, aux_v.double(), torch.full_like(aux_v.double(), float("-inf")))
-        assert_rel_close(got.sort(-1, descending=True).values[:, :real], expect, 1e-5, "aux values")
-        real_idx = torch.where(got_dead, aux_i, -1 - torch.arange(k_aux).expand_as(aux_i))
-        assert (real_idx.sort(-1).values.diff(dim=-1) != 0).all(), "duplicate dead latents in a row"
+    _check_topk_selection(values.cpu(), indices.cpu(), pre64, k)
+    assert aux_pre.shape == (29, lat.shape[0]) and aux_pre.dtype == x.dtype
+    assert_aux_pre_matches(aux_pre, pre64, lat, k_aux)
+    kept = ~torch.isneginf(aux_pre.cpu())
+    assert (kept.sum(-1) == min(n_dead, k_aux)).all()
+    assert not kept[:, lat.cpu() < 0].any(), "an empty entry was kept"
+    if n_dead >= 5 and k_aux >= n_dead:  # every dead latent kept: negatives among them stay raw
+        assert (aux_pre.cpu()[kept] < 0).any(), "the test needs kept negative pre-activations (no ReLU)"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -96,32 +92,42 @@ def test_topk_encode_aux_selects_among_dead(device, n_dead, k_aux):
 @pytest.mark.parametrize("k_aux", [0, 5])
 def test_topk_encode_gradients_match_float64(device, d_in, d_sae, k, k_aux):
     """fp32 encode then decode through the ops; every gradient (x, W_enc, b_enc, b_dec, both
-    norm vectors, W_dec) against float64 autograd on the dense formula with the same selection."""
+    norm vectors, W_dec) against float64 autograd on the dense formula with the same selection.
+    aux_pre's gradient (over a list with empty entries) reaches the kept entries only."""
     n = 23
     x, enc, b_enc, b_dec, norm_enc = encoder_inputs(n, d_in, d_sae, device=device)
     norm_dec = torch.rand(d_sae, device=device) + 0.5
     W_dec = torch.randn(d_sae, d_in, device=device) / d_in**0.5
-    dead = torch.rand(d_sae, device=device) < 0.3
+    mask = torch.rand(d_sae, device=device) < 0.3
+    lat = DeadLatents.from_mask(mask, int(mask.sum()) + 3).latents if k_aux else None
     grad_out = torch.randn(n, d_in, device=device)
-    grad_aux = torch.randn(n, k_aux, device=device)
+    grad_aux = torch.randn(n, 0 if lat is None else lat.shape[0], device=device)
     names = ("x", "enc_weight", "b_enc", "b_dec", "norm_enc", "norm_dec", "W_dec")
     base = (x, enc, b_enc, b_dec, norm_enc, norm_dec, W_dec)
     leaves32 = [t.clone().requires_grad_() for t in base]
     x32, enc32, be32, bd32, ne32, nd32, wd32 = leaves32
     with kernel_backend(device):
-        v, idx, av, ai = ops.topk_encode(x32, enc32, be32, bd32, ne32, k, dead if k_aux else None, k_aux)
+        v, idx, aux_pre = ops.topk_encode(x32, enc32, be32, bd32, ne32, k, lat, k_aux)
         out = ops.sparse_decode(v, idx, wd32, bd32, nd32)
-        torch.autograd.backward([out, av], [grad_out, grad_aux])
+        # -inf entries carry a gradient of 0 through where (nothing reaches the pre-activations)
+        torch.autograd.backward([out, aux_pre], [grad_out, grad_aux])
 
     leaves64 = [t.double().requires_grad_() for t in base]
     x64, enc64, be64, bd64, ne64, nd64, wd64 = leaves64
     pre = ((x64 - bd64) @ enc64.T + be64) * ne64
     acts = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx).relu())
     ref = (acts / nd64) @ wd64 + bd64
-    aux_ref = torch.where(dead[ai], pre.gather(1, ai), torch.zeros_like(av, dtype=torch.float64))
-    torch.autograd.backward([ref, aux_ref], [grad_out.double(), grad_aux.double()])
+    outs, grads = [ref], [grad_out.double()]
+    if lat is not None:
+        assert_aux_pre_matches(aux_pre, pre.detach(), lat, k_aux)
+        kept = ~torch.isneginf(aux_pre.detach())
+        cols = pre[:, lat.clamp(min=0)]
+        outs.append(torch.where(kept, cols, torch.zeros_like(cols)))
+        grads.append(grad_aux.double())
+    else:
+        assert aux_pre.shape == (n, 0)
+    torch.autograd.backward(outs, grads)
     assert_rel_close(out, ref.detach(), 1e-5, "output")
-    assert_rel_close(av, aux_ref.detach(), 1e-5, "aux values")
     for name, a, b in zip(names, leaves32, leaves64):
         assert b.grad.abs().max() > 0, name
         assert_rel_close(a.grad, b.grad, 1e-5, f"grad {name}")
