@@ -159,13 +159,17 @@ def test_topk_encode_out_writes_every_element(device, k_aux):
     kops = kernel_ops(device)
     n, d_in, d_sae, k = 41, 100, 1000, 16
     x, enc, b_enc, b_dec, dec_norm = encoder_inputs(n, d_in, d_sae, device=device)
-    dead = torch.zeros(d_sae, dtype=torch.bool, device=device)
-    dead[:20] = True  # fewer dead than k_aux: padding slots must be written too
-    expect = kops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k, dead, k_aux)
+    # fewer dead than k_aux, and a list longer than their count: -inf and empty entries written too
+    _, dead = random_dead(d_sae, 20, capacity=27, device=device)
+    lat = dead.latents if k_aux else None
+    expect = kops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k, lat, k_aux)
+    assert expect[2].shape == (n, 27 if k_aux else 0)
+    if k_aux:
+        assert_aux_pre_matches(expect[2], pre_activations64(x, enc, b_enc, b_dec, dec_norm), lat, k_aux)
     outs = [poison_like(t) for t in expect]
-    kops.topk_encode_out(x, enc, b_enc, b_dec, dec_norm, k, dead, k_aux, values=outs[0], indices=outs[1],
-                         aux_values=outs[2], aux_indices=outs[3])
-    for name, got, ref in zip(("values", "indices", "aux_values", "aux_indices"), outs, expect):
+    kops.topk_encode_out(x, enc, b_enc, b_dec, dec_norm, k, lat, k_aux, values=outs[0], indices=outs[1],
+                         aux_pre=outs[2])
+    for name, got, ref in zip(("values", "indices", "aux_pre"), outs, expect):
         assert torch.equal(got, ref), name
 
     indices = expect[1]
@@ -229,13 +233,16 @@ def test_kernel_ops_reject_bad_arguments(device):
     x, enc, b_enc, b_dec, dec_norm = encoder_inputs(4, 10, 17, device=device)
     with pytest.raises(RuntimeError, match="k: expected 1 <= k <= d_sae=17, got 18"):
         kops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 18, None, 0)
-    with pytest.raises(RuntimeError, match="dead_mask: expected a bool mask"):
-        kops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 3, None, 2)
+    with pytest.raises(RuntimeError, match="aux_latents: expected dtype int64, got Bool"):
+        kops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 3, torch.ones(17, dtype=torch.bool, device=device), 2)
+    with pytest.raises(RuntimeError, match="aux_latents: expected a vector of at most d_sae=17"):
+        kops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 3, torch.arange(18, device=device), 2)
+    with pytest.raises(RuntimeError, match="k_aux: expected 0 <= k_aux <= d_sae=17, got 18"):
+        kops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 3, torch.arange(17, device=device), 18)
     with pytest.raises(RuntimeError, match=r"values: expected shape \[4, 3\], got \[4, 2\]"):
         v = torch.empty(4, 2, device=device)
         i = torch.empty(4, 3, dtype=torch.int64, device=device)
-        kops.topk_encode_out(x, enc, b_enc, b_dec, dec_norm, 3, None, 0, values=v, indices=i,
-                             aux_values=v[:, :0], aux_indices=i[:, :0])
+        kops.topk_encode_out(x, enc, b_enc, b_dec, dec_norm, 3, None, 0, values=v, indices=i, aux_pre=v[:, :0])
     bad = torch.tensor([[0, 17, 2]], device=device)
     with pytest.raises(RuntimeError, match=r"indices: expected latent indices in \[0, 17\)"):
         kops.topk_encode_backward(torch.randn(1, 3, device=device), bad, x[:1], enc, b_dec)
@@ -246,16 +253,16 @@ def test_opcheck_kernel_topk_ops(device):
     kops = kernel_ops(device)
     n, d_in, d_sae, k = 6, 10, 17, 3
     x, enc, b_enc, b_dec, dec_norm = encoder_inputs(n, d_in, d_sae, device=device)
-    dead = torch.zeros(d_sae, dtype=torch.bool, device=device)
-    dead[:8] = True
-    torch.library.opcheck(kops.topk_encode.default, (x, enc, b_enc, b_dec, dec_norm, k, dead, 4))
+    mask = torch.zeros(d_sae, dtype=torch.bool, device=device)
+    mask[:8] = True
+    lat = DeadLatents.from_mask(mask, 10).latents  # 8 dead, 2 empty entries
+    torch.library.opcheck(kops.topk_encode.default, (x, enc, b_enc, b_dec, dec_norm, k, lat, 4))
     torch.library.opcheck(kops.topk_encode.default, (x, enc, b_enc, None, None, k, None, 0))
-    values, indices, aux_v, aux_i = kops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k, dead, 4)
+    values, indices, aux_pre = kops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k, lat, 4)
     torch.library.opcheck(
         kops.topk_encode_out.default,
-        (x, enc, b_enc, b_dec, dec_norm, k, dead, 4),
-        dict(values=torch.empty_like(values), indices=torch.empty_like(indices),
-             aux_values=torch.empty_like(aux_v), aux_indices=torch.empty_like(aux_i)),
+        (x, enc, b_enc, b_dec, dec_norm, k, lat, 4),
+        dict(values=torch.empty_like(values), indices=torch.empty_like(indices), aux_pre=torch.empty_like(aux_pre)),
     )
     grad_pre = torch.randn(n, k, device=device)
     torch.library.opcheck(kops.topk_encode_backward.default, (grad_pre, indices, x, enc, b_dec))
