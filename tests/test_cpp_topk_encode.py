@@ -3,7 +3,7 @@ float64 references: selections, aux selections, every gradient, poisoned output 
 
 import pytest
 import torch
-from auxk_testing import assert_aux_pre_matches, random_dead
+from auxk_testing import assert_aux_pre_matches, aux_pre_via_reference, random_dead
 from conftest import assert_bf16_close, assert_rel_close
 from cpp_testing import DEVICES, encoder_inputs, kernel_backend, kernel_ops, poison_like, pre_activations64
 from test_ops import _check_topk_selection
@@ -275,23 +275,34 @@ def test_opcheck_kernel_topk_ops(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n,d_sae,dead_frac,k_aux", [(3, 5000, 0.5, 40), (37, 333, 0.95, 333), (5, 333, 1.0, 300)])
-def test_aux_slots_with_dead_latents_at_minus_inf_match_the_reference(device, n, d_sae, dead_frac, k_aux):
-    """AuxK's contract (fastsae.reference.topk_encode) when dead latents sit at -inf (b_enc = -inf):
-    they are no candidates; the slots they leave hold value 0 at live latents, then at unused dead
-    ones. Few rows over many latents split the latents into parts (merged per row); poisoned
-    output buffers must be written everywhere."""
+def test_aux_pre_with_dead_latents_at_minus_inf_and_nan_match_the_reference(device, n, d_sae, dead_frac, k_aux):
+    """AuxK's contract when dead latents sit at -inf (b_enc = -inf) or NaN (b_enc = NaN): -inf
+    ones are no candidates (their entries stay -inf, a row keeps min(k_aux, #candidates)), NaN
+    ones rank first. Few rows over many latents split the latents into parts (merged per row);
+    the list has empty entries (-1); poisoned output buffers must be written everywhere."""
     kops = kernel_ops(device)
     x, enc, b_enc, b_dec, dec_norm = encoder_inputs(n, 48, d_sae, device=device)
     off = torch.rand(d_sae, device=device) < 0.3
     b_enc[off] = float("-inf")
-    dead = torch.rand(d_sae, device=device) < dead_frac
-    expect_v, expect_i = reference.aux_select(pre_activations64(x, enc, b_enc, b_dec, dec_norm), dead, k_aux)
-    expect = kops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 7, dead, k_aux)
+    mask = torch.rand(d_sae, device=device) < dead_frac
+    nan_at = (mask & ~off).nonzero().flatten()[:2]
+    b_enc[nan_at] = float("nan")
+    n_dead = int(mask.sum())
+    lat = DeadLatents.from_mask(mask, min(d_sae, n_dead + 5)).latents
+    pre64 = pre_activations64(x, enc, b_enc, b_dec, dec_norm)
+    expect = kops.topk_encode(x, enc, b_enc, b_dec, dec_norm, 7, lat, k_aux)
     outs = [poison_like(t) for t in expect]
-    kops.topk_encode_out(x, enc, b_enc, b_dec, dec_norm, 7, dead, k_aux, values=outs[0], indices=outs[1],
-                         aux_values=outs[2], aux_indices=outs[3])
-    for name, got, ref in zip(("values", "indices", "aux_values", "aux_indices"), outs, expect):
-        assert torch.equal(got, ref), name
-    assert torch.equal(expect[3].cpu(), expect_i)
-    assert torch.isfinite(expect[2]).all()
-    assert_rel_close(expect[2].cpu(), expect_v, 1e-5, "aux values")
+    kops.topk_encode_out(x, enc, b_enc, b_dec, dec_norm, 7, lat, k_aux, values=outs[0], indices=outs[1],
+                         aux_pre=outs[2])
+    for name, got, ref in zip(("values", "indices", "aux_pre"), outs, expect):  # NaN kept as NaN: equal_nan
+        assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.nan_to_num(), ref.nan_to_num()), name
+    aux_pre = expect[2].cpu()
+    assert_aux_pre_matches(aux_pre, pre64, lat, k_aux)
+    want = aux_pre_via_reference(pre64.cpu(), lat.cpu(), k_aux)
+    assert torch.equal(aux_pre.isneginf(), want.isneginf()) and torch.equal(aux_pre.isnan(), want.isnan())
+    cands = (lat.cpu() >= 0) & ~(off.cpu()[lat.cpu().clamp(min=0)])
+    kept = ~aux_pre.isneginf()
+    assert (kept.sum(-1) == min(k_aux, int(cands.sum()))).all()
+    assert not kept[:, ~cands].any(), "a -inf or empty entry was kept"
+    if len(nan_at):
+        assert aux_pre.isnan().sum(-1).eq(len(nan_at)).all(), "NaN latents rank first"
