@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from auxk_testing import assert_aux_pre_matches
 from conftest import assert_rel_close
 from cpp_testing import DEVICES, kernel_backend
 
@@ -39,7 +40,8 @@ def test_module_training_forward_matches_float64(device, shape, rescale):
         assert out.x_hat.shape == x.shape
         x2 = x.detach().reshape(-1, d_in)
         norm = sae.W_dec.norm(dim=1) if rescale else None
-        _, idx, _, aux_idx = ops.topk_encode(x2, sae.enc_weight, sae.b_enc, sae.b_dec, norm, k, dead, k_aux)
+        lat = fastsae.DeadLatents.from_mask(dead).latents
+        _, idx, aux_pre = ops.topk_encode(x2, sae.enc_weight, sae.b_enc, sae.b_dec, norm, k, lat, k_aux)
 
     params64 = {name: p.detach().double().requires_grad_() for name, p in sae.named_parameters()}
     x64 = x.detach().double().reshape(-1, d_in).requires_grad_()
@@ -49,7 +51,13 @@ def test_module_training_forward_matches_float64(device, shape, rescale):
     acts = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx).relu())
     x_hat = (acts / dec_norm) @ W_dec + b_dec
     mse = (x_hat - x64).pow(2).sum(-1).mean()
-    aux_acts = torch.zeros_like(pre).scatter(1, aux_idx, torch.where(dead[aux_idx], pre.gather(1, aux_idx), 0.0))
+    # the kernel's aux selection, checked against the float64 contract, then its entries scattered
+    # back to their latents (empty entries, -1, are never kept)
+    assert_aux_pre_matches(aux_pre, pre.detach(), lat, k_aux)
+    kept = ~torch.isneginf(aux_pre)
+    assert (lat[kept.any(0)] >= 0).all() and int(kept.sum(-1).min()) == min(k_aux, int(dead.sum()))
+    cols = lat.clamp(min=0).expand_as(aux_pre)
+    aux_acts = torch.zeros_like(pre).scatter_add(1, cols, torch.where(kept, pre.gather(1, cols), 0.0))
     e_hat = (aux_acts / dec_norm) @ W_dec
     n_dead = int(dead.sum())
     aux = (1 / 32) * min(1.0, n_dead / k_aux) * (e_hat - (x64 - x_hat).detach()).pow(2).sum(-1).mean()
