@@ -31,6 +31,7 @@ wall-clock run for these (the coefficients differ per trainer); the seconds are 
     python3 benchmarks/quality_vs_saelens.py --architecture relu --append   # coefficients 4 and 5, seeds 0 and 1
     python3 benchmarks/quality_vs_saelens.py --architecture jumprelu --tokens 300000 --seeds 0 \
         --fastsae-coefficients 0.003 0.03 0.3 --saelens-coefficients 0.003 0.03 0.3 --append
+    python3 benchmarks/quality_vs_saelens.py --combine runs/sweep/*.json   # sweeps in --out, matched-L0 summary
 """
 
 from __future__ import annotations
@@ -200,6 +201,75 @@ def run_saelens(train: torch.Tensor, held: torch.Tensor, args, seed: int, tokens
     return row
 
 
+def _fastsae_config(row: dict) -> str:
+    """A fastsae row's settings in words (its flags and overrides that move it to SAELens' choices)."""
+    flags, over = row.get("cli_flags") or "", row.get("trainer_overrides") or {}
+    parts = [words for present, words in (("--b-dec-init zeros" in flags, "b_dec zeros"),
+                                          (over.get("sparsity_warmup_fraction") == 0.0, "no warm-up"),
+                                          ("--dead-strategy none" in flags, "no resampling")) if present]
+    return "fastsae" + (" + " + ", ".join(parts) if parts else " defaults")
+
+
+def _fvu_at_l0(points: list, target: float, reach: float = 1.5):
+    """(FVU, how) at L0 `target` from (L0, FVU) points: linear between the two that bracket it, or
+    along the nearest two's line when it lies at most `reach` beyond them; (None, None) otherwise."""
+    pts = sorted(points)
+    for (la, fa), (lb, fb) in zip(pts, pts[1:]):
+        if la <= target <= lb:
+            return (fa + (fb - fa) * (target - la) / (lb - la) if lb > la else (fa + fb) / 2), "interpolated"
+    if len(pts) >= 2:
+        for (la, fa), (lb, fb) in ((pts[0], pts[1]), (pts[-2], pts[-1])):
+            if lb > la and min(abs(target - la), abs(target - lb)) <= reach:
+                return fa + (fb - fa) * (target - la) / (lb - la), "extrapolated"
+    return None, None
+
+
+def combine(files: list, out: str) -> dict:
+    """The runs of several results files (relu/jumprelu sweeps written with --append) in one file,
+    with a matched-L0 summary: each fastsae run beside SAELens' FVU at its L0 (same architecture,
+    seed and steps)."""
+    runs = []
+    for name in files:
+        with open(name) as f:
+            d = json.load(f)
+        runs.extend(d.get("runs", [d]))
+    runs.sort(key=lambda r: r["date"])
+    rows = [row for r in runs for row in r["rows"] if row.get("architecture", "topk") != "topk"]
+    summary = []
+    for r in rows:
+        if r["trainer"] != "fastsae":
+            continue
+        steps = r["tokens"] // 2048
+        lens = [(o["l0"], o["fvu"]) for o in rows if o["trainer"] == "saelens" and o["architecture"] == r["architecture"]
+                and o["seed"] == r["seed"] and abs(o["tokens"] // 2048 - steps) <= 1]
+        ref, how = _fvu_at_l0(lens, r["l0"])
+        summary.append({"architecture": r["architecture"], "tokens": r["tokens"], "seed": r["seed"], "fastsae": _fastsae_config(r),
+                        "coefficient": r["coefficient"], "l0": round(r["l0"], 2), "fvu": round(r["fvu"], 4),
+                        "dead_on_held_out": r["dead_on_held_out"],
+                        "saelens_fvu_at_this_l0": None if ref is None else round(ref, 4), "how": how,
+                        "fastsae_over_saelens": None if ref is None else round(r["fvu"] / ref - 1, 4)})
+    result = {
+        "benchmark": "quality_vs_saelens", "issue": 27,
+        "what": "ReLU + L1 and JumpReLU: SAELens (SAETrainer + StandardTrainingSAE / JumpReLUTrainingSAE, their "
+                "defaults but the sparsity coefficient) against fastsae train --architecture relu|jumprelu "
+                "--l1-coefficient C (its defaults, or with the flags and overrides each row records), at several "
+                "coefficients; MiniLM layer 3 on pydoc, the last 16,384 rows held out; d_sae 3072, batch 2048, "
+                "lr 1e-3, 1% warm-up, decay over the last 20%, gradients clipped at 1, float32, one thread each on "
+                "a shared 2-core CPU, several runs at once at times (the seconds are rough)",
+        "matched_l0": "saelens_fvu_at_this_l0: SAELens' held-out FVU linearly interpolated in L0 between its two runs "
+                      "(same seed and steps) that bracket this fastsae run's L0, or along the line of its two nearest "
+                      "runs when the L0 lies at most 1.5 beyond them (how: extrapolated); null otherwise",
+        "combined_from": [Path(name).name for name in files],
+        "summary": summary, "runs": runs,
+    }
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    for row in summary:
+        print(row)
+    print(f"wrote {out}")
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--architecture", choices=("topk", "relu", "jumprelu"), default="topk")
@@ -229,7 +299,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="results JSON ('-': print only; default: the topk or the relu/jumprelu file)")
     p.add_argument("--append", action="store_true", help="add this invocation to --out's list of runs instead of "
                    "replacing the file (relu/jumprelu sweeps)")
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="train nothing: put these results files' runs (relu/jumprelu) in --out with a matched-L0 summary")
     args = p.parse_args(argv)
+    if args.combine:
+        combine(args.combine, args.out or str(DEFAULT_OUT_SPARSITY))
+        return 0
     if args.out is None:
         args.out = str(DEFAULT_OUT if args.architecture == "topk" else DEFAULT_OUT_SPARSITY)
     if args.architecture == "topk":
