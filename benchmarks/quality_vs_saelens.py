@@ -227,23 +227,24 @@ def _fvu_at_l0(points: list, target: float, reach: float = 1.5):
 def combine(files: list, out: str) -> dict:
     """The runs of several results files (relu/jumprelu sweeps written with --append) in one file,
     with a matched-L0 summary: each fastsae run beside SAELens' FVU at its L0 (same architecture,
-    seed and steps)."""
+    seed, steps and lr)."""
     runs = []
     for name in files:
         with open(name) as f:
             d = json.load(f)
         runs.extend(d.get("runs", [d]))
     runs.sort(key=lambda r: r["date"])
-    rows = [row for r in runs for row in r["rows"] if row.get("architecture", "topk") != "topk"]
+    rows = [{**row, "lr": r["settings"]["lr"]} for r in runs for row in r["rows"] if row.get("architecture", "topk") != "topk"]
     summary = []
     for r in rows:
         if r["trainer"] != "fastsae":
             continue
         steps = r["tokens"] // 2048
         lens = [(o["l0"], o["fvu"]) for o in rows if o["trainer"] == "saelens" and o["architecture"] == r["architecture"]
-                and o["seed"] == r["seed"] and abs(o["tokens"] // 2048 - steps) <= 1]
+                and o["seed"] == r["seed"] and o["lr"] == r["lr"] and abs(o["tokens"] // 2048 - steps) <= 1]
         ref, how = _fvu_at_l0(lens, r["l0"])
-        summary.append({"architecture": r["architecture"], "tokens": r["tokens"], "seed": r["seed"], "fastsae": _fastsae_config(r),
+        summary.append({"architecture": r["architecture"], "tokens": r["tokens"], "lr": r["lr"], "seed": r["seed"],
+                        "fastsae": _fastsae_config(r),
                         "coefficient": r["coefficient"], "l0": round(r["l0"], 2), "fvu": round(r["fvu"], 4),
                         "dead_on_held_out": r["dead_on_held_out"],
                         "saelens_fvu_at_this_l0": None if ref is None else round(ref, 4), "how": how,
@@ -254,10 +255,10 @@ def combine(files: list, out: str) -> dict:
                 "defaults but the sparsity coefficient) against fastsae train --architecture relu|jumprelu "
                 "--l1-coefficient C (its defaults, or with the flags and overrides each row records), at several "
                 "coefficients; MiniLM layer 3 on pydoc, the last 16,384 rows held out; d_sae 3072, batch 2048, "
-                "lr 1e-3, 1% warm-up, decay over the last 20%, gradients clipped at 1, float32, one thread each on "
+                "lr 1e-3 (the JumpReLU runs with lr 1e-2: each run's settings and each summary row say), 1% warm-up, decay over the last 20%, gradients clipped at 1, float32, one thread each on "
                 "a shared 2-core CPU, several runs at once at times (the seconds are rough)",
         "matched_l0": "saelens_fvu_at_this_l0: SAELens' held-out FVU linearly interpolated in L0 between its two runs "
-                      "(same seed and steps) that bracket this fastsae run's L0, or along the line of its two nearest "
+                      "(same seed, steps and lr) that bracket this fastsae run's L0, or along the line of its two nearest "
                       "runs when the L0 lies at most 1.5 beyond them (how: extrapolated); null otherwise",
         "combined_from": [Path(name).name for name in files],
         "summary": summary, "runs": runs,
