@@ -28,10 +28,11 @@ wall-clock run for these (the coefficients differ per trainer); the seconds are 
 
     python3 benchmarks/quality_vs_saelens.py                 # the head to head, seeds 0 and 1
     python3 benchmarks/quality_vs_saelens.py --tokens 200000 --only fastsae --trainer-set grad_clip_norm=1.0
-    python3 benchmarks/quality_vs_saelens.py --architecture relu --append   # coefficients 4 and 5, seeds 0 and 1
+    python3 benchmarks/quality_vs_saelens.py --architecture relu --out runs/sweep/relu.json --append  # λ 4 and 5, seeds 0, 1
     python3 benchmarks/quality_vs_saelens.py --architecture jumprelu --tokens 300000 --seeds 0 \
-        --fastsae-coefficients 0.003 0.03 0.3 --saelens-coefficients 0.003 0.03 0.3 --append
-    python3 benchmarks/quality_vs_saelens.py --combine runs/sweep/*.json   # sweeps in --out, matched-L0 summary
+        --fastsae-coefficients 0.003 0.03 0.3 --saelens-coefficients 0.003 0.03 0.3 --out runs/sweep/jumprelu.json --append
+    python3 benchmarks/quality_vs_saelens.py --combine runs/sweep/*.json runs/sweep-lr/*.json   # the sweeps' runs in --out,
+        # with the matched-L0 summary (the relu/jumprelu results file)
 """
 
 from __future__ import annotations
@@ -398,8 +399,10 @@ def main(argv=None) -> int:
         if args.append and Path(args.out).exists():
             with open(args.out) as f:
                 earlier = json.load(f)
-            runs = earlier["runs"] if "runs" in earlier else [earlier]
-            result = {"benchmark": result["benchmark"], "issue": 27, "runs": runs + [result]}
+            if "runs" in earlier:  # keeps its other keys (a --combine summary then wants --combine again)
+                result = {**earlier, "runs": earlier["runs"] + [result]}
+            else:
+                result = {"benchmark": result["benchmark"], "issue": 27, "runs": [earlier, result]}
         elif args.append:
             result = {"benchmark": result["benchmark"], "issue": 27, "runs": [result]}
         with open(args.out, "w") as f:
