@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from fastsae.auxk import DeadLatents
 from fastsae.config import SAEConfig
 from fastsae.formats import load
+from fastsae.integrations import apply_to_saelens, revert_saelens
 from fastsae.ops import available_backends, requested_backend, use_backend
 from fastsae.sae import SAE, TrainOutput
 from fastsae.sparse import SparseActivations
@@ -18,8 +19,10 @@ __all__ = [
     "TrainOutput",
     "Trainer",
     "TrainerConfig",
+    "apply_to_saelens",
     "available_backends",
     "load",
     "requested_backend",
+    "revert_saelens",
     "use_backend",
 ]

@@ -355,11 +355,22 @@ class SAE(nn.Module):
     def load(cls, path: Union[str, Path], device=None, dtype=None) -> "SAE":
         return _file_formats["load"](path, device=device, dtype=dtype)
 
+    @classmethod
+    def from_saelens(cls, saelens_sae, device=None, dtype=None) -> "SAE":
+        """This SAE from a live SAELens SAE (inference or training class; tensors copied), computing
+        what it computes. SAELens options fastsae does not compute raise a ValueError."""
+        return _file_formats["from_saelens"](saelens_sae, device=device, dtype=dtype)
+
+    def to_saelens(self, training: bool = False):
+        """A live SAELens SAE (its inference class, or with `training` its training class) with
+        this SAE's tensors (copied), computing what this SAE computes. Needs sae-lens installed."""
+        return _file_formats["to_saelens"](self, training=training)
+
 
 # Files are `fastsae.formats`' job, which builds SAEs and so depends on this module; it installs
 # its writer and reader here when imported (`import fastsae` does), so this module imports no format.
 _file_formats: dict[str, Callable] = {}
 
 
-def install_file_formats(save: Callable, load: Callable) -> None:
-    _file_formats.update(save=save, load=load)
+def install_file_formats(save: Callable, load: Callable, **converters: Callable) -> None:
+    _file_formats.update(save=save, load=load, **converters)

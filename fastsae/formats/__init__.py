@@ -145,4 +145,7 @@ def convert(src: Union[str, Path], dst: Union[str, Path], to: str = "saelens"):
     return sae
 
 
-sae_module.install_file_formats(save=saelens.save, load=load)  # SAE.save / SAE.load
+# SAE.save / SAE.load, SAE.from_saelens / SAE.to_saelens
+sae_module.install_file_formats(
+    save=saelens.save, load=load, from_saelens=saelens.from_saelens_object, to_saelens=saelens.to_saelens_object
+)

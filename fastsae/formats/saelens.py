@@ -199,3 +199,74 @@ def save(sae, path: Union[str, Path]) -> Path:
     write_safetensors(path / WEIGHTS_FILENAME, tensors)
     write_json(path / CFG_FILENAME, cfg)
     return path
+
+
+def from_config_and_tensors(raw: dict, tensors: dict[str, torch.Tensor], source: str = "an SAELens SAE", device=None, dtype=None):
+    """An `SAE` from a SAELens 6 config dict and its tensors under SAELens' names (the live-object
+    counterpart of `load`: no files). The tensors are copied; `source` names them in errors."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: expected a config dict, got {type(raw).__name__}")
+    cfg, _ = _config(raw, Path(source))
+    tensors = {name: t.detach().clone() for name, t in tensors.items()}
+    if cfg.architecture == "jumprelu" and "log_threshold" in tensors and "threshold" not in tensors:
+        tensors["threshold"] = tensors.pop("log_threshold").exp()  # SAELens' JumpReLU training SAE
+    why = f" from {source} (d_in={cfg.d_in}, d_sae={cfg.d_sae})"
+    return build_sae(cfg, tensors, Path(source), device=device, dtype=dtype, why=why)
+
+
+def from_saelens_object(saelens_sae, device=None, dtype=None):
+    """`from_config_and_tensors` of a live SAELens SAE (its config as its inference dict)."""
+    cfg = getattr(saelens_sae, "cfg", None)
+    if cfg is None or not hasattr(saelens_sae, "state_dict") or not hasattr(cfg, "to_dict"):
+        raise ValueError(f"from_saelens: expected a sae_lens SAE (with .cfg and .state_dict()), got {type(saelens_sae).__name__}")
+    raw = cfg.get_inference_sae_cfg_dict() if hasattr(cfg, "get_inference_sae_cfg_dict") else cfg.to_dict()
+    if hasattr(cfg, "get_inference_sae_cfg_dict"):
+        raw["architecture"] = cfg.architecture()  # a training config's own architecture (batchtopk stays batchtopk)
+        for key in ("k", "rescale_acts_by_decoder_norm"):
+            if hasattr(cfg, key):
+                raw[key] = getattr(cfg, key)
+    tensors = {name: t for name, t in saelens_sae.state_dict().items()}
+    if "topk_threshold" in tensors:
+        tensors["topk_threshold"] = tensors["topk_threshold"].reshape(())
+    if "log_threshold" in tensors:
+        tensors["threshold"] = tensors.pop("log_threshold").exp()
+    return from_config_and_tensors(raw, tensors, f"the SAELens {type(saelens_sae).__name__}", device=device, dtype=dtype)
+
+
+def to_saelens_object(sae, training: bool = False):
+    """A live SAELens SAE (inference class, or with `training` its training class) computing what
+    `sae` computes, from the same tensors (copied; decoder norms not folded, the rescaling kept)."""
+    from sae_lens.saes.sae import SAEConfig as SAELensConfig
+    from sae_lens.saes.sae import TrainingSAEConfig, get_sae_class, get_sae_training_class
+
+    if not isinstance(training, bool):
+        raise ValueError(f"training: expected a bool, got {training!r}")
+    cfg = saelens_cfg(sae)
+    tensors = sae_tensors(sae, fold_decoder_norm=False)
+    arch = cfg["architecture"]
+    if arch == "relu":
+        arch = cfg["architecture"] = "standard"
+    if sae.architecture == "batchtopk":
+        if training:
+            arch = cfg["architecture"] = "batchtopk"
+            cfg["k"] = sae.cfg.k
+            tensors["topk_threshold"] = tensors["topk_threshold"].reshape(())
+        else:
+            # SAELens' BatchTopK inference SAE is JumpReLU with the global threshold in every slot.
+            tensors = state_dict_for_saving(sae)
+            arch = cfg["architecture"] = "jumprelu"
+            cfg.pop("k", None)
+    if training:
+        cls, cfg_cls = get_sae_training_class(arch)
+        sl_cfg = cfg_cls.from_dict(cfg) if cfg_cls is not TrainingSAEConfig else TrainingSAEConfig.from_dict(cfg)
+    else:
+        cls, cfg_cls = get_sae_class(arch)
+        sl_cfg = cfg_cls.from_dict(cfg) if cfg_cls is not SAELensConfig else SAELensConfig.from_dict(cfg)
+    out = cls(sl_cfg)
+    missing, unexpected = out.load_state_dict({k: v for k, v in tensors.items()}, strict=False)
+    if unexpected or [name for name in missing if not name.startswith("hook")]:
+        raise ValueError(
+            f"to_saelens: SAELens' {cls.__name__} expects tensors {sorted(out.state_dict())}, "
+            f"fastsae's {arch} SAE has {sorted(tensors)}"
+        )
+    return out.to(sae.device)
