@@ -336,3 +336,42 @@ def test_from_sparsify_refuses_what_fastsae_does_not_compute():
         fastsae.SAE.from_sparsify(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="sparsify stores TopK"):
         fastsae.SAE(d_in=8, d_sae=16, architecture="relu").to_sparsify()
+
+
+# ------------------------------------------------------------ fastsae bench --peers
+
+
+@pytest.mark.skipif(not __import__("fastsae.bench.peers", fromlist=["x"]).importable("saelens"), reason="sae_lens is not installed")
+def test_bench_runs_both_libraries_with_and_without_fastsae():
+    from fastsae.bench import peers, runner
+
+    names = ["saelens", "saelens+fastsae", "sparsify", "sparsify+fastsae"]
+    result = runner.run_bench(
+        device="cpu", shapes=[runner.Shape(48, 16, 96, 3)], reps=2, log=lambda s: None, backends=["torch"],
+        peers=names, ops=("encode", "train_step"), cases=(runner.StepCase("topk", 0.1), runner.StepCase("relu")),
+    )
+    rows = result["rows"]
+    for name in names:
+        assert {r["op"] for r in rows if r["backend"] == name} == {"encode", "train_step"}, name
+        archs = {r["architecture"] for r in rows if r["backend"] == name and r["op"] == "train_step"}
+        assert archs == ({"topk", "relu"} if name == "saelens" else {"topk"}), name
+    assert not integ.is_patched()
+    import fastsae.integrations.saelens as saelens_integ
+
+    assert not saelens_integ.is_patched()
+    # the patched sparsify peer is sparsify's own step on the fused path
+    torch.manual_seed(0)
+    sae = runner.bench_sae(runner.Shape(48, 16, 96, 3), runner.StepCase("topk", 0.1), torch.device("cpu"), torch.float32)
+    peer = peers.make_peer("sparsify+fastsae", sae)
+    x = torch.randn(48, 16)
+    mask = runner.dead_mask_for(runner.StepCase("topk", 0.1), 96, torch.device("cpu"))
+    want = peer.sc(x, dead_mask=mask)
+    calls = []
+    original = integ._encode
+    integ._encode = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        got = peer.loss(x, mask)
+    finally:
+        integ._encode = original
+    assert calls == [1]
+    _close(got, want.fvu + want.auxk_loss / 32, "peer loss")
