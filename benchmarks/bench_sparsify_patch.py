@@ -51,6 +51,16 @@ def _make(shape, dead_fraction, multi_topk=False, seed=0):
     return step
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def main() -> None:
     import sparsify
     import sparsify.sparse_coder as sparse_coder_module
@@ -116,7 +126,7 @@ def main() -> None:
         "torch_threads": args.threads,
         "sparsify_decoder": sparse_coder_module.decoder_impl.__name__,
         "note": "shared machine: 2 cores shared with other jobs, so one torch thread; rounds alternate the contenders",
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "processor": _cpu_model(), "cpu_count": os.cpu_count(),
                     "loadavg": os.getloadavg()},
         "versions": {"torch": torch.__version__, "sparsify": sparsify.__version__},
         "results": rows,
