@@ -132,6 +132,19 @@ def test_float64_and_an_all_false_mask():
         _compare(got, want, "float64: ")
 
 
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_forward_without_autograd_matches(mode):
+    sc = _coder(k=4, multi_topk=True)
+    x = torch.randn(N, D_IN)
+    with torch.no_grad():
+        want = sc(x, dead_mask=_mask(20))
+    apply_to_sparsify()
+    with getattr(torch, mode)():
+        got = sc(x, dead_mask=_mask(20))
+    for name in ("sae_out", "fvu", "auxk_loss", "multi_topk_fvu"):
+        _close(getattr(got, name), getattr(want, name), f"{mode} {name}")
+
 def test_decode_matches_with_gradients():
     sc = _coder(k=5)
     torch.manual_seed(1)
