@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 from fastsae.auxk import DeadLatents
 from fastsae.config import SAEConfig
 from fastsae.formats import load
-from fastsae.integrations import apply_to_saelens, revert_saelens
+from fastsae.integrations import apply_to_saelens, apply_to_sparsify, revert_saelens, revert_sparsify
 from fastsae.ops import available_backends, requested_backend, use_backend
 from fastsae.sae import SAE, TrainOutput
 from fastsae.sparse import SparseActivations
@@ -20,9 +20,11 @@ __all__ = [
     "Trainer",
     "TrainerConfig",
     "apply_to_saelens",
+    "apply_to_sparsify",
     "available_backends",
     "load",
     "requested_backend",
     "revert_saelens",
+    "revert_sparsify",
     "use_backend",
 ]

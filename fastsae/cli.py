@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backends", help="comma-separated backends (default: all that load for the device)")
     bench.add_argument("--reps", type=int, help="timed repetitions per contender")
     bench.add_argument("--shape", action="append", metavar="N,D_IN,D_SAE,K", help="custom shape (repeatable)")
-    bench.add_argument("--peers", help="comma-separated of saelens,sparsify (default: those importable, on cuda)")
+    bench.add_argument("--peers", help="comma-separated of saelens,sparsify,saelens+fastsae,sparsify+fastsae (default: those importable, on cuda)")
     bench.add_argument("--graph", action="store_true", help="also time each backend's train_step captured as a CUDA graph")
     bench.set_defaults(func=_bench)
 

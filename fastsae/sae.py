@@ -366,6 +366,17 @@ class SAE(nn.Module):
         this SAE's tensors (copied), computing what this SAE computes. Needs sae-lens installed."""
         return _file_formats["to_saelens"](self, training=training)
 
+    @classmethod
+    def from_sparsify(cls, sparse_coder, device=None, dtype=None) -> "SAE":
+        """This SAE from a live sparsify `SparseCoder` (tensors copied exactly; on its device unless
+        `device` says otherwise). skip_connection, transcode and groupmax raise a ValueError."""
+        return _file_formats["from_sparsify"](sparse_coder, device=device, dtype=dtype)
+
+    def to_sparsify(self):
+        """A live sparsify `SparseCoder` with this TopK SAE's tensors (copied), computing what this
+        SAE computes. Needs eai-sparsify installed."""
+        return _file_formats["to_sparsify"](self)
+
 
 # Files are `fastsae.formats`' job, which builds SAEs and so depends on this module; it installs
 # its writer and reader here when imported (`import fastsae` does), so this module imports no format.

@@ -3,8 +3,16 @@
 - `saelens`: SAELens' own training SAEs (package `sae-lens`): their encode (dense [N, d_sae]
   output) and, for train_step, their `training_forward_pass` (AuxK on the same dead mask,
   sparsity penalties at the same coefficient) with torch's Adam.
-- `sparsify`: sparsify's own kernels (package `eai-sparsify`): its Triton `fused_encoder` and its
-  decoder (`decoder_impl`: the Triton embedding-bag where it has one), as its SparseCoder runs them.
+- `sparsify`: sparsify's own kernels (package `eai-sparsify`): its `fused_encoder` and its
+  decoder (`decoder_impl`: the Triton embedding-bag where it has one; on a CPU its torch path,
+  `eager_decode`), as its SparseCoder runs them.
+- `saelens+fastsae`: the `saelens` peer (TopK) with `fastsae.apply_to_saelens()` in force for its
+  calls: SAELens' own class and code, its math on fastsae's ops.
+- `sparsify+fastsae`: sparsify's own `SparseCoder` (from the SAE by `SAE.to_sparsify()`) with
+  `fastsae.apply_to_sparsify()` in force for its calls: its forward with the dead mask, loss
+  fvu + auxk_loss / 32 (sparsify's losses: the same work as the `sparsify` peer's, normalised by
+  the batch's variance), its encode fused (`dense_pre_acts=False`). On CUDA, where sparsify's
+  forward autocasts to bf16, the patch leaves its own code running.
 
 Both get the same weights and inputs as every other contender (copied from the fastsae SAE) and
 the same loss (mean over rows of the squared error summed over d_in). Nothing here is installed
@@ -14,16 +22,18 @@ the runner, not hidden.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-PEERS = ("saelens", "sparsify")
+PEERS = ("saelens", "sparsify", "saelens+fastsae", "sparsify+fastsae")
 
 
 def importable(name: str) -> bool:
+    name = name.removesuffix("+fastsae")
     module = {"saelens": "sae_lens", "sparsify": "sparsify"}[name]
     try:
         if importlib.util.find_spec(module) is None:
@@ -38,8 +48,27 @@ def importable(name: str) -> bool:
 
 
 def available_peers(device_type: str) -> list[str]:
-    """Peers that import here (sparsify's kernels are Triton: CUDA only)."""
+    """Peers that import here (sparsify's decoder is Triton on CUDA; on a CPU the bench asks for
+    it by name only)."""
     return [p for p in PEERS if importable(p) and (p != "sparsify" or device_type == "cuda")]
+
+
+@contextlib.contextmanager
+def _patched(library: str, **settings):
+    """fastsae's patch of `library` in force for one call (left as it was found when already on)."""
+    from fastsae import integrations
+    from fastsae.integrations import saelens as saelens_integration
+    from fastsae.integrations import sparsify as sparsify_integration
+
+    module = saelens_integration if library == "saelens" else sparsify_integration
+    if module.is_patched():
+        yield
+        return
+    getattr(integrations, f"apply_to_{library}")(**settings)
+    try:
+        yield
+    finally:
+        getattr(integrations, f"revert_{library}")()
 
 
 class SAELensTraining(nn.Module):
@@ -99,7 +128,7 @@ class SparsifyTopK(nn.Module):
 
             def decoder_impl(indices, values, w_dec_t):
                 return xformers_embedding_bag(indices, w_dec_t.mT, values)
-        self._decoder = decoder_impl
+        self._decoder = decoder_impl if sae.device.type == "cuda" else _eager_decode()
         self.k = sae.cfg.k
         self.W = nn.Parameter(sae.W_enc.detach().t().contiguous())  # its encoder.weight, [d_sae, d_in]
         self.b = nn.Parameter(sae.b_enc.detach().clone())
@@ -125,8 +154,50 @@ class SparsifyTopK(nn.Module):
         return loss
 
 
+def _eager_decode():
+    from sparsify.utils import eager_decode
+
+    return eager_decode
+
+
+class SAELensPatched(SAELensTraining):
+    """The `saelens` peer with `fastsae.apply_to_saelens()` in force for its calls."""
+
+    def encode(self, x: Tensor) -> Tensor:
+        with _patched("saelens"):
+            return super().encode(x)
+
+    def loss(self, x: Tensor, dead_mask: Optional[Tensor] = None, coefficient: float = 0.0) -> Tensor:
+        with _patched("saelens"):
+            return super().loss(x, dead_mask, coefficient)
+
+
+class SparsifyPatched(nn.Module):
+    """sparsify's own SparseCoder of the SAE's weights with `fastsae.apply_to_sparsify()` in force
+    for its calls."""
+
+    def __init__(self, sae):
+        super().__init__()
+        self.sc = sae.to_sparsify()
+
+    def encode(self, x: Tensor):
+        with _patched("sparsify", dense_pre_acts=False):
+            values, indices, _ = self.sc.encode(x)
+        return values, indices
+
+    def loss(self, x: Tensor, dead_mask: Optional[Tensor] = None, coefficient: float = 0.0) -> Tensor:
+        with _patched("sparsify"):
+            out = self.sc(x, dead_mask=dead_mask)
+        return out.fvu + out.auxk_loss / 32
+
+
 # The architectures each peer runs.
-PEER_ARCHITECTURES = {"saelens": ("topk", "batchtopk", "relu", "jumprelu"), "sparsify": ("topk",)}
+PEER_ARCHITECTURES = {
+    "saelens": ("topk", "batchtopk", "relu", "jumprelu"),
+    "sparsify": ("topk",),
+    "saelens+fastsae": ("topk",),  # the classes apply_to_saelens accelerates
+    "sparsify+fastsae": ("topk",),
+}
 
 
 def make_peer(name: str, sae, coefficient: float = 0.0) -> Optional[nn.Module]:
@@ -134,4 +205,8 @@ def make_peer(name: str, sae, coefficient: float = 0.0) -> Optional[nn.Module]:
         return SAELensTraining(sae, coefficient)
     if name == "sparsify":
         return SparsifyTopK(sae)
+    if name == "saelens+fastsae":
+        return SAELensPatched(sae, coefficient)
+    if name == "sparsify+fastsae":
+        return SparsifyPatched(sae)
     raise ValueError(f"peer: expected one of {PEERS}, got {name!r}")

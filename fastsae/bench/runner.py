@@ -19,7 +19,8 @@ What each op times:
               temporaries; the baselines and peers torch.optim.Adam, as SAELens runs it).
               With graph=True (CUDA), also "<backend>+graph": the same step captured once as a
               CUDA graph and replayed (`fastsae.training.graph.CapturedStep`).
-Peers (`fastsae.bench.peers`): SAELens' own training SAEs and sparsify's kernels, when importable
+Peers (`fastsae.bench.peers`): SAELens' own training SAEs and sparsify's kernels, when importable,
+each also with fastsae's patch of that library in force (`saelens+fastsae`, `sparsify+fastsae`)
 (on CUDA by default; `peers=[...]` asks for them anywhere).
 
 Floors (how close to physics each time is): bare operations timed round by round alongside the

@@ -145,7 +145,12 @@ def convert(src: Union[str, Path], dst: Union[str, Path], to: str = "saelens"):
     return sae
 
 
-# SAE.save / SAE.load, SAE.from_saelens / SAE.to_saelens
+# SAE.save / SAE.load, SAE.from_saelens / SAE.to_saelens, SAE.from_sparsify / SAE.to_sparsify
 sae_module.install_file_formats(
-    save=saelens.save, load=load, from_saelens=saelens.from_saelens_object, to_saelens=saelens.to_saelens_object
+    save=saelens.save,
+    load=load,
+    from_saelens=saelens.from_saelens_object,
+    to_saelens=saelens.to_saelens_object,
+    from_sparsify=sparsify.from_sparsify_object,
+    to_sparsify=sparsify.to_sparsify_object,
 )

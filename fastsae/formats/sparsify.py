@@ -16,6 +16,9 @@ cfg.json options, and what fastsae does with them:
 - `activation: "groupmax"`, `skip_connection` (W_skip), `signed` (top-k by |pre|, no ReLU) and
   `transcode` (a transcoder, no b_dec on the input) compute something fastsae's SAE does not:
   they are refused with an error naming the file. Unknown keys are ignored, as sparsify does.
+Live objects (no files): `from_sparsify_object(sc)` / `to_sparsify_object(sae)`, behind
+`fastsae.SAE.from_sparsify` / `sae.to_sparsify()`: the same tensors (copied, bit for bit) and the
+same SparseCoderConfig back (its fields ride in the SAE's metadata["sparsify_cfg"]).
 A run folder (one sub-folder per hook point, as sparsify's trainer writes) loads as a dict
 {hookpoint: SAE} in natural order; sub-folders without cfg.json are skipped (e.g. `best/`).
 """
@@ -25,6 +28,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Union
+
+import torch
 
 from fastsae.config import SAEConfig
 from fastsae.formats._common import (
@@ -187,3 +192,62 @@ def save_run(saes: dict, path: Union[str, Path]) -> Path:
     for name, sae in saes.items():
         save(sae, path / name)
     return path
+
+
+# ------------------------------------------------------------ live objects
+
+
+def from_sparsify_object(sc, device=None, dtype=None):
+    """An `SAE` (eval mode) from a live sparsify `SparseCoder`, its tensors copied exactly, on the
+    coder's device unless `device` says otherwise. Options fastsae's SAE does not compute
+    (skip_connection, transcode, groupmax) and encoder-only coders raise a ValueError."""
+    cfg_obj = getattr(sc, "cfg", None)
+    if cfg_obj is None or not hasattr(cfg_obj, "to_dict") or not hasattr(sc, "encoder") or not hasattr(sc, "d_in"):
+        raise ValueError(f"from_sparsify: expected a sparsify SparseCoder (with .cfg, .encoder, .d_in), got {type(sc).__name__}")
+    source = Path(f"the sparsify {type(sc).__name__}")
+    if getattr(sc, "W_dec", None) is None:
+        raise ValueError(f"{source}: built with decoder=False (an encoder only cannot reconstruct)")
+    raw = {**cfg_obj.to_dict(), "d_in": sc.d_in}
+    cfg = _config({**raw, "num_latents": sc.num_latents}, source)
+    cfg.metadata["sparsify_cfg"] = raw  # num_latents as the coder's config says it (0: expansion_factor)
+    cfg.dtype = str(sc.encoder.weight.dtype).removeprefix("torch.")
+    tensors = {
+        "W_enc": sc.encoder.weight.detach().t(),
+        "b_enc": sc.encoder.bias.detach(),
+        "W_dec": sc.W_dec.detach(),
+        "b_dec": sc.b_dec.detach(),
+    }
+    why = f" from {source} (d_in={cfg.d_in}, d_sae={cfg.d_sae})"
+    return build_sae(cfg, tensors, source, device=sc.encoder.weight.device if device is None else device, dtype=dtype, why=why)
+
+
+def to_sparsify_object(sae):
+    """A live sparsify `SparseCoder` computing what `sae` computes (TopK SAEs that subtract b_dec
+    from their input), on its device and dtype, its tensors copied (exactly, unless the SAE
+    rescales activations by decoder norms: those are folded in, the same outputs to rounding). A
+    config read from sparsify (metadata["sparsify_cfg"]) comes back as it was."""
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    _check_savable(sae, Path("to_sparsify"))
+    prev = sae.cfg.metadata.get("sparsify_cfg", {})
+    expansion = prev.get("expansion_factor", max(1, sae.d_sae // sae.d_in))
+    num_latents = prev.get("num_latents", sae.d_sae)
+    if (num_latents or sae.d_in * expansion) != sae.d_sae:
+        num_latents = sae.d_sae
+    cfg = SparseCoderConfig(
+        activation="topk",
+        expansion_factor=expansion,
+        normalize_decoder=sae.cfg.decoder_norm == "unit_norm",
+        num_latents=num_latents,
+        k=sae.cfg.k,
+        multi_topk=bool(prev.get("multi_topk", False)),
+    )
+    t = sae_tensors(sae, fold_decoder_norm=True)
+    # Built on the meta device, then filled: no random init, no decoder normalisation of it.
+    sc = SparseCoder(sae.d_in, cfg, device="meta", dtype=sae.dtype).to_empty(device=sae.device)
+    with torch.no_grad():
+        sc.encoder.weight.copy_(t["W_enc"].t())
+        sc.encoder.bias.copy_(t["b_enc"])
+        sc.W_dec.copy_(t["W_dec"])
+        sc.b_dec.copy_(t["b_dec"])
+    return sc

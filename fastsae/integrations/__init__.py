@@ -8,6 +8,13 @@ from fastsae.integrations.saelens import (
     saelens_accelerated_classes,
     saelens_unaccelerated_classes,
 )
+from fastsae.integrations.sparsify import (
+    SPARSIFY_SUPPORTED,
+    apply_to_sparsify,
+    revert_sparsify,
+    sparsify_accelerated_paths,
+    sparsify_unaccelerated_paths,
+)
 
 __all__ = [
     "SAELENS_SUPPORTED",
@@ -15,4 +22,9 @@ __all__ = [
     "revert_saelens",
     "saelens_accelerated_classes",
     "saelens_unaccelerated_classes",
+    "SPARSIFY_SUPPORTED",
+    "apply_to_sparsify",
+    "revert_sparsify",
+    "sparsify_accelerated_paths",
+    "sparsify_unaccelerated_paths",
 ]
