@@ -24,6 +24,14 @@ DEFAULTS = {
     "expansion": 8,
     "l1_coefficient": 5.0,
     "decoder_norm": "norm_weighted",
+    # topk/batchtopk select and decode on pre-activations times the decoder row norms (SAELens'
+    # TopKTrainingSAE default); README's "Quality against SAELens" has what it changes (issue 27).
+    "rescale_acts_by_decoder_norm": True,
+    # Gradients clipped to global norm 1 before each Adam step (SAELens' SAETrainer); 0: off.
+    "grad_clip_norm": 1.0,
+    # b_dec's start: zeros for topk/batchtopk (as SAELens; better there on the MiniLM head to
+    # head, issue 27), the geometric median (TrainerConfig's default) for relu/jumprelu.
+    "b_dec_init": {"topk": "zeros", "batchtopk": "zeros"},
     "batch_size": 2048,
     "tokens": 800_000,
     "lr": 1e-3,
@@ -42,7 +50,8 @@ DEFAULTS = {
 }
 # Flags that describe a run; with --resume they come from the checkpoint, and a flag given with
 # --resume must equal the saved value.
-RUN_FLAGS = ("data", "architecture", "d_sae", "k", "l1_coefficient", "decoder_norm", "batch_size", "tokens", "lr",
+RUN_FLAGS = ("data", "architecture", "d_sae", "k", "l1_coefficient", "decoder_norm", "rescale_acts_by_decoder_norm",
+             "grad_clip_norm", "b_dec_init", "batch_size", "tokens", "lr",
              "seed", "model", "hook", "text", "seq_len", "max_corpus_tokens", "synthetic_d_in", "synthetic_features",
              "synthetic_l0", "log_every", "checkpoint_every", "checkpoint_every_steps", "device", "dead_strategy",
              "dead_after_tokens", "resample_every", "no_normalize")
@@ -65,9 +74,17 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    help=f"relu: L1 coefficient; jumprelu: L0 coefficient (default {DEFAULTS['l1_coefficient']})")
     p.add_argument("--decoder-norm", choices=("norm_weighted", "unit_norm", "none"),
                    help=f"decoder handling (default {DEFAULTS['decoder_norm']})")
+    p.add_argument("--rescale-acts-by-decoder-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="topk/batchtopk: select the top k of the pre-activations times each decoder row's norm, and "
+                   "divide the norms out in the decoder (SAELens' TopK training default; default: on)")
     p.add_argument("--batch-size", type=int, help=f"rows per step (default {DEFAULTS['batch_size']})")
     p.add_argument("--tokens", type=int, help=f"rows to train on (default {DEFAULTS['tokens']:,})")
     p.add_argument("--lr", type=float, help=f"Adam's peak learning rate (default {DEFAULTS['lr']})")
+    p.add_argument("--b-dec-init", choices=("zeros", "geometric_median", "mean"),
+                   help="b_dec's start: zeros, or the geometric median or mean of a sample of the (normalised) data "
+                   "(default: zeros for topk/batchtopk, geometric_median for relu/jumprelu)")
+    p.add_argument("--grad-clip-norm", type=float,
+                   help=f"clip the gradients' global norm to this before each step, 0: off (default {DEFAULTS['grad_clip_norm']})")
     p.add_argument("--seed", type=int, help=f"default {DEFAULTS['seed']}")
     p.add_argument("--out", help="run folder (default runs/train-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out")
@@ -162,6 +179,7 @@ def _build(args, data, device=None):
         d_sae=d_sae,
         architecture=arch,
         k=_setting(args, "k") if arch in ("topk", "batchtopk") else None,
+        rescale_acts_by_decoder_norm=arch in ("topk", "batchtopk") and _setting(args, "rescale_acts_by_decoder_norm"),
         decoder_norm=_setting(args, "decoder_norm"),
         device=str(device) if device is not None else _setting(args, "device"),
     )
@@ -169,6 +187,8 @@ def _build(args, data, device=None):
         total_tokens=_setting(args, "tokens"),
         batch_size=_setting(args, "batch_size"),
         lr=_setting(args, "lr"),
+        grad_clip_norm=_setting(args, "grad_clip_norm") or None,
+        b_dec_init=args.b_dec_init or DEFAULTS["b_dec_init"].get(arch, "geometric_median"),
         sparsity_coefficient=_setting(args, "l1_coefficient") if arch in ("relu", "jumprelu") else 0.0,
         seed=_setting(args, "seed"),
         device=_setting(args, "device"),
@@ -229,6 +249,9 @@ def _resume_differences(args: argparse.Namespace, folder: Path) -> list[str]:
         "k": sae_cfg.k if arch in ("topk", "batchtopk") else None,
         "l1_coefficient": cfg.sparsity_coefficient if arch in ("relu", "jumprelu") else None,
         "decoder_norm": sae_cfg.decoder_norm,
+        "rescale_acts_by_decoder_norm": sae_cfg.rescale_acts_by_decoder_norm if arch in ("topk", "batchtopk") else None,
+        "grad_clip_norm": cfg.grad_clip_norm or 0.0,
+        "b_dec_init": cfg.b_dec_init,
         "batch_size": cfg.batch_size,
         "tokens": cfg.total_tokens,
         "lr": cfg.lr,

@@ -501,6 +501,8 @@ class Trainer:
             return False
         if master.cfg.decoder_norm == "unit_norm":
             master.remove_gradient_parallel_to_decoder_directions()
+        if cfg.grad_clip_norm is not None:
+            self._clip_gradients(cfg.grad_clip_norm)
         self.optimizer.step()
         with torch.no_grad():
             if master.cfg.decoder_norm == "unit_norm":
@@ -532,6 +534,25 @@ class Trainer:
         self.tokens_seen += cfg.batch_size
         self.bad_in_row = 0
         return True
+
+    def _clip_gradients(self, max_norm: float) -> None:
+        """Scale the master gradients so their global norm is at most `max_norm` (torch's
+        clip_grad_norm_ rule, SAELens' SAETrainer's step). On the device, no host sync. Sharded:
+        the norm of the whole SAE's gradient (the shards' squares summed over the ranks; b_dec's
+        gradient is the same on every rank and counted once)."""
+        named = [(name, p.grad) for name, p in self.sae.named_parameters() if p.grad is not None]
+        if not named:
+            return
+        grads = [g for _, g in named]
+        if not self.sharded:
+            torch.nn.utils.clip_grad_norm_([p for p in self.sae.parameters() if p.grad is not None], max_norm)
+            return
+        squares = torch.stack([g.float().pow(2).sum() for _, g in named])
+        is_sharded = torch.tensor([name != "b_dec" for name, _ in named], device=squares.device)
+        local = squares[is_sharded].sum()
+        torch.distributed.all_reduce(local)
+        total = (local + squares[~is_sharded].sum()).sqrt()
+        torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0).to(grads[0].dtype))
 
     def _master_grads(self, mixed: bool) -> list[Tensor]:
         """The master weights' gradients (float32), copied from the compute twin's when mixed."""
