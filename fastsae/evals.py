@@ -145,12 +145,13 @@ def check_width(sae, d_in: int, what: str) -> None:
 
 @torch.no_grad()
 def activation_metrics(sae, source, max_tokens: Optional[int] = None, batch_rows: int = 4096,
-                       dense_threshold: float = DENSE_THRESHOLD) -> ActivationMetrics:
-    """Stream up to `max_tokens` rows of `source` (`d_in`, `chunk_sizes`, `load_chunk`) through the
-    SAE in batches of `batch_rows`; returns the filled accumulator (`.compute()` for the dict)."""
+                       dense_threshold: float = DENSE_THRESHOLD, first_chunk: int = 0) -> ActivationMetrics:
+    """Stream up to `max_tokens` rows of `source` (`d_in`, `chunk_sizes`, `load_chunk`), from chunk
+    `first_chunk` on, through the SAE in batches of `batch_rows`; returns the filled accumulator
+    (`.compute()` for the dict)."""
     check_width(sae, source.d_in, repr(source))
     acc = ActivationMetrics(sae.d_in, sae.d_sae, dense_threshold)
-    for index in range(len(source.chunk_sizes)):
+    for index in range(first_chunk, len(source.chunk_sizes)):
         left = None if max_tokens is None else max_tokens - acc.n
         if left is not None and left <= 0:
             break
@@ -243,12 +244,13 @@ class DownstreamMetrics:
 
 @torch.no_grad()
 def downstream_metrics(sae, source, mean: Tensor, max_tokens: Optional[int] = None, batch_windows: int = 8,
-                       model=None) -> dict:
+                       model=None, first_window: int = 0) -> dict:
     """Run `source`'s model (a `TransformerActivations`) over its windows, up to `max_tokens` real
     tokens, clean and with the hook's output replaced at the real tokens by the SAE's
     reconstruction, by zeros and by `mean` [d_in]. A causal LM (config architectures ending in
     ForCausalLM / LMHeadModel) is scored by CE loss and KL; any other model by its final hidden
-    states. `model`: the causal LM to use (default: loaded from the source's folder)."""
+    states. `model`: the causal LM to use (default: loaded from the source's folder). Windows from
+    `first_window` on."""
     causal = model is not None or is_causal_lm(source.model_path)
     if causal and model is None:
         from transformers import AutoModelForCausalLM
@@ -288,7 +290,7 @@ def downstream_metrics(sae, source, mean: Tensor, max_tokens: Optional[int] = No
     handle = module.register_forward_hook(splice)
     seen = 0
     try:
-        for first in range(0, source.n_windows, batch_windows):
+        for first in range(first_window, source.n_windows, batch_windows):
             if max_tokens is not None and seen >= max_tokens:
                 break
             input_ids, attention, keep = source.window_inputs(first, min(source.n_windows, first + batch_windows))
@@ -321,14 +323,26 @@ def downstream_metrics(sae, source, mean: Tensor, max_tokens: Optional[int] = No
 
 
 def evaluate(sae, source, max_tokens: Optional[int] = None, downstream: bool = True, batch_rows: int = 4096,
-             batch_windows: int = 8, dense_threshold: float = DENSE_THRESHOLD) -> dict:
-    """The activation metrics of `sae` on `source`, and with `downstream` (and a source with a
-    model, a `TransformerActivations`) the downstream ones, in one dict."""
-    acc = activation_metrics(sae, source, max_tokens, batch_rows, dense_threshold)
+             batch_windows: int = 8, dense_threshold: float = DENSE_THRESHOLD, first_chunk: int = 0) -> dict:
+    """The activation metrics of `sae` on `source` (from chunk `first_chunk` on), and with
+    `downstream` (and a source with a model, a `TransformerActivations`) the downstream ones on the
+    same tokens, in one dict."""
+    acc = activation_metrics(sae, source, max_tokens, batch_rows, dense_threshold, first_chunk)
     result = acc.compute()
     if downstream and hasattr(source, "window_inputs"):
-        result.update(downstream_metrics(sae, source, acc.mean, max_tokens, batch_windows))
+        result.update(downstream_metrics(sae, source, acc.mean, max_tokens, batch_windows,
+                                         first_window=first_chunk * source.seqs_per_chunk))
     return result
+
+
+def tail_chunk(source, tokens: int) -> int:
+    """The first chunk of the shortest run of last chunks of `source` that holds `tokens` rows."""
+    sizes, total = source.chunk_sizes, 0
+    for index in range(len(sizes) - 1, -1, -1):
+        total += sizes[index]
+        if total >= tokens:
+            return index
+    return 0
 
 
 def format_metrics(m: dict) -> str:

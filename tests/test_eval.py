@@ -362,3 +362,61 @@ def test_cli_names_what_is_wrong(tiny_gpt2, corpus, tmp_path, capsys):
     assert rc == 2 and f"d_in={D_IN}" in err and f"width {WIDTH}" in err
     with pytest.raises(ValueError, match="width"):
         activation_metrics(random_sae(), Rows(torch.randn(4, D_IN + 2), 2))
+
+
+# ------------------------------------------------------------ fastsae train and fastsae browse show them
+
+
+def read_index(site):
+    text = (site / "data" / "index.js").read_text()
+    prefix = "window.FASTSAE_INDEX = "
+    assert text.startswith(prefix)
+    return json.loads(text[len(prefix) :].rstrip()[:-1])
+
+
+def test_train_prints_the_metrics_and_the_browser_shows_them(tiny_gpt2, corpus, tmp_path, capsys):
+    from fastsae.evals import tail_chunk
+
+    run = tmp_path / "run"
+    rc, out, err = run_cli(["train", "--model", str(tiny_gpt2), "--hook", "h.0", "--text", str(corpus), "--seq-len", "12",
+                            "--k", "3", "--d-sae", "48", "--tokens", "400", "--batch-size", "100", "--activation-cache",
+                            "none", "--out", str(run), "--no-progress", "--report-features", "0", "--browser-tokens", "100",
+                            "--eval-tokens", "50"], capsys)
+    assert rc == 0, err
+    assert "eval (`fastsae eval`) on the data's last" in out and "explained variance" in out and "CE loss" in out
+    summary = json.loads((run / "summary.json").read_text())["eval"]
+    assert 50 <= summary["n_tokens"] and math.isfinite(summary["ce_loss_score"])
+    shown = read_index(run / "browser")["meta"]["metrics"]
+    assert shown["explained_variance"] == summary["explained_variance"] and "ce_loss_score" in shown
+
+    # fastsae eval on the run folder: the run's model, hook and text; the same numbers on the same tokens.
+    rc, out, err = run_cli(["eval", str(run), "--tokens", "50", "--json", str(tmp_path / "m.json")], capsys)
+    assert rc == 0, err
+    again = json.loads((tmp_path / "m.json").read_text())
+    assert again["n_tokens"] == 50 and math.isfinite(again["kl_div_score"])
+
+    rc, out, err = run_cli(["browse", str(run), "--out", str(tmp_path / "site"), "--tokens", "100", "--eval-tokens", "40"],
+                           capsys)
+    assert rc == 0, err
+    shown = read_index(tmp_path / "site")["meta"]["metrics"]
+    assert shown["n_tokens"] == 40 and "kl_div_score" in shown
+
+    class Sizes:
+        chunk_sizes = [10, 10, 5]
+
+    assert [tail_chunk(Sizes, n) for n in (1, 5, 6, 15, 25, 99)] == [2, 2, 1, 1, 0, 0]
+
+
+def test_train_on_activation_files_prints_the_metrics(tmp_path, capsys):
+    save_activations(tmp_path / "acts.safetensors", acts(600))
+    rc, out, err = run_cli(["train", "--data", str(tmp_path / "acts.safetensors"), "--k", "3", "--d-sae", "32",
+                            "--tokens", "600", "--batch-size", "100", "--out", str(tmp_path / "run"), "--no-progress",
+                            "--eval-tokens", "200"], capsys)
+    assert rc == 0, err
+    assert "eval (`fastsae eval`) on the data's last 200 tokens" in out and "CE loss" not in out
+    m = json.loads((tmp_path / "run" / "summary.json").read_text())["eval"]
+    assert m["n_tokens"] == 200 and 0 <= m["dead_fraction"] <= 1
+    # And `fastsae eval RUN` reopens the run's activation files.
+    rc, out, err = run_cli(["eval", str(tmp_path / "run"), "--tokens", "600"], capsys)
+    assert rc == 0, err
+    assert "on 600 tokens" in out

@@ -30,6 +30,8 @@ def add_browse_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--contexts", type=int, default=16, help="top-activating contexts kept per feature (default 16)")
     p.add_argument("--activation-cache", help="folder caching the model's activations (default: the run's, else "
                    "runs/activation-cache; 'none': off)")
+    p.add_argument("--eval-tokens", type=int, default=4096,
+                   help="show `fastsae eval`'s metrics on the first N tokens on the index page (default 4096; 0: none)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     p.add_argument("--serve", action="store_true", help="then serve the site on http://127.0.0.1:PORT/ until Ctrl-C")
     p.add_argument("--port", type=int, default=8000, help="port for --serve (default 8000; 0: any free one)")
@@ -102,8 +104,14 @@ def run_browse(args: argparse.Namespace) -> int:
                              "pass --model (and --hook, --text) to browse it on a transformer's activations")
         source = open_transformer_source(args, sae, data)
         features = None if args.features is None else range(min(args.features, sae.d_sae))
+        metrics = None
+        if args.eval_tokens > 0 and source.d_in == sae.d_in:  # build_browser reports a width mismatch
+            from fastsae.evals import evaluate
+
+            metrics = evaluate(sae, source, max_tokens=args.eval_tokens)
         index = build_browser(sae, source, args.out, max_tokens=args.tokens, features=features,
-                              n_contexts=args.contexts, title=f"{Path(args.sae).name} ({sae.architecture}, {sae.d_sae} features)")
+                              n_contexts=args.contexts, title=f"{Path(args.sae).name} ({sae.architecture}, {sae.d_sae} features)",
+                              metrics=metrics)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
         print(f"fastsae browse: {exc}", file=sys.stderr)
         return 2
