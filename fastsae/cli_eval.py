@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,17 @@ def open_eval_source(args: argparse.Namespace, sae, data: dict):
     return open_transformer_source(args, sae, data)
 
 
+def _finite(value):
+    """NaN/Inf (a score whose baseline equals the clean model, say) as JSON null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from fastsae.browse.cli import open_sae
     from fastsae.evals import evaluate, format_metrics
@@ -83,7 +95,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(metrics, indent=2) + "\n")
+        out.write_text(json.dumps(_finite(metrics), indent=2, allow_nan=False) + "\n")
         print(f"wrote {out}")
     print(f"({metrics['seconds']:.1f} s)")
     return 0

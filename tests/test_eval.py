@@ -420,3 +420,9 @@ def test_train_on_activation_files_prints_the_metrics(tmp_path, capsys):
     rc, out, err = run_cli(["eval", str(tmp_path / "run"), "--tokens", "600"], capsys)
     assert rc == 0, err
     assert "on 600 tokens" in out
+
+
+def test_json_output_is_strict():
+    from fastsae.cli_eval import _finite
+
+    assert _finite({"a": math.nan, "b": [1.0, math.inf], "c": {"d": 2}}) == {"a": None, "b": [1.0, None], "c": {"d": 2}}

@@ -524,7 +524,9 @@ def _run_train(args: argparse.Namespace) -> int:
             print(f"fastsae train: no feature browser: {exc}", file=sys.stderr)
     summary = {k: v for k, v in m.items()}
     if evaluation is not None:
-        summary["eval"] = evaluation
+        from fastsae.cli_eval import _finite
+
+        summary["eval"] = _finite(evaluation)  # NaN as null: summary.json stays strict JSON
     summary["checkpoint"] = str(result["checkpoint"])
     summary["refused_batches"] = result["refused_batches"]
     summary["training_s_this_session"] = this_session
