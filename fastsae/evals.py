@@ -194,28 +194,32 @@ class DownstreamMetrics:
         return self.sums[key] / self.counts[key] if self.counts.get(key) else math.nan
 
     @torch.no_grad()
-    def add_causal(self, clean: Tensor, spliced: dict, input_ids: Tensor, ce_positions: Tensor, kl_positions: Tensor):
-        """clean, spliced[variant]: logits [b, s, vocab]; positions: bool [b, s] (a prediction at
-        position i is of token i + 1)."""
-        targets = input_ids[:, 1:]
-        logp_clean = clean.double().log_softmax(-1)
+    def add_causal(self, clean: Tensor, spliced, input_ids: Tensor, positions: Tensor, has_next: Tensor):
+        """clean: logits [b, s, vocab]; spliced: (variant, logits) pairs, taken one at a time (so one
+        spliced batch of logits is alive at once); positions: bool [b, s], the tokens scored (KL);
+        has_next: bool [b, s], whether position i's prediction of token i + 1 is scored (CE)."""
+        targets = torch.zeros_like(input_ids)
+        targets[:, :-1] = input_ids[:, 1:]
+        targets = targets[positions]
+        ce_mask = has_next[positions]
+        logp_clean = clean[positions].double().log_softmax(-1)  # [P, vocab]: the scored positions only
 
         def ce(logp: Tensor) -> Tensor:
-            nll = -logp[:, :-1].gather(-1, targets[..., None]).squeeze(-1)
-            return nll[ce_positions[:, :-1]]
+            return -logp.gather(-1, targets[:, None]).squeeze(-1)[ce_mask]
 
         self._add("ce_loss_without_sae", ce(logp_clean))
-        for variant, logits in spliced.items():
-            logp = logits.double().log_softmax(-1)
+        p_clean = logp_clean.exp()
+        for variant, logits in spliced:
+            logp = logits[positions].double().log_softmax(-1)
             self._add(f"ce_loss_with_{variant}", ce(logp))
-            kl = (logp_clean.exp() * (logp_clean - logp)).sum(-1)
-            self._add(f"kl_div_with_{variant}", kl[kl_positions])
+            self._add(f"kl_div_with_{variant}", (p_clean * (logp_clean - logp)).sum(-1))
+            del logits, logp
 
     @torch.no_grad()
-    def add_encoder(self, clean: Tensor, spliced: dict, positions: Tensor):
-        """clean, spliced[variant]: final hidden states [b, s, d]; positions: bool [b, s]."""
+    def add_encoder(self, clean: Tensor, spliced, positions: Tensor):
+        """clean: final hidden states [b, s, d]; spliced: (variant, hidden states) pairs; positions: bool [b, s]."""
         h = clean[positions].double()
-        for variant, out in spliced.items():
+        for variant, out in spliced:
             h2 = out[positions].double()
             self._add(f"hidden_mse_with_{variant}", (h2 - h).pow(2).sum(-1))
             if variant == "sae":
@@ -306,12 +310,12 @@ def downstream_metrics(sae, source, mean: Tensor, max_tokens: Optional[int] = No
                 return out.logits if causal else out.last_hidden_state
 
             clean = run(None)
-            spliced = {variant: run(variant) for variant in DownstreamMetrics.VARIANTS}
+            spliced = ((variant, run(variant)) for variant in DownstreamMetrics.VARIANTS)  # run lazily, one at a time
             if causal:
                 # Predictions from a real token of the next token in the sequence (special end token included).
                 nxt = torch.zeros_like(keep)
                 nxt[:, :-1] = attention[:, 1:].bool()
-                acc.add_causal(clean, spliced, input_ids.to(clean.device), (keep & nxt).to(clean.device), keep.to(clean.device))
+                acc.add_causal(clean, spliced, input_ids.to(clean.device), keep.to(clean.device), nxt.to(clean.device))
             else:
                 acc.add_encoder(clean, spliced, keep.to(clean.device))
     finally:

@@ -426,3 +426,18 @@ def test_json_output_is_strict():
     from fastsae.cli_eval import _finite
 
     assert _finite({"a": math.nan, "b": [1.0, math.inf], "c": {"d": 2}}) == {"a": None, "b": [1.0, None], "c": {"d": 2}}
+
+
+def test_streaming_reads_only_the_chunks_the_budget_needs():
+    class Counting(Rows):
+        loaded = []
+
+        def load_chunk(self, i):
+            self.loaded.append(i)
+            return super().load_chunk(i)
+
+    src = Counting(acts(1000), 100)
+    m = activation_metrics(random_sae(), src, max_tokens=250, batch_rows=64).compute()
+    assert m["n_tokens"] == 250 and src.loaded == [0, 1, 2]
+    src.loaded = []
+    assert activation_metrics(random_sae(), src, max_tokens=150, first_chunk=8).n == 150 and src.loaded == [8, 9]
