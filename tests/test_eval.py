@@ -441,3 +441,61 @@ def test_streaming_reads_only_the_chunks_the_budget_needs():
     assert m["n_tokens"] == 250 and src.loaded == [0, 1, 2]
     src.loaded = []
     assert activation_metrics(random_sae(), src, max_tokens=150, first_chunk=8).n == 150 and src.loaded == [8, 9]
+
+
+def test_downstream_equals_saelens_get_downstream_reconstruction_metrics(tiny_gpt2, corpus, tmp_path):
+    """SAELens' CE and KL with the HF model behind TransformerLens' calling convention: the same
+    tokens, the SAE spliced at the same positions (SAELens' ignore_tokens: the special tokens)."""
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is an optional test dependency")
+    from sae_lens.evals import get_downstream_reconstruction_metrics
+    from sae_lens.training.activation_scaler import ActivationScaler
+    from transformers import AutoModelForCausalLM
+
+    from fastsae.training.transformer import TransformerActivations
+
+    src = TransformerActivations(tiny_gpt2, hook="h.1", text=corpus, seq_len=12, seqs_per_chunk=3)
+    lm = AutoModelForCausalLM.from_pretrained(str(tiny_gpt2)).eval()
+    sae = SAE(d_in=WIDTH, d_sae=48, architecture="topk", k=3, metadata={"hook_name": "h.1"})
+    n_windows, per_batch = 6, 2  # full windows only: TransformerLens runs no attention mask
+
+    class Store:
+        next = 0
+
+        def get_batch_tokens(self, n):
+            ids, attention, _ = src.window_inputs(self.next, self.next + n)
+            assert bool(attention.all())
+            self.next += n
+            return ids
+
+    class Model:  # HookedRootModule's calls that get_recons_loss makes
+        def _run(self, tokens, hook_fn=None):
+            handle = None
+            if hook_fn is not None:
+                def fn(_m, _i, out):
+                    h = out[0] if isinstance(out, tuple) else out
+                    h = hook_fn(h, None)
+                    return (h, *out[1:]) if isinstance(out, tuple) else h
+                handle = lm.transformer.h[1].register_forward_hook(fn)
+            try:
+                logits = lm(input_ids=tokens).logits
+            finally:
+                if handle is not None:
+                    handle.remove()
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+            return logits, loss.reshape(tokens.shape[0], -1)
+
+        def __call__(self, tokens, **_):
+            return self._run(tokens)
+
+        def run_with_hooks(self, tokens, fwd_hooks, **_):
+            return self._run(tokens, fwd_hooks[0][1])
+
+    theirs = get_downstream_reconstruction_metrics(
+        sae_lens.SAE.load_from_disk(str(sae.save(tmp_path / "sae"))), Model(), Store(), ActivationScaler(), compute_kl=True, compute_ce_loss=True, n_batches=n_windows // per_batch,
+        eval_batch_size_prompts=per_batch, ignore_tokens=[src.tokenizer.cls_token_id, src.tokenizer.sep_token_id])
+    mean = activation_metrics(sae, src, max_tokens=n_windows * src.window).mean
+    ours = downstream_metrics(sae, src, mean, max_tokens=n_windows * src.window, batch_windows=4, model=lm)
+    assert ours["kl_div_with_sae"] > 1e-3 and ours["n_predictions"] == n_windows * src.window  # not vacuous
+    for key in ("ce_loss_without_sae", "ce_loss_with_sae", "kl_div_with_sae"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key
+    # (SAELens zero-ablates every position, the special tokens too; we ablate the tokens the SAE replaces.)
