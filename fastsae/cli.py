@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_browse_parser(sub)
 
+    from fastsae.cli_eval import add_eval_parser
+
+    add_eval_parser(sub)
+
     backends = sub.add_parser("backends", help="list the backends that load on this machine")
     backends.set_defaults(func=_backends)
 

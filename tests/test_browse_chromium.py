@@ -42,7 +42,9 @@ def site(tmp_path_factory):
     (root / "corpus.txt").write_text(TEXT)
     src = TransformerActivations(root / "bert", hook="encoder.layer.0", text=root / "corpus.txt", seq_len=16)
     sae = fastsae.SAE(d_in=16, d_sae=96, architecture="topk", k=4)
-    return build_browser(sae, src, root / "site", n_contexts=5).parent
+    from fastsae.evals import evaluate
+
+    return build_browser(sae, src, root / "site", n_contexts=5, metrics=evaluate(sae, src, max_tokens=200)).parent
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +91,12 @@ def test_index_lists_sorts_and_searches_the_features(site, browser, tmp_path):
     assert rows and sorted(f for f, _ in rows) == sorted(expected)
     assert all(any("list" in t for t in toks) for _, toks in rows)
     page.screenshot(tmp_path / "index.png")
+    # The SAE's `fastsae eval` metrics, in a table above the features.
+    metrics = dict(page.eval("[...document.querySelectorAll('#metrics tr')].map(r => [r.cells[0].textContent, "
+                             "r.cells[1].textContent])"))
+    assert page.eval("document.getElementById('metrics').hidden") is False
+    assert float(metrics["explained_variance"]) == pytest.approx(index["meta"]["metrics"]["explained_variance"], rel=1e-3)
+    assert metrics["n_tokens"] == "200" and "hidden_score" in metrics
     assert page.errors() == []
 
 

@@ -46,9 +46,11 @@ def build_browser(
     n_contexts: int = 16,
     title: Optional[str] = None,
     batch_rows: int = 4096,
+    metrics: Optional[dict] = None,
 ) -> Path:
     """Scan up to `max_tokens` tokens of `source` (a `TransformerActivations`: it holds the token
-    stream and the tokenizer) with `sae` and write the site into `out`. Returns index.html's path."""
+    stream and the tokenizer) with `sae` and write the site into `out`; `metrics`: a `fastsae eval`
+    result shown on the index page. Returns index.html's path."""
     if source.d_in != sae.d_in:
         raise ValueError(
             f"model width: {source!r} gives activations of width {source.d_in}, but the SAE reads d_in={sae.d_in} "
@@ -64,5 +66,5 @@ def build_browser(
     )
     return write_site(
         stats, out, source.token_ids, source.tokenizer, sae.W_dec, features=features,
-        title=title or f"{sae.architecture} SAE ({sae.d_sae} features)", summary=summary,
+        title=title or f"{sae.architecture} SAE ({sae.d_sae} features)", summary=summary, metrics=metrics,
     )

@@ -30,6 +30,8 @@ def add_browse_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--contexts", type=int, default=16, help="top-activating contexts kept per feature (default 16)")
     p.add_argument("--activation-cache", help="folder caching the model's activations (default: the run's, else "
                    "runs/activation-cache; 'none': off)")
+    p.add_argument("--eval-tokens", type=int, default=4096,
+                   help="show `fastsae eval`'s metrics on the first N tokens on the index page (default 4096; 0: none)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     p.add_argument("--serve", action="store_true", help="then serve the site on http://127.0.0.1:PORT/ until Ctrl-C")
     p.add_argument("--port", type=int, default=8000, help="port for --serve (default 8000; 0: any free one)")
@@ -62,9 +64,33 @@ def open_sae(path: Path, device: str = "cpu"):
     return sae, {}
 
 
+def open_transformer_source(args: argparse.Namespace, sae, data: dict):
+    """The `TransformerActivations` that --model, --hook, --text, --seq-len, --activation-cache
+    and --device describe, each defaulting to the run's (`data`, a run's data description) and
+    then to `fastsae train`'s defaults (MiniLM at encoder.layer.3 on pydoc)."""
+    from fastsae.training.cli import DEFAULTS
+    from fastsae.training.transformer import TransformerActivations
+
+    from_run = data if data.get("kind") == "transformer" else {}
+
+    def setting(name: str, default):
+        given = getattr(args, name)
+        return given if given is not None else from_run.get(name, default)
+
+    model, hook = setting("model", DEFAULTS["model"]), setting("hook", DEFAULTS["hook"])
+    text = setting("text", DEFAULTS["text"])
+    cache = args.activation_cache or from_run.get("cache_dir") or "runs/activation-cache"
+    print(f"{args.sae}: {sae}; loading {model} at {hook!r} and tokenizing {text!r} ...", flush=True)
+    return TransformerActivations(
+        model=model, hook=hook, text=text, seq_len=setting("seq_len", DEFAULTS["seq_len"]),
+        # The run's token stream and window settings, so its cached activations are reused.
+        seqs_per_chunk=from_run.get("seqs_per_chunk", 32), max_tokens=from_run.get("max_tokens"),
+        cache_dir=None if str(cache).lower() == "none" else cache, device=args.device,
+    )
+
+
 def run_browse(args: argparse.Namespace) -> int:
     from fastsae.browse import build_browser, serve
-    from fastsae.training.cli import DEFAULTS
 
     started = time.perf_counter()
     try:
@@ -76,27 +102,16 @@ def run_browse(args: argparse.Namespace) -> int:
         if data.get("kind") not in (None, "transformer") and args.model is None:
             raise ValueError(f"{args.sae}: the run trained on {data.get('kind')} data, which has no text to show; "
                              "pass --model (and --hook, --text) to browse it on a transformer's activations")
-        from_run = data if data.get("kind") == "transformer" else {}
-
-        def setting(name: str, default):
-            given = getattr(args, name)
-            return given if given is not None else from_run.get(name, default)
-
-        model, hook = setting("model", DEFAULTS["model"]), setting("hook", DEFAULTS["hook"])
-        text = setting("text", DEFAULTS["text"])
-        cache = args.activation_cache or from_run.get("cache_dir") or "runs/activation-cache"
-        from fastsae.training.transformer import TransformerActivations
-
-        print(f"{args.sae}: {sae}; loading {model} at {hook!r} and tokenizing {text!r} ...", flush=True)
-        source = TransformerActivations(
-            model=model, hook=hook, text=text, seq_len=setting("seq_len", DEFAULTS["seq_len"]),
-            # The run's token stream and window settings, so its cached activations are reused.
-            seqs_per_chunk=from_run.get("seqs_per_chunk", 32), max_tokens=from_run.get("max_tokens"),
-            cache_dir=None if str(cache).lower() == "none" else cache, device=args.device,
-        )
+        source = open_transformer_source(args, sae, data)
         features = None if args.features is None else range(min(args.features, sae.d_sae))
+        metrics = None
+        if args.eval_tokens > 0 and source.d_in == sae.d_in:  # build_browser reports a width mismatch
+            from fastsae.evals import evaluate
+
+            metrics = evaluate(sae, source, max_tokens=args.eval_tokens)
         index = build_browser(sae, source, args.out, max_tokens=args.tokens, features=features,
-                              n_contexts=args.contexts, title=f"{Path(args.sae).name} ({sae.architecture}, {sae.d_sae} features)")
+                              n_contexts=args.contexts, title=f"{Path(args.sae).name} ({sae.architecture}, {sae.d_sae} features)",
+                              metrics=metrics)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
         print(f"fastsae browse: {exc}", file=sys.stderr)
         return 2

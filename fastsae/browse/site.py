@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Optional, Sequence
@@ -80,12 +81,14 @@ def write_site(
     features: Optional[Sequence[int]] = None,
     title: str = "SAE",
     summary: str = "",
+    metrics: Optional[dict] = None,
     n_neighbours: int = 8,
     n_top_tokens: int = 5,
     shard_size: int = 64,
 ) -> Path:
     """Write the site for `stats` (a pass over `token_ids`) into folder `out`; `features`: those
-    given a page (default all; the index lists every feature either way). Returns index.html's path."""
+    given a page (default all; the index lists every feature either way); `metrics`: a `fastsae eval`
+    result (`fastsae.evals.evaluate`), whose scalar metrics the index shows. Returns index.html's path."""
     out = Path(out)
     d_sae = stats.d_sae
     if W_dec.shape[0] != d_sae:
@@ -117,7 +120,9 @@ def write_site(
                 counts[s] = counts.get(s, 0) + 1
         top_tokens.append(sorted(counts, key=lambda s: -counts[s])[:n_top_tokens])
     index = {
-        "meta": {"title": title, "summary": summary, "d_sae": d_sae, "n_tokens": stats.n_tokens},
+        "meta": {"title": title, "summary": summary, "d_sae": d_sae, "n_tokens": stats.n_tokens,
+                 "metrics": {k: (v if math.isfinite(v) else None) for k, v in (metrics or {}).items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)}},
         "shard_size": shard_size,
         "features": {
             "id": list(range(d_sae)),

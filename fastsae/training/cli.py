@@ -100,6 +100,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--report-features", type=int, default=6, help="features shown in the final report (0: none)")
     g.add_argument("--browser-tokens", type=int, default=65536,
                    help="tokens scanned for the feature browser written to OUT/browser at the end (0: none)")
+    g.add_argument("--eval-tokens", type=int, default=4096,
+                   help="at the end, `fastsae eval`'s metrics on the data's last N tokens (0: none)")
     g = p.add_argument_group("synthetic data")
     g.add_argument("--synthetic-d-in", type=int, help=f"default {DEFAULTS['synthetic_d_in']}")
     g.add_argument("--synthetic-features", type=int, help=f"default {DEFAULTS['synthetic_features']}")
@@ -491,6 +493,19 @@ def _run_train(args: argparse.Namespace) -> int:
         return 0
     if hasattr(data, "score"):
         print(f"mean max cosine similarity to the {data.n_features} true features: {data.score(exported):.4f}")
+    evaluation = None
+    if args.eval_tokens > 0:
+        from fastsae.evals import evaluate, format_metrics, tail_chunk
+
+        eval_started = time.perf_counter()
+        try:
+            evaluation = evaluate(exported, data, max_tokens=args.eval_tokens,
+                                  first_chunk=tail_chunk(data, args.eval_tokens))
+            print(f"\neval (`fastsae eval`) on the data's last {evaluation['n_tokens']:,} tokens "
+                  f"(a slice of the training data, not held out from it; {time.perf_counter() - eval_started:.1f} s):")
+            print(format_metrics(evaluation))
+        except (OSError, ValueError) as exc:  # the trained SAE is saved whatever happens here
+            print(f"fastsae train: no eval: {exc}", file=sys.stderr)
     if hasattr(data, "tokenizer") and args.report_features > 0:
         from fastsae.training.report import feature_report
 
@@ -501,12 +516,17 @@ def _run_train(args: argparse.Namespace) -> int:
 
         browse_started = time.perf_counter()
         try:
-            site = build_browser(exported, data, out / "browser", max_tokens=args.browser_tokens, title=out.name)
+            site = build_browser(exported, data, out / "browser", max_tokens=args.browser_tokens, title=out.name,
+                                 metrics=evaluation)
             print(f"\nbrowser of the features: {site.resolve().as_uri()} (open it in a browser; "
                   f"{time.perf_counter() - browse_started:.1f} s; `fastsae browse {out}` rebuilds it)")
         except (OSError, ValueError) as exc:  # the trained SAE is saved whatever happens here
             print(f"fastsae train: no feature browser: {exc}", file=sys.stderr)
     summary = {k: v for k, v in m.items()}
+    if evaluation is not None:
+        from fastsae.cli_eval import _finite
+
+        summary["eval"] = _finite(evaluation)  # NaN as null: summary.json stays strict JSON
     summary["checkpoint"] = str(result["checkpoint"])
     summary["refused_batches"] = result["refused_batches"]
     summary["training_s_this_session"] = this_session

@@ -227,9 +227,10 @@ class TransformerActivations:
         h.update(self.token_ids.numpy().tobytes())
         return h.hexdigest()[:16]
 
-    @torch.inference_mode()
-    def _run_windows(self, first: int, stop: int) -> Tensor:
-        """Activations [rows, d] of the tokens in windows [first, stop)."""
+    def window_inputs(self, first: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(input_ids, attention_mask, keep) [windows, seq_len] of windows [first, stop): each
+        window's tokens between the special start and end tokens, padded; `keep` marks the
+        window's own tokens (the rows of the activations)."""
         tok = self.tokenizer
         cls_id = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
         sep_id = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
@@ -251,6 +252,13 @@ class TransformerActivations:
                 input_ids[row, end] = sep_id
                 end += 1
             mask[row, :end] = 1
+        return input_ids, mask, keep
+
+    @torch.inference_mode()
+    def _run_windows(self, first: int, stop: int) -> Tensor:
+        """Activations [rows, d] of the tokens in windows [first, stop)."""
+        n = stop - first
+        input_ids, mask, keep = self.window_inputs(first, stop)
         captured: list[Tensor] = []
 
         def grab(_module, _inputs, output):

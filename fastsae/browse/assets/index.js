@@ -15,6 +15,24 @@
   document.getElementById("title").textContent = "fastsae features: " + data.meta.title;
   document.getElementById("meta").textContent = data.meta.summary;
 
+  // The SAE's `fastsae eval` metrics, when the site was built with them.
+  (function showMetrics() {
+    var m = data.meta.metrics || {}, table = document.getElementById("metrics");
+    var names = Object.keys(m);
+    if (!table || names.length === 0) return;
+    var caption = document.createElement("caption");
+    caption.textContent = "fastsae eval metrics" + (m.n_tokens ? " (" + m.n_tokens + " tokens)" : "");
+    table.appendChild(caption);
+    names.forEach(function (name) {
+      var tr = document.createElement("tr"), th = document.createElement("th"), td = document.createElement("td");
+      var v = m[name];
+      th.textContent = name;
+      td.textContent = Number.isInteger(v) ? String(v) : (v === null ? "n/a" : Number(v).toPrecision(4));
+      tr.appendChild(th); tr.appendChild(td); table.appendChild(tr);
+    });
+    table.hidden = false;
+  })();
+
   function order() {
     var q = state.query.trim().toLowerCase();
     var rows = [];
