@@ -64,13 +64,16 @@ def test_mixed_precision_keeps_float32_masters_and_computes_in_the_dtype(dtype, 
     assert not torch.equal(trainer.sae.W_dec, trainer.sae.W_dec.to(compute.dtype).float())
 
 
-def test_float16_gradients_are_unscaled_into_the_masters(monkeypatch):
-    trainer = Trainer(_sae("topk"), _data(), _cfg(dtype="float16", total_tokens=256 * 2))
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_float16_gradients_are_unscaled_into_the_masters(monkeypatch, clip):
+    """The masters' gradients are the float16 twin's over the loss scale, then (with clipping)
+    clipped as clip_grad_norm_ clips them: on the unscaled gradients, never the scaled ones."""
+    trainer = Trainer(_sae("topk"), _data(), _cfg(dtype="float16", total_tokens=256 * 2, grad_clip_norm=clip))
     grads = []
     real_step = trainer.optimizer.step
 
     def spy_step(*a, **kw):
-        grads.append(trainer.sae.W_dec.grad.clone())
+        grads.append([p.grad.clone() for p in trainer.sae.parameters()])
         return real_step(*a, **kw)
 
     monkeypatch.setattr(trainer.optimizer, "step", spy_step)
@@ -78,8 +81,14 @@ def test_float16_gradients_are_unscaled_into_the_masters(monkeypatch):
     # The same step by hand: loss times the scale, then the float16 gradient over the scale.
     twin = trainer.compute_sae
     assert twin.W_dec.grad is not None
-    expected = twin.W_dec.grad.float() / FLOAT16_LOSS_SCALE
-    torch.testing.assert_close(grads[0], expected, rtol=0, atol=0)
+    expected = [torch.nn.Parameter(torch.zeros(p.shape)) for p in twin.parameters()]
+    for e, p in zip(expected, twin.parameters()):
+        e.grad = p.grad.float() / FLOAT16_LOSS_SCALE
+    if clip is not None:
+        norm = torch.nn.utils.clip_grad_norm_(expected, clip)
+        assert norm > clip, "the test's gradients are not large enough to be clipped"
+    for got, want in zip(grads[0], expected):
+        torch.testing.assert_close(got, want.grad, rtol=0, atol=0)
 
 
 def test_bfloat16_recovers_the_synthetic_features_as_float32_does():
