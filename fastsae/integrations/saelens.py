@@ -21,13 +21,13 @@ skips that and leaves `hidden_pre` an empty [..., 0] tensor (any use against [..
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any, Callable, Optional
 
 import torch
 
 from fastsae import ops
 from fastsae.auxk import DeadLatents
+from fastsae.integrations._versions import import_supported
 
 SAELENS_SUPPORTED = (">=6.54", "<6.55")
 _SUPPORTED_RANGE = ((6, 54), (6, 55))
@@ -54,27 +54,8 @@ _NOT_ACCELERATED = {
 }
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
-
-
 def _check_version() -> Any:
-    try:
-        import sae_lens
-    except ImportError as exc:
-        raise RuntimeError(
-            "apply_to_saelens: SAELens is not installed (supported: sae-lens"
-            f"{','.join(SAELENS_SUPPORTED)}; pip install 'fastsae[saelens]')"
-        ) from exc
-    installed = getattr(sae_lens, "__version__", "unknown")
-    low, high = _SUPPORTED_RANGE
-    if not low <= _version_tuple(installed)[:2] < high:
-        raise RuntimeError(
-            f"apply_to_saelens: installed sae-lens {installed} is outside the supported range "
-            f"sae-lens{','.join(SAELENS_SUPPORTED)}; the patch mirrors that version's math and would not "
-            "be checked against yours"
-        )
-    return sae_lens
+    return import_supported("sae_lens", "SAELens", "sae-lens", "saelens", SAELENS_SUPPORTED, _SUPPORTED_RANGE, "apply_to_saelens")
 
 
 def _classes() -> dict[str, type]:

@@ -46,6 +46,7 @@ import torch
 
 from fastsae import ops
 from fastsae.auxk import DeadLatents
+from fastsae.integrations._versions import import_supported
 
 SPARSIFY_SUPPORTED = (">=1.3", "<1.4")
 _SUPPORTED_RANGE = ((1, 3), (1, 4))
@@ -69,27 +70,8 @@ _NOT_ACCELERATED = {
 }
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
-
-
 def _check_version() -> Any:
-    try:
-        import sparsify
-    except ImportError as exc:
-        raise RuntimeError(
-            "apply_to_sparsify: sparsify is not installed (supported: eai-sparsify"
-            f"{','.join(SPARSIFY_SUPPORTED)}; pip install 'fastsae[sparsify]')"
-        ) from exc
-    installed = getattr(sparsify, "__version__", "unknown")
-    low, high = _SUPPORTED_RANGE
-    if not low <= _version_tuple(installed)[:2] < high:
-        raise RuntimeError(
-            f"apply_to_sparsify: installed sparsify {installed} is outside the supported range "
-            f"eai-sparsify{','.join(SPARSIFY_SUPPORTED)}; the patch mirrors that version's math and would "
-            "not be checked against yours"
-        )
-    return sparsify
+    return import_supported("sparsify", "sparsify", "eai-sparsify", "sparsify", SPARSIFY_SUPPORTED, _SUPPORTED_RANGE, "apply_to_sparsify")
 
 
 def _sparse_coder_class() -> type:
