@@ -53,8 +53,13 @@ def bare_step_tokens_per_s(args, device: torch.device, dtype: torch.dtype, dead_
     """Tokens/s of training_forward + backward + Adam on a batch resident on the device; with
     `dead_fraction`, a dead mask of that many random latents every step (AuxK on)."""
     torch.manual_seed(0)
+    from fastsae.training.cli import DEFAULTS
+
+    # The SAE `fastsae train` builds (its TopK default rescales by decoder norms); the trainer's
+    # own work (clipping, counters, metrics, data) is what the ratio measures.
     sae = fastsae.SAE(d_in=args.d_in, d_sae=args.d_sae, architecture="topk", k=args.k, device=str(device),
-                      dtype=str(dtype).removeprefix("torch."))
+                      dtype=str(dtype).removeprefix("torch."),
+                      rescale_acts_by_decoder_norm=DEFAULTS["rescale_acts_by_decoder_norm"])
     optimizer = Adam(sae.parameters(), lr=1e-4)
     x = torch.randn(args.batch, args.d_in, device=device).to(dtype)
     mask = None
