@@ -36,7 +36,6 @@ _SUPPORTED_RANGE = ((6, 54), (6, 55))
 _ORIGINALS: dict[tuple[str, str], Callable] = {}
 _SETTINGS: dict[str, Any] = {"dense_hidden_pre": True}
 
-_ACCELERATED = ("TopKSAE", "TopKTrainingSAE")
 _NOT_ACCELERATED = {
     "StandardSAE": "ReLU SAE: not patched yet (fastsae's threshold_encode computes it; the patch is not written)",
     "StandardTrainingSAE": "ReLU + L1 training: not patched yet",
@@ -61,13 +60,13 @@ def _check_version() -> Any:
 def _classes() -> dict[str, type]:
     import sae_lens.saes as saes
 
-    return {name: getattr(saes, name) for name in (*_ACCELERATED, *_NOT_ACCELERATED) if hasattr(saes, name)}
+    return {name: getattr(saes, name) for name in (*_PATCHES, *_NOT_ACCELERATED) if hasattr(saes, name)}
 
 
 def saelens_accelerated_classes() -> list[type]:
     """The SAELens classes whose calls run on fastsae's ops while patched (exact type only)."""
     classes = _classes()
-    return [classes[name] for name in _ACCELERATED if name in classes]
+    return [classes[name] for name in _PATCHES if name in classes]
 
 
 def saelens_unaccelerated_classes() -> dict[type, str]:
@@ -92,8 +91,11 @@ def _has_hooks(sae) -> bool:
 
 
 def _fast_ok(sae, x: torch.Tensor) -> bool:
+    """Whether this call of a patched method may take the fused path: the checks every family
+    shares, then the family's own (`_FAMILY_CHECKS`, keyed by the exact class name)."""
     cfg = sae.cfg
-    if type(sae).__name__ not in _ACCELERATED or type(sae) not in saelens_accelerated_classes():
+    family_check = _FAMILY_CHECKS.get(type(sae).__name__)
+    if family_check is None or type(sae) not in saelens_accelerated_classes():
         return False
     if not isinstance(x, torch.Tensor) or x.is_sparse or x.ndim < 1 or x.shape[-1] != cfg.d_in:
         return False  # SAELens' own code raises its own error for these
@@ -105,10 +107,12 @@ def _fast_ok(sae, x: torch.Tensor) -> bool:
         return False
     if x.device != sae.W_enc.device:
         return False
+    return family_check(sae) and not _has_hooks(sae)
+
+
+def _topk_check(sae) -> bool:
     k = _k(sae)
-    if k is None or not 0 < k <= cfg.d_sae:
-        return False
-    return not _has_hooks(sae)
+    return k is not None and 0 < k <= sae.cfg.d_sae
 
 
 def _k(sae) -> Optional[int]:
@@ -248,6 +252,8 @@ def _patched_training_forward_pass(original: Callable) -> Callable:
     return training_forward_pass
 
 
+# class name -> {method: maker}; a family added in its own module registers here and in
+# _FAMILY_CHECKS (its extra conditions for the fused path), and leaves _NOT_ACCELERATED.
 _PATCHES = {
     "TopKSAE": {"encode": _patched_encode, "forward": _patched_forward},
     "TopKTrainingSAE": {
@@ -256,6 +262,9 @@ _PATCHES = {
         "training_forward_pass": _patched_training_forward_pass,
     },
 }
+
+
+_FAMILY_CHECKS: dict[str, Callable[[Any], bool]] = {"TopKSAE": _topk_check, "TopKTrainingSAE": _topk_check}
 
 
 def apply_to_saelens(*, dense_hidden_pre: bool = True) -> list[type]:
