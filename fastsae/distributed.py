@@ -355,7 +355,7 @@ class ShardedSAE(nn.Module):
 
     # The whole SAE's shape and type, as SAE reports them (d_sae counts all latents; this rank
     # holds `d_local` of them).
-    d_in, d_sae, architecture = SAE.d_in, SAE.d_sae, SAE.architecture
+    d_in, d_sae, architecture, arch = SAE.d_in, SAE.d_sae, SAE.architecture, SAE.arch
     dtype, device, enc_weight = SAE.dtype, SAE.device, SAE.enc_weight
 
     @property

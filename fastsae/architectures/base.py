@@ -38,6 +38,19 @@ class Step:
 
 class Architecture:
     name = ""
+    # What the trainer does with dead latents when asked for "auto", and whether AuxK applies.
+    default_dead_strategy = "none"
+    supports_auxk = False
+
+    # ---------------------------------------------------------------- training hooks
+
+    def fold_input_scale(self, folded: "SAE", scale: float) -> None:
+        """State beyond W_enc, b_dec and W_dec to rescale when a SAE trained on `scale * x` is
+        folded to take raw inputs (those three are rescaled by the caller)."""
+
+    def after_optimizer_step(self, master: "SAE", forward_sae: "SAE", cfg) -> None:
+        """Keep the architecture's constraints after an optimizer step on `master`; `forward_sae`
+        is the SAE the forward ran on (a lower-precision twin under mixed precision, else master)."""
 
     # ---------------------------------------------------------------- parameters
 

@@ -19,6 +19,16 @@ from fastsae.sparse import SparseActivations, tracing
 
 class BatchTopK(Architecture):
     name = "batchtopk"
+    default_dead_strategy = "auxk"
+    supports_auxk = True
+
+    def fold_input_scale(self, folded, scale: float) -> None:
+        if folded.cfg.rescale_acts_by_decoder_norm:
+            folded.topk_threshold.div_(scale)  # the rescaled activations shrink by the same factor
+
+    def after_optimizer_step(self, master, forward_sae, cfg) -> None:
+        if forward_sae is not master:
+            master.topk_threshold.copy_(forward_sae.topk_threshold)  # updated by the forward
 
     def create_extra_parameters(self, sae, factory: dict) -> None:
         # The inference threshold: an EMA of the smallest positive training activation.

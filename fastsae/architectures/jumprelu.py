@@ -14,6 +14,9 @@ from fastsae.architectures.base import Architecture
 class JumpReLU(Architecture):
     name = "jumprelu"
 
+    def after_optimizer_step(self, master, forward_sae, cfg) -> None:
+        master.threshold.clamp_(min=cfg.jumprelu_min_threshold)
+
     def create_extra_parameters(self, sae, factory: dict) -> None:
         sae.threshold = torch.nn.Parameter(torch.full((sae.d_sae,), sae.cfg.jumprelu_init_threshold, **factory))
 

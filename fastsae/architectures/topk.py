@@ -16,6 +16,8 @@ from fastsae.sparse import SparseActivations
 
 class TopK(Architecture):
     name = "topk"
+    default_dead_strategy = "auxk"
+    supports_auxk = True
 
     def encode_sparse(self, sae, x2: Tensor) -> SparseActivations:
         values, indices, _ = sae._topk_flat(x2)

@@ -98,8 +98,7 @@ def fold_input_scale(sae: SAE, scale: float) -> SAE:
     folded.W_enc.mul_(scale)
     folded.b_dec.div_(scale)
     folded.W_dec.div_(scale)
-    if sae.architecture == "batchtopk" and sae.cfg.rescale_acts_by_decoder_norm:
-        folded.topk_threshold.div_(scale)  # the rescaled activations shrink by the same factor
+    sae.arch.fold_input_scale(folded, scale)
     return folded
 
 
@@ -217,12 +216,12 @@ class Trainer:
         return twin
 
     def _resolve_dead_strategy(self) -> str:
-        arch = self.sae.architecture
+        arch = self.sae.arch
         strategy = self.cfg.dead_strategy
         if strategy == "auto":
-            return {"relu": "resample", "topk": "auxk", "batchtopk": "auxk"}.get(arch, "none")
-        if strategy == "auxk" and arch not in ("topk", "batchtopk"):
-            raise ValueError(f"dead_strategy: 'auxk' needs a topk or batchtopk SAE, got {arch!r}")
+            return arch.default_dead_strategy
+        if strategy == "auxk" and not arch.supports_auxk:
+            raise ValueError(f"dead_strategy: 'auxk' needs a topk or batchtopk SAE, got {arch.name!r}")
         return strategy
 
     @classmethod
@@ -512,10 +511,7 @@ class Trainer:
         with torch.no_grad():
             if master.cfg.decoder_norm == "unit_norm":
                 master.set_decoder_norm_to_unit_norm()
-            if master.architecture == "jumprelu":
-                master.threshold.clamp_(min=cfg.jumprelu_min_threshold)
-            if mixed and master.architecture == "batchtopk":
-                master.topk_threshold.copy_(sae.topk_threshold)  # updated by the forward
+            master.arch.after_optimizer_step(master, sae, cfg)
             if isinstance(out, fdist.ShardedTrainOutput):  # the whole batch's, from the shards
                 fired, l0 = out.fired, out.l0
             else:
