@@ -47,6 +47,13 @@ def mean_squared_norm(a: Tensor, b: Tensor) -> Tensor:
 _SPARSE_PATH_DIVISOR = {"cpu": 8}
 
 
+def default_sparse_width_limit(d_sae: int, device: torch.device) -> int:
+    """The widest row the row-wise sparse path takes on `device` by default (see
+    `SAE.default_sparse_width_limit`): d_sae / 8 on the CPU, 0 (dense) elsewhere."""
+    divisor = _SPARSE_PATH_DIVISOR.get(torch.device(device).type)
+    return max(1, d_sae // divisor) if divisor else 0
+
+
 class SAE(nn.Module):
     """A sparse autoencoder: `SAE(SAEConfig(...))` or `SAE(d_in=..., d_sae=..., architecture=..., k=...)`.
 
@@ -172,8 +179,7 @@ class SAE(nn.Module):
         0 (the dense path) on GPUs: on an H200 the sparse step was slower at every L0 measured
         (benchmarks/results/sparse-path-h200-2026-11-29.json, 4096 x 768 -> 24576, bf16: dense
         time / sparse time 0.74 at L0 31, 0.24 at L0 2017), until a committed sweep shows it winning."""
-        divisor = _SPARSE_PATH_DIVISOR.get(self.device.type)
-        return max(1, self.d_sae // divisor) if divisor else 0
+        return default_sparse_width_limit(self.d_sae, self.device)
 
     def _width_limit(self) -> int:
         limit = self.sparse_width_limit
