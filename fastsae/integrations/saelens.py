@@ -1,16 +1,18 @@
-"""fastsae's kernels inside SAELens: `apply_to_saelens()` patches SAELens' TopK SAE classes in place.
+"""fastsae's kernels inside SAELens: `apply_to_saelens()` patches SAELens' SAE classes in place.
 
 After it, `TopKSAE.encode` / `forward` and `TopKTrainingSAE.encode` / `forward` /
 `training_forward_pass` (AuxK included) run on fastsae's fused ops (`topk_encode`,
 `sparse_decode`, `sparse_decode_with_aux`) and compute what SAELens computes: the same outputs,
-losses and parameter gradients, to float32 rounding. `revert_saelens()` puts SAELens' methods back.
+losses and parameter gradients, to float32 rounding. The ReLU, JumpReLU and transcoder classes
+are patched by `saelens_threshold` (on `threshold_encode`). `revert_saelens()` puts SAELens'
+methods back.
 
 A call takes SAELens' own code, unchanged, whenever its result could differ or a hook could see a
 value the fused path never builds:
 - a hook registered on any of the SAE's hook points;
 - `normalize_activations` other than "none", `reshape_activations` other than "none";
 - autocast, a non-float32/float64 SAE;
-- an instance of a subclass (BatchTopK, Matryoshka, transcoders...), whose math is its own.
+- an instance of a class not patched, or of a subclass (BatchTopK, Matryoshka...), whose math is its own.
 
 `TrainStepOutput.hidden_pre`: SAELens returns the dense [N, d_sae] pre-activations, which its
 trainer never reads. The fused path does not build them; by default it computes them (detached,
@@ -27,6 +29,17 @@ import torch
 
 from fastsae import ops
 from fastsae.auxk import DeadLatents
+from fastsae.integrations import saelens_threshold
+from fastsae.integrations._saelens_common import (
+    _FAMILY_CHECKS,
+    _NOT_ACCELERATED,
+    _PATCHES,
+    _SETTINGS,
+    _classes,
+    _fast_ok,
+    _feature_acts,
+    _hidden_pre,
+)
 from fastsae.integrations._versions import import_supported
 
 SAELENS_SUPPORTED = (">=6.54", "<6.55")
@@ -34,33 +47,11 @@ _SUPPORTED_RANGE = ((6, 54), (6, 55))
 
 # (class name, method name) -> SAELens' original function, while patched.
 _ORIGINALS: dict[tuple[str, str], Callable] = {}
-_SETTINGS: dict[str, Any] = {"dense_hidden_pre": True}
 
-_NOT_ACCELERATED = {
-    "StandardSAE": "ReLU SAE: not patched yet (fastsae's threshold_encode computes it; the patch is not written)",
-    "StandardTrainingSAE": "ReLU + L1 training: not patched yet",
-    "JumpReLUSAE": "not patched yet (threshold_encode computes its forward; SAELens' pseudo-gradients not wired)",
-    "JumpReLUTrainingSAE": "JumpReLU's straight-through pseudo-gradients (bandwidth) are not fastsae ops",
-    "BatchTopKTrainingSAE": "BatchTopK's batch-wide selection and running threshold: not patched yet",
-    "MatryoshkaBatchTopKTrainingSAE": "nested-prefix losses over BatchTopK: not fastsae ops",
-    "AbsTopKSAE": "top-k by |pre| (no ReLU): not fastsae's TopK",
-    "AbsTopKTrainingSAE": "top-k by |pre| (no ReLU): not fastsae's TopK",
-    "GatedSAE": "gated encoder: not patched",
-    "GatedTrainingSAE": "gated encoder: not patched",
-    "MatchingPursuitSAE": "iterative matching pursuit: not an encoder fastsae computes",
-    "MatchingPursuitTrainingSAE": "iterative matching pursuit: not an encoder fastsae computes",
-    "TemporalSAE": "attention over positions: not an encoder fastsae computes",
-}
 
 
 def _check_version() -> Any:
     return import_supported("sae_lens", "SAELens", "sae-lens", "saelens", SAELENS_SUPPORTED, _SUPPORTED_RANGE, "apply_to_saelens")
-
-
-def _classes() -> dict[str, type]:
-    import sae_lens.saes as saes
-
-    return {name: getattr(saes, name) for name in (*_PATCHES, *_NOT_ACCELERATED) if hasattr(saes, name)}
 
 
 def saelens_accelerated_classes() -> list[type]:
@@ -83,33 +74,6 @@ def is_patched() -> bool:
 # When the fused path computes exactly what SAELens does
 
 
-def _has_hooks(sae) -> bool:
-    for hook in sae.hook_dict.values():
-        if hook._forward_hooks or hook._backward_hooks or hook._forward_pre_hooks:
-            return True
-    return False
-
-
-def _fast_ok(sae, x: torch.Tensor) -> bool:
-    """Whether this call of a patched method may take the fused path: the checks every family
-    shares, then the family's own (`_FAMILY_CHECKS`, keyed by the exact class name)."""
-    cfg = sae.cfg
-    family_check = _FAMILY_CHECKS.get(type(sae).__name__)
-    if family_check is None or type(sae) not in saelens_accelerated_classes():
-        return False
-    if not isinstance(x, torch.Tensor) or x.is_sparse or x.ndim < 1 or x.shape[-1] != cfg.d_in:
-        return False  # SAELens' own code raises its own error for these
-    if sae.dtype not in (torch.float32, torch.float64) or sae.W_enc.dtype != sae.dtype:
-        return False
-    if getattr(cfg, "normalize_activations", "none") != "none" or getattr(cfg, "reshape_activations", "none") != "none":
-        return False
-    if torch.is_autocast_enabled(x.device.type):
-        return False
-    if x.device != sae.W_enc.device:
-        return False
-    return family_check(sae) and not _has_hooks(sae)
-
-
 def _topk_check(sae) -> bool:
     k = _k(sae)
     return k is not None and 0 < k <= sae.cfg.d_sae
@@ -126,27 +90,6 @@ def _encoder_args(sae):
     return sae.W_enc.t(), dec_norm, b_dec_in
 
 
-def _dense(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
-    return values.new_zeros(values.shape[0], d_sae).scatter(-1, indices, values)
-
-
-def _feature_acts(sae, values: torch.Tensor, indices: torch.Tensor, lead: tuple) -> torch.Tensor:
-    """The activations in SAELens' layout: dense [..., d_sae], or with `use_sparse_activations` the
-    COO tensor SAELens' TopK builds (the same entries; coalesce or to_dense to compare)."""
-    d_sae = sae.cfg.d_sae
-    if not getattr(sae.cfg, "use_sparse_activations", False):
-        return _dense(values, indices, d_sae).reshape(*lead, d_sae)
-    n, k = indices.shape
-    rows = torch.arange(n, device=indices.device).repeat_interleave(k)
-    coords = []
-    for size in reversed(lead):
-        coords.append(rows % size)
-        rows = rows // size
-    coords.reverse()
-    sparse_indices = torch.stack([*coords, indices.flatten()]) if lead else indices.flatten()[None]
-    return torch.sparse_coo_tensor(sparse_indices, values.flatten(), (*lead, d_sae), check_invariants=False)
-
-
 def _encode_flat(sae, x: torch.Tensor, dead: Optional[DeadLatents] = None, k_aux: int = 0):
     x2 = x.to(sae.dtype).reshape(-1, sae.cfg.d_in)
     enc_weight, dec_norm, b_dec_in = _encoder_args(sae)
@@ -155,18 +98,6 @@ def _encode_flat(sae, x: torch.Tensor, dead: Optional[DeadLatents] = None, k_aux
         x2, enc_weight, sae.b_enc, b_dec_in, dec_norm, _k(sae), latents, k_aux, check_indices=False
     )
     return x2, dec_norm, values, indices, aux_pre
-
-
-def _hidden_pre(sae, x: torch.Tensor, dec_norm: Optional[torch.Tensor]) -> torch.Tensor:
-    lead = x.shape[:-1]
-    if not _SETTINGS["dense_hidden_pre"]:
-        return x.new_empty(*lead, 0)
-    with torch.no_grad():
-        sae_in = x.to(sae.dtype) - sae.b_dec * sae.cfg.apply_b_dec_to_input
-        pre = sae_in @ sae.W_enc + sae.b_enc
-        if dec_norm is not None:
-            pre = pre * dec_norm
-    return pre
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,19 +183,23 @@ def _patched_training_forward_pass(original: Callable) -> Callable:
     return training_forward_pass
 
 
-# class name -> {method: maker}; a family added in its own module registers here and in
-# _FAMILY_CHECKS (its extra conditions for the fused path), and leaves _NOT_ACCELERATED.
-_PATCHES = {
+# class name -> {method: maker}, and in _FAMILY_CHECKS the family's own conditions for the fused
+# path: TopK's here, the other families' from their modules.
+_PATCHES.update({
     "TopKSAE": {"encode": _patched_encode, "forward": _patched_forward},
     "TopKTrainingSAE": {
         "encode": _patched_encode,
         "forward": _patched_forward,
         "training_forward_pass": _patched_training_forward_pass,
     },
-}
+})
+_PATCHES.update(saelens_threshold.PATCHES)
+_FAMILY_CHECKS.update(saelens_threshold.FAMILY_CHECKS)
+for _name in _PATCHES:
+    _NOT_ACCELERATED.pop(_name, None)
 
 
-_FAMILY_CHECKS: dict[str, Callable[[Any], bool]] = {"TopKSAE": _topk_check, "TopKTrainingSAE": _topk_check}
+_FAMILY_CHECKS.update({"TopKSAE": _topk_check, "TopKTrainingSAE": _topk_check})
 
 
 def apply_to_saelens(*, dense_hidden_pre: bool = True) -> list[type]:
@@ -286,6 +221,8 @@ def apply_to_saelens(*, dense_hidden_pre: bool = True) -> list[type]:
             if original is None:
                 # inherited: patch a wrapper on this class only, and remove it on revert
                 inherited = getattr(cls, method)
+                while hasattr(inherited, "__fastsae_original__"):  # a patched parent's: wrap SAELens' own
+                    inherited = inherited.__fastsae_original__
                 _ORIGINALS[key] = None
                 setattr(cls, method, make(inherited))
             else:

@@ -1,0 +1,98 @@
+"""What SAELens' patched classes share: the registry of patched classes, the gate that decides
+whether a call may take the fused path, and the conversions to SAELens' layouts."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+# class name -> {method: maker(original) -> patched}; filled by the family modules.
+_PATCHES: dict[str, dict[str, Callable]] = {}
+# class name -> the family's own conditions for the fused path (beyond the shared ones).
+_FAMILY_CHECKS: dict[str, Callable[[Any], bool]] = {}
+_SETTINGS: dict[str, Any] = {"dense_hidden_pre": True}
+
+_NOT_ACCELERATED = {
+    "BatchTopKTrainingSAE": "BatchTopK's batch-wide selection and running threshold: not patched yet",
+    "MatryoshkaBatchTopKTrainingSAE": "nested-prefix losses over BatchTopK: not fastsae ops",
+    "AbsTopKSAE": "top-k by |pre| (no ReLU): not fastsae's TopK",
+    "AbsTopKTrainingSAE": "top-k by |pre| (no ReLU): not fastsae's TopK",
+    "GatedSAE": "gated encoder: not patched",
+    "GatedTrainingSAE": "gated encoder: not patched",
+    "MatchingPursuitSAE": "iterative matching pursuit: not an encoder fastsae computes",
+    "MatchingPursuitTrainingSAE": "iterative matching pursuit: not an encoder fastsae computes",
+    "TemporalSAE": "attention over positions: not an encoder fastsae computes",
+}
+
+
+def _classes() -> dict[str, type]:
+    import sae_lens.saes as saes
+
+    return {name: getattr(saes, name) for name in (*_PATCHES, *_NOT_ACCELERATED) if hasattr(saes, name)}
+
+
+def _accelerated(sae) -> bool:
+    """Exactly a patched SAELens class (a subclass has math of its own)."""
+    name = type(sae).__name__
+    return name in _FAMILY_CHECKS and _classes().get(name) is type(sae)
+
+
+def _has_hooks(sae) -> bool:
+    for hook in sae.hook_dict.values():
+        if hook._forward_hooks or hook._backward_hooks or hook._forward_pre_hooks:
+            return True
+    return False
+
+
+def _fast_ok(sae, x: torch.Tensor) -> bool:
+    """Whether this call of a patched method may take the fused path: the checks every family
+    shares, then the family's own (`_FAMILY_CHECKS`, keyed by the exact class name)."""
+    cfg = sae.cfg
+    family_check = _FAMILY_CHECKS.get(type(sae).__name__)
+    if family_check is None or not _accelerated(sae):
+        return False
+    if not isinstance(x, torch.Tensor) or x.is_sparse or x.ndim < 1 or x.shape[-1] != cfg.d_in:
+        return False  # SAELens' own code raises its own error for these
+    if sae.dtype not in (torch.float32, torch.float64) or sae.W_enc.dtype != sae.dtype:
+        return False
+    if getattr(cfg, "normalize_activations", "none") != "none" or getattr(cfg, "reshape_activations", "none") != "none":
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    if x.device != sae.W_enc.device:
+        return False
+    return family_check(sae) and not _has_hooks(sae)
+
+
+def _dense(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
+    return values.new_zeros(values.shape[0], d_sae).scatter(-1, indices, values)
+
+
+def _feature_acts(sae, values: torch.Tensor, indices: torch.Tensor, lead: tuple) -> torch.Tensor:
+    """The activations in SAELens' layout: dense [..., d_sae], or with `use_sparse_activations` the
+    COO tensor SAELens' TopK builds (the same entries; coalesce or to_dense to compare)."""
+    d_sae = sae.cfg.d_sae
+    if not getattr(sae.cfg, "use_sparse_activations", False):
+        return _dense(values, indices, d_sae).reshape(*lead, d_sae)
+    n, k = indices.shape
+    rows = torch.arange(n, device=indices.device).repeat_interleave(k)
+    coords = []
+    for size in reversed(lead):
+        coords.append(rows % size)
+        rows = rows // size
+    coords.reverse()
+    sparse_indices = torch.stack([*coords, indices.flatten()]) if lead else indices.flatten()[None]
+    return torch.sparse_coo_tensor(sparse_indices, values.flatten(), (*lead, d_sae), check_invariants=False)
+
+
+def _hidden_pre(sae, x: torch.Tensor, dec_norm: Optional[torch.Tensor]) -> torch.Tensor:
+    lead = x.shape[:-1]
+    if not _SETTINGS["dense_hidden_pre"]:
+        return x.new_empty(*lead, 0)
+    with torch.no_grad():
+        sae_in = x.to(sae.dtype) - sae.b_dec * sae.cfg.apply_b_dec_to_input
+        pre = sae_in @ sae.W_enc + sae.b_enc
+        if dec_norm is not None:
+            pre = pre * dec_norm
+    return pre
