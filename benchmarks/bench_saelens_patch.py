@@ -1,8 +1,11 @@
-"""SAELens' own TopK training step with fastsae's patch against without, in one run.
+"""SAELens' own training step with fastsae's patch against without, in one run.
 
 The step is `SAETrainer._train_step` of the installed SAELens (training_forward_pass with AuxK,
 firing statistics, backward, grad-norm clipping, Adam, schedulers) on a `TopKTrainingSAE` at
-N-d_in-d_sae-k (default 2048-768-16384-32), with 1% of the latents dead (AuxK on). Contenders:
+N-d_in-d_sae-k (default 2048-768-16384-32), with 1% of the latents dead (AuxK on); with
+`--architecture standard|jumprelu`, on a StandardTrainingSAE / JumpReLUTrainingSAE whose b_enc puts
+rows at about k active latents (a trained SAE's regime; a fresh ReLU SAE fires on half its latents
+and takes SAELens' dense code under the patch). Contenders:
 SAELens unpatched, patched (`apply_to_saelens()`, which also returns the dense hidden_pre), and
 patched with `dense_hidden_pre=False`, and that with SAELens' `use_sparse_activations=True` (its COO
 feature_acts, which its trainer reads for firing statistics; unpatched SAELens 6.54 fails that
@@ -26,14 +29,37 @@ from pathlib import Path
 import torch
 
 
-def _make(shape, dead_fraction, seed=0, sparse=False):
+def _threshold_sae(architecture: str, d_in: int, d_sae: int, l0: int, x: torch.Tensor):
+    """A StandardTrainingSAE or JumpReLUTrainingSAE in a trained SAE's sparsity regime: each
+    latent's b_enc puts its pre-activation above 0 (the threshold for JumpReLU) on a fraction
+    l0 / d_sae of the batch's rows, so rows hold about l0 active latents."""
+    from sae_lens.saes import (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, StandardTrainingSAE,
+                               StandardTrainingSAEConfig)
+
+    if architecture == "standard":
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=1.0))
+    else:
+        sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l0_coefficient=1.0))
+    with torch.no_grad():
+        pre = (x - sae.b_dec) @ sae.W_enc
+        cut = pre.quantile(1 - l0 / d_sae, dim=0) if x.shape[0] <= 16384 else pre[:16384].quantile(1 - l0 / d_sae, dim=0)
+        offset = sae.threshold.detach() if architecture == "jumprelu" else 0.0
+        sae.b_enc.copy_(offset - cut)
+    return sae
+
+
+def _make(shape, dead_fraction, seed=0, sparse=False, architecture="topk"):
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
     n, d_in, d_sae, k = shape
     torch.manual_seed(seed)
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, use_sparse_activations=sparse))
+    x = torch.randn(n, d_in)
+    if architecture == "topk":
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, use_sparse_activations=sparse))
+    else:
+        sae = _threshold_sae(architecture, d_in, d_sae, k, x)
     window = 1000
     cfg = SAETrainerConfig(
         n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False, total_training_samples=10**9,
@@ -44,14 +70,21 @@ def _make(shape, dead_fraction, seed=0, sparse=False):
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
     dead = torch.zeros(d_sae, dtype=torch.bool)
     dead[torch.randperm(d_sae)[: round(dead_fraction * d_sae)]] = True
-    x = torch.randn(n, d_in)
 
     def step():
         trainer.n_forward_passes_since_fired.zero_()
         trainer.n_forward_passes_since_fired[dead] = window + 1  # the same dead set every step
-        return trainer._train_step(sae, x)
+        out = trainer._train_step(sae, x)
+        acts = out.feature_acts.to_dense() if out.feature_acts.is_sparse else out.feature_acts
+        step.l0 = float((acts != 0).sum(-1).float().mean())
+        step.sparse_path = sae.__dict__.get("_fastsae_sparse_backoff") == (0, 1)  # threshold families
+        return out
 
     return step
+
+
+_CLASSES = {"topk": "TopKTrainingSAE (AuxK on)", "standard": "StandardTrainingSAE (ReLU + L1)",
+            "jumprelu": "JumpReLUTrainingSAE (step L0 loss)"}
 
 
 def main() -> None:
@@ -60,23 +93,29 @@ def main() -> None:
     from fastsae.integrations import apply_to_saelens, revert_saelens
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="2048,768,16384,32", help="N,d_in,d_sae,k")
+    parser.add_argument("--shape", default="2048,768,16384,32", help="N,d_in,d_sae,k (for standard/jumprelu, k is the rows' L0)")
+    parser.add_argument("--architecture", choices=("topk", "standard", "jumprelu"), default="topk",
+                        help="TopKTrainingSAE (AuxK on), StandardTrainingSAE (ReLU + L1) or JumpReLUTrainingSAE")
     parser.add_argument("--dead", type=float, default=0.01)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--note", default="rounds alternate the contenders", help="written into the results file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shape = tuple(int(v) for v in args.shape.split(","))
     if len(shape) != 4:
         raise ValueError(f"--shape: expected N,d_in,d_sae,k, got {args.shape!r}")
 
+    arch = args.architecture
     contenders = {
-        "saelens": (None, _make(shape, args.dead)),
-        "saelens+fastsae": (True, _make(shape, args.dead)),
-        "saelens+fastsae (no dense hidden_pre)": (False, _make(shape, args.dead)),
-        "saelens+fastsae (no dense hidden_pre, use_sparse_activations)": (False, _make(shape, args.dead, sparse=True)),
+        "saelens": (None, _make(shape, args.dead, architecture=arch)),
+        "saelens+fastsae": (True, _make(shape, args.dead, architecture=arch)),
+        "saelens+fastsae (no dense hidden_pre)": (False, _make(shape, args.dead, architecture=arch)),
     }
+    if arch == "topk":
+        contenders["saelens+fastsae (no dense hidden_pre, use_sparse_activations)"] = (
+            False, _make(shape, args.dead, sparse=True))
 
     def run(setting, step):
         revert_saelens()
@@ -97,19 +136,22 @@ def main() -> None:
     base = statistics.median(times["saelens"])
     rows = [
         {"contender": name, "median_s": statistics.median(t), "times_s": t,
-         "speedup_vs_saelens": base / statistics.median(t)}
+         "speedup_vs_saelens": base / statistics.median(t), "l0": contenders[name][1].l0,
+         **({"sparse_path": contenders[name][1].sparse_path} if arch != "topk" and name != "saelens" else {})}
         for name, t in times.items()
     ]
     for row in rows:
-        print(f"{row['contender']:64s} {row['median_s']:8.3f} s  {row['speedup_vs_saelens']:5.2f}x")
+        print(f"{row['contender']:64s} {row['median_s']:8.3f} s  {row['speedup_vs_saelens']:5.2f}x  L0 {row['l0']:.1f}"
+              + (f"  sparse path {row['sparse_path']}" if "sparse_path" in row else ""))
     result = {
-        "what": "SAELens SAETrainer._train_step on TopKTrainingSAE (AuxK on), patched by fastsae.apply_to_saelens vs not",
+        "what": f"SAELens SAETrainer._train_step on {_CLASSES[arch]}, patched by fastsae.apply_to_saelens vs not",
+        "architecture": arch,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "shape": dict(zip(("N", "d_in", "d_sae", "k"), shape)),
+        "shape": dict(zip(("N", "d_in", "d_sae", "k" if arch == "topk" else "target_l0"), shape)),
         "dead_fraction": args.dead,
         "rounds": args.rounds,
         "torch_threads": args.threads,
-        "note": "shared machine: 2 cores used by 4 agents at the time, so one torch thread; rounds alternate the contenders",
+        "note": args.note,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
                     "loadavg": os.getloadavg()},
         "versions": {"torch": torch.__version__, "sae_lens": sae_lens.__version__},
