@@ -14,8 +14,6 @@ _FAMILY_CHECKS: dict[str, Callable[[Any], bool]] = {}
 _SETTINGS: dict[str, Any] = {"dense_hidden_pre": True}
 
 _NOT_ACCELERATED = {
-    "BatchTopKTrainingSAE": "BatchTopK's batch-wide selection and running threshold: not patched yet",
-    "MatryoshkaBatchTopKTrainingSAE": "nested-prefix losses over BatchTopK: not fastsae ops",
     "AbsTopKSAE": "top-k by |pre| (no ReLU): not fastsae's TopK",
     "AbsTopKTrainingSAE": "top-k by |pre| (no ReLU): not fastsae's TopK",
     "GatedSAE": "gated encoder: not patched",
@@ -45,12 +43,15 @@ def _has_hooks(sae) -> bool:
     return False
 
 
-def _fast_ok(sae, x: torch.Tensor) -> bool:
-    """Whether this call of a patched method may take the fused path: the checks every family
+def _fast_ok(sae, x: torch.Tensor, family) -> bool:
+    """Whether this call of a patched method of `family` (its class names) may take the fused
+    path: the instance is exactly one of the family's classes (a parent's patched method reached
+    through super() from another family's class runs SAELens' code), the checks every family
     shares, then the family's own (`_FAMILY_CHECKS`, keyed by the exact class name)."""
     cfg = sae.cfg
-    family_check = _FAMILY_CHECKS.get(type(sae).__name__)
-    if family_check is None or not _accelerated(sae):
+    name = type(sae).__name__
+    family_check = _FAMILY_CHECKS.get(name)
+    if name not in family or family_check is None or not _accelerated(sae):
         return False
     if not isinstance(x, torch.Tensor) or x.is_sparse or x.ndim < 1 or x.shape[-1] != cfg.d_in:
         return False  # SAELens' own code raises its own error for these
@@ -66,7 +67,8 @@ def _fast_ok(sae, x: torch.Tensor) -> bool:
 
 
 def _dense(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
-    return values.new_zeros(values.shape[0], d_sae).scatter(-1, indices, values)
+    # in place into the fresh zeros: out-of-place scatter would copy the [N, d_sae] matrix again
+    return values.new_zeros(values.shape[0], d_sae).scatter_(-1, indices, values)
 
 
 def _feature_acts(sae, values: torch.Tensor, indices: torch.Tensor, lead: tuple) -> torch.Tensor:
@@ -92,7 +94,8 @@ def _hidden_pre(sae, x: torch.Tensor, dec_norm: Optional[torch.Tensor]) -> torch
         return x.new_empty(*lead, 0)
     with torch.no_grad():
         sae_in = x.to(sae.dtype) - sae.b_dec * sae.cfg.apply_b_dec_to_input
-        pre = sae_in @ sae.W_enc + sae.b_enc
+        # SAELens' sae_in @ W_enc + b_enc in one pass over the [..., d_sae] result
+        pre = torch.addmm(sae.b_enc, sae_in.reshape(-1, sae.cfg.d_in), sae.W_enc).reshape(*lead, -1)
         if dec_norm is not None:
-            pre = pre * dec_norm
+            pre.mul_(dec_norm)
     return pre

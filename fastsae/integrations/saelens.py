@@ -29,7 +29,7 @@ import torch
 
 from fastsae import ops
 from fastsae.auxk import DeadLatents
-from fastsae.integrations import saelens_threshold
+from fastsae.integrations import saelens_batchtopk, saelens_threshold
 from fastsae.integrations._saelens_common import (
     _FAMILY_CHECKS,
     _NOT_ACCELERATED,
@@ -74,6 +74,9 @@ def is_patched() -> bool:
 # When the fused path computes exactly what SAELens does
 
 
+_TOPK_CLASSES = ("TopKSAE", "TopKTrainingSAE")
+
+
 def _topk_check(sae) -> bool:
     k = _k(sae)
     return k is not None and 0 < k <= sae.cfg.d_sae
@@ -107,7 +110,7 @@ def _encode_flat(sae, x: torch.Tensor, dead: Optional[DeadLatents] = None, k_aux
 def _patched_encode(original: Callable) -> Callable:
     @functools.wraps(original)
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        if not _fast_ok(self, x):
+        if not _fast_ok(self, x, _TOPK_CLASSES):
             return original(self, x)
         _, _, values, indices, _ = _encode_flat(self, x)
         return _feature_acts(self, values, indices, tuple(x.shape[:-1]))
@@ -119,7 +122,7 @@ def _patched_encode(original: Callable) -> Callable:
 def _patched_forward(original: Callable) -> Callable:
     @functools.wraps(original)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _fast_ok(self, x):
+        if not _fast_ok(self, x, _TOPK_CLASSES):
             return original(self, x)
         _, dec_norm, values, indices, _ = _encode_flat(self, x)
         sae_out = ops.sparse_decode(values, indices, self.W_dec, self.b_dec, dec_norm, check_indices=False)
@@ -142,7 +145,7 @@ def _patched_training_forward_pass(original: Callable) -> Callable:
         from sae_lens.saes.sae import TrainStepOutput
 
         sae_in = step_input.sae_in
-        if not _fast_ok(self, sae_in):
+        if not _fast_ok(self, sae_in, _TOPK_CLASSES):
             return original(self, step_input)
         mask = step_input.dead_neuron_mask
         num_dead = int(mask.sum()) if mask is not None else 0
@@ -193,8 +196,9 @@ _PATCHES.update({
         "training_forward_pass": _patched_training_forward_pass,
     },
 })
-_PATCHES.update(saelens_threshold.PATCHES)
-_FAMILY_CHECKS.update(saelens_threshold.FAMILY_CHECKS)
+for _family in (saelens_threshold, saelens_batchtopk):
+    _PATCHES.update(_family.PATCHES)
+    _FAMILY_CHECKS.update(_family.FAMILY_CHECKS)
 for _name in _PATCHES:
     _NOT_ACCELERATED.pop(_name, None)
 

@@ -52,7 +52,7 @@ def _saelens_code(original: Callable, sae, *args):
 
 
 def _may_try(sae, x) -> bool:
-    return not sae.__dict__.get(_IN_SAELENS_ATTR) and _fast_ok(sae, x)
+    return not sae.__dict__.get(_IN_SAELENS_ATTR) and _fast_ok(sae, x, PATCHES)
 
 
 def _jumprelu(sae) -> bool:
