@@ -1,0 +1,176 @@
+"""SAELens' BatchTopK and Matryoshka BatchTopK training SAEs on fastsae's TopK encoder.
+
+Patched: `BatchTopKTrainingSAE` and `MatryoshkaBatchTopKTrainingSAE` (encode, forward,
+training_forward_pass). SAELens keeps the batch's int(k * rows) largest ReLU'd pre-activations
+(times ||W_dec,i|| with `rescale_acts_by_decoder_norm`), in training and in `encode` alike; its
+threshold (an EMA of the smallest kept activation) is used only once the SAE is saved as JumpReLU.
+
+The batch selection without the dense [N, d_sae]: each row's `bound` largest candidates from
+`ops.topk_encode`, then the batch's int(k N) largest among them. That is exact unless a row had
+all its candidates kept while its smallest one is positive (its next entries could belong): then
+the bound doubles and the batch is encoded again; the bound is kept for the next batches.
+
+Matryoshka's nested losses: level w's reconstruction decodes the kept entries with latent < w,
+one sparse decode per level, never a dense [N, d_sae]. AuxK is the TopK patch's (the dead
+latents' pre-activations from the same encoder call). `use_matryoshka_aux_loss=True` with dead
+latents takes SAELens' code (its per-level AuxK is not written here).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Optional
+
+import torch
+
+from fastsae import ops
+from fastsae.auxk import DeadLatents
+from fastsae.integrations._saelens_common import _dense, _fast_ok, _hidden_pre
+
+_BOUND_ATTR = "_fastsae_batchtopk_bound"
+
+
+def _selection(sae, x: torch.Tensor, dead: Optional[DeadLatents] = None, k_aux: int = 0):
+    """(x2, dec_norm, values [N, m], indices [N, m], aux_pre): the batch's kept activations in
+    rows padded with value-0 slots (at distinct candidate latents, no gradient)."""
+    cfg = sae.cfg
+    x2 = x.to(sae.dtype).reshape(-1, cfg.d_in)
+    n, d_sae = x2.shape[0], cfg.d_sae
+    keep_count = int(cfg.k * n)  # SAELens' BatchTopK
+    dec_norm = sae.W_dec.norm(dim=-1) if cfg.rescale_acts_by_decoder_norm else None
+    b_dec_in = sae.b_dec if cfg.apply_b_dec_to_input else None
+    latents = dead.latents if dead is not None else None
+    bound = min(d_sae, max(sae.__dict__.get(_BOUND_ATTR, 0), 4 * math.ceil(cfg.k), 1))
+    while True:
+        cand, cand_idx, aux_pre = ops.topk_encode(
+            x2, sae.W_enc.t(), sae.b_enc, b_dec_in, dec_norm, bound, latents, k_aux, check_indices=False
+        )
+        flat = cand.detach().flatten()
+        keep = torch.zeros(n * bound, dtype=torch.bool, device=cand.device)
+        keep[flat.topk(min(keep_count, flat.numel()), sorted=False).indices] = True
+        keep = keep.view(n, bound)
+        saturated = keep.all(1) & (cand.detach().amin(1) > 0)
+        if bound >= d_sae or not bool(saturated.any()):
+            break
+        bound = min(d_sae, 2 * bound)
+    sae.__dict__[_BOUND_ATTR] = bound
+    width = max(1, int(keep.sum(1).max())) if n else 0
+    order = cand.detach().masked_fill(~keep, float("-inf")).topk(width, dim=1).indices
+    values = torch.where(keep.gather(1, order), cand.gather(1, order), cand.new_zeros(()))
+    return x2, dec_norm, values, cand_idx.gather(1, order), aux_pre
+
+
+def _decode(sae, values, indices, dec_norm):
+    return ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, dec_norm, check_indices=False)
+
+
+def _patched_encode(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        if not _fast_ok(self, x, PATCHES):
+            return original(self, x)
+        _, _, values, indices, _ = _selection(self, x)
+        return _dense(values, indices, self.cfg.d_sae).reshape(*x.shape[:-1], self.cfg.d_sae)
+
+    encode.__fastsae_original__ = original
+    return encode
+
+
+def _patched_forward(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _fast_ok(self, x, PATCHES):
+            return original(self, x)
+        _, dec_norm, values, indices, _ = _selection(self, x)
+        sae_out = _decode(self, values, indices, dec_norm).reshape(*x.shape[:-1], self.cfg.d_in)
+        if self.use_error_term:
+            with torch.no_grad():
+                sae_error = self.hook_sae_error(x - sae_out)
+            sae_out = sae_out + sae_error
+        return self.hook_sae_output(sae_out)
+
+    forward.__fastsae_original__ = original
+    return forward
+
+
+def _patched_training_forward_pass(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def training_forward_pass(self, step_input):
+        from sae_lens.saes.sae import TrainStepOutput
+
+        sae_in = step_input.sae_in
+        mask = step_input.dead_neuron_mask
+        num_dead = int(mask.sum()) if mask is not None else 0
+        matryoshka = hasattr(self.cfg, "matryoshka_widths")
+        if not _fast_ok(self, sae_in, PATCHES) or (matryoshka and (
+            sae_in.ndim != 2  # SAELens' nested decode slices dim 1: its own error for other shapes
+            or (self.cfg.use_matryoshka_aux_loss and num_dead)
+        )):
+            return original(self, step_input)
+        cfg = self.cfg
+        dead, k_aux, scale = None, 0, 0.0
+        if num_dead > 0:
+            half = cfg.d_in // 2  # SAELens' k_aux heuristic (Gao et al., appendix B.1)
+            scale = min(num_dead / half, 1.0)
+            k_aux = min(half, num_dead)
+            dead = DeadLatents.from_mask(mask.to(device=sae_in.device, dtype=torch.bool), capacity=num_dead)
+        x2, dec_norm, values, indices, aux_pre = _selection(self, sae_in, dead, k_aux)
+        if dead is not None:
+            x_hat, e_hat = ops.sparse_decode_with_aux(
+                values, indices, self.W_dec, self.b_dec, dec_norm, aux_pre, dead.latents, check_indices=False
+            )
+        else:
+            x_hat = _decode(self, values, indices, dec_norm)
+        lead = sae_in.shape[:-1]
+        sae_out = x_hat.reshape(*lead, cfg.d_in)
+        mse_loss = self.mse_loss_fn(sae_out, sae_in).sum(dim=-1).mean()
+        if dead is None:
+            aux_loss = sae_out.new_tensor(0.0)
+        else:
+            residual = (sae_in - sae_out).detach()
+            aux_loss = (e_hat.reshape(*lead, cfg.d_in) - residual).pow(2).sum(dim=-1).mean()
+            aux_loss = cfg.aux_loss_coefficient * scale * aux_loss
+        losses = {"mse_loss": mse_loss, "auxiliary_reconstruction_loss": aux_loss}
+        loss = mse_loss + aux_loss
+        if matryoshka:
+            for width in cfg.matryoshka_widths[:-1]:  # the outer level is the SAE's own loss
+                inner = torch.where(indices < width, values, values.new_zeros(()))
+                recon = _decode(self, inner, indices, dec_norm).reshape(*lead, cfg.d_in)
+                inner_mse = self.mse_loss_fn(recon, sae_in).sum(dim=-1).mean()
+                losses[f"inner_mse_loss_{width}"] = inner_mse
+                loss = loss + inner_mse
+        feature_acts = _dense(values, indices, cfg.d_sae).reshape(*lead, cfg.d_sae)
+        _update_threshold(self, values)
+        return TrainStepOutput(
+            sae_in=sae_in,
+            sae_out=sae_out,
+            feature_acts=feature_acts,
+            hidden_pre=_hidden_pre(self, sae_in, None if dec_norm is None else dec_norm.detach()),
+            loss=loss,
+            losses=losses,
+            metrics={"topk_threshold": self.topk_threshold},
+        )
+
+    training_forward_pass.__fastsae_original__ = original
+    return training_forward_pass
+
+
+@torch.no_grad()
+def _update_threshold(sae, values: torch.Tensor) -> None:
+    """SAELens' update: an EMA (in float64) of the smallest positive kept activation."""
+    positive = values[values > 0]
+    if positive.numel():
+        lr = sae.cfg.topk_threshold_lr
+        sae.topk_threshold = (1 - lr) * sae.topk_threshold + lr * positive.min().to(sae.topk_threshold.dtype)
+
+
+def _family_check(sae) -> bool:
+    k = getattr(sae.cfg, "k", None)
+    # k above d_sae: SAELens' own code raises its error
+    return isinstance(k, (int, float)) and 0 < k <= sae.cfg.d_sae and getattr(sae.activation_fn, "k", None) == k
+
+
+_METHODS = {"encode": _patched_encode, "forward": _patched_forward, "training_forward_pass": _patched_training_forward_pass}
+PATCHES = {"BatchTopKTrainingSAE": _METHODS, "MatryoshkaBatchTopKTrainingSAE": _METHODS}
+FAMILY_CHECKS = {name: _family_check for name in PATCHES}
