@@ -58,6 +58,15 @@ def _make(shape, dead_fraction, seed=0, sparse=False, architecture="topk"):
     x = torch.randn(n, d_in)
     if architecture == "topk":
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, use_sparse_activations=sparse))
+    elif architecture == "batchtopk":
+        from sae_lens.saes import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+
+        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
+    elif architecture == "matryoshka_batchtopk":
+        from sae_lens.saes import MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig
+
+        sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
+            d_in=d_in, d_sae=d_sae, k=k, matryoshka_widths=list(matryoshka_levels(d_sae))))
     else:
         sae = _threshold_sae(architecture, d_in, d_sae, k, x)
     window = 1000
@@ -74,16 +83,19 @@ def _make(shape, dead_fraction, seed=0, sparse=False, architecture="topk"):
     def step():
         trainer.n_forward_passes_since_fired.zero_()
         trainer.n_forward_passes_since_fired[dead] = window + 1  # the same dead set every step
-        out = trainer._train_step(sae, x)
-        acts = out.feature_acts.to_dense() if out.feature_acts.is_sparse else out.feature_acts
-        step.l0 = float((acts != 0).sum(-1).float().mean())
+        step.last = trainer._train_step(sae, x)  # its L0 is read after the timing
         step.sparse_path = sae.__dict__.get("_fastsae_sparse_backoff") == (0, 1)  # threshold families
-        return out
+        return step.last
 
     return step
 
 
-_CLASSES = {"topk": "TopKTrainingSAE (AuxK on)", "standard": "StandardTrainingSAE (ReLU + L1)",
+def matryoshka_levels(d_sae: int) -> tuple[int, ...]:
+    return (d_sae // 16, d_sae // 4, d_sae)
+
+
+_CLASSES = {"topk": "TopKTrainingSAE (AuxK on)", "batchtopk": "BatchTopKTrainingSAE (AuxK on)",
+            "matryoshka_batchtopk": "MatryoshkaBatchTopKTrainingSAE (levels d_sae/16, d_sae/4, d_sae; AuxK on)", "standard": "StandardTrainingSAE (ReLU + L1)",
             "jumprelu": "JumpReLUTrainingSAE (step L0 loss)"}
 
 
@@ -94,8 +106,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="2048,768,16384,32", help="N,d_in,d_sae,k (for standard/jumprelu, k is the rows' L0)")
-    parser.add_argument("--architecture", choices=("topk", "standard", "jumprelu"), default="topk",
-                        help="TopKTrainingSAE (AuxK on), StandardTrainingSAE (ReLU + L1) or JumpReLUTrainingSAE")
+    parser.add_argument("--architecture", choices=("topk", "batchtopk", "matryoshka_batchtopk", "standard", "jumprelu"), default="topk",
+                        help="the SAELens training class: TopK, BatchTopK, Matryoshka BatchTopK (AuxK on for these), "
+                             "StandardTrainingSAE (ReLU + L1) or JumpReLUTrainingSAE")
     parser.add_argument("--dead", type=float, default=0.01)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
@@ -133,11 +146,15 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, (setting, step) in contenders.items():
             times[name].append(run(setting, step))
+    for _, step in contenders.values():
+        acts = step.last.feature_acts
+        acts = acts.to_dense() if acts.is_sparse else acts
+        step.l0 = float((acts != 0).sum(-1).float().mean())
     base = statistics.median(times["saelens"])
     rows = [
         {"contender": name, "median_s": statistics.median(t), "times_s": t,
          "speedup_vs_saelens": base / statistics.median(t), "l0": contenders[name][1].l0,
-         **({"sparse_path": contenders[name][1].sparse_path} if arch != "topk" and name != "saelens" else {})}
+         **({"sparse_path": contenders[name][1].sparse_path} if arch in ("standard", "jumprelu") and name != "saelens" else {})}
         for name, t in times.items()
     ]
     for row in rows:
@@ -147,7 +164,7 @@ def main() -> None:
         "what": f"SAELens SAETrainer._train_step on {_CLASSES[arch]}, patched by fastsae.apply_to_saelens vs not",
         "architecture": arch,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "shape": dict(zip(("N", "d_in", "d_sae", "k" if arch == "topk" else "target_l0"), shape)),
+        "shape": dict(zip(("N", "d_in", "d_sae", "target_l0" if arch in ("standard", "jumprelu") else "k"), shape)),
         "dead_fraction": args.dead,
         "rounds": args.rounds,
         "torch_threads": args.threads,
