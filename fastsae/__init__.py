@@ -1,7 +1,5 @@
 """fastsae: sparse autoencoders with fused sparse kernels behind a drop-in torch module."""
 
-__version__ = "0.1.0"
-
 from fastsae.auxk import DeadLatents
 from fastsae.config import SAEConfig
 from fastsae.formats import load
@@ -10,6 +8,7 @@ from fastsae.ops import available_backends, requested_backend, use_backend
 from fastsae.sae import SAE, TrainOutput
 from fastsae.sparse import SparseActivations
 from fastsae.training import Trainer, TrainerConfig
+from fastsae.version import __version__
 
 __all__ = [
     "DeadLatents",

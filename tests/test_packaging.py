@@ -28,3 +28,9 @@ def test_every_listed_package_exists():
     for package in config["packages"]:
         folder = ROOT / mapped.get(package, package.replace(".", "/"))
         assert folder.is_dir(), f"pyproject.toml lists {package}, but {folder} does not exist"
+
+
+def test_the_wheel_version_is_the_package_version():
+    from fastsae.version import __version__
+
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"] == __version__

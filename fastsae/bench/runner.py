@@ -52,13 +52,14 @@ from typing import Callable, Optional
 
 import torch
 
-import fastsae
 from fastsae.bench import timing
 from fastsae.bench.baselines import BASELINE_ARCHITECTURES, BASELINES, make_baseline
 from fastsae.bench.peers import PEER_ARCHITECTURES, PEERS, available_peers, make_peer
-from fastsae.ops import dispatch
+from fastsae.ops import dispatch, use_backend
+from fastsae.sae import SAE
 from fastsae.sparse import SparseActivations
 from fastsae.training.optim import Adam, make_adam
+from fastsae.version import __version__ as fastsae_version
 
 OPS = ("encode", "decode", "train_step")
 
@@ -151,7 +152,7 @@ def bench_sae(shape: Shape, case: StepCase, device: torch.device, dtype: torch.d
     like the bench's, so rows hold about k active latents, as in a trained SAE."""
     torch.manual_seed(0)
     arch = case.architecture
-    sae = fastsae.SAE(
+    sae = SAE(
         d_in=shape.d_in, d_sae=shape.d_sae, architecture=arch, k=shape.k if arch in ("topk", "batchtopk") else None,
         dtype=str(dtype).removeprefix("torch."), device=str(device),
     )
@@ -194,7 +195,7 @@ def _contenders(
     if op == "encode":
         for b in backends:
             def run(b=b):
-                with fastsae.use_backend(b), torch.no_grad():
+                with use_backend(b), torch.no_grad():
                     return sae.encode_sparse(xs.next())
             fns[b] = run
         for name in baselines:
@@ -206,13 +207,13 @@ def _contenders(
     elif op == "decode":
         # The torch reference forms the dense pre-activations whole: shapes too large for that
         # (no baselines) take the default backend's bounded-memory encoder.
-        with torch.no_grad(), fastsae.use_backend("torch" if baselines else "auto"):
+        with torch.no_grad(), use_backend("torch" if baselines else "auto"):
             sparse = [sae.encode_sparse(x) for x in xs.items]
             dense = [s.to_dense() for s in sparse] if "torch-dense" in baselines else []
         sp, de = _Rotating(sparse), _Rotating(dense)
         for b in backends:
             def run(b=b):
-                with fastsae.use_backend(b), torch.no_grad():
+                with use_backend(b), torch.no_grad():
                     return sae.decode(sp.next())
             fns[b] = run
         for name in baselines:
@@ -229,7 +230,7 @@ def _contenders(
             opt = make_adam(model.parameters(), lr=1e-4, device=device)
 
             def run(b=b, model=model, opt=opt):
-                with fastsae.use_backend(b):
+                with use_backend(b):
                     opt.zero_grad(set_to_none=True)
                     model.training_forward(xs.next(), sparsity_coefficient=coefficient, dead_mask=mask).loss.backward()
                     opt.step()
@@ -270,7 +271,7 @@ def _captured_step(backend: str, sae, xs, device: torch.device, mask: Optional[t
     capacity = int(mask.sum()) if mask is not None else None
 
     def run():
-        with fastsae.use_backend(backend):
+        with use_backend(backend):
             if "step" not in holder:
                 holder["step"] = CapturedStep(
                     model, opt, xs.items[0].shape[0], auxk=mask is not None, aux_capacity=capacity
@@ -395,7 +396,7 @@ def run_bench(
         "date": _dt.date.today().isoformat(),
         "torch": torch.__version__,
         "triton": _version("triton"),
-        "fastsae": fastsae.__version__,
+        "fastsae": fastsae_version,
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "ceilings": ceilings,

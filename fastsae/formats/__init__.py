@@ -99,7 +99,7 @@ def load(path: Union[str, Path], device=None, dtype=None):
 
 def _training_run_checkpoint(path: Path):
     """The newest complete checkpoint (a SAELens folder) of a `fastsae train` run folder, or None."""
-    from fastsae.training.checkpoint import latest_checkpoint
+    from fastsae.runs import latest_checkpoint
 
     return latest_checkpoint(path)
 

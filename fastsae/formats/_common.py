@@ -187,6 +187,6 @@ def write_safetensors(target: Path, tensors: dict[str, torch.Tensor], metadata: 
 
 
 def fastsae_version() -> str:
-    from fastsae import __version__
+    from fastsae.version import __version__
 
     return __version__
