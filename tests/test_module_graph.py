@@ -54,3 +54,68 @@ def test_the_module_knows_no_file_format():
     mods = _modules()
     for name in ("fastsae.sae", "fastsae.architectures.base", "fastsae.ops"):
         assert not {m for m in _imports(name, mods[name], set(mods)) if m.startswith("fastsae.formats")}, name
+
+
+# ARCHITECTURE.md's layers, lowest first: a module imports its own layer or lower ones, never a
+# higher one (the command line and the package root, its public API, sit on top).
+LAYERS = [
+    ("core", ("fastsae.version", "fastsae.sparse", "fastsae.validation", "fastsae.config", "fastsae.activations",
+              "fastsae.reference", "fastsae.auxk", "fastsae.evals", "fastsae.kernels", "fastsae.runs",
+              "fastsae.integrations._versions", "fastsae.integrations._saelens_common")),
+    ("ops", ("fastsae.ops",)),
+    ("model", ("fastsae.sae", "fastsae.architectures", "fastsae.distributed")),
+    ("formats", ("fastsae.formats",)),
+    ("library", ("fastsae.training", "fastsae.integrations", "fastsae.browse", "fastsae.bench")),
+    ("command line", ("fastsae.cli", "fastsae.cli_eval", "fastsae.training.cli", "fastsae.browse.cli")),
+]
+
+
+def _layer(module: str) -> int:
+    """The layer of `module`: the longest matching prefix wins (fastsae.training.cli is command line)."""
+    if module == "fastsae":
+        return len(LAYERS) - 1  # the package root re-exports every layer: the command line's level
+    best, found = -1, None
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, found = len(prefix), index
+    assert found is not None, f"{module} is in no layer of LAYERS: add it"
+    return found
+
+
+def _layer_imports(name: str, path: Path, known: set) -> set:
+    """Like _imports, but `from fastsae import ops` is an import of fastsae.ops only (Python runs the
+    package root for any submodule; what counts is whether a root attribute is used): the root
+    counts for `import fastsae` and for `from fastsae import <a name that is not a module>`."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([node.module] if node.module else []))
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
+    return {m for m in found if m in known and m != name}
+
+
+def test_no_module_imports_a_higher_layer():
+    mods = _modules()
+    graph = {name: _layer_imports(name, path, set(mods)) for name, path in mods.items()}
+    upward = sorted(
+        f"{name} ({LAYERS[_layer(name)][0]}) imports {dep} ({'package root' if dep == 'fastsae' else LAYERS[_layer(dep)][0]})"
+        for name, deps in graph.items()
+        if name != "fastsae"
+        for dep in deps
+        if _layer(dep) > _layer(name)
+    )
+    assert upward == []
+
+
+def test_the_layer_rule_finds_what_it_forbids():
+    assert _layer("fastsae.formats.saelens") > _layer("fastsae.sae") > _layer("fastsae.ops")
+    assert _layer("fastsae.training.cli") > _layer("fastsae.training.trainer") > _layer("fastsae.formats")
+    assert _layer("fastsae") > _layer("fastsae.training.trainer")
