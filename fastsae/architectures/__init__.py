@@ -14,6 +14,11 @@ from fastsae.architectures.topk import TopK
 _REGISTRY: dict[str, Architecture] = {arch.name: arch for arch in (ReLU(), TopK(), BatchTopK(), JumpReLU(), Gated())}
 
 
+def names() -> tuple[str, ...]:
+    """Every registered architecture's name (the CLI's choices)."""
+    return tuple(_REGISTRY)
+
+
 def get(name: str) -> Architecture:
     """The architecture named `name` (a name of `fastsae.config.ARCHITECTURES`)."""
     try:
@@ -22,4 +27,4 @@ def get(name: str) -> Architecture:
         raise ValueError(f"architecture: expected one of {tuple(_REGISTRY)}, got {name!r}") from None
 
 
-__all__ = ["Architecture", "Step", "get"]
+__all__ = ["Architecture", "Step", "get", "names"]

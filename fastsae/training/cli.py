@@ -66,7 +66,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--data", help="activation file or folder (.safetensors with 'activations', .npy), or "
                    "'synthetic'; default: a transformer's activations (--model, --hook, --text)")
-    p.add_argument("--architecture", choices=("relu", "topk", "batchtopk", "jumprelu"),
+    from fastsae.architectures import names as architecture_names
+
+    p.add_argument("--architecture", choices=architecture_names(),
                    help=f"default {DEFAULTS['architecture']}")
     p.add_argument("--d-sae", type=int, help=f"latents (default {DEFAULTS['expansion']} x d_in)")
     p.add_argument("--k", type=int, help=f"topk/batchtopk: active latents per token (default {DEFAULTS['k']})")
