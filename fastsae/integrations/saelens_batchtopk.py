@@ -12,8 +12,9 @@ the bound doubles and the batch is encoded again; the bound is kept for the next
 
 Matryoshka's nested losses: level w's reconstruction decodes the kept entries with latent < w,
 one sparse decode per level, never a dense [N, d_sae]. AuxK is the TopK patch's (the dead
-latents' pre-activations from the same encoder call). `use_matryoshka_aux_loss=True` with dead
-latents takes SAELens' code (its per-level AuxK is not written here).
+latents' pre-activations from the same encoder call); with `use_matryoshka_aux_loss` each level's
+dead latents reconstruct the residual of the reconstruction up to that level, from one product
+over the dead latents' columns.
 """
 
 from __future__ import annotations
@@ -103,14 +104,12 @@ def _patched_training_forward_pass(original: Callable) -> Callable:
         mask = step_input.dead_neuron_mask
         num_dead = int(mask.sum()) if mask is not None else 0
         matryoshka = hasattr(self.cfg, "matryoshka_widths")
-        if not _fast_ok(self, sae_in, PATCHES) or (matryoshka and (
-            sae_in.ndim != 2  # SAELens' nested decode slices dim 1: its own error for other shapes
-            or (self.cfg.use_matryoshka_aux_loss and num_dead)
-        )):
-            return original(self, step_input)
+        if not _fast_ok(self, sae_in, PATCHES) or (matryoshka and sae_in.ndim != 2):
+            return original(self, step_input)  # SAELens' nested decode slices dim 1: its own error
         cfg = self.cfg
+        per_level_aux = matryoshka and cfg.use_matryoshka_aux_loss and num_dead > 0
         dead, k_aux, scale = None, 0, 0.0
-        if num_dead > 0:
+        if num_dead > 0 and not per_level_aux:
             half = cfg.d_in // 2  # SAELens' k_aux heuristic (Gao et al., appendix B.1)
             scale = min(num_dead / half, 1.0)
             k_aux = min(half, num_dead)
@@ -125,7 +124,14 @@ def _patched_training_forward_pass(original: Callable) -> Callable:
         lead = sae_in.shape[:-1]
         sae_out = x_hat.reshape(*lead, cfg.d_in)
         mse_loss = self.mse_loss_fn(sae_out, sae_in).sum(dim=-1).mean()
-        if dead is None:
+        inner_recons = {}
+        if matryoshka:
+            for width in cfg.matryoshka_widths[:-1]:  # the outer level is the SAE's own output
+                inner = torch.where(indices < width, values, values.new_zeros(()))
+                inner_recons[width] = _decode(self, inner, indices, dec_norm).reshape(*lead, cfg.d_in)
+        if per_level_aux:
+            aux_loss = _matryoshka_aux_loss(self, x2, sae_in, sae_out, inner_recons, mask.to(sae_in.device, torch.bool))
+        elif dead is None:
             aux_loss = sae_out.new_tensor(0.0)
         else:
             residual = (sae_in - sae_out).detach()
@@ -133,13 +139,10 @@ def _patched_training_forward_pass(original: Callable) -> Callable:
             aux_loss = cfg.aux_loss_coefficient * scale * aux_loss
         losses = {"mse_loss": mse_loss, "auxiliary_reconstruction_loss": aux_loss}
         loss = mse_loss + aux_loss
-        if matryoshka:
-            for width in cfg.matryoshka_widths[:-1]:  # the outer level is the SAE's own loss
-                inner = torch.where(indices < width, values, values.new_zeros(()))
-                recon = _decode(self, inner, indices, dec_norm).reshape(*lead, cfg.d_in)
-                inner_mse = self.mse_loss_fn(recon, sae_in).sum(dim=-1).mean()
-                losses[f"inner_mse_loss_{width}"] = inner_mse
-                loss = loss + inner_mse
+        for width, recon in inner_recons.items():
+            inner_mse = self.mse_loss_fn(recon, sae_in).sum(dim=-1).mean()
+            losses[f"inner_mse_loss_{width}"] = inner_mse
+            loss = loss + inner_mse
         feature_acts = _dense(values, indices, cfg.d_sae).reshape(*lead, cfg.d_sae)
         _update_threshold(self, values)
         return TrainStepOutput(
@@ -154,6 +157,37 @@ def _patched_training_forward_pass(original: Callable) -> Callable:
 
     training_forward_pass.__fastsae_original__ = original
     return training_forward_pass
+
+
+def _matryoshka_aux_loss(sae, x2, sae_in, sae_out, inner_recons: dict, mask: torch.Tensor) -> torch.Tensor:
+    """SAELens' `use_matryoshka_aux_loss`: per level, its dead latents' top min(d_in / 2, dead)
+    pre-activations reconstruct the residual of the reconstruction up to that level. The dead
+    latents' pre-activations come from one product over their columns only."""
+    cfg = sae.cfg
+    dead = mask.nonzero().squeeze(1)
+    x_in = x2 - sae.b_dec * cfg.apply_b_dec_to_input
+    pre = x_in @ sae.W_enc[:, dead] + sae.b_enc[dead]
+    w_dec = sae.W_dec[dead]
+    if cfg.rescale_acts_by_decoder_norm:
+        norm = sae.W_dec.norm(dim=-1)[dead]
+        pre = pre * norm
+        w_dec = w_dec / norm[:, None]
+    half = cfg.d_in // 2
+    losses, start = [], 0
+    for width in cfg.matryoshka_widths:
+        in_level = (dead >= start) & (dead < width)
+        start = width
+        count = int(in_level.sum())
+        if count == 0:
+            continue
+        level_pre, level_w = pre[:, in_level], w_dec[in_level]
+        top = level_pre.topk(min(half, count), dim=-1, sorted=False)
+        acts = torch.zeros_like(level_pre).scatter(-1, top.indices, top.values)
+        partial = inner_recons.get(width, sae_out)
+        residual = (sae_in - partial).detach()
+        loss = (acts @ level_w - residual).pow(2).sum(dim=-1).mean()
+        losses.append(min(count / half, 1.0) * loss)
+    return cfg.aux_loss_coefficient * torch.stack(losses).sum()
 
 
 @torch.no_grad()
