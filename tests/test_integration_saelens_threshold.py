@@ -275,3 +275,36 @@ def test_saelens_trainer_runs_patched_and_matches(case, sparse_calls):
     assert sum(sparse_calls) >= 6, "every training step should have taken the sparse path"
     for name, p in want.named_parameters():
         torch.testing.assert_close(dict(got.named_parameters())[name], p, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["StandardSAE", "JumpReLUSAE"])
+def test_hooked_sae_transformer_same_logits_and_cache(case, sparse_calls):
+    from sae_lens import HookedSAETransformer
+    from transformer_lens import HookedTransformerConfig
+
+    torch.manual_seed(0)
+    model = HookedSAETransformer(HookedTransformerConfig(
+        n_layers=1, d_model=D_IN, n_ctx=8, d_head=4, n_heads=6, d_vocab=50, act_fn="relu", device="cpu",
+    ))
+    cls, cfg_cls, kw = INFERENCE_CASES[case]
+    sae = _randomize(cls(cfg_cls(d_in=D_IN, d_sae=D_SAE, dtype="float32", **kw)), b_enc_mean=-3.0)
+    sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+    tokens = torch.randint(0, 50, (3, 8))
+
+    def run():
+        logits = model.run_with_saes(tokens, saes=[sae])
+        cached_logits, cache = model.run_with_cache_with_saes(tokens, saes=[sae])
+        return logits, cached_logits, {name: t for name, t in cache.items() if "hook_sae" in name}
+
+    want = run()
+    assert not torch.allclose(want[0], model(tokens))  # the SAE is spliced in
+    assert (want[2]["blocks.0.hook_resid_post.hook_sae_acts_post"] != 0).any()
+    apply_to_saelens()
+    got = run()
+    # run_with_saes takes the sparse path; run_with_cache_with_saes hooks the SAE: SAELens' code
+    assert sparse_calls == [True]
+    torch.testing.assert_close(got[0], want[0], **TOL[torch.float32])
+    torch.testing.assert_close(got[1], want[1], **TOL[torch.float32])
+    assert set(got[2]) == set(want[2])
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], **TOL[torch.float32])
