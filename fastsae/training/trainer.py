@@ -56,6 +56,7 @@ from fastsae.training import checkpoint as ckpt
 from fastsae.training.config import TrainerConfig
 from fastsae.training.data import ActivationSource, BatchPrefetcher, ShuffledStream, open_source
 from fastsae.training.optim import make_adam
+from fastsae.training.provenance import provenance_metadata
 
 METRIC_NAMES = ("loss", "mse", "fvu", "l0", "sparsity_loss", "aux_loss")
 # float16 training multiplies the loss by this before backward and divides the float32 gradients
@@ -805,6 +806,9 @@ class Trainer:
     def _export(self, whole: SAE) -> SAE:
         sae = fold_input_scale(whole, self.input_scale)
         sae.cfg.metadata["trained_dtype"] = self.cfg.dtype
+        for key, value in provenance_metadata(self.cfg.data).items():
+            if value is not None:
+                sae.cfg.metadata.setdefault(key, value)  # a loaded SAE's own record wins
         if self.world_size > 1:
             sae.cfg.metadata["trained_world_size"] = self.world_size
         return sae.eval()

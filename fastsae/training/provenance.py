@@ -1,0 +1,21 @@
+"""Where a trained SAE's activations came from, in the `cfg.json` `metadata` keys SAELens writes
+(`model_name`, `hook_name`, `context_size`, `dataset_path`), so a saved SAE says what it encodes."""
+
+from __future__ import annotations
+
+
+def provenance_metadata(data: dict) -> dict:
+    """SAELens metadata from a data source's `describe()` dict ({} for an unknown kind)."""
+    kind = data.get("kind")
+    if kind == "transformer":
+        return {
+            "model_name": data.get("model"),
+            "hook_name": data.get("hook"),
+            "context_size": data.get("seq_len"),
+            "dataset_path": data.get("text"),
+        }
+    if kind == "files":
+        return {"dataset_path": data.get("path")}
+    if kind == "synthetic":
+        return {"dataset_path": "synthetic"}
+    return {}
