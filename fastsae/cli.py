@@ -136,7 +136,7 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         fmt = formats.detect(args.src)
         if fmt == "fastsae_run":
-            from fastsae.training.checkpoint import latest_checkpoint
+            from fastsae.runs import latest_checkpoint
 
             fmt = f"fastsae train run, newest checkpoint {latest_checkpoint(args.src).name}"
         loaded = formats.convert(args.src, dst, to=args.to)

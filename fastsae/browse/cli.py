@@ -42,16 +42,16 @@ def add_browse_parser(sub) -> argparse.ArgumentParser:
 def open_sae(path: Path, device: str = "cpu"):
     """(SAE, the run's data description or {}) from a run folder or an SAE checkpoint."""
     import fastsae
-    from fastsae.training import checkpoint as ckpt
+    from fastsae import runs
 
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run folder or SAE checkpoint")
-    if path.is_dir() and (path / ckpt.CHECKPOINTS_DIRNAME).is_dir():
-        folder = ckpt.latest_checkpoint(path)
+    if runs.is_run_folder(path):
+        folder = runs.latest_checkpoint(path)
         if folder is None:
-            raise FileNotFoundError(f"{path}: a run folder without a complete checkpoint in {ckpt.CHECKPOINTS_DIRNAME}/ (no SAE yet)")
+            raise FileNotFoundError(f"{path}: a run folder without a complete checkpoint in {runs.CHECKPOINTS_DIRNAME}/ (no SAE yet)")
         try:
-            data = json.loads((folder / "trainer_cfg.json").read_text()).get("data") or {}
+            data = json.loads((folder / runs.TRAINER_CFG).read_text()).get("data") or {}
         except (OSError, ValueError):
             data = {}
         return fastsae.load(folder, device=device), data
