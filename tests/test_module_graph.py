@@ -119,3 +119,50 @@ def test_the_layer_rule_finds_what_it_forbids():
     assert _layer("fastsae.formats.saelens") > _layer("fastsae.sae") > _layer("fastsae.ops")
     assert _layer("fastsae.training.cli") > _layer("fastsae.training.trainer") > _layer("fastsae.formats")
     assert _layer("fastsae") > _layer("fastsae.training.trainer")
+
+
+# The layers of ARCHITECTURE.md (repository root), lowest first. The command-line modules sit
+# above the library: a library module never imports one of them.
+CLI_MODULES = {"fastsae.cli", "fastsae.cli_eval", "fastsae.training.cli", "fastsae.browse.cli"}
+# Packages a format reader must not know: it builds an SAE from files and nothing more.
+ABOVE_FORMATS = ("fastsae.training", "fastsae.browse", "fastsae.evals", "fastsae.bench")
+
+
+def _graph() -> dict[str, set]:
+    mods = _modules()
+    return {name: _imports(name, path, set(mods)) for name, path in mods.items()}
+
+
+def test_the_command_line_modules_exist():
+    """The CLI set above names real modules, so the checks below are not vacuous."""
+    assert CLI_MODULES <= set(_modules())
+
+
+def test_no_library_module_imports_the_command_line():
+    graph = _graph()
+    leaks = sorted(f"{a} -> {b}" for a, deps in graph.items() if a not in CLI_MODULES for b in deps if b in CLI_MODULES)
+    assert leaks == []
+
+
+def test_formats_import_no_higher_package():
+    """formats read a `fastsae train` run folder through fastsae.runs, not through the trainer."""
+    graph = _graph()
+    formats = [name for name in graph if name == "fastsae.formats" or name.startswith("fastsae.formats.")]
+    assert len(formats) > 4
+    leaks = sorted(f"{a} -> {b}" for a in formats for b in graph[a] if b.startswith(ABOVE_FORMATS))
+    assert leaks == []
+
+
+def test_the_run_folder_layout_imports_nothing_of_fastsae():
+    """Every layer asks fastsae.runs where a run keeps things, so it must sit below them all."""
+    graph = _graph()
+    assert graph["fastsae.runs"] == set()
+    users = {name for name, deps in graph.items() if "fastsae.runs" in deps}
+    assert {"fastsae.formats", "fastsae.training.checkpoint", "fastsae.browse.cli"} <= users
+
+
+def test_the_library_part_of_browse_imports_no_training():
+    graph = _graph()
+    browse = [name for name in graph if (name == "fastsae.browse" or name.startswith("fastsae.browse.")) and name not in CLI_MODULES]
+    assert len(browse) >= 3
+    assert sorted(f"{a} -> {b}" for a in browse for b in graph[a] if b.startswith("fastsae.training")) == []

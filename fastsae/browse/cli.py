@@ -46,12 +46,12 @@ def open_sae(path: Path, device: str = "cpu"):
 
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run folder or SAE checkpoint")
-    if path.is_dir() and (path / runs.CHECKPOINTS_DIRNAME).is_dir():
+    if runs.is_run_folder(path):
         folder = runs.latest_checkpoint(path)
         if folder is None:
             raise FileNotFoundError(f"{path}: a run folder without a complete checkpoint in {runs.CHECKPOINTS_DIRNAME}/ (no SAE yet)")
         try:
-            data = json.loads((folder / "trainer_cfg.json").read_text()).get("data") or {}
+            data = json.loads((folder / runs.TRAINER_CFG).read_text()).get("data") or {}
         except (OSError, ValueError):
             data = {}
         return fastsae.load(folder, device=device), data

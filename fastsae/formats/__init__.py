@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
+from fastsae import runs
 from fastsae import sae as sae_module
 from fastsae.formats import dictionary_learning, gemmascope, openai, saelens, sparsify
 from fastsae.formats._common import read_json, read_torch
@@ -99,9 +100,7 @@ def load(path: Union[str, Path], device=None, dtype=None):
 
 def _training_run_checkpoint(path: Path):
     """The newest complete checkpoint (a SAELens folder) of a `fastsae train` run folder, or None."""
-    from fastsae.runs import latest_checkpoint
-
-    return latest_checkpoint(path)
+    return runs.latest_checkpoint(path)
 
 
 def _load_pt(path: Path, device, dtype, **openai_options):

@@ -1,23 +1,21 @@
 """Training checkpoints: written atomically, found again, and metrics.jsonl kept in step.
 
-A run's folder is laid out by `fastsae.runs` (re-exported here).
-
-A checkpoint is written into a hidden temporary folder beside the others and renamed into place
-only once every file is complete, so a crash mid-write leaves the previous one intact; older
-checkpoints are removed only after the new one is in place.
+The run folder's layout (names, `latest_checkpoint`, ...) lives in fastsae.runs; this module
+writes into it. A checkpoint is written into a hidden temporary folder beside the others and
+renamed into place only once every file is complete, so a crash mid-write leaves the previous
+one intact; older checkpoints are removed only after the new one is in place.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
 from typing import Callable, Union
 
-from fastsae.runs import (  # noqa: F401  (the layout, re-exported)
+from fastsae.runs import (  # noqa: F401  (re-exported: the trainer and older callers use these names)
     CHECKPOINTS_DIRNAME,
     METRICS_FILENAME,
     OPTIMIZER_PT,
@@ -25,8 +23,11 @@ from fastsae.runs import (  # noqa: F401  (the layout, re-exported)
     STATE_JSON,
     STATE_PT,
     checkpoint_dir,
-    latest_checkpoint,
+    checkpoints_root,
     list_checkpoints,
+    metrics_path,
+    latest_checkpoint,
+    read_metrics,
 )
 
 
@@ -40,7 +41,7 @@ def _fsync_tree(folder: Path) -> None:
 def write_checkpoint(out_dir: Union[str, Path], step: int, write_files: Callable[[Path], None], keep: int = 1) -> Path:
     """Run `write_files(tmp_folder)`, then rename the folder to checkpoints/step_<step>; remove
     older checkpoints beyond the newest `keep` only after that. Any error leaves what was there."""
-    root = Path(out_dir) / CHECKPOINTS_DIRNAME
+    root = checkpoints_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-step_{step:09d}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -68,7 +69,7 @@ def write_checkpoint(out_dir: Union[str, Path], step: int, write_files: Callable
 
 def remove_stale_temporaries(out_dir: Union[str, Path]) -> None:
     """Delete half-written checkpoint folders left by a crash."""
-    root = Path(out_dir) / CHECKPOINTS_DIRNAME
+    root = checkpoints_root(out_dir)
     if root.is_dir():
         for child in root.iterdir():
             if child.name.startswith((".tmp-", ".old-")) and child.is_dir():
@@ -87,7 +88,7 @@ def read_state_json(folder: Path) -> dict:
 def truncate_metrics(out_dir: Union[str, Path], last_step: int) -> int:
     """Keep only metrics.jsonl rows with step <= last_step (and drop a torn last line), so that a
     resumed run appends without duplicates or gaps. Returns the number of rows kept."""
-    path = Path(out_dir) / METRICS_FILENAME
+    path = metrics_path(out_dir)
     if not path.exists():
         return 0
     kept = []
@@ -104,11 +105,3 @@ def truncate_metrics(out_dir: Union[str, Path], last_step: int) -> int:
         f.write("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
     return len(kept)
-
-
-def read_metrics(out_dir: Union[str, Path]) -> list[dict]:
-    path = Path(out_dir) / METRICS_FILENAME
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]

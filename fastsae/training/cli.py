@@ -372,10 +372,10 @@ def _join_processes(args) -> "Optional[torch.device]":
         return None
     device = _setting(args, "device")
     if args.resume and args.out:  # the run's device type, from its checkpoint
-        from fastsae.training import checkpoint as ckpt
+        from fastsae.runs import latest_checkpoint
         from fastsae.training.config import TrainerConfig
 
-        folder = ckpt.latest_checkpoint(args.out)
+        folder = latest_checkpoint(args.out)
         if folder is not None:
             device = TrainerConfig.load(folder).device
     rank_device = fdist.init_from_env(device, timeout_s=args.dist_timeout)
@@ -419,7 +419,7 @@ def _run_train(args: argparse.Namespace) -> int:
             return 2
         # Re-running the same command with --resume appended is fine; a flag that would change the
         # saved run is refused, naming each difference.
-        from fastsae.training.checkpoint import latest_checkpoint
+        from fastsae.runs import latest_checkpoint
 
         folder = latest_checkpoint(args.out)
         if folder is not None:
@@ -514,11 +514,12 @@ def _run_train(args: argparse.Namespace) -> int:
         print()
         print(feature_report(exported, data, n_features=args.report_features))
     if hasattr(data, "tokenizer") and args.browser_tokens > 0:
+        from fastsae import runs
         from fastsae.browse import build_browser
 
         browse_started = time.perf_counter()
         try:
-            site = build_browser(exported, data, out / "browser", max_tokens=args.browser_tokens, title=out.name,
+            site = build_browser(exported, data, runs.browser_dir(out), max_tokens=args.browser_tokens, title=out.name,
                                  metrics=evaluation)
             print(f"\nbrowser of the features: {site.resolve().as_uri()} (open it in a browser; "
                   f"{time.perf_counter() - browse_started:.1f} s; `fastsae browse {out}` rebuilds it)")
