@@ -4,7 +4,7 @@ here plus its line in `_REGISTRY` (and its name in `fastsae.config.ARCHITECTURES
 
 from __future__ import annotations
 
-from fastsae.architectures.base import Architecture, Step
+from fastsae.architectures.base import Architecture, Step, decoder_norm, input_b_dec
 from fastsae.architectures.batchtopk import BatchTopK
 from fastsae.architectures.gated import Gated
 from fastsae.architectures.jumprelu import JumpReLU
@@ -27,4 +27,4 @@ def get(name: str) -> Architecture:
         raise ValueError(f"architecture: expected one of {tuple(_REGISTRY)}, got {name!r}") from None
 
 
-__all__ = ["Architecture", "Step", "get", "names"]
+__all__ = ["Architecture", "Step", "decoder_norm", "get", "input_b_dec", "names"]
