@@ -50,6 +50,11 @@ class Step:
 
 class Architecture:
     name = ""
+    # The config's rules (installed into `fastsae.config` by the registry): whether the
+    # architecture takes k, the name SAELens saves it under (default: `name`), and other names.
+    uses_k = False
+    saelens_name = ""
+    aliases: tuple[str, ...] = ()
     # What the trainer does with dead latents when asked for "auto", and whether AuxK applies.
     default_dead_strategy = "none"
     supports_auxk = False

@@ -19,6 +19,8 @@ from fastsae.sparse import SparseActivations, tracing
 
 class BatchTopK(Architecture):
     name = "batchtopk"
+    uses_k = True
+    saelens_name = "jumprelu"  # as SAELens saves it: the inference rule is a JumpReLU
     default_dead_strategy = "auxk"
     supports_auxk = True
 

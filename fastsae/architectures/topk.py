@@ -16,6 +16,7 @@ from fastsae.sparse import SparseActivations
 
 class TopK(Architecture):
     name = "topk"
+    uses_k = True
     default_dead_strategy = "auxk"
     supports_auxk = True
 
