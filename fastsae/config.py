@@ -9,9 +9,35 @@ from typing import Any, Optional
 
 import torch
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated")
-# Other names for the same architecture ("standard" is SAELens').
-ARCHITECTURE_ALIASES = {"standard": "relu", "relu": "relu"}
+
+
+@dataclass(frozen=True)
+class ArchitectureRules:
+    """What the config needs to know of one architecture: whether it takes k (and
+    rescale_acts_by_decoder_norm), the name SAELens saves it under, and other names it loads from."""
+
+    name: str
+    uses_k: bool
+    saelens_name: str
+    aliases: tuple[str, ...] = ()
+
+
+# The architectures are a higher layer (fastsae.architectures) than this module: each installs its
+# rules here when that package is imported (`import fastsae` does), so no architecture name is
+# written in this file. `ARCHITECTURES` and `ARCHITECTURE_ALIASES` are read from this table.
+_RULES: dict[str, ArchitectureRules] = {}
+
+
+def install_architecture(rules: ArchitectureRules) -> None:
+    _RULES[rules.name] = rules
+
+
+def __getattr__(name: str):
+    if name == "ARCHITECTURES":
+        return tuple(_RULES)
+    if name == "ARCHITECTURE_ALIASES":  # other names for the same architecture ("standard" is SAELens')
+        return {alias: r.name for r in _RULES.values() for alias in (*r.aliases, r.name) if r.aliases}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # How the decoder's row norms are handled (ReLU's L1 penalty, and training constraints):
 #   "norm_weighted": L1 penalty sum_i |f_i| * ||W_dec,i|| (the April 2024 update; SAELens' loss)
@@ -65,26 +91,27 @@ class SAEConfig:
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if not isinstance(self.architecture, str) or self.architecture.lower() not in ARCHITECTURE_ALIASES and (
-            self.architecture.lower() not in ARCHITECTURES
-        ):
+        aliases = {alias: r.name for r in _RULES.values() for alias in (*r.aliases, r.name)}
+        if not isinstance(self.architecture, str) or self.architecture.lower() not in aliases:
+            other_names = ", ".join(f"{a!r} for {r.name}" for r in _RULES.values() for a in r.aliases)
             raise ValueError(
-                f"architecture: expected one of {ARCHITECTURES} (or 'standard' for relu), got {self.architecture!r}"
+                f"architecture: expected one of {tuple(_RULES)}{f' (or {other_names})' if other_names else ''}, "
+                f"got {self.architecture!r}"
             )
-        self.architecture = ARCHITECTURE_ALIASES.get(self.architecture.lower(), self.architecture.lower())
+        self.architecture = aliases[self.architecture.lower()]
+        rules = _RULES[self.architecture]
         for name in ("d_in", "d_sae"):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {v!r}")
-        if self.architecture in ("topk", "batchtopk"):
+        if rules.uses_k:
             if self.k is None:
                 raise ValueError(f"k: the {self.architecture} architecture needs k (1 <= k <= d_sae={self.d_sae})")
             if not _is_int(self.k) or not 1 <= self.k <= self.d_sae:
                 raise ValueError(f"k: expected an integer with 1 <= k <= d_sae={self.d_sae}, got {self.k!r}")
         elif self.rescale_acts_by_decoder_norm:
-            raise ValueError(
-                f"rescale_acts_by_decoder_norm applies to topk and batchtopk, not {self.architecture!r}"
-            )
+            with_k = " and ".join(r.name for r in _RULES.values() if r.uses_k)
+            raise ValueError(f"rescale_acts_by_decoder_norm applies to {with_k}, not {self.architecture!r}")
         if self.decoder_norm not in DECODER_NORMS:
             raise ValueError(f"decoder_norm: expected one of {DECODER_NORMS}, got {self.decoder_norm!r}")
         if self.normalize_activations not in NORMALIZE_ACTIVATIONS:
@@ -105,11 +132,11 @@ class SAEConfig:
         """The SAELens v6 inference cfg.json. BatchTopK saves as JumpReLU (as SAELens does), with
         `fastsae_architecture` so fastsae loads it back as BatchTopK."""
         d = dataclasses.asdict(self)
-        arch = self.architecture
-        d["architecture"] = {"relu": "standard", "batchtopk": "jumprelu"}.get(arch, arch)
-        if arch == "batchtopk":
-            d["fastsae_architecture"] = "batchtopk"
-        if arch not in ("topk", "batchtopk"):
+        rules = _RULES[self.architecture]
+        d["architecture"] = rules.saelens_name
+        if rules.saelens_name not in (rules.name, *rules.aliases):  # saved as another architecture
+            d["fastsae_architecture"] = rules.name
+        if not rules.uses_k:
             d.pop("k")
             d.pop("rescale_acts_by_decoder_norm")
         d["reshape_activations"] = "none"

@@ -41,7 +41,8 @@ from torch import Tensor
 from fastsae import ops
 from fastsae.config import SAEConfig
 from fastsae.auxk import DeadLatents, check_dead_mask
-from fastsae.sae import _SPARSE_PATH_DIVISOR, SAE, TrainOutput, mean_squared_norm
+from fastsae.sae import SAE, TrainOutput, mean_squared_norm
+from fastsae.sparse_path import default_sparse_width_limit
 from fastsae.sparse import SparseActivations, pad_at_free_latents
 
 SHARDABLE_ARCHITECTURES = ("topk", "relu")
@@ -497,8 +498,7 @@ class ShardedSAE(nn.Module):
         """SAE's rule (`SAE.default_sparse_width_limit`) applied to the shard's latents."""
         limit = self.sparse_width_limit
         if limit is None:
-            divisor = _SPARSE_PATH_DIVISOR.get(self.device.type)
-            limit = max(1, self.d_local // divisor) if divisor else 0
+            limit = default_sparse_width_limit(self.d_local, self.device)
         return min(limit, self.d_local)
 
     def _relu_local(self, x2: Tensor, b_dec_in: Optional[Tensor]):

@@ -22,7 +22,8 @@ from torch import Tensor
 from fastsae import architectures, ops
 from fastsae.auxk import DeadLatents, as_dead_latents
 from fastsae.config import SAEConfig
-from fastsae.sparse import SparseActivations, pad_at_free_latents, tracing
+from fastsae.sparse import SparseActivations
+from fastsae.sparse_path import SparsePath, default_sparse_width_limit
 
 
 @dataclass
@@ -42,18 +43,6 @@ def mean_squared_norm(a: Tensor, b: Tensor) -> Tensor:
     return F.mse_loss(a, b, reduction="sum") / a.shape[0]
 
 
-# The row-wise sparse path's default width limit per device type, as d_sae / divisor, from the
-# committed sweeps of benchmarks/bench_sparse_path.py; device types not listed take the dense path.
-_SPARSE_PATH_DIVISOR = {"cpu": 8}
-
-
-def default_sparse_width_limit(d_sae: int, device: torch.device) -> int:
-    """The widest row the row-wise sparse path takes on `device` by default (see
-    `SAE.default_sparse_width_limit`): d_sae / 8 on the CPU, 0 (dense) elsewhere."""
-    divisor = _SPARSE_PATH_DIVISOR.get(torch.device(device).type)
-    return max(1, d_sae // divisor) if divisor else 0
-
-
 class SAE(nn.Module):
     """A sparse autoencoder: `SAE(SAEConfig(...))` or `SAE(d_in=..., d_sae=..., architecture=..., k=...)`.
 
@@ -65,12 +54,6 @@ class SAE(nn.Module):
       OpenAI and Gemma Scope checkpoints (see `fastsae.formats`).
     """
 
-    # Class-level defaults of the sparse-path state too, so modules pickled before it existed load.
-    sparse_width_limit: Optional[int] = None
-    _sparse_hint = True
-    _dense_passes_to_skip = 0
-    _overflow_backoff = 1
-    _batchtopk_bound = 0  # BatchTopK training: the per-row candidate count the last batch needed
 
     def __init__(self, cfg: Optional[SAEConfig] = None, **kwargs):
         super().__init__()
@@ -97,13 +80,41 @@ class SAE(nn.Module):
         self.arch.create_parameters(self, factory)
         self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
         self.arch.create_extra_parameters(self, factory)
-        # ReLU, JumpReLU (and BatchTopK at inference) take the row-wise sparse path while no row of
-        # a batch has more than this many active latents, the dense path otherwise; 0: always
-        # dense; None: the device's default (`default_sparse_width_limit`).
-        self.sparse_width_limit: Optional[int] = None
-        self._sparse_hint = True  # False after a batch overflowed, until a dense batch is sparse again
-        self._dense_passes_to_skip = 0
-        self._overflow_backoff = 1
+        self.sparse_path = SparsePath()  # which path the next pass takes (plain numbers)
+
+    def __setstate__(self, state: dict) -> None:
+        # Modules pickled before `sparse_path` existed held its numbers as attributes.
+        if "sparse_path" not in state:
+            old = {name: state.pop(attr) for attr, name in _OLD_SPARSE_ATTRS.items() if attr in state}
+            state["sparse_path"] = SparsePath(**old)
+        super().__setstate__(state)
+
+    # ------------------------------------------------------------ sparse-path state
+
+    @property
+    def sparse_width_limit(self) -> Optional[int]:
+        """ReLU, JumpReLU (and BatchTopK at inference) take the row-wise sparse path while no row of
+        a batch has more than this many active latents, the dense path otherwise; 0: always
+        dense; None: the device's default (`default_sparse_width_limit`)."""
+        return self.sparse_path.width_limit
+
+    @sparse_width_limit.setter
+    def sparse_width_limit(self, value: Optional[int]) -> None:
+        self.sparse_path.width_limit = value
+
+    # The sparse path's numbers under their former attribute names (tests and the trainer's
+    # roll-back snapshot read and restore them by these names).
+    _sparse_hint = property(lambda self: self.sparse_path.hint, lambda self, v: setattr(self.sparse_path, "hint", v))
+    _dense_passes_to_skip = property(
+        lambda self: self.sparse_path.dense_passes_to_skip,
+        lambda self, v: setattr(self.sparse_path, "dense_passes_to_skip", v),
+    )
+    _overflow_backoff = property(
+        lambda self: self.sparse_path.overflow_backoff, lambda self, v: setattr(self.sparse_path, "overflow_backoff", v)
+    )
+    _batchtopk_bound = property(
+        lambda self: self.sparse_path.batchtopk_bound, lambda self, v: setattr(self.sparse_path, "batchtopk_bound", v)
+    )
 
     # ------------------------------------------------------------ properties
 
@@ -138,10 +149,10 @@ class SAE(nn.Module):
         return self.W_enc.t()
 
     def _dec_norm(self) -> Optional[Tensor]:
-        return self.W_dec.norm(dim=1) if self.cfg.rescale_acts_by_decoder_norm else None
+        return architectures.decoder_norm(self)
 
     def _b_dec_in(self) -> Optional[Tensor]:
-        return self.b_dec if self.cfg.apply_b_dec_to_input else None
+        return architectures.input_b_dec(self)
 
     def extra_repr(self) -> str:
         extra = f", k={self.cfg.k}" if self.cfg.k is not None else ""
@@ -167,8 +178,7 @@ class SAE(nn.Module):
 
     def _pre_dense(self, x2: Tensor) -> Tensor:
         """Pre-activations [N, d_sae] (for gated x_in @ W_enc, shared by both paths, no bias)."""
-        x_in = x2 - self.b_dec if self.cfg.apply_b_dec_to_input else x2
-        return self.arch.pre_dense(self, x_in)
+        return self.arch.pre_activations(self, x2)
 
     # ------------------------------------------------------------ row-wise sparse path
 
@@ -180,67 +190,6 @@ class SAE(nn.Module):
         (benchmarks/results/sparse-path-h200-2026-11-29.json, 4096 x 768 -> 24576, bf16: dense
         time / sparse time 0.74 at L0 31, 0.24 at L0 2017), until a committed sweep shows it winning."""
         return default_sparse_width_limit(self.d_sae, self.device)
-
-    def _width_limit(self) -> int:
-        limit = self.sparse_width_limit
-        return self.default_sparse_width_limit() if limit is None else limit
-
-    def _sparse_cutoff(self) -> Optional[Tensor]:
-        """The per-latent cutoff above which pre-activations enter the sparse form, or None where
-        the architecture (gated, topk, batchtopk in training) has no per-latent rule."""
-        return self.arch.sparse_cutoff(self, torch.promote_types(self.dtype, torch.float32))  # the kernels' type
-
-    def _sparse_pre(self, x2: Tensor) -> Optional[tuple[Tensor, Tensor]]:
-        """(pre-activations [N, m] with -inf padding, indices [N, m]) from the row-wise sparse
-        encoder, or None when the dense path should run (no rule, disabled, traced, or a row too
-        dense)."""
-        cutoff = self._sparse_cutoff()
-        limit = self._width_limit()
-        if cutoff is None or limit <= 0 or not self._sparse_hint or tracing():
-            return None
-        limit = min(limit, self.d_sae)
-        pre, indices, counts = ops.threshold_encode(
-            x2, self.enc_weight, self.b_enc, self._b_dec_in(), self._dec_norm(), cutoff, limit
-        )
-        if pre.shape[1] == limit and int(counts.max()) > limit:
-            # Too dense: the dense path (this call's included), and each overflow in a row doubles
-            # (up to 64) the dense passes before density is looked at again, so alternating
-            # batches waste few sparse passes.
-            self._sparse_hint = False
-            self._dense_passes_to_skip = self._overflow_backoff
-            self._overflow_backoff = min(64, 2 * self._overflow_backoff)
-            return None
-        self._overflow_backoff = 1
-        return pre, pad_at_free_latents(pre != float("-inf"), indices, self.d_sae)
-
-    def _pre_dense_fallback(self, x2: Tensor) -> Tensor:
-        """The dense pre-activations of a pass that did not take the sparse path, noting whether
-        the next pass could."""
-        pre = self._pre_dense(x2)
-        self._note_density(pre)
-        return pre
-
-    def _note_density(self, pre: Tensor) -> None:
-        """After a dense pass: go back to the sparse path once the rows fit well within the limit.
-        Looked at every 8th dense pass at most (on a GPU each look waits for the device)."""
-        cutoff = self._sparse_cutoff()
-        limit = self._width_limit()
-        if cutoff is None or limit <= 0 or self._sparse_hint or not pre.numel() or tracing():
-            return
-        if self._dense_passes_to_skip > 0:
-            self._dense_passes_to_skip -= 1
-            return
-        widest = int((~(pre.detach() <= cutoff)).sum(-1).max())  # as the op counts: NaN included
-        self._sparse_hint = 4 * widest <= 3 * limit
-        if not self._sparse_hint:
-            self._dense_passes_to_skip = 7
-
-    def _topk_flat(self, x2: Tensor, dead: Optional[DeadLatents] = None, k_aux: int = 0, k: Optional[int] = None):
-        """(values [N, k], indices [N, k], AuxK's aux_pre [N, C] over `dead`'s list, or [N, 0])."""
-        return ops.topk_encode(
-            x2, self.enc_weight, self.b_enc, self._b_dec_in(), self._dec_norm(), k or self.cfg.k,
-            dead.latents if dead is not None else None, k_aux, check_indices=False,
-        )
 
     def encode_sparse(self, x: Tensor) -> SparseActivations:
         """Activations as `SparseActivations` with x's leading dims: [..., m]."""
@@ -387,6 +336,12 @@ class SAE(nn.Module):
 # Files are `fastsae.formats`' job, which builds SAEs and so depends on this module; it installs
 # its writer and reader here when imported (`import fastsae` does), so this module imports no format.
 _file_formats: dict[str, Callable] = {}
+
+
+_OLD_SPARSE_ATTRS = {
+    "sparse_width_limit": "width_limit", "_sparse_hint": "hint", "_dense_passes_to_skip": "dense_passes_to_skip",
+    "_overflow_backoff": "overflow_backoff", "_batchtopk_bound": "batchtopk_bound",
+}
 
 
 def install_file_formats(save: Callable, load: Callable, **converters: Callable) -> None:

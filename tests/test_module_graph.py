@@ -63,7 +63,7 @@ LAYERS = [
               "fastsae.reference", "fastsae.auxk", "fastsae.evals", "fastsae.kernels", "fastsae.runs",
               "fastsae.integrations._versions", "fastsae.integrations._saelens_common")),
     ("ops", ("fastsae.ops",)),
-    ("model", ("fastsae.sae", "fastsae.architectures", "fastsae.distributed")),
+    ("model", ("fastsae.sae", "fastsae.sparse_path", "fastsae.architectures", "fastsae.distributed")),
     ("formats", ("fastsae.formats",)),
     ("library", ("fastsae.training", "fastsae.integrations", "fastsae.browse", "fastsae.bench")),
     ("command line", ("fastsae.cli", "fastsae.cli_eval", "fastsae.training.cli", "fastsae.browse.cli")),

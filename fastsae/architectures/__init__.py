@@ -1,10 +1,15 @@
 """One small module per SAE architecture, each implementing `Architecture`'s few methods over the
-shared sparse core. `SAE` composes the one its config names. A new architecture is one new file
-here plus its line in `_REGISTRY` (and its name in `fastsae.config.ARCHITECTURES`)."""
+shared sparse core. `SAE` composes the one its config names.
+
+The rule: everything about an architecture lives in its file here, and a new architecture is that
+one file plus its line in `_REGISTRY`. Its name, the config's rules (`uses_k`, `saelens_name`,
+`aliases`) and the CLI's choices are read from the registry; no module outside this package
+compares against an architecture's name (tests/test_architecture_registry.py checks both)."""
 
 from __future__ import annotations
 
-from fastsae.architectures.base import Architecture, Step
+from fastsae import config
+from fastsae.architectures.base import Architecture, Step, decoder_norm, input_b_dec
 from fastsae.architectures.batchtopk import BatchTopK
 from fastsae.architectures.gated import Gated
 from fastsae.architectures.jumprelu import JumpReLU
@@ -13,6 +18,11 @@ from fastsae.architectures.topk import TopK
 
 _REGISTRY: dict[str, Architecture] = {arch.name: arch for arch in (ReLU(), TopK(), BatchTopK(), JumpReLU(), Gated())}
 
+for _arch in _REGISTRY.values():
+    config.install_architecture(
+        config.ArchitectureRules(_arch.name, _arch.uses_k, _arch.saelens_name or _arch.name, _arch.aliases)
+    )
+
 
 def names() -> tuple[str, ...]:
     """Every registered architecture's name (the CLI's choices)."""
@@ -20,11 +30,11 @@ def names() -> tuple[str, ...]:
 
 
 def get(name: str) -> Architecture:
-    """The architecture named `name` (a name of `fastsae.config.ARCHITECTURES`)."""
+    """The architecture named `name` (a name of `names()`)."""
     try:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"architecture: expected one of {tuple(_REGISTRY)}, got {name!r}") from None
 
 
-__all__ = ["Architecture", "Step", "get", "names"]
+__all__ = ["Architecture", "Step", "decoder_norm", "get", "input_b_dec", "names"]

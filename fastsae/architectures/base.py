@@ -1,8 +1,10 @@
 """What every architecture implements, over the shared sparse core (ops, `SparseActivations`,
 the module's row-wise sparse path and its dense fallback).
 
-An architecture is a stateless object: its methods take the `SAE` whose parameters and state they
-use, so the module stays the one thing that holds tensors. The base class is the family of
+An architecture is a stateless object: its methods take the `SAE` whose parameters, config and
+sparse-path state (`sae.sparse_path`) they read, so the module stays the one thing that holds
+tensors. Calls go one way: the module checks inputs and calls the architecture; the architecture
+reads the module's public attributes and calls the ops, never the module's private methods. The base class is the family of
 ReLU-like encoders, f = act(pre) with pre = x_in W_enc + b_enc: the row-wise sparse path where the
 architecture has a per-latent cutoff, the dense path otherwise.
 """
@@ -17,10 +19,20 @@ from torch import Tensor
 
 from fastsae import ops
 from fastsae.auxk import DeadLatents
-from fastsae.sparse import SparseActivations
+from fastsae.sparse import SparseActivations, pad_at_free_latents, tracing
 
 if TYPE_CHECKING:
     from fastsae.sae import SAE
+
+
+def decoder_norm(sae: "SAE") -> Optional[Tensor]:
+    """||W_dec,i|| [d_sae] where activations are rescaled by it (topk/batchtopk's option), else None."""
+    return sae.W_dec.norm(dim=1) if sae.cfg.rescale_acts_by_decoder_norm else None
+
+
+def input_b_dec(sae: "SAE") -> Optional[Tensor]:
+    """b_dec where the encoder subtracts it from the input, else None."""
+    return sae.b_dec if sae.cfg.apply_b_dec_to_input else None
 
 
 @dataclass
@@ -38,6 +50,11 @@ class Step:
 
 class Architecture:
     name = ""
+    # The config's rules (installed into `fastsae.config` by the registry): whether the
+    # architecture takes k, the name SAELens saves it under (default: `name`), and other names.
+    uses_k = False
+    saelens_name = ""
+    aliases: tuple[str, ...] = ()
     # What the trainer does with dead latents when asked for "auto", and whether AuxK applies.
     default_dead_strategy = "none"
     supports_auxk = False
@@ -67,8 +84,13 @@ class Architecture:
     def pre_dense(self, sae: "SAE", x_in: Tensor) -> Tensor:
         """Pre-activations [N, d_sae] of the input with b_dec already subtracted where configured."""
         pre = x_in @ sae.W_enc + sae.b_enc
-        dec_norm = sae._dec_norm()
+        dec_norm = decoder_norm(sae)
         return pre * dec_norm if dec_norm is not None else pre
+
+    def pre_activations(self, sae: "SAE", x2: Tensor) -> Tensor:
+        """Dense pre-activations [N, d_sae] of the flat input x2 (b_dec subtracted where configured)."""
+        x_in = x2 - sae.b_dec if sae.cfg.apply_b_dec_to_input else x2
+        return self.pre_dense(sae, x_in)
 
     def acts_dense(self, sae: "SAE", pre: Tensor) -> Tensor:
         """Dense activations [N, d_sae] from the dense pre-activations."""
@@ -94,40 +116,80 @@ class Architecture:
         """The sparsity loss of a sparse pass."""
         return values.new_zeros(())
 
+    def sparse_pre(self, sae: "SAE", x2: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        """(pre-activations [N, m] with -inf padding, indices [N, m]) from the row-wise sparse
+        encoder, or None when the dense path should run (no rule, disabled, traced, or a row too
+        dense)."""
+        path = sae.sparse_path
+        cutoff = self.sparse_cutoff(sae, torch.promote_types(sae.dtype, torch.float32))  # the kernels' type
+        limit = path.limit(sae.d_sae, sae.device)
+        if cutoff is None or limit <= 0 or not path.hint or tracing():
+            return None
+        limit = min(limit, sae.d_sae)
+        pre, indices, counts = ops.threshold_encode(
+            x2, sae.enc_weight, sae.b_enc, input_b_dec(sae), decoder_norm(sae), cutoff, limit
+        )
+        if pre.shape[1] == limit and int(counts.max()) > limit:
+            path.overflowed()
+            return None
+        path.fitted()
+        return pre, pad_at_free_latents(pre != float("-inf"), indices, sae.d_sae)
+
+    def pre_dense_fallback(self, sae: "SAE", x2: Tensor) -> Tensor:
+        """The dense pre-activations of a pass that did not take the sparse path, noting whether
+        the next pass could."""
+        pre = self.pre_activations(sae, x2)
+        path = sae.sparse_path
+        limit = path.limit(sae.d_sae, sae.device)
+        if limit <= 0 or not pre.numel() or tracing() or path.hint:
+            return pre
+        cutoff = self.sparse_cutoff(sae, torch.promote_types(sae.dtype, torch.float32))
+        if cutoff is not None and path.wants_a_look():
+            widest = int((~(pre.detach() <= cutoff)).sum(-1).max())  # as the op counts: NaN included
+            path.saw_widest(widest, limit)
+        return pre
+
+    def topk_flat(self, sae: "SAE", x2: Tensor, dead: Optional[DeadLatents] = None, k_aux: int = 0, k: Optional[int] = None):
+        """(values [N, k], indices [N, k], AuxK's aux_pre [N, C] over `dead`'s list, or [N, 0])."""
+        return ops.topk_encode(
+            x2, sae.enc_weight, sae.b_enc, input_b_dec(sae), decoder_norm(sae), k or sae.cfg.k,
+            dead.latents if dead is not None else None, k_aux, check_indices=False,
+        )
+
     # ---------------------------------------------------------------- the module's entry points
 
     def encode_sparse(self, sae: "SAE", x2: Tensor) -> SparseActivations:
-        sparse_pre = sae._sparse_pre(x2)
+        sparse_pre = self.sparse_pre(sae, x2)
         if sparse_pre is not None:
             pre, indices = sparse_pre
             return SparseActivations(self.sparse_acts(sae, pre, indices), indices, sae.d_sae)
-        pre = sae._pre_dense_fallback(x2)
+        pre = self.pre_dense_fallback(sae, x2)
         return SparseActivations.from_dense(self.acts_dense(sae, pre))
 
     def encode(self, sae: "SAE", x2: Tensor) -> Tensor:
-        return self.acts_dense(sae, sae._pre_dense(x2))
+        return self.acts_dense(sae, self.pre_activations(sae, x2))
 
     def forward(self, sae: "SAE", x2: Tensor) -> Tensor:
-        sparse_pre = sae._sparse_pre(x2)
+        sparse_pre = self.sparse_pre(sae, x2)
         if sparse_pre is not None:
             pre, indices = sparse_pre
             # The encoder's own indices: check_indices=False skips the range check (a host sync on a GPU).
             return ops.sparse_decode(
-                self.sparse_acts(sae, pre, indices), indices, sae.W_dec, sae.b_dec, sae._dec_norm(), check_indices=False
+                self.sparse_acts(sae, pre, indices), indices, sae.W_dec, sae.b_dec, decoder_norm(sae), check_indices=False
             )
-        pre = sae._pre_dense_fallback(x2)
+        pre = self.pre_dense_fallback(sae, x2)
         return sae.decode(self.acts_dense(sae, pre))
 
     def training_step(self, sae: "SAE", x2: Tensor, coefficient: float, dead: Optional[DeadLatents], k_aux: int) -> Step:
         """One batch's forward. `dead`: the dead latents (AuxK's, for the architectures that use it)."""
-        sparse_pre = sae._sparse_pre(x2)
+        sparse_pre = self.sparse_pre(sae, x2)
         if sparse_pre is not None:
             pre, indices = sparse_pre
             values = self.sparse_acts(sae, pre, indices)
-            x_hat = ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, sae._dec_norm(), check_indices=False)
+            x_hat = ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, decoder_norm(sae), check_indices=False)
             sparsity = self.sparse_losses(sae, pre, values, indices, coefficient)
             return Step(x_hat, SparseActivations(values, indices, sae.d_sae), sparsity, x2.new_zeros(()))
-        pre = sae._pre_dense_fallback(x2)
+        pre = self.pre_dense_fallback(sae, x2)
         acts = self.acts_dense(sae, pre)
         x_hat = sae.decode(acts)
         sparsity, aux = self.dense_losses(sae, x2, pre, acts, coefficient)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from fastsae import ops, reference
 from fastsae.activations import batch_topk
-from fastsae.architectures.base import Architecture, Step
+from fastsae.architectures.base import Architecture, Step, decoder_norm
 from fastsae.architectures.topk import decode_with_aux
 from fastsae.auxk import DeadLatents
 from fastsae.sparse import SparseActivations, tracing
@@ -19,6 +19,8 @@ from fastsae.sparse import SparseActivations, tracing
 
 class BatchTopK(Architecture):
     name = "batchtopk"
+    uses_k = True
+    saelens_name = "jumprelu"  # as SAELens saves it: the inference rule is a JumpReLU
     default_dead_strategy = "auxk"
     supports_auxk = True
 
@@ -52,7 +54,7 @@ class BatchTopK(Architecture):
             x_hat, aux_recon = decode_with_aux(sae, values, indices, dead, aux_pre)
             self._update_threshold(sae, values)
             return Step(x_hat, SparseActivations(values, indices, sae.d_sae), zero, zero, aux_recon)
-        pre = sae._pre_dense_fallback(x2)
+        pre = self.pre_dense_fallback(sae, x2)
         acts = self.acts_dense(sae, pre)
         x_hat = sae.decode(acts)
         self._update_threshold(sae, acts)
@@ -60,7 +62,7 @@ class BatchTopK(Architecture):
         if dead is not None:
             # AuxK's selection as the topk_encode op makes it (dead latents at -inf skipped).
             aux_pre = reference.aux_select(reference.aux_columns(pre, dead.latents), dead.latents, k_aux)
-            aux_recon = reference.aux_decode(aux_pre, dead.latents, sae.W_dec, sae._dec_norm())
+            aux_recon = reference.aux_decode(aux_pre, dead.latents, sae.W_dec, decoder_norm(sae))
         return Step(x_hat, acts, zero, zero, aux_recon)
 
     @staticmethod
@@ -71,8 +73,7 @@ class BatchTopK(Architecture):
             lr = sae.cfg.topk_threshold_lr
             sae.topk_threshold.mul_(1 - lr).add_(lr * positive.min().to(torch.float64))
 
-    @staticmethod
-    def _sparse_selection(sae, x2: Tensor, dead: Optional[DeadLatents], k_aux: int):
+    def _sparse_selection(self, sae, x2: Tensor, dead: Optional[DeadLatents], k_aux: int):
         """The batch's N k largest activations without the dense matrix: each row's top `bound`
         candidates from the top-k encoder, then the batch's N k largest among them. Exact unless a
         row had all its candidates selected while its smallest one is positive (its next entries
@@ -80,12 +81,12 @@ class BatchTopK(Architecture):
         bound kept for the next batches). Returns (values, indices, AuxK's aux_pre) with rows
         padded by value-0 slots, or None for the dense path (off, or traced: the width depends on
         the data)."""
-        if sae._width_limit() <= 0 or tracing():
+        if sae.sparse_path.limit(sae.d_sae, sae.device) <= 0 or tracing():
             return None
         n, k, d_sae = x2.shape[0], sae.cfg.k, sae.d_sae
-        bound = min(d_sae, max(sae._batchtopk_bound or 0, 4 * k))
+        bound = min(d_sae, max(sae.sparse_path.batchtopk_bound or 0, 4 * k))
         while True:
-            cand, cand_idx, aux_pre = sae._topk_flat(x2, dead, k_aux, bound)
+            cand, cand_idx, aux_pre = self.topk_flat(sae, x2, dead, k_aux, bound)
             chosen = cand.detach().flatten().topk(n * k, sorted=False).indices  # bound >= k: there are enough
             keep = torch.zeros(n * bound, dtype=torch.bool, device=cand.device)
             keep[chosen] = True
@@ -94,7 +95,7 @@ class BatchTopK(Architecture):
             if bound >= d_sae or not bool(saturated.any()):
                 break
             bound = min(d_sae, 2 * bound)
-        sae._batchtopk_bound = bound
+        sae.sparse_path.batchtopk_bound = bound
         # Compact each row to the batch's widest row: its kept entries first, then value-0 slots at
         # other candidates of the row (distinct latents, no gradient).
         width = max(1, int(keep.sum(1).max())) if n else 0

@@ -10,6 +10,8 @@ from fastsae.architectures.base import Architecture
 
 class ReLU(Architecture):
     name = "relu"
+    saelens_name = "standard"
+    aliases = ("standard",)
     default_dead_strategy = "resample"  # Bricken et al. 2023
 
     def acts_dense(self, sae, pre: Tensor) -> Tensor:

@@ -9,30 +9,31 @@ from typing import Optional
 from torch import Tensor
 
 from fastsae import ops
-from fastsae.architectures.base import Architecture, Step
+from fastsae.architectures.base import Architecture, Step, decoder_norm
 from fastsae.auxk import DeadLatents
 from fastsae.sparse import SparseActivations
 
 
 class TopK(Architecture):
     name = "topk"
+    uses_k = True
     default_dead_strategy = "auxk"
     supports_auxk = True
 
     def encode_sparse(self, sae, x2: Tensor) -> SparseActivations:
-        values, indices, _ = sae._topk_flat(x2)
+        values, indices, _ = self.topk_flat(sae, x2)
         return SparseActivations(values, indices, sae.d_sae)
 
     def encode(self, sae, x2: Tensor) -> Tensor:
         return self.encode_sparse(sae, x2).to_dense()
 
     def forward(self, sae, x2: Tensor) -> Tensor:
-        values, indices, _ = sae._topk_flat(x2)
+        values, indices, _ = self.topk_flat(sae, x2)
         # The encoder's own indices: check_indices=False skips the range check (a host sync on a GPU).
-        return ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, sae._dec_norm(), check_indices=False)
+        return ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, decoder_norm(sae), check_indices=False)
 
     def training_step(self, sae, x2: Tensor, coefficient: float, dead: Optional[DeadLatents], k_aux: int) -> Step:
-        values, indices, aux_pre = sae._topk_flat(x2, dead, k_aux)
+        values, indices, aux_pre = self.topk_flat(sae, x2, dead, k_aux)
         zero = x2.new_zeros(())
         acts = SparseActivations(values, indices, sae.d_sae)
         x_hat, aux_recon = decode_with_aux(sae, values, indices, dead, aux_pre)
@@ -43,7 +44,7 @@ def decode_with_aux(sae, values: Tensor, indices: Tensor, dead: Optional[DeadLat
     """(x_hat, AuxK's reconstruction or None) from the encoder's own indices (check_indices=False
     skips the range check, a host sync on a GPU): one op, whose backward writes one decoder gradient."""
     if dead is None:
-        return ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, sae._dec_norm(), check_indices=False), None
+        return ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, decoder_norm(sae), check_indices=False), None
     return ops.sparse_decode_with_aux(
-        values, indices, sae.W_dec, sae.b_dec, sae._dec_norm(), aux_pre, dead.latents, check_indices=False
+        values, indices, sae.W_dec, sae.b_dec, decoder_norm(sae), aux_pre, dead.latents, check_indices=False
     )

@@ -620,7 +620,7 @@ class Trainer:
         self._aux_capacity = min(self.sae.d_sae, -(-possible // 64) * 64)
 
     _HOST_STATE = ("step", "tokens_seen", "position", "bad_in_row", "_window_steps", "_window_tokens")
-    _HINTS = ("_sparse_hint", "_dense_passes_to_skip", "_overflow_backoff", "_dense_hint")  # SAE's, ShardedSAE's
+    _HINTS = ("_sparse_hint", "_dense_passes_to_skip", "_overflow_backoff", "_batchtopk_bound", "_dense_hint")  # SAE's, ShardedSAE's
 
     @torch.no_grad()
     def _take_snapshot(self) -> None:
