@@ -23,8 +23,8 @@ from fastsae.training.graph import train_step  # noqa: F401  (the one step every
 RESULTS_DIR = Path("benchmarks/results")
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model name and the threads torch uses."""
+def device_model(device: torch.device = torch.device("cpu")) -> str:
+    """The GPU's name, or the CPU's model name (/proc/cpuinfo; else what `platform` says)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -33,11 +33,18 @@ def device_name(device: torch.device) -> str:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{name} ({torch.get_num_threads()} threads)"
+    return name
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name and the threads torch uses."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return device_model(device)
+    return f"{device_model(device)} ({torch.get_num_threads()} threads)"
 
 
 def sync(device: torch.device) -> None:
@@ -90,6 +97,12 @@ def time_alternating(fns: dict[str, Callable[[], object]], device: torch.device,
     fns must sync themselves on the CPU (`synced`)."""
     if torch.device(device).type == "cuda":
         return {name: timing.time_cuda(fn, device, iters=reps) for name, fn in fns.items()}
+    return timing.time_cpu_alternating(fns, reps=reps, warmup=warmup)
+
+
+def time_rounds(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, Timing]:
+    """Median wall time of each fn on any device, round by round, the order rotating (the
+    scripts' timing: fns sync themselves, `synced`)."""
     return timing.time_cpu_alternating(fns, reps=reps, warmup=warmup)
 
 
