@@ -10,7 +10,7 @@ from conftest import assert_rel_close
 
 import fastsae
 from fastsae import architectures
-from fastsae.bench import baselines, harness, runner
+from fastsae.bench import baselines, harness, peers, runner
 from fastsae.training import graph
 
 
@@ -92,8 +92,9 @@ def test_train_step_unit_norm_and_found_inf():
 def test_bench_math_is_keyed_by_the_architecture_registry():
     """Every architecture the bench times is a registered one, and its table row is what the
     baselines and the step cases follow (so no bench code names an architecture)."""
-    for name in baselines.BENCH_MATH:
+    for name in list(baselines.BENCH_MATH) + list(peers.SAELENS_CLASSES):
         assert architectures.get(name).name == name
+    assert set(peers.PEER_ARCHITECTURES["saelens"]) == set(baselines.BENCH_MATH)
     assert {c.architecture for c in runner.STEP_CASES} == set(baselines.BENCH_MATH)
     assert baselines.BASELINE_ARCHITECTURES["torch-dense"] == tuple(baselines.BENCH_MATH)
     for name, math in baselines.BENCH_MATH.items():
