@@ -14,27 +14,18 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
-import platform
-import statistics
 import sys
-import time
-from pathlib import Path
 
 import torch
 
 import fastsae
+from fastsae.bench import harness
 from fastsae.training.optim import make_adam
 
 SHAPES = ["2048,256,4096,16", "2048,768,16384,32"]
 DEAD_FRACTIONS = (0.0, 0.01, 0.10)
 TARGETS = {0.0: 1.05, 0.01: 1.10, 0.10: 1.20}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(shape: str, device: torch.device, dtype: torch.dtype, rounds: int, backend: str) -> dict:
@@ -55,28 +46,16 @@ def measure(shape: str, device: torch.device, dtype: torch.dtype, rounds: int, b
 
         def step(sae=sae, opt=opt, x=x, mask=mask):
             with fastsae.use_backend(backend):
-                out = sae.training_forward(x, dead_mask=mask)
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                opt.step()
-            _sync(device)
-        contenders["none" if frac is None else f"{frac:.0%}"] = step
-    for step in contenders.values():  # warm-up (the extension, the allocator)
-        step()
-        step()
-    times = {name: [] for name in contenders}
-    names = list(contenders)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            started = time.perf_counter()
-            contenders[name]()
-            times[name].append((time.perf_counter() - started) * 1e3)
-    base = statistics.median(times["none"])
+                harness.train_step(sae, opt, x, dead_mask=mask)
+        contenders["none" if frac is None else f"{frac:.0%}"] = harness.synced(step, device)
+    # two warm-up rounds (the extension, the allocator)
+    times = harness.time_rounds(contenders, reps=rounds, warmup=2)
+    base = times["none"].median_ms
     rows = []
-    for name, ts in times.items():
+    for name, t in times.items():
         frac = None if name == "none" else float(name.rstrip("%")) / 100
-        row = {"shape": shape, "dead": name, "dead_fraction": frac, "ms": statistics.median(ts), "ms_min": min(ts),
-               "ms_max": max(ts), "x_no_mask": statistics.median(ts) / base, "samples": len(ts)}
+        row = {"shape": shape, "dead": name, "dead_fraction": frac, "ms": t.median_ms, "ms_min": t.min_ms,
+               "ms_max": t.max_ms, "x_no_mask": t.median_ms / base, "samples": t.samples}
         if frac is not None:
             row["target"] = TARGETS[frac]
             row["met"] = row["x_no_mask"] <= TARGETS[frac]
@@ -100,21 +79,14 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    if device.type == "cpu":
-        try:
-            name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    result = {"device": name, "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
+    result = {"device": harness.device_model(device), "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
               "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
               "backend": fastsae.ops.select(device)[0] if args.backend == "auto" else args.backend,
               "date": dt.date.today().isoformat(), "rounds": args.rounds, "load_average": os.getloadavg(),
               "shapes": [measure(s, device, dtype, args.rounds, args.backend) for s in args.shape or SHAPES]}
     result["load_average_after"] = os.getloadavg()
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        harness.write_json(result, args.json)
     return 0
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 
 import torch
 
 import fastsae
+from fastsae.bench import harness
 from fastsae.browse import FeatureStatsAccumulator, nearest_by_decoder
 
 
@@ -37,15 +37,6 @@ def rows_from(data: str, n: int, d_in: int, seed: int) -> tuple[torch.Tensor, ob
         if got >= n:
             break
     return torch.cat(parts)[:n], src
-
-
-def best_of(reps: int, fn) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -66,7 +57,7 @@ def main() -> None:
     positions = torch.arange(x.shape[0])
     batches = list(zip(x.split(args.batch_rows), positions.split(args.batch_rows)))
     print(f"{x.shape[0]:,} rows of width {x.shape[1]} ({args.data}), batches of {args.batch_rows}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+          f"{torch.get_num_threads()} threads, {harness.device_model()}")
     rows = []
     for d_sae in args.d_sae:
         sae = fastsae.SAE(d_in=x.shape[1], d_sae=d_sae, architecture=args.architecture,
@@ -87,9 +78,13 @@ def main() -> None:
                     acc.update(values, indices, pos)
                 return acc.finish()
 
-            t_encode = best_of(args.reps, encode)
-            t_stats = best_of(args.reps, stats_pass)
-            t_nearest = best_of(1, lambda: nearest_by_decoder(sae.W_dec, torch.arange(d_sae)))
+            # best of --reps rounds (encode first: the stats pass reads what it encoded)
+            best = {name: t.min_ms * 1e-3 for name, t in harness.time_rounds(
+                {"encode": encode, "stats": stats_pass}, reps=args.reps, warmup=0).items()}
+            t_encode, t_stats = best["encode"], best["stats"]
+            t_nearest = harness.time_rounds(
+                {"nearest": lambda: nearest_by_decoder(sae.W_dec, torch.arange(d_sae))}, reps=1, warmup=0
+            )["nearest"].min_ms * 1e-3
             t_site = None
             if src is not None:
                 from fastsae.browse import write_site

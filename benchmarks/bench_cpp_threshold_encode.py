@@ -6,7 +6,7 @@ kernel against its floor and the pure-torch reference, through the public API.
 For each kept fraction, b_enc is set so that a ReLU cutoff (0) keeps about that fraction of the
 pre-activations (x ~ N(0, 1), W_enc rows ~ N(0, 1/d_in), so x . w ~ N(0, 1)). Timed (fp32,
 medians over --repeats rounds that alternate the contenders, so that load from other processes
-falls on all of them alike; fastsae.bench.timing):
+falls on all of them alike; fastsae.bench.harness):
   cpp     fastsae.ops.threshold_encode, backend "cpp" (blocked tiles, kept lists, [N, m] outputs)
   torch   the same, backend "torch" (fastsae.reference: row-chunked addmm, nonzero, scatter)
   floor   torch.addmm(b_enc, x, W_enc.T) into a preallocated [N, d_sae] output
@@ -25,7 +25,7 @@ import torch
 
 import fastsae
 from fastsae import ops
-from fastsae.bench import timing
+from fastsae.bench import harness
 
 CONTENDERS = ("cpp", "torch", "floor")
 
@@ -53,14 +53,14 @@ def run(args, kept: float) -> tuple[dict, dict, dict]:
     x, enc, b_enc, cutoff = make_inputs(args, kept)
     dense = torch.empty(args.rows, args.d_sae)
     fns = {name: (lambda name=name: encode(name, x, enc, b_enc, cutoff, dense)) for name in CONTENDERS}
-    times = timing.time_cpu_alternating(fns, args.repeats)  # its warm-up round builds the extension
+    times = harness.time_rounds(fns, args.repeats)  # its warm-up round builds the extension
     values, _, counts = fns["cpp"]()
     shape = {"kept": counts.double().mean().item() / args.d_sae, "width": values.shape[1],
              "max_count": int(counts.max())}
     del values, counts
     mem = {}
     for name in CONTENDERS:
-        peak = timing.peak_memory_bytes(fns[name], torch.device("cpu"))
+        peak = harness.peak_memory_bytes(fns[name], torch.device("cpu"))
         mem[name] = None if peak is None else peak / 2**20
     return {name: t.median_ms for name, t in times.items()}, mem, shape
 

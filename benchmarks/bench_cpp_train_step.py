@@ -23,18 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
-import torch.nn.functional as F
 
 import fastsae
+from fastsae.bench import baselines, harness
 from fastsae.training.optim import Adam
 
 STEPS = ("cpp", "torch", "dense", "embedding_bag")
+# The steps that are pure-torch baselines: SAELens' dense TopK, sparsify's embedding-bag decoder.
+BASELINE_OF = {"dense": "torch-dense", "embedding_bag": "torch-sparse"}
 
 
 def make_sae(args, seed: int = 0) -> fastsae.SAE:
@@ -42,81 +42,53 @@ def make_sae(args, seed: int = 0) -> fastsae.SAE:
     return fastsae.SAE(d_in=args.d_in, d_sae=args.d_sae, architecture="topk", k=args.k)
 
 
-def make_adam(args, sae, step_name: str) -> torch.optim.Adam:
-    if step_name in ("cpp", "torch") and not args.torch_adam:
-        return Adam(sae.parameters(), lr=1e-4)
-    return torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True if args.fused_adam else None)
+def make_adam(args, model, step_name: str) -> torch.optim.Adam:
+    if step_name not in BASELINE_OF and not args.torch_adam:
+        return Adam(model.parameters(), lr=1e-4)
+    return torch.optim.Adam(model.parameters(), lr=1e-4, fused=True if args.fused_adam else None)
 
 
-def fastsae_loss(backend: str):
-    def loss(sae, x):
-        with fastsae.use_backend(backend):
-            return sae.training_forward(x).loss
+class Contender:
+    """One step's model, optimizer and loss: fastsae's SAE under a backend, or a pure-torch
+    baseline (`fastsae.bench.baselines`, on a copy of the same parameters)."""
 
-    return loss
+    def __init__(self, args, name: str):
+        sae = make_sae(args)
+        baseline = BASELINE_OF.get(name)
+        self.model = sae if baseline is None else baselines.make_baseline(baseline, sae)
+        self.opt = make_adam(args, self.model, name)
+        self.name = name
 
+    def loss(self, x):
+        if self.name in BASELINE_OF:
+            return self.model.loss(x)
+        with fastsae.use_backend(self.name):
+            return self.model.training_forward(x).loss
 
-def dense_loss(sae, x):
-    """SAELens' TopK: dense pre-activations, top-k scattered into dense acts, dense decode."""
-    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-    top = pre.topk(sae.cfg.k, dim=-1, sorted=False)
-    acts = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
-    x_hat = acts @ sae.W_dec + sae.b_dec
-    return (x_hat - x).pow(2).sum(-1).mean()
-
-
-def embedding_bag_loss(sae, x):
-    """sparsify's fallback: dense pre-activations and top-k, decode with F.embedding_bag."""
-    pre = F.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
-    top = pre.topk(sae.cfg.k, dim=-1, sorted=False)
-    x_hat = F.embedding_bag(top.indices, sae.W_dec, per_sample_weights=top.values, mode="sum") + sae.b_dec
-    return (x_hat - x).pow(2).sum(-1).mean()
-
-
-def loss_fn(name: str):
-    return {"dense": dense_loss, "embedding_bag": embedding_bag_loss}.get(name) or fastsae_loss(name)
-
-
-def train_step(sae, opt, x, loss) -> None:
-    opt.zero_grad(set_to_none=True)
-    loss(sae, x).backward()
-    opt.step()
-
-
-def floor_parts(sae, opt, x, out) -> tuple[float, float]:
-    """Seconds of the encoder's matrix product (into a preallocated output), and of one Adam
-    step (with the gradients of the step just taken)."""
-    x_in = x - sae.b_dec.detach()
-    t0 = time.perf_counter()
-    torch.mm(x_in, sae.W_enc.detach(), out=out)
-    t1 = time.perf_counter()
-    opt.step()
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1
+    def step(self, x) -> None:
+        if self.name in BASELINE_OF:
+            self.opt.zero_grad(set_to_none=True)
+            self.loss(x).backward()
+            self.opt.step()
+        else:
+            with fastsae.use_backend(self.name):
+                harness.train_step(self.model, self.opt, x)
 
 
 def run_timing(args) -> dict:
+    """Median seconds of each step, and of the floor's parts: the encoder's matrix product (into
+    a preallocated output) and one Adam step (cpp's, with the gradients of its last step)."""
     x = torch.randn(args.rows, args.d_in)
-    setups = {}
-    for name in STEPS:
-        sae = make_sae(args)
-        opt = make_adam(args, sae, name)
-        train_step(sae, opt, x, loss_fn(name))  # warm-up: builds the extension, creates Adam's state
-        setups[name] = (sae, opt, loss_fn(name))
+    contenders = {name: Contender(args, name) for name in STEPS}
+    fns = {name: (lambda c=c: c.step(x)) for name, c in contenders.items()}
+    cpp = contenders["cpp"]
     pre = torch.empty(args.rows, args.d_sae)
-    times = {name: [] for name in STEPS + ("floor", "floor_matmul", "floor_adam")}
-    for _ in range(args.repeats):
-        for name in STEPS:
-            sae, opt, loss = setups[name]
-            t0 = time.perf_counter()
-            train_step(sae, opt, x, loss)
-            times[name].append(time.perf_counter() - t0)
-        sae, opt, _ = setups["cpp"]
-        mm, adam = floor_parts(sae, opt, x, pre)
-        times["floor_matmul"].append(mm)
-        times["floor_adam"].append(adam)
-        times["floor"].append(mm + adam)
-    return {name: statistics.median(v) for name, v in times.items()}
+    fns["floor_matmul"] = lambda: torch.mm(x - cpp.model.b_dec.detach(), cpp.model.W_enc.detach(), out=pre)
+    fns["floor_adam"] = cpp.opt.step
+    # the warm-up round builds the extension and creates Adam's state (cpp's step runs before its Adam)
+    times = {name: t.median_ms * 1e-3 for name, t in harness.time_rounds(fns, reps=args.repeats, warmup=1).items()}
+    times["floor"] = times["floor_matmul"] + times["floor_adam"]
+    return times
 
 
 def _rss_kib(field: str) -> int:
@@ -138,16 +110,14 @@ def measure_memory_child(args) -> None:
     """Runs in a fresh process: peak resident memory of one step of `args.memory_of`, of its
     forward + backward and of the whole step (with Adam), above the memory before the step."""
     x = torch.randn(args.rows, args.d_in)
-    sae = make_sae(args)
-    opt = make_adam(args, sae, args.memory_of)
-    loss = loss_fn(args.memory_of)
+    contender = Contender(args, args.memory_of)
     for _ in range(2):
-        train_step(sae, opt, x, loss)
-    opt.zero_grad(set_to_none=True)
+        contender.step(x)
+    contender.opt.zero_grad(set_to_none=True)
     before = _reset_peak()
-    loss(sae, x).backward()
+    contender.loss(x).backward()
     fwd_bwd = _rss_kib("VmHWM")
-    opt.step()
+    contender.opt.step()
     peak = _rss_kib("VmHWM")
     print(json.dumps({"peak_mib": peak / 1024, "step_mib": (peak - before) / 1024,
                       "fwd_bwd_mib": (fwd_bwd - before) / 1024}))

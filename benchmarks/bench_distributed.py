@@ -28,6 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fastsae.bench import harness
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -89,8 +91,7 @@ def main() -> int:
                         "load_average": os.getloadavg()},
             "config": {k: v for k, v in vars(args).items() if k != "json"}, "results": results,
         }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        harness.write_json(report, args.json)
     return 0
 
 

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import sys
-from pathlib import Path
 
 import torch
 
 import fastsae
-from fastsae.bench import timing
+from fastsae.bench import harness
 from fastsae.training.optim import Adam
 
 
@@ -70,9 +68,7 @@ def main() -> int:
             l0, widest = positive.sum(-1).float().mean().item(), int(positive.sum(-1).max())
 
         def step(sae, opt):
-            opt.zero_grad(set_to_none=True)
-            sae.training_forward(x, sparsity_coefficient=1e-3).loss.backward()
-            opt.step()
+            harness.train_step(sae, opt, x, sparsity_coefficient=1e-3)
 
         def encode(sae):
             with torch.no_grad():
@@ -82,10 +78,8 @@ def main() -> int:
         for path in ("sparse", "dense"):
             fns[path] = lambda path=path: step(*paths[path])
             fns[f"encode_{path}"] = lambda path=path: encode(paths[path][0])
-        if device.type == "cuda":
-            times = {name: timing.time_cuda(fn, device, iters=args.repeats) for name, fn in fns.items()}
-        else:  # rounds alternate the contenders, so load from other processes falls on all of them
-            times = timing.time_cpu_alternating(fns, reps=args.repeats, warmup=1)
+        # CPU: rounds alternate the contenders, so load from other processes falls on all of them
+        times = harness.time_alternating(fns, device, reps=args.repeats, warmup=1)
         med = {name: t.median_ms for name, t in times.items()}
         row = {"target_l0": target, "l0": l0, "widest": widest, "ratio_widest_to_d_sae": widest / args.d_sae,
                "sparse_step_ms": med["sparse"], "dense_step_ms": med["dense"],
@@ -97,7 +91,7 @@ def main() -> int:
         meta = {"sweep": "relu_sparse_path_vs_l0", "device": str(device), "dtype": dtype, "rows": args.rows, "d_in": args.d_in, "d_sae": args.d_sae,
                 "torch": torch.__version__, "threads": torch.get_num_threads(), "date": _dt.date.today().isoformat(),
                 "backend": fastsae.ops.select(device)[0]}
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        harness.write_json({"meta": meta, "rows": rows}, args.json)
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import statistics
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from fastsae.bench import harness
 
 AUXK_ALPHA = 1 / 32
 
@@ -49,16 +50,6 @@ def _make(shape, dead_fraction, multi_topk=False, seed=0):
         return out
 
     return step
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main() -> None:
@@ -126,14 +117,13 @@ def main() -> None:
         "torch_threads": args.threads,
         "sparsify_decoder": sparse_coder_module.decoder_impl.__name__,
         "note": "shared machine: 2 cores shared with other jobs, so one torch thread; rounds alternate the contenders",
-        "machine": {"platform": platform.platform(), "processor": _cpu_model(), "cpu_count": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "processor": harness.device_model(), "cpu_count": os.cpu_count(),
                     "loadavg": os.getloadavg()},
         "versions": {"torch": torch.__version__, "sparsify": sparsify.__version__},
         "results": rows,
     }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        harness.write_json(result, args.json)
 
 
 if __name__ == "__main__":

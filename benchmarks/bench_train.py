@@ -38,15 +38,11 @@ from pathlib import Path
 import torch
 
 import fastsae
+from fastsae.bench import harness
 from fastsae.training.optim import Adam
 
 TARGETS = {"cpu": 0.90, "cuda": 0.80}
 AUXK_TARGETS = {"same_mask": 0.90, "no_mask": 0.85}  # the CPU's
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bare_step_tokens_per_s(args, device: torch.device, dtype: torch.dtype, dead_fraction: float | None = None) -> float:
@@ -69,18 +65,15 @@ def bare_step_tokens_per_s(args, device: torch.device, dtype: torch.dtype, dead_
         mask = mask.to(device)
 
     def step():
-        out = sae.training_forward(x, dead_mask=mask)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
+        harness.train_step(sae, optimizer, x, dead_mask=mask)
 
     for _ in range(3):
         step()
-    _sync(device)
+    harness.sync(device)
     started = time.perf_counter()
     for _ in range(args.bare_steps):
         step()
-    _sync(device)
+    harness.sync(device)
     return args.bare_steps * args.batch / (time.perf_counter() - started)
 
 
@@ -198,7 +191,7 @@ def main() -> int:
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
 
-    results = {"device": args.device, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+    results = {"device": args.device, "device_name": harness.device_model(device) if device.type == "cuda" else platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "shape": {"d_in": args.d_in, "d_sae": args.d_sae, "k": args.k, "batch": args.batch}, "dtype": dtype_name,
                "steps_per_round": args.steps, "rounds": args.rounds, "load_average": os.getloadavg(), "runs": {}}
@@ -210,8 +203,7 @@ def main() -> int:
                 results["runs"][f"{kind}-{data}"] = run_kind(args, kind, data, file, tmp, device, dtype)
     results["load_average_after"] = os.getloadavg()
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        harness.write_json(results, args.json)
     return 0
 
 

@@ -62,7 +62,7 @@ import torch  # noqa: E402
 
 import fastsae  # noqa: E402
 from fastsae import ops  # noqa: E402
-from fastsae.bench import baselines, peers, timing  # noqa: E402
+from fastsae.bench import baselines, harness, peers, timing  # noqa: E402
 from fastsae.ops import measured  # noqa: E402
 from fastsae.training.graph import CapturedStep  # noqa: E402
 from fastsae.training.optim import Adam, make_adam  # noqa: E402
@@ -91,10 +91,7 @@ class Run:
         row["t_s"] = round(time.time() - self.t0, 1)
         self.rows.append(row)
         print(json.dumps(row), flush=True)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
-        os.replace(tmp, self.path)
+        harness.write_json({"meta": self.meta, "rows": self.rows}, self.path)
         return row
 
     def time(self, fn, iters=10, warmup=3) -> dict:
@@ -247,9 +244,7 @@ def shape_targets(run: Run, shape, ceilings, dtype):
         opt = make_adam(model.parameters(), lr=1e-4, device=dev)
 
         def step():
-            opt.zero_grad(set_to_none=True)
-            model.training_forward(x_next()).loss.backward()
-            opt.step()
+            harness.train_step(model, opt, x_next())
         r = run.time(step)
         eager.update(r)
         r.update(floor_ms=floor_ms, target_ms=step_target)
@@ -273,9 +268,7 @@ def shape_targets(run: Run, shape, ceilings, dtype):
             opt = make_adam(model.parameters(), lr=1e-4, device=dev)
 
             def step():
-                opt.zero_grad(set_to_none=True)
-                model.training_forward(x_next(), dead_mask=dead_list).loss.backward()
-                opt.step()
+                harness.train_step(model, opt, x_next(), dead_mask=dead_list)
             r = run.time(step)
             if eager.get("ms"):
                 r["x_without_auxk"] = r["ms"] / eager["ms"]
@@ -343,9 +336,7 @@ def huge_target(run: Run, dtype):
         x = torch.randn(n, d_in, device=dev, dtype=dtype)
 
         def step():
-            opt.zero_grad(set_to_none=True)
-            sae.training_forward(x).loss.backward()
-            opt.step()
+            harness.train_step(sae, opt, x)
         step()  # Adam's state allocated, kernels compiled
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -395,13 +386,13 @@ def main(argv=None) -> int:
             print("gpu_targets: torch sees no CUDA device (--dry-run checks the script on the CPU)", file=sys.stderr)
             return 2
         dev, dtype, shapes = torch.device("cuda"), torch.bfloat16, SHAPES
-    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu-dry-run"
+    gpu = harness.device_model(dev) if dev.type == "cuda" else "cpu-dry-run"
     slug = "-".join(w for w in gpu.lower().replace("nvidia", "").split() if w)
     path = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / f"{slug}-{dt.date.today().isoformat()}.json"
     run = Run(path, args.budget_s, dev, args.dry_run)
     ceilings = timing.measure_ceilings(dev, dtype, reps=3)
     run.meta = {"device": gpu, "date": dt.date.today().isoformat(), "torch": torch.__version__,
-                "triton": getattr(__import__("triton"), "__version__", None), "fastsae": fastsae.__version__,
+                "triton": harness.module_version("triton"), "fastsae": fastsae.__version__,
                 "dtype": str(dtype).removeprefix("torch."), "ceilings": ceilings, "budget_s": args.budget_s,
                 "peers": peers.available_peers(dev.type)}
     run.emit(target="ceilings", **ceilings)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import fastsae
+from fastsae.bench import harness
 from fastsae.training import ActivationFiles, SyntheticActivations, Trainer, TrainerConfig
 from fastsae.training.data import save_activations
 
@@ -111,7 +112,7 @@ def rollback() -> dict:
 
 def main() -> int:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else None
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    results: dict = {"device": harness.device_model(torch.device("cuda")), "torch": torch.__version__}
     checks = {
         "sync_synthetic_bf16": lambda: sync_check(
             SyntheticActivations(d_in=768, n_features=4096, l0=32, n_rows=1 << 20, device="cuda"), "bfloat16"),
@@ -131,7 +132,7 @@ def main() -> int:
                 results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2000:]}
             print(name, json.dumps(results[name])[:600], flush=True)
     if out is not None:
-        out.write_text(json.dumps(results, indent=2))
+        harness.write_json(results, out)
     return 0
 
 

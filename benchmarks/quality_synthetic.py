@@ -13,7 +13,6 @@ Writes one JSON file per run to benchmarks/results/ (machine, threads, settings,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 import fastsae
+from fastsae.bench import harness
 from fastsae.ops import dispatch
 from fastsae.training import SyntheticActivations, Trainer, TrainerConfig
 
@@ -110,10 +110,8 @@ def main(argv=None) -> int:
         "data": data.describe(),
         "results": results,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"quality_synthetic-{platform.node()}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = Path(args.out) / f"quality_synthetic-{platform.node()}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    harness.write_json(record, path)
     print(f"wrote {path}")
     return 0 if all(r["pass"] for r in results) else 1
 

@@ -20,7 +20,8 @@ and AuxK terms with the same coefficients), so every contender does the same wor
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +29,76 @@ from torch import Tensor, nn
 
 from fastsae.activations import JumpReLU, Step, batch_topk
 
+AUX_COEFFICIENT = 1.0 / 32  # SAE.training_forward's default
+
+
+@dataclass(frozen=True)
+class BenchMath:
+    """What the bench needs to know of one architecture, so that no bench code names one:
+    its dense activation and sparsity penalty as SAELens computes them (the baselines' math),
+    whether it trains with AuxK, how a bench SAE of it is set up, and whether its step can be
+    captured as a CUDA graph."""
+
+    activate: Callable[["DenseSAE", Tensor], Tensor]  # pre-activations -> dense activations
+    # (model, pre, acts) -> the per-row sparsity term, averaged (None: no penalty)
+    penalty: Optional[Callable[["DenseSAE", Tensor, Tensor], Tensor]] = None
+    auxk: bool = False  # a dead mask adds SAELens' AuxK
+    takes_k: bool = False  # the SAE is built with the shape's k
+    # Sets the SAE so rows hold about k active latents, from each latent's 1 - k/d_sae quantile
+    # of the pre-activations (None: k does that).
+    calibrate: Optional[Callable[[nn.Module, Tensor, torch.dtype], None]] = None
+    sparse_decoder: bool = False  # sparsify's embedding-bag baseline (`torch-sparse`) computes it
+    capturable: bool = False  # its step has no host sync (`training.graph.CapturedStep`)
+    extra_parameters: tuple[str, ...] = ()  # beyond W_enc, b_enc, W_dec, b_dec
+    # The train_step cases `fastsae bench` times: fractions of latents marked dead (AuxK), or
+    # (None,): no dead mask (dead latents resampled between steps, or left).
+    dead_fractions: tuple[Optional[float], ...] = (None,)
+    encode_case: bool = False  # encode and decode are timed on an SAE of this architecture
+
+
+def _topk_dense(model: "DenseSAE", pre: Tensor) -> Tensor:
+    top = pre.topk(model.k, dim=-1, sorted=False)
+    return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+
+
+def _decoder_weighted_l1(model: "DenseSAE", pre: Tensor, acts: Tensor) -> Tensor:
+    return (acts * model.W_dec.norm(dim=1)).sum(-1).mean()
+
+
+def _step_l0(model: "DenseSAE", pre: Tensor, acts: Tensor) -> Tensor:
+    return Step.apply(pre, model.threshold, model.bandwidth).sum(-1).mean()
+
+
+def _lower_bias(sae, quantile: Tensor, dtype: torch.dtype) -> None:
+    sae.b_enc.sub_(quantile.to(dtype))
+
+
+def _set_threshold(sae, quantile: Tensor, dtype: torch.dtype) -> None:
+    sae.threshold.copy_(quantile.clamp_min(1e-3).to(dtype))
+
+
+# Keyed by the names of fastsae.architectures' registry; an architecture missing here is not benched.
+BENCH_MATH: dict[str, BenchMath] = {
+    "topk": BenchMath(
+        _topk_dense, auxk=True, takes_k=True, sparse_decoder=True, capturable=True, dead_fractions=(0.0, 0.01, 0.10),
+        encode_case=True,
+    ),
+    "batchtopk": BenchMath(
+        lambda model, pre: batch_topk(pre.relu(), model.k), auxk=True, takes_k=True, dead_fractions=(0.01,)
+    ),
+    "relu": BenchMath(lambda model, pre: pre.relu(), penalty=_decoder_weighted_l1, calibrate=_lower_bias),
+    "jumprelu": BenchMath(
+        lambda model, pre: JumpReLU.apply(pre, model.threshold, model.bandwidth), penalty=_step_l0,
+        calibrate=_set_threshold, extra_parameters=("threshold",),
+    ),
+}
+
 BASELINES = ("torch-dense", "torch-sparse")
 # The architectures each baseline computes.
-BASELINE_ARCHITECTURES = {"torch-dense": ("topk", "batchtopk", "relu", "jumprelu"), "torch-sparse": ("topk",)}
-AUX_COEFFICIENT = 1.0 / 32  # SAE.training_forward's default
+BASELINE_ARCHITECTURES = {
+    "torch-dense": tuple(BENCH_MATH),
+    "torch-sparse": tuple(name for name, math in BENCH_MATH.items() if math.sparse_decoder),
+}
 
 
 def gather_weighted_sum(values: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
@@ -50,27 +117,21 @@ class DenseSAE(nn.Module):
     def __init__(self, sae):
         super().__init__()
         self.architecture = sae.architecture
+        self.math = BENCH_MATH[sae.architecture]
         self.k = sae.cfg.k
         self.bandwidth = sae.cfg.jumprelu_bandwidth
         self.W_enc = nn.Parameter(sae.W_enc.detach().clone().contiguous())
         self.b_enc = nn.Parameter(sae.b_enc.detach().clone())
         self.W_dec = nn.Parameter(sae.W_dec.detach().clone())
         self.b_dec = nn.Parameter(sae.b_dec.detach().clone())
-        if self.architecture == "jumprelu":
-            self.threshold = nn.Parameter(sae.threshold.detach().clone())
+        for name in self.math.extra_parameters:
+            setattr(self, name, nn.Parameter(getattr(sae, name).detach().clone()))
 
     def pre(self, x: Tensor) -> Tensor:
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
     def activate(self, pre: Tensor) -> Tensor:
-        if self.architecture == "topk":
-            top = pre.topk(self.k, dim=-1, sorted=False)
-            return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
-        if self.architecture == "batchtopk":
-            return batch_topk(pre.relu(), self.k)
-        if self.architecture == "jumprelu":
-            return JumpReLU.apply(pre, self.threshold, self.bandwidth)
-        return pre.relu()
+        return self.math.activate(self, pre)
 
     def encode(self, x: Tensor):
         return self.activate(self.pre(x))
@@ -84,14 +145,12 @@ class DenseSAE(nn.Module):
 
     def loss(self, x: Tensor, dead_mask: Optional[Tensor] = None, coefficient: float = 0.0) -> Tensor:
         pre = self.pre(x)
-        acts = self.sparse_form(pre) if self.architecture == "topk" else self.activate(pre)
+        acts = self.sparse_form(pre)
         x_hat = self.decode(acts)
         loss = (x_hat - x).pow(2).sum(-1).mean()
-        if self.architecture == "relu" and coefficient:
-            loss = loss + coefficient * (acts * self.W_dec.norm(dim=1)).sum(-1).mean()
-        if self.architecture == "jumprelu" and coefficient:
-            loss = loss + coefficient * Step.apply(pre, self.threshold, self.bandwidth).sum(-1).mean()
-        if dead_mask is not None and self.architecture in ("topk", "batchtopk"):
+        if self.math.penalty is not None and coefficient:
+            loss = loss + coefficient * self.math.penalty(self, pre, acts)
+        if dead_mask is not None and self.math.auxk:
             n_dead = int(dead_mask.sum())  # a host sync on a GPU, as SAELens does
             if n_dead:
                 k_aux = aux_k(x.shape[1], pre.shape[1])

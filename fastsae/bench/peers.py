@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
+
+from fastsae.bench.baselines import BASELINE_ARCHITECTURES, BENCH_MATH
 
 PEERS = ("saelens", "sparsify", "saelens+fastsae", "sparsify+fastsae")
 
@@ -71,11 +74,33 @@ def _patched(library: str, **settings):
         getattr(integrations, f"revert_{library}")()
 
 
+@dataclass(frozen=True)
+class SAELensClass:
+    """SAELens' training SAE of one architecture: its class and config names, and the
+    coefficient its config and step take (None: a TopK family, whose sparsity is k and whose
+    AuxK runs at fastsae's coefficient 1/32)."""
+
+    sae: str
+    config: str
+    coefficient: Optional[str] = None  # "l1" -> l1_coefficient=..., coefficients {"l1": ...}
+    extra_config: Callable[[object], dict] = lambda sae: {}
+
+
+# Keyed by the names of fastsae.architectures' registry, as baselines.BENCH_MATH.
+SAELENS_CLASSES = {
+    "topk": SAELensClass("TopKTrainingSAE", "TopKTrainingSAEConfig"),
+    "batchtopk": SAELensClass("BatchTopKTrainingSAE", "BatchTopKTrainingSAEConfig"),
+    "relu": SAELensClass("StandardTrainingSAE", "StandardTrainingSAEConfig", "l1"),
+    "jumprelu": SAELensClass("JumpReLUTrainingSAE", "JumpReLUTrainingSAEConfig", "l0",
+                             lambda sae: {"jumprelu_bandwidth": sae.cfg.jumprelu_bandwidth}),
+}
+
+
 class SAELensTraining(nn.Module):
-    """SAELens' own training SAE of the fastsae SAE's architecture (TopKTrainingSAE,
-    BatchTopKTrainingSAE, StandardTrainingSAE, JumpReLUTrainingSAE), holding its weights; `loss`
-    is SAELens' `training_forward_pass` with the bench's dead mask (AuxK for TopK and BatchTopK,
-    at fastsae's coefficient 1/32) and sparsity coefficient."""
+    """SAELens' own training SAE of the fastsae SAE's architecture (`SAELENS_CLASSES`:
+    TopKTrainingSAE, BatchTopKTrainingSAE, StandardTrainingSAE, JumpReLUTrainingSAE), holding its
+    weights; `loss` is SAELens' `training_forward_pass` with the bench's dead mask (AuxK for TopK
+    and BatchTopK, at fastsae's coefficient 1/32) and sparsity coefficient."""
 
     def __init__(self, sae, coefficient: float = 0.0):
         super().__init__()
@@ -83,23 +108,19 @@ class SAELensTraining(nn.Module):
 
         common = dict(d_in=sae.d_in, d_sae=sae.d_sae, dtype=str(sae.dtype).removeprefix("torch."), device=str(sae.device))
         arch = sae.architecture
-        if arch in ("topk", "batchtopk"):
-            names = ("TopKTrainingSAE", "TopKTrainingSAEConfig") if arch == "topk" else ("BatchTopKTrainingSAE", "BatchTopKTrainingSAEConfig")
-            cfg = getattr(sae_lens, names[1])(k=sae.cfg.k, aux_loss_coefficient=1.0 / 32, **common)
-            self.coefficients = {}
-        elif arch == "relu":
-            names = ("StandardTrainingSAE", "StandardTrainingSAEConfig")
-            cfg = sae_lens.StandardTrainingSAEConfig(l1_coefficient=coefficient, **common)
-            self.coefficients = {"l1": coefficient}
-        elif arch == "jumprelu":
-            names = ("JumpReLUTrainingSAE", "JumpReLUTrainingSAEConfig")
-            cfg = sae_lens.JumpReLUTrainingSAEConfig(l0_coefficient=coefficient, jumprelu_bandwidth=sae.cfg.jumprelu_bandwidth, **common)
-            self.coefficients = {"l0": coefficient}
-        else:
+        if arch not in SAELENS_CLASSES:
             raise ValueError(f"peer saelens: no training SAE for architecture {arch!r} here")
-        self.sae = getattr(sae_lens, names[0])(cfg)
+        classes = SAELENS_CLASSES[arch]
+        if classes.coefficient is None:
+            settings = {"k": sae.cfg.k, "aux_loss_coefficient": 1.0 / 32}
+            self.coefficients = {}
+        else:
+            settings = {f"{classes.coefficient}_coefficient": coefficient}
+            self.coefficients = {classes.coefficient: coefficient}
+        cfg = getattr(sae_lens, classes.config)(**settings, **classes.extra_config(sae), **common)
+        self.sae = getattr(sae_lens, classes.sae)(cfg)
         with torch.no_grad():
-            for name in ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if arch == "jumprelu" else ()):
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec") + BENCH_MATH[arch].extra_parameters:
                 getattr(self.sae, name).copy_(getattr(sae, name))
 
     def encode(self, x: Tensor) -> Tensor:
@@ -192,11 +213,14 @@ class SparsifyPatched(nn.Module):
 
 
 # The architectures each peer runs.
+# sparsify trains TopK only, and the patches accelerate the TopK classes: the architectures
+# sparsify's embedding-bag baseline computes.
+_TOPK_ONLY = BASELINE_ARCHITECTURES["torch-sparse"]
 PEER_ARCHITECTURES = {
-    "saelens": ("topk", "batchtopk", "relu", "jumprelu"),
-    "sparsify": ("topk",),
-    "saelens+fastsae": ("topk",),  # the classes apply_to_saelens accelerates
-    "sparsify+fastsae": ("topk",),
+    "saelens": tuple(SAELENS_CLASSES),
+    "sparsify": _TOPK_ONLY,
+    "saelens+fastsae": _TOPK_ONLY,  # the classes apply_to_saelens accelerates
+    "sparsify+fastsae": _TOPK_ONLY,
 }
 
 

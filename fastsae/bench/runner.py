@@ -42,24 +42,20 @@ was no bound there.
 from __future__ import annotations
 
 import copy
-import datetime as _dt
-import json
-import os
-import platform
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from fastsae.bench import timing
-from fastsae.bench.baselines import BASELINE_ARCHITECTURES, BASELINES, make_baseline
+from fastsae.bench import harness, timing
+from fastsae.bench.baselines import BASELINE_ARCHITECTURES, BASELINES, BENCH_MATH, make_baseline
+from fastsae.bench.harness import write_json  # noqa: F401  (fastsae.bench's API)
 from fastsae.bench.peers import PEER_ARCHITECTURES, PEERS, available_peers, make_peer
 from fastsae.ops import dispatch, use_backend
 from fastsae.sae import SAE
 from fastsae.sparse import SparseActivations
 from fastsae.training.optim import Adam, make_adam
-from fastsae.version import __version__ as fastsae_version
 
 OPS = ("encode", "decode", "train_step")
 
@@ -88,17 +84,11 @@ class StepCase:
         return f"{self.architecture}{dead}"
 
 
-STEP_CASES = (
-    StepCase("topk", 0.0),
-    StepCase("topk", 0.01),
-    StepCase("topk", 0.10),
-    StepCase("batchtopk", 0.01),
-    StepCase("relu"),
-    StepCase("jumprelu"),
-)
+# TopK at 0%, 1% and 10% dead, BatchTopK at 1%, ReLU, JumpReLU (`baselines.BENCH_MATH`).
+STEP_CASES = tuple(StepCase(name, dead) for name, math in BENCH_MATH.items() for dead in math.dead_fractions)
 # The TopK SAE without a dead mask: what encode and decode time.
-ENCODE_CASE = StepCase("topk")
-SPARSITY_COEFFICIENT = 1.0  # relu's L1, jumprelu's L0 (the same for every contender)
+ENCODE_CASE = StepCase(next(name for name, math in BENCH_MATH.items() if math.encode_case))
+SPARSITY_COEFFICIENT = 1.0  # the penalty's coefficient (ReLU's L1, JumpReLU's L0), the same for every contender
 CPU_SHAPES = [Shape(2048, 768, 16384, 32)]
 CPU_QUICK = [Shape(1024, 256, 4096, 16)]
 GPU_SHAPES = [
@@ -113,26 +103,6 @@ GPU_SHAPES = [
 HUGE_SHAPE = Shape(65536, 4096, 1 << 20, 64)
 DENSE_MAX_ELEMENTS = 1 << 34  # N * d_sae above this (32 GiB of bf16 pre-activations): no dense contenders
 GPU_QUICK = [Shape(4096, 768, 24576, 32)]
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class _Rotating:
@@ -151,22 +121,18 @@ def bench_sae(shape: Shape, case: StepCase, device: torch.device, dtype: torch.d
     with each latent's bias (ReLU) or threshold (JumpReLU) at its 1 - k/d_sae quantile on inputs
     like the bench's, so rows hold about k active latents, as in a trained SAE."""
     torch.manual_seed(0)
-    arch = case.architecture
+    math = BENCH_MATH[case.architecture]
     sae = SAE(
-        d_in=shape.d_in, d_sae=shape.d_sae, architecture=arch, k=shape.k if arch in ("topk", "batchtopk") else None,
+        d_in=shape.d_in, d_sae=shape.d_sae, architecture=case.architecture, k=shape.k if math.takes_k else None,
         dtype=str(dtype).removeprefix("torch."), device=str(device),
     )
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.01)
         sae.b_dec.normal_(0, 0.01)
-        if arch in ("relu", "jumprelu"):
+        if math.calibrate is not None:
             sample = torch.randn(min(shape.n, 4096), shape.d_in, device=device, dtype=torch.float32)
             pre = (sample - sae.b_dec.float()) @ sae.W_enc.float() + sae.b_enc.float()
-            q = torch.quantile(pre, 1 - min(1.0, shape.k / shape.d_sae), dim=0)
-            if arch == "relu":
-                sae.b_enc.sub_(q.to(dtype))
-            else:
-                sae.threshold.copy_(q.clamp_min(1e-3).to(dtype))
+            math.calibrate(sae, torch.quantile(pre, 1 - min(1.0, shape.k / shape.d_sae), dim=0), dtype)
     return sae
 
 
@@ -224,18 +190,16 @@ def _contenders(
                 fns[name] = lambda base=base: _no_grad(base.decode, _pair(sp.next()))
     elif op == "train_step":
         mask = dead_mask_for(case, shape.d_sae, device)
-        coefficient = SPARSITY_COEFFICIENT if case.architecture in ("relu", "jumprelu") else 0.0
+        coefficient = sparsity_coefficient(case)
         for b in backends:
             model = copy.deepcopy(sae)
             opt = make_adam(model.parameters(), lr=1e-4, device=device)
 
             def run(b=b, model=model, opt=opt):
                 with use_backend(b):
-                    opt.zero_grad(set_to_none=True)
-                    model.training_forward(xs.next(), sparsity_coefficient=coefficient, dead_mask=mask).loss.backward()
-                    opt.step()
+                    harness.train_step(model, opt, xs.next(), sparsity_coefficient=coefficient, dead_mask=mask)
             fns[b] = run
-            if graph and device.type == "cuda" and case.architecture == "topk":
+            if graph and device.type == "cuda" and BENCH_MATH[case.architecture].capturable:
                 fns[f"{b}+graph"] = _captured_step(b, sae, xs, device, mask)
         for name in list(baselines) + list(peers):
             base = make_baseline(name, sae) if name in BASELINES else make_peer(name, sae, coefficient)
@@ -249,14 +213,7 @@ def _contenders(
     else:
         raise ValueError(f"op: expected one of {OPS}, got {op!r}")
 
-    def synced(fn):
-        def call():
-            out = fn()
-            _sync(device)
-            return out
-        return call
-
-    return {name: synced(fn) for name, fn in fns.items()}, sae
+    return {name: harness.synced(fn, device) for name, fn in fns.items()}, sae
 
 
 def _captured_step(backend: str, sae, xs, device: torch.device, mask: Optional[torch.Tensor]):
@@ -278,6 +235,11 @@ def _captured_step(backend: str, sae, xs, device: torch.device, mask: Optional[t
                 )
             return holder["step"].run(xs.next(), mask)
     return run
+
+
+def sparsity_coefficient(case: StepCase) -> float:
+    """The penalty coefficient a case's step runs with (0 for architectures without one)."""
+    return SPARSITY_COEFFICIENT if BENCH_MATH[case.architecture].penalty is not None else 0.0
 
 
 def _no_grad(fn, arg):
@@ -390,15 +352,7 @@ def run_bench(
     n_inputs = 4 if dev.type == "cuda" else 2
     ceilings = timing.measure_ceilings(dev, dtype, reps=3)
     meta = {
-        "device": _device_name(dev),
-        "device_type": dev.type,
-        "dtype": str(dtype).removeprefix("torch."),
-        "date": _dt.date.today().isoformat(),
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "fastsae": fastsae_version,
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
+        **harness.machine_info(dev, dtype),
         "ceilings": ceilings,
         "backends": backends,
         "peers": list(peers),
@@ -419,10 +373,7 @@ def run_bench(
                 )
                 parts = _floor_parts(op, shape, sae, dev, dtype)
                 warm = 2 if op == "train_step" else 1
-                if dev.type == "cuda":
-                    times = {name: timing.time_cuda(fn, dev, iters=reps) for name, fn in {**fns, **parts}.items()}
-                else:
-                    times = timing.time_cpu_alternating({**fns, **parts}, reps=reps, warmup=warm)
+                times = harness.time_alternating({**fns, **parts}, dev, reps=reps, warmup=warm)
                 mems = {name: timing.peak_memory_bytes(fn, dev) for name, fn in fns.items()}
                 floor, matmul_ms = _floor_ms(op, shape, dtype, ceilings, {n: times[n].min_ms for n in parts}, dev)
                 contender_times = {n: t for n, t in times.items() if n not in parts}
@@ -431,13 +382,6 @@ def run_bench(
                 log(format_table(new_rows, title=f"{op} {shape}" + (f" {case}" if op == "train_step" else "")))
                 del fns, sae, parts
     return {"meta": meta, "rows": rows}
-
-
-def _version(module: str) -> Optional[str]:
-    try:
-        return __import__(module).__version__
-    except Exception:
-        return None
 
 
 def _rows(op, shape, meta, times, mems, floor, matmul_ms, case: StepCase = ENCODE_CASE) -> list[dict]:
@@ -520,18 +464,5 @@ def format_table(rows: list[dict], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def write_json(result: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
-    return path
-
-
 def default_results_path(result: dict) -> Path:
-    meta = result["meta"]
-    name = "".join(c if c.isalnum() else "-" for c in meta["device"].split("(")[0].strip().lower()).strip("-")
-    name = "-".join(p for p in name.split("-") if p)
-    suffix = "-quick" if meta.get("quick") else ""
-    return Path("benchmarks/results") / f"{meta['device_type']}-{name}-{meta['date']}{suffix}.json"
+    return harness.results_path(result["meta"], suffix="-quick" if result["meta"].get("quick") else "")

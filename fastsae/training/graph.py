@@ -1,5 +1,6 @@
-"""A TopK SAE's whole training step (forward, AuxK, backward, Adam) recorded once as a CUDA graph
-and replayed: one launch per step instead of a few hundred, the small-batch cost the H200 run
+"""`train_step`: one training step (zero_grad, forward, AuxK, backward, Adam), the step every
+benchmark times eagerly (`fastsae.bench.harness`); and `CapturedStep`: a TopK SAE's `train_step`
+recorded once as a CUDA graph and replayed: one launch per step instead of a few hundred, the small-batch cost the H200 run
 measured (about 3 ms per step at N 4096 against a ~0.5 ms floor).
 
 Why it can be captured: the TopK step has no host sync and no data-dependent shape (AuxK
@@ -27,6 +28,50 @@ from torch import Tensor
 from fastsae.auxk import DeadLatents, check_dead_mask
 from fastsae.sae import TrainOutput
 from fastsae.training.optim import set_lr
+
+
+def train_step(
+    sae,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    *,
+    dead_mask=None,
+    sparsity_coefficient: Optional[float] = None,
+    k_aux: Optional[int] = None,
+    aux_coefficient: Optional[float] = None,
+    found_inf: Optional[Tensor] = None,
+    after_step: Optional[Callable[[], None]] = None,
+) -> TrainOutput:
+    """One training step: zero the gradients, `training_forward`, backward, the optimizer's step
+    (unit-norm decoders: the gradient's parallel part removed before, the rows renormalised
+    after). The step `fastsae bench` and the benchmarks time eagerly and `CapturedStep` records.
+
+    found_inf (a 0-d float tensor on the device): set to 1 when the loss is not finite and handed
+    to the fused Adam, which then skips the whole update (no host sync, so it can be captured).
+    None-valued keywords take `training_forward`'s defaults.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    kwargs = {"dead_mask": dead_mask}
+    for name, value in (("sparsity_coefficient", sparsity_coefficient), ("k_aux", k_aux),
+                        ("aux_coefficient", aux_coefficient)):
+        if value is not None:
+            kwargs[name] = value
+    out = sae.training_forward(x, **kwargs)
+    out.loss.backward()
+    unit_norm = sae.cfg.decoder_norm == "unit_norm"
+    if unit_norm:
+        sae.remove_gradient_parallel_to_decoder_directions()
+    if found_inf is not None:
+        found_inf.copy_((~torch.isfinite(out.loss.detach())).float())
+        optimizer.found_inf = found_inf  # read by the fused Adam: a refused step changes nothing
+    optimizer.step()
+    if unit_norm or after_step is not None:
+        with torch.no_grad():
+            if unit_norm:
+                sae.set_decoder_norm_to_unit_norm()
+            if after_step is not None:
+                after_step()
+    return out
 
 
 def _state_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
@@ -98,21 +143,11 @@ class CapturedStep:
         self.out: Optional[TrainOutput] = None
 
     def _step(self) -> TrainOutput:
-        sae = self.sae
         dead = DeadLatents.from_mask(self.dead, capacity=self.aux_capacity) if self.dead is not None else None
-        out = sae.training_forward(self.x, dead_mask=dead, k_aux=self.k_aux, aux_coefficient=self.aux_coefficient)
-        out.loss.backward()
-        if sae.cfg.decoder_norm == "unit_norm":
-            sae.remove_gradient_parallel_to_decoder_directions()
-        self.found_inf.copy_((~torch.isfinite(out.loss.detach())).float())
-        self.optimizer.found_inf = self.found_inf  # read by the fused Adam: a refused step changes nothing
-        self.optimizer.step()
-        with torch.no_grad():
-            if sae.cfg.decoder_norm == "unit_norm":
-                sae.set_decoder_norm_to_unit_norm()
-            if self.after_step is not None:
-                self.after_step()
-        return out
+        return train_step(
+            self.sae, self.optimizer, self.x, dead_mask=dead, k_aux=self.k_aux, aux_coefficient=self.aux_coefficient,
+            found_inf=self.found_inf, after_step=self.after_step,
+        )
 
     def _capture(self) -> None:
         side = torch.cuda.Stream(self.sae.device)
