@@ -61,7 +61,7 @@ def test_the_module_knows_no_file_format():
 LAYERS = [
     ("core", ("fastsae.version", "fastsae.sparse", "fastsae.validation", "fastsae.config", "fastsae.activations",
               "fastsae.reference", "fastsae.auxk", "fastsae.evals", "fastsae.kernels", "fastsae.runs",
-              "fastsae.integrations._versions", "fastsae.integrations._saelens_common")),
+              "fastsae.integrations._versions")),
     ("ops", ("fastsae.ops",)),
     ("model", ("fastsae.sae", "fastsae.sparse_path", "fastsae.architectures", "fastsae.distributed")),
     ("formats", ("fastsae.formats",)),

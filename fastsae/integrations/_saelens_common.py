@@ -7,6 +7,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from fastsae import ops
+from fastsae.auxk import DeadLatents
+
 # class name -> {method: maker(original) -> patched}; filled by the family modules.
 _PATCHES: dict[str, dict[str, Callable]] = {}
 # class name -> the family's own conditions for the fused path (beyond the shared ones).
@@ -99,3 +102,42 @@ def _hidden_pre(sae, x: torch.Tensor, dec_norm: Optional[torch.Tensor]) -> torch
         if dec_norm is not None:
             pre.mul_(dec_norm)
     return pre
+
+
+def with_error_term(sae, x: torch.Tensor, sae_out: torch.Tensor) -> torch.Tensor:
+    """SAELens' forward tail: sae_out + (x - clean reconstruction), the error without gradient
+    (with no hook registered, the clean reconstruction is this one), through hook_sae_output."""
+    if sae.use_error_term:
+        with torch.no_grad():
+            sae_error = sae.hook_sae_error(x - sae_out)
+        sae_out = sae_out + sae_error
+    return sae.hook_sae_output(sae_out)
+
+
+def auxk_setup(mask: Optional[torch.Tensor], d_in: int, device: torch.device):
+    """(dead latents or None, k_aux, scale) as SAELens' TopK AuxK sets them: k_aux = d_in / 2
+    (Gao et al., appendix B.1), capped at the dead count, the loss scaled down below it."""
+    num_dead = int(mask.sum()) if mask is not None else 0
+    if num_dead == 0:
+        return None, 0, 0.0
+    half = d_in // 2
+    dead = DeadLatents.from_mask(mask.to(device=device, dtype=torch.bool), capacity=num_dead)
+    return dead, min(half, num_dead), min(num_dead / half, 1.0)
+
+
+def decode_with_auxk(sae, values, indices, dec_norm, aux_pre, dead: Optional[DeadLatents]):
+    """(x_hat [N, d_in], the dead latents' reconstruction or None) from the fused decode."""
+    if dead is None:
+        return ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, dec_norm, check_indices=False), None
+    return ops.sparse_decode_with_aux(
+        values, indices, sae.W_dec, sae.b_dec, dec_norm, aux_pre, dead.latents, check_indices=False
+    )
+
+
+def auxk_loss(sae, sae_in: torch.Tensor, sae_out: torch.Tensor, e_hat: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """SAELens' auxiliary loss: the dead latents' reconstruction against the detached residual."""
+    if e_hat is None:
+        return sae_out.new_tensor(0.0)
+    residual = (sae_in - sae_out).detach()
+    loss = (e_hat.reshape(residual.shape) - residual).pow(2).sum(dim=-1).mean()
+    return sae.cfg.aux_loss_coefficient * scale * loss

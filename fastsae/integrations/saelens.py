@@ -39,6 +39,10 @@ from fastsae.integrations._saelens_common import (
     _fast_ok,
     _feature_acts,
     _hidden_pre,
+    auxk_loss,
+    auxk_setup,
+    decode_with_auxk,
+    with_error_term,
 )
 from fastsae.integrations._versions import import_supported
 
@@ -126,14 +130,7 @@ def _patched_forward(original: Callable) -> Callable:
             return original(self, x)
         _, dec_norm, values, indices, _ = _encode_flat(self, x)
         sae_out = ops.sparse_decode(values, indices, self.W_dec, self.b_dec, dec_norm, check_indices=False)
-        sae_out = sae_out.reshape(*x.shape[:-1], self.cfg.d_in)
-        if self.use_error_term:
-            # SAELens: sae_out + (x - clean reconstruction), the error without gradient; with no
-            # hook registered the clean reconstruction is this one.
-            with torch.no_grad():
-                sae_error = self.hook_sae_error(x - sae_out)
-            sae_out = sae_out + sae_error
-        return self.hook_sae_output(sae_out)
+        return with_error_term(self, x, sae_out.reshape(*x.shape[:-1], self.cfg.d_in))
 
     forward.__fastsae_original__ = original
     return forward
@@ -147,31 +144,13 @@ def _patched_training_forward_pass(original: Callable) -> Callable:
         sae_in = step_input.sae_in
         if not _fast_ok(self, sae_in, _TOPK_CLASSES):
             return original(self, step_input)
-        mask = step_input.dead_neuron_mask
-        num_dead = int(mask.sum()) if mask is not None else 0
-        d_in, d_sae = self.cfg.d_in, self.cfg.d_sae
-        dead, k_aux, scale = None, 0, 0.0
-        if num_dead > 0:
-            half = d_in // 2  # SAELens' k_aux heuristic (Gao et al., appendix B.1)
-            scale = min(num_dead / half, 1.0)
-            k_aux = min(half, num_dead)
-            dead = DeadLatents.from_mask(mask.to(device=sae_in.device, dtype=torch.bool), capacity=num_dead)
+        dead, k_aux, scale = auxk_setup(step_input.dead_neuron_mask, self.cfg.d_in, sae_in.device)
         x2, dec_norm, values, indices, aux_pre = _encode_flat(self, sae_in, dead, k_aux)
-        if dead is not None:
-            x_hat, e_hat = ops.sparse_decode_with_aux(
-                values, indices, self.W_dec, self.b_dec, dec_norm, aux_pre, dead.latents, check_indices=False
-            )
-        else:
-            x_hat = ops.sparse_decode(values, indices, self.W_dec, self.b_dec, dec_norm, check_indices=False)
+        x_hat, e_hat = decode_with_auxk(self, values, indices, dec_norm, aux_pre, dead)
         lead = sae_in.shape[:-1]
-        sae_out = x_hat.reshape(*lead, d_in)
+        sae_out = x_hat.reshape(*lead, self.cfg.d_in)
         mse_loss = self.mse_loss_fn(sae_out, sae_in).sum(dim=-1).mean()
-        if dead is None:
-            aux_loss = sae_out.new_tensor(0.0)
-        else:
-            residual = (sae_in - sae_out).detach()
-            aux_loss = (e_hat.reshape(*lead, d_in) - residual).pow(2).sum(dim=-1).mean()
-            aux_loss = self.cfg.aux_loss_coefficient * scale * aux_loss
+        aux_loss = auxk_loss(self, sae_in, sae_out, e_hat, scale)
         feature_acts = _feature_acts(self, values, indices, tuple(lead))
         return TrainStepOutput(
             sae_in=sae_in,

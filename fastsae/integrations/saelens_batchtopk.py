@@ -27,7 +27,15 @@ import torch
 
 from fastsae import ops
 from fastsae.auxk import DeadLatents
-from fastsae.integrations._saelens_common import _dense, _fast_ok, _hidden_pre
+from fastsae.integrations._saelens_common import (
+    _dense,
+    _fast_ok,
+    _hidden_pre,
+    auxk_loss,
+    auxk_setup,
+    decode_with_auxk,
+    with_error_term,
+)
 
 _BOUND_ATTR = "_fastsae_batchtopk_bound"
 
@@ -84,12 +92,7 @@ def _patched_forward(original: Callable) -> Callable:
         if not _fast_ok(self, x, PATCHES):
             return original(self, x)
         _, dec_norm, values, indices, _ = _selection(self, x)
-        sae_out = _decode(self, values, indices, dec_norm).reshape(*x.shape[:-1], self.cfg.d_in)
-        if self.use_error_term:
-            with torch.no_grad():
-                sae_error = self.hook_sae_error(x - sae_out)
-            sae_out = sae_out + sae_error
-        return self.hook_sae_output(sae_out)
+        return with_error_term(self, x, _decode(self, values, indices, dec_norm).reshape(*x.shape[:-1], self.cfg.d_in))
 
     forward.__fastsae_original__ = original
     return forward
@@ -108,19 +111,9 @@ def _patched_training_forward_pass(original: Callable) -> Callable:
             return original(self, step_input)  # SAELens' nested decode slices dim 1: its own error
         cfg = self.cfg
         per_level_aux = matryoshka and cfg.use_matryoshka_aux_loss and num_dead > 0
-        dead, k_aux, scale = None, 0, 0.0
-        if num_dead > 0 and not per_level_aux:
-            half = cfg.d_in // 2  # SAELens' k_aux heuristic (Gao et al., appendix B.1)
-            scale = min(num_dead / half, 1.0)
-            k_aux = min(half, num_dead)
-            dead = DeadLatents.from_mask(mask.to(device=sae_in.device, dtype=torch.bool), capacity=num_dead)
+        dead, k_aux, scale = auxk_setup(None if per_level_aux else mask, cfg.d_in, sae_in.device)
         x2, dec_norm, values, indices, aux_pre = _selection(self, sae_in, dead, k_aux)
-        if dead is not None:
-            x_hat, e_hat = ops.sparse_decode_with_aux(
-                values, indices, self.W_dec, self.b_dec, dec_norm, aux_pre, dead.latents, check_indices=False
-            )
-        else:
-            x_hat = _decode(self, values, indices, dec_norm)
+        x_hat, e_hat = decode_with_auxk(self, values, indices, dec_norm, aux_pre, dead)
         lead = sae_in.shape[:-1]
         sae_out = x_hat.reshape(*lead, cfg.d_in)
         mse_loss = self.mse_loss_fn(sae_out, sae_in).sum(dim=-1).mean()
@@ -131,12 +124,8 @@ def _patched_training_forward_pass(original: Callable) -> Callable:
                 inner_recons[width] = _decode(self, inner, indices, dec_norm).reshape(*lead, cfg.d_in)
         if per_level_aux:
             aux_loss = _matryoshka_aux_loss(self, x2, sae_in, sae_out, inner_recons, mask.to(sae_in.device, torch.bool))
-        elif dead is None:
-            aux_loss = sae_out.new_tensor(0.0)
         else:
-            residual = (sae_in - sae_out).detach()
-            aux_loss = (e_hat.reshape(*lead, cfg.d_in) - residual).pow(2).sum(dim=-1).mean()
-            aux_loss = cfg.aux_loss_coefficient * scale * aux_loss
+            aux_loss = auxk_loss(self, sae_in, sae_out, e_hat, scale)
         losses = {"mse_loss": mse_loss, "auxiliary_reconstruction_loss": aux_loss}
         loss = mse_loss + aux_loss
         for width, recon in inner_recons.items():

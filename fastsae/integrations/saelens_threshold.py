@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from fastsae import ops
-from fastsae.integrations._saelens_common import _fast_ok, _feature_acts, _hidden_pre
+from fastsae.integrations._saelens_common import _fast_ok, _feature_acts, _hidden_pre, with_error_term
 from fastsae.sae import default_sparse_width_limit
 from fastsae.sparse import pad_at_free_latents
 
@@ -183,12 +183,7 @@ def _patched_forward(original: Callable) -> Callable:
         if sparse is None:
             return _saelens_code(original, self, x)
         _, real, pre, indices = sparse
-        sae_out = _decode(self, _acts(self, real, pre, indices, False), indices, tuple(x.shape[:-1]))
-        if self.use_error_term:
-            with torch.no_grad():  # SAELens: the error against the clean (hook-free) reconstruction
-                sae_error = self.hook_sae_error(x - sae_out)
-            sae_out = sae_out + sae_error
-        return self.hook_sae_output(sae_out)
+        return with_error_term(self, x, _decode(self, _acts(self, real, pre, indices, False), indices, tuple(x.shape[:-1])))
 
     forward.__fastsae_original__ = original
     return forward
