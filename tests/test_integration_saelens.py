@@ -12,6 +12,7 @@ from sae_lens.saes.sae import TrainStepInput  # noqa: E402
 
 import fastsae.integrations.saelens as integ  # noqa: E402
 from fastsae.integrations import apply_to_saelens, revert_saelens, saelens_accelerated_classes  # noqa: E402
+from saelens_testing import fit_with_saelens_trainer  # noqa: E402
 
 D_IN, D_SAE, K, N = 24, 96, 5, 40
 
@@ -175,22 +176,9 @@ def test_bad_argument():
 
 
 def test_saelens_trainer_runs_patched_and_matches():
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
-    from sae_lens.training.sae_trainer import SAETrainer
-
     def run():
         sae = _training_sae(seed=3)
-        torch.manual_seed(7)
-        batches = [torch.randn(16, D_IN) for _ in range(6)]
-        cfg = SAETrainerConfig(
-            n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False, total_training_samples=96,
-            device="cpu", autocast=False, lr=3e-3, lr_end=3e-3, lr_scheduler_name="constant", lr_warm_up_steps=0,
-            adam_beta1=0.9, adam_beta2=0.999, lr_decay_steps=0, n_restart_cycles=1, train_batch_size_samples=16,
-            dead_feature_window=2, feature_sampling_window=1000, logger=LoggingConfig(log_to_wandb=False),
-        )
-        trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter(batches))
-        trainer.fit()
-        return sae, trainer
+        return sae, fit_with_saelens_trainer(sae, D_IN)
 
     want, want_trainer = run()
     apply_to_saelens()

@@ -19,6 +19,7 @@ from sae_lens.saes.sae import TrainStepInput  # noqa: E402
 
 import fastsae.integrations.saelens_batchtopk as batchtopk_patch  # noqa: E402
 from fastsae.integrations import apply_to_saelens, revert_saelens, saelens_accelerated_classes  # noqa: E402
+from saelens_testing import fit_with_saelens_trainer  # noqa: E402
 
 D_IN, D_SAE = 24, 96
 WIDTHS = [10, 37, D_SAE]
@@ -165,22 +166,9 @@ def test_listed_as_accelerated():
 
 @pytest.mark.parametrize("kind", ["batchtopk", "matryoshka"])
 def test_saelens_trainer_runs_patched_and_matches(kind, selections):
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
-    from sae_lens.training.sae_trainer import SAETrainer
-
     def run():
         sae = _sae(kind, 4, torch.float32)
-        torch.manual_seed(7)
-        batches = [torch.randn(16, D_IN) for _ in range(6)]
-        cfg = SAETrainerConfig(
-            n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False, total_training_samples=96,
-            device="cpu", autocast=False, lr=3e-3, lr_end=3e-3, lr_scheduler_name="constant", lr_warm_up_steps=0,
-            adam_beta1=0.9, adam_beta2=0.999, lr_decay_steps=0, n_restart_cycles=1, train_batch_size_samples=16,
-            dead_feature_window=2, feature_sampling_window=1000, logger=LoggingConfig(log_to_wandb=False),
-        )
-        trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter(batches))
-        trainer.fit()
-        return sae, trainer
+        return sae, fit_with_saelens_trainer(sae, D_IN)
 
     want, want_trainer = run()
     apply_to_saelens()
