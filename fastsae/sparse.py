@@ -13,6 +13,7 @@ Row r's activation vector is the sum over j of values[r, j] at latent indices[r,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -128,3 +129,28 @@ def pad_at_free_latents(real: Tensor, indices: Tensor, d_sae: int, traceable: bo
     t = torch.remainder(row * 7919 + slot - counts, free)  # distinct within a row: m - count <= free
     latent = t + torch.searchsorted(shifted, t.contiguous(), right=True)
     return torch.where(real, indices, latent)
+
+
+def batch_top_entries(encode: Callable[[int], tuple], n: int, keep_count: int, d_sae: int, bound: int):
+    """BatchTopK's selection without the dense [N, d_sae]: the batch's `keep_count` largest
+    activations, taken from each row's top `bound` candidates, `encode(bound)` -> (values [N, bound],
+    indices [N, bound], anything else the encoder returns). Exact unless a row had all its
+    candidates kept while its smallest one is positive (its next entries might belong too): then
+    the bound doubles and the batch is encoded again. Returns (values [N, m], indices [N, m], the
+    encoder's extra output, the bound used): each row compacted to the batch's widest row, its kept
+    entries first, then value-0 slots at other candidates of the row (distinct latents, no
+    gradient)."""
+    while True:
+        cand, cand_idx, extra = encode(bound)
+        flat = cand.detach().flatten()
+        keep = torch.zeros(n * bound, dtype=torch.bool, device=cand.device)
+        keep[flat.topk(min(keep_count, flat.numel()), sorted=False).indices] = True
+        keep = keep.view(n, bound)
+        saturated = keep.all(1) & (cand.detach().amin(1) > 0)
+        if bound >= d_sae or not bool(saturated.any()):
+            break
+        bound = min(d_sae, 2 * bound)
+    width = max(1, int(keep.sum(1).max())) if n else 0
+    order = cand.detach().masked_fill(~keep, float("-inf")).topk(width, dim=1).indices
+    values = torch.where(keep.gather(1, order), cand.gather(1, order), cand.new_zeros(()))
+    return values, cand_idx.gather(1, order), extra, bound

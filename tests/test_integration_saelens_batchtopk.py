@@ -18,6 +18,7 @@ from sae_lens.saes import (  # noqa: E402
 from sae_lens.saes.sae import TrainStepInput  # noqa: E402
 
 import fastsae.integrations.saelens_batchtopk as batchtopk_patch  # noqa: E402
+from fastsae.integrations._saelens_common import sparse_path_of  # noqa: E402
 from fastsae.integrations import apply_to_saelens, revert_saelens, saelens_accelerated_classes  # noqa: E402
 from saelens_testing import fit_with_saelens_trainer  # noqa: E402
 
@@ -41,7 +42,7 @@ def selections(monkeypatch):
 
     def counting(sae, *args):
         out = original(sae, *args)
-        bounds.append(sae.__dict__[batchtopk_patch._BOUND_ATTR])
+        bounds.append(sparse_path_of(sae).batchtopk_bound)
         return out
 
     monkeypatch.setattr(batchtopk_patch, "_selection", counting)

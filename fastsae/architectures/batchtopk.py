@@ -9,12 +9,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastsae import ops, reference
+from fastsae import reference
 from fastsae.activations import batch_topk
 from fastsae.architectures.base import Architecture, Step, decoder_norm
 from fastsae.architectures.topk import decode_with_aux
 from fastsae.auxk import DeadLatents
-from fastsae.sparse import SparseActivations, tracing
+from fastsae.sparse import SparseActivations, batch_top_entries, tracing
 
 
 class BatchTopK(Architecture):
@@ -74,31 +74,16 @@ class BatchTopK(Architecture):
             sae.topk_threshold.mul_(1 - lr).add_(lr * positive.min().to(torch.float64))
 
     def _sparse_selection(self, sae, x2: Tensor, dead: Optional[DeadLatents], k_aux: int):
-        """The batch's N k largest activations without the dense matrix: each row's top `bound`
-        candidates from the top-k encoder, then the batch's N k largest among them. Exact unless a
-        row had all its candidates selected while its smallest one is positive (its next entries
-        might belong too): then the bound doubles and the batch is encoded again (and the larger
-        bound kept for the next batches). Returns (values, indices, AuxK's aux_pre) with rows
-        padded by value-0 slots, or None for the dense path (off, or traced: the width depends on
-        the data)."""
+        """The batch's N k largest activations without the dense matrix (`batch_top_entries` over
+        the top-k encoder's per-row candidates; the bound it needed is kept for the next batches).
+        Returns (values, indices, AuxK's aux_pre) with rows padded by value-0 slots, or None for the
+        dense path (off, or traced: the width depends on the data)."""
         if sae.sparse_path.limit(sae.d_sae, sae.device) <= 0 or tracing():
             return None
         n, k, d_sae = x2.shape[0], sae.cfg.k, sae.d_sae
         bound = min(d_sae, max(sae.sparse_path.batchtopk_bound or 0, 4 * k))
-        while True:
-            cand, cand_idx, aux_pre = self.topk_flat(sae, x2, dead, k_aux, bound)
-            chosen = cand.detach().flatten().topk(n * k, sorted=False).indices  # bound >= k: there are enough
-            keep = torch.zeros(n * bound, dtype=torch.bool, device=cand.device)
-            keep[chosen] = True
-            keep = keep.view(n, bound)
-            saturated = keep.all(1) & (cand.detach().amin(1) > 0)
-            if bound >= d_sae or not bool(saturated.any()):
-                break
-            bound = min(d_sae, 2 * bound)
+        values, indices, aux_pre, bound = batch_top_entries(
+            lambda b: self.topk_flat(sae, x2, dead, k_aux, b), n, n * k, d_sae, bound
+        )
         sae.sparse_path.batchtopk_bound = bound
-        # Compact each row to the batch's widest row: its kept entries first, then value-0 slots at
-        # other candidates of the row (distinct latents, no gradient).
-        width = max(1, int(keep.sum(1).max())) if n else 0
-        order = cand.detach().masked_fill(~keep, float("-inf")).topk(width, dim=1).indices
-        values = torch.where(keep.gather(1, order), cand.gather(1, order), cand.new_zeros(()))
-        return values, cand_idx.gather(1, order), aux_pre
+        return values, indices, aux_pre

@@ -5,10 +5,10 @@ training_forward_pass). SAELens keeps the batch's int(k * rows) largest ReLU'd p
 (times ||W_dec,i|| with `rescale_acts_by_decoder_norm`), in training and in `encode` alike; its
 threshold (an EMA of the smallest kept activation) is used only once the SAE is saved as JumpReLU.
 
-The batch selection without the dense [N, d_sae]: each row's `bound` largest candidates from
-`ops.topk_encode`, then the batch's int(k N) largest among them. That is exact unless a row had
-all its candidates kept while its smallest one is positive (its next entries could belong): then
-the bound doubles and the batch is encoded again; the bound is kept for the next batches.
+The batch selection without the dense [N, d_sae] is fastsae's own BatchTopK's
+(`fastsae.sparse.batch_top_entries` over `ops.topk_encode`'s per-row candidates, exact), keeping
+SAELens' int(k N); the candidate bound it needed is kept for the next batches in the instance's
+`SparsePath`, with the threshold families' back-off.
 
 Matryoshka's nested losses: level w's reconstruction decodes the kept entries with latent < w,
 one sparse decode per level, never a dense [N, d_sae]. AuxK is the TopK patch's (the dead
@@ -34,10 +34,11 @@ from fastsae.integrations._saelens_common import (
     auxk_loss,
     auxk_setup,
     decode_with_auxk,
+    sparse_path_of,
     with_error_term,
 )
+from fastsae.sparse import batch_top_entries
 
-_BOUND_ATTR = "_fastsae_batchtopk_bound"
 
 
 def _selection(sae, x: torch.Tensor, dead: Optional[DeadLatents] = None, k_aux: int = 0):
@@ -46,28 +47,20 @@ def _selection(sae, x: torch.Tensor, dead: Optional[DeadLatents] = None, k_aux: 
     cfg = sae.cfg
     x2 = x.to(sae.dtype).reshape(-1, cfg.d_in)
     n, d_sae = x2.shape[0], cfg.d_sae
-    keep_count = int(cfg.k * n)  # SAELens' BatchTopK
     dec_norm = sae.W_dec.norm(dim=-1) if cfg.rescale_acts_by_decoder_norm else None
     b_dec_in = sae.b_dec if cfg.apply_b_dec_to_input else None
     latents = dead.latents if dead is not None else None
-    bound = min(d_sae, max(sae.__dict__.get(_BOUND_ATTR, 0), 4 * math.ceil(cfg.k), 1))
-    while True:
-        cand, cand_idx, aux_pre = ops.topk_encode(
+    path = sparse_path_of(sae)
+    values, indices, aux_pre, path.batchtopk_bound = batch_top_entries(
+        lambda bound: ops.topk_encode(
             x2, sae.W_enc.t(), sae.b_enc, b_dec_in, dec_norm, bound, latents, k_aux, check_indices=False
-        )
-        flat = cand.detach().flatten()
-        keep = torch.zeros(n * bound, dtype=torch.bool, device=cand.device)
-        keep[flat.topk(min(keep_count, flat.numel()), sorted=False).indices] = True
-        keep = keep.view(n, bound)
-        saturated = keep.all(1) & (cand.detach().amin(1) > 0)
-        if bound >= d_sae or not bool(saturated.any()):
-            break
-        bound = min(d_sae, 2 * bound)
-    sae.__dict__[_BOUND_ATTR] = bound
-    width = max(1, int(keep.sum(1).max())) if n else 0
-    order = cand.detach().masked_fill(~keep, float("-inf")).topk(width, dim=1).indices
-    values = torch.where(keep.gather(1, order), cand.gather(1, order), cand.new_zeros(()))
-    return x2, dec_norm, values, cand_idx.gather(1, order), aux_pre
+        ),
+        n,
+        int(cfg.k * n),  # SAELens' BatchTopK
+        d_sae,
+        min(d_sae, max(path.batchtopk_bound, 4 * math.ceil(cfg.k), 1)),
+    )
+    return x2, dec_norm, values, indices, aux_pre
 
 
 def _decode(sae, values, indices, dec_norm):
