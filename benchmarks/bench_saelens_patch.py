@@ -42,7 +42,7 @@ def _threshold_sae(architecture: str, d_in: int, d_sae: int, l0: int, x: torch.T
         sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l0_coefficient=1.0))
     with torch.no_grad():
         pre = (x - sae.b_dec) @ sae.W_enc
-        cut = pre.quantile(1 - l0 / d_sae, dim=0) if x.shape[0] <= 16384 else pre[:16384].quantile(1 - l0 / d_sae, dim=0)
+        cut = pre.quantile(1 - l0 / d_sae, dim=0)
         offset = sae.threshold.detach() if architecture == "jumprelu" else 0.0
         sae.b_enc.copy_(offset - cut)
     return sae
@@ -84,7 +84,8 @@ def _make(shape, dead_fraction, seed=0, sparse=False, architecture="topk"):
         trainer.n_forward_passes_since_fired.zero_()
         trainer.n_forward_passes_since_fired[dead] = window + 1  # the same dead set every step
         step.last = trainer._train_step(sae, x)  # its L0 is read after the timing
-        step.sparse_path = sae.__dict__.get("_fastsae_sparse_backoff") == (0, 1)  # threshold families
+        path = sae.__dict__.get("_fastsae_sparse_path")  # threshold families: did the last call fit?
+        step.sparse_path = path is not None and path.hint and path.overflow_backoff == 1
         return step.last
 
     return step

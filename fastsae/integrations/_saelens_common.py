@@ -9,12 +9,14 @@ import torch
 
 from fastsae import ops
 from fastsae.auxk import DeadLatents
+from fastsae.sparse_path import SparsePath
 
 # class name -> {method: maker(original) -> patched}; filled by the family modules.
 _PATCHES: dict[str, dict[str, Callable]] = {}
 # class name -> the family's own conditions for the fused path (beyond the shared ones).
 _FAMILY_CHECKS: dict[str, Callable[[Any], bool]] = {}
 _SETTINGS: dict[str, Any] = {"dense_hidden_pre": True}
+_SPARSE_PATH_ATTR = "_fastsae_sparse_path"  # per SAELens instance: fastsae's SparsePath
 
 _NOT_ACCELERATED = {
     "AbsTopKSAE": "top-k by |pre| (no ReLU): not fastsae's TopK",
@@ -35,8 +37,10 @@ def _classes() -> dict[str, type]:
 
 def _accelerated(sae) -> bool:
     """Exactly a patched SAELens class (a subclass has math of its own)."""
-    name = type(sae).__name__
-    return name in _FAMILY_CHECKS and _classes().get(name) is type(sae)
+    import sae_lens.saes as saes
+
+    name = type(sae).__name__  # looked up by name, not through _classes(): this runs every call
+    return name in _FAMILY_CHECKS and getattr(saes, name, None) is type(sae)
 
 
 def _has_hooks(sae) -> bool:
@@ -141,3 +145,12 @@ def auxk_loss(sae, sae_in: torch.Tensor, sae_out: torch.Tensor, e_hat: Optional[
     residual = (sae_in - sae_out).detach()
     loss = (e_hat.reshape(residual.shape) - residual).pow(2).sum(dim=-1).mean()
     return sae.cfg.aux_loss_coefficient * scale * loss
+
+
+def sparse_path_of(sae) -> SparsePath:
+    """The SAELens instance's sparse-path state (fastsae's `SparsePath`: the back-off after too-dense
+    rows, BatchTopK's candidate bound), kept in the instance's __dict__ beside its modules."""
+    path = sae.__dict__.get(_SPARSE_PATH_ATTR)
+    if path is None:
+        path = sae.__dict__[_SPARSE_PATH_ATTR] = SparsePath()
+    return path

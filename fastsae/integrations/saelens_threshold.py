@@ -17,10 +17,11 @@ left out contributes zero to the value and to every gradient:
   losses are sums over those entries; Anthropic's pre-activation loss reads the dead latents' whole
   columns, which come from one small product over those columns.
 
-A call takes SAELens' own (dense) code when the sparse form would not pay, by the rule fastsae's
-`SAE` uses: a row with more entries than `default_sparse_width_limit` (d_sae / 8 on the CPU; 0, so
-always dense, on GPUs, where the dense step measured faster). After a row overflows, the next
-calls go dense for a doubling number of calls (up to 64) before trying again.
+A call takes SAELens' own (dense) code when the sparse form would not pay, by the rule and the
+state fastsae's `SAE` uses (`fastsae.sparse_path.SparsePath`, one per SAELens instance): a row
+with more entries than the default width limit (d_sae / 8 on the CPU; 0, so always dense, on GPUs,
+where the dense step measured faster). After a row overflows, the next calls go dense for a
+doubling number of calls (up to 64) before trying again.
 """
 
 from __future__ import annotations
@@ -31,11 +32,9 @@ from typing import Callable, Optional
 import torch
 
 from fastsae import ops
-from fastsae.integrations._saelens_common import _fast_ok, _feature_acts, _hidden_pre, with_error_term
-from fastsae.sae import default_sparse_width_limit
+from fastsae.integrations._saelens_common import _fast_ok, _feature_acts, _hidden_pre, sparse_path_of, with_error_term
 from fastsae.sparse import pad_at_free_latents
 
-_BACKOFF_ATTR = "_fastsae_sparse_backoff"  # per instance: (dense calls left, next backoff)
 _IN_SAELENS_ATTR = "_fastsae_in_saelens_code"  # set while SAELens' own method runs
 
 
@@ -85,20 +84,22 @@ def _cutoff(sae, training_pass: bool) -> torch.Tensor:
 def _sparse_pre(sae, x: torch.Tensor, training_pass: bool):
     """(x2 [N, d_in], pre [N, m] with -inf padding, indices [N, m]) or None for SAELens' dense path."""
     x2 = x.to(sae.dtype).reshape(-1, sae.cfg.d_in)
-    limit = min(default_sparse_width_limit(sae.cfg.d_sae, x2.device), sae.cfg.d_sae)
-    skip, backoff = sae.__dict__.get(_BACKOFF_ATTR, (0, 1))
+    path = sparse_path_of(sae)
+    limit = min(path.limit(sae.cfg.d_sae, x2.device), sae.cfg.d_sae)
     if limit <= 0:
         return None
-    if skip > 0:
-        sae.__dict__[_BACKOFF_ATTR] = (skip - 1, backoff)
-        return None
+    if not path.hint:
+        # SAELens' dense code never shows us its rows, so a "look" is simply trying again
+        if not path.wants_a_look():
+            return None
+        path.hint = True
     b_dec_in = sae.b_dec if sae.cfg.apply_b_dec_to_input else None
     cutoff = _cutoff(sae, training_pass)
     pre, indices, counts = ops.threshold_encode(x2, sae.W_enc.t(), sae.b_enc, b_dec_in, None, cutoff, limit)
     if pre.shape[1] == limit and int(counts.max()) > limit:
-        sae.__dict__[_BACKOFF_ATTR] = (backoff, min(64, 2 * backoff))
+        path.overflowed()
         return None
-    sae.__dict__[_BACKOFF_ATTR] = (0, 1)
+    path.fitted()
     real = pre != float("-inf")
     return x2, real, pre, pad_at_free_latents(real, indices, sae.cfg.d_sae)
 
