@@ -19,7 +19,11 @@ def _modules() -> dict[str, Path]:
     return mods
 
 
-def _imports(name: str, path: Path, known: set) -> set:
+def _imports(name: str, path: Path, known: set, package_for_submodule: bool = True) -> set:
+    """The known modules `name` imports. `from fastsae import ops` counts the package fastsae as
+    well as fastsae.ops (Python runs the package's __init__ for it), unless
+    `package_for_submodule=False`: then the package counts only for `import fastsae` and for
+    `from fastsae import <a name that is not a module>` (a package attribute used)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -30,8 +34,11 @@ def _imports(name: str, path: Path, known: set) -> set:
             if node.level:
                 parent = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(parent + ([node.module] if node.module else []))
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
+            for alias in node.names:
+                submodule = f"{base}.{alias.name}"
+                found.add(submodule)
+                if package_for_submodule or submodule not in known:
+                    found.add(base)
     return {m for m in found if m in known and m != name}
 
 
@@ -83,28 +90,9 @@ def _layer(module: str) -> int:
     return found
 
 
-def _layer_imports(name: str, path: Path, known: set) -> set:
-    """Like _imports, but `from fastsae import ops` is an import of fastsae.ops only (Python runs the
-    package root for any submodule; what counts is whether a root attribute is used): the root
-    counts for `import fastsae` and for `from fastsae import <a name that is not a module>`."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parent + ([node.module] if node.module else []))
-            for alias in node.names:
-                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
-    return {m for m in found if m in known and m != name}
-
-
 def test_no_module_imports_a_higher_layer():
     mods = _modules()
-    graph = {name: _layer_imports(name, path, set(mods)) for name, path in mods.items()}
+    graph = {name: _imports(name, path, set(mods), package_for_submodule=False) for name, path in mods.items()}
     upward = sorted(
         f"{name} ({LAYERS[_layer(name)][0]}) imports {dep} ({'package root' if dep == 'fastsae' else LAYERS[_layer(dep)][0]})"
         for name, deps in graph.items()
