@@ -59,6 +59,10 @@ class Architecture:
     default_dead_strategy = "none"
     supports_auxk = False
 
+    # How SAELens (and sparsify) train it, for fastsae.bench's baselines and peers: a
+    # `reference_training.ReferenceTraining`, or None (the bench leaves the architecture out).
+    reference_training = None
+
     # ---------------------------------------------------------------- training hooks
 
     def fold_input_scale(self, folded: "SAE", scale: float) -> None:

@@ -13,6 +13,7 @@ from fastsae import reference
 from fastsae.activations import batch_topk
 from fastsae.architectures.base import Architecture, Step, decoder_norm
 from fastsae.architectures.topk import decode_with_aux
+from fastsae.architectures.reference_training import ReferenceTraining
 from fastsae.auxk import DeadLatents
 from fastsae.sparse import SparseActivations, batch_top_entries, tracing
 
@@ -23,6 +24,11 @@ class BatchTopK(Architecture):
     saelens_name = "jumprelu"  # as SAELens saves it: the inference rule is a JumpReLU
     default_dead_strategy = "auxk"
     supports_auxk = True
+
+    # SAELens' BatchTopKTrainingSAE, densely (fastsae.bench's baselines and peers).
+    reference_training = ReferenceTraining(
+        "BatchTopKTrainingSAE", activate=lambda model, pre: batch_topk(pre.relu(), model.cfg.k)
+    )
 
     def fold_input_scale(self, folded, scale: float) -> None:
         if folded.cfg.rescale_acts_by_decoder_norm:

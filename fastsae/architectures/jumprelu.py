@@ -9,10 +9,21 @@ from torch import Tensor
 from fastsae.activations import JumpReLU as JumpReLUFn
 from fastsae.activations import Step
 from fastsae.architectures.base import Architecture
+from fastsae.architectures.reference_training import ReferenceTraining
 
 
 class JumpReLU(Architecture):
     name = "jumprelu"
+
+    # SAELens' JumpReLUTrainingSAE, densely (fastsae.bench's baselines and peers): L0 through the
+    # step pseudo-gradient; calibrated by setting the threshold.
+    reference_training = ReferenceTraining(
+        "JumpReLUTrainingSAE",
+        activate=lambda model, pre: JumpReLUFn.apply(pre, model.threshold, model.cfg.jumprelu_bandwidth),
+        penalty=lambda model, pre, acts: Step.apply(pre, model.threshold, model.cfg.jumprelu_bandwidth).sum(-1).mean(),
+        saelens_coefficient="l0", saelens_config=("jumprelu_bandwidth",), extra_parameters=("threshold",),
+        calibrate=lambda sae, cutoff, dtype: sae.threshold.copy_(cutoff.clamp_min(1e-3).to(dtype)),
+    )
 
     def after_optimizer_step(self, master, forward_sae, cfg) -> None:
         master.threshold.clamp_(min=cfg.jumprelu_min_threshold)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from fastsae.architectures.base import Architecture
+from fastsae.architectures.reference_training import ReferenceTraining, decoder_weighted_l1
 
 
 class ReLU(Architecture):
@@ -13,6 +14,13 @@ class ReLU(Architecture):
     saelens_name = "standard"
     aliases = ("standard",)
     default_dead_strategy = "resample"  # Bricken et al. 2023
+
+    # SAELens' StandardTrainingSAE, densely (fastsae.bench's baselines and peers); calibrated by
+    # lowering each latent's bias.
+    reference_training = ReferenceTraining(
+        "StandardTrainingSAE", activate=lambda model, pre: pre.relu(), penalty=decoder_weighted_l1,
+        saelens_coefficient="l1", calibrate=lambda sae, cutoff, dtype: sae.b_enc.sub_(cutoff.to(dtype)),
+    )
 
     def acts_dense(self, sae, pre: Tensor) -> Tensor:
         return pre.relu()

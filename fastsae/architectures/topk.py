@@ -10,6 +10,7 @@ from torch import Tensor
 
 from fastsae import ops
 from fastsae.architectures.base import Architecture, Step, decoder_norm
+from fastsae.architectures.reference_training import ReferenceTraining, keep_row_top_k
 from fastsae.auxk import DeadLatents
 from fastsae.sparse import SparseActivations
 
@@ -19,6 +20,11 @@ class TopK(Architecture):
     uses_k = True
     default_dead_strategy = "auxk"
     supports_auxk = True
+
+    # SAELens' TopKTrainingSAE, densely (fastsae.bench's baselines and peers); sparsify trains it too.
+    reference_training = ReferenceTraining(
+        "TopKTrainingSAE", activate=lambda model, pre: keep_row_top_k(pre, model.cfg.k), sparsify=True
+    )
 
     def encode_sparse(self, sae, x2: Tensor) -> SparseActivations:
         values, indices, _ = self.topk_flat(sae, x2)
