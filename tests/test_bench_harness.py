@@ -101,3 +101,27 @@ def test_bench_math_is_keyed_by_the_architecture_registry():
         assert math.auxk == architectures.get(name).supports_auxk, name
         assert math.dead_fractions == tuple(c.dead_fraction for c in runner.STEP_CASES if c.architecture == name)
         assert (runner.sparsity_coefficient(runner.StepCase(name)) > 0) == (math.penalty is not None)
+
+
+def test_the_bench_follows_each_architectures_reference_training():
+    """The bench's tables are built from the registry: an architecture is benched exactly when it
+    says how SAELens trains it (`reference_training`), with its own k, AuxK and math; one of them,
+    the one sparsify trains, is the headline that encode and decode time."""
+    described = {n for n in architectures.names() if architectures.get(n).reference_training is not None}
+    assert set(baselines.BENCH_MATH) == set(peers.SAELENS_CLASSES) == described
+    for name, math in baselines.BENCH_MATH.items():
+        arch, ref = architectures.get(name), architectures.get(name).reference_training
+        assert (math.takes_k, math.auxk) == (arch.uses_k, arch.supports_auxk), name
+        assert (math.activate, math.penalty, math.calibrate) == (ref.activate, ref.penalty, ref.calibrate), name
+        assert (math.calibrate is None) == arch.uses_k, name  # without k, the bench sets the sparsity
+    headline = [name for name, math in baselines.BENCH_MATH.items() if math.encode_case]
+    assert headline == [runner.ENCODE_CASE.architecture] == list(baselines.BASELINE_ARCHITECTURES["torch-sparse"])
+    assert runner.STEP_CASES[0].architecture == headline[0]
+
+
+@pytest.mark.skipif(not peers.importable("saelens"), reason="sae_lens is not installed")
+def test_reference_training_names_saelens_classes_that_exist():
+    import sae_lens
+
+    for name, ref in peers.SAELENS_CLASSES.items():
+        assert hasattr(sae_lens, ref.saelens_class) and hasattr(sae_lens, ref.saelens_class + "Config"), name

@@ -1,16 +1,15 @@
 """The pure-torch baselines fastsae is measured against, written the way each library runs them.
 
-- `torch-dense`: SAELens' training math for every architecture, dense: pre-activations
-  [N, d_sae], the activation (TopK: torch.topk, ReLU, the kept values scattered into [N, d_sae];
-  BatchTopK: the batch's N k largest; ReLU; JumpReLU with its pseudo-gradients), a dense decode,
-  and the architecture's losses: ReLU's decoder-norm-weighted L1, JumpReLU's L0 through the step
-  pseudo-gradient, and for TopK and BatchTopK with a dead mask SAELens' AuxK (the dead latents'
-  pre-activations masked dense, torch.topk of k_aux, scattered into [N, d_sae] and decoded, the
-  dead count read on the host).
-- `torch-sparse`: sparsify's fallback, TopK only. Dense pre-activations, ReLU, torch.topk, and a
-  decoder that reads only the k selected rows through F.embedding_bag (on CUDA in 16 bits, whose
-  embedding_bag has no backward, a gather of the k rows and a weighted sum); AuxK the same way
-  (masked dense top-k, then the embedding-bag decoder).
+- `torch-dense`: SAELens' training step for every architecture that describes it
+  (`Architecture.reference_training`), dense: pre-activations [N, d_sae], the architecture's
+  activation and sparsity penalty as SAELens computes them, a dense decode, and for architectures
+  trained with AuxK, given a dead mask, SAELens' AuxK (the dead latents' pre-activations masked
+  dense, torch.topk of k_aux, scattered into [N, d_sae] and decoded, the dead count read on the
+  host).
+- `torch-sparse`: sparsify's fallback, for the architecture sparsify trains (TopK). Dense
+  pre-activations, ReLU, torch.topk, and a decoder that reads only the k selected rows through
+  F.embedding_bag (on CUDA in 16 bits, whose embedding_bag has no backward, a gather of the k rows
+  and a weighted sum); AuxK the same way (masked dense top-k, then the embedding-bag decoder).
 
 Both hold SAELens-layout parameters (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec,
 JumpReLU's threshold), copied from the fastsae SAE being compared, and compute the loss
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastsae.activations import JumpReLU, Step, batch_topk
+from fastsae import architectures
 
 AUX_COEFFICIENT = 1.0 / 32  # SAE.training_forward's default
 
@@ -56,42 +55,41 @@ class BenchMath:
     encode_case: bool = False  # encode and decode are timed on an SAE of this architecture
 
 
-def _topk_dense(model: "DenseSAE", pre: Tensor) -> Tensor:
-    top = pre.topk(model.k, dim=-1, sorted=False)
-    return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+# The headline architecture (the one sparsify trains, so every baseline and peer computes it):
+# encode and decode are timed on it, its train_step at these dead fractions and, on CUDA, captured
+# as a graph (`training.graph.CapturedStep` records its step). Other AuxK architectures: 1% dead.
+HEADLINE_DEAD_FRACTIONS = (0.0, 0.01, 0.10)
+AUXK_DEAD_FRACTIONS = (0.01,)
 
 
-def _decoder_weighted_l1(model: "DenseSAE", pre: Tensor, acts: Tensor) -> Tensor:
-    return (acts * model.W_dec.norm(dim=1)).sum(-1).mean()
+def bench_math(arch) -> BenchMath:
+    """An architecture's row of BENCH_MATH, from what it says of itself (its `reference_training`:
+    SAELens' math, whether sparsify trains it; whether it takes k and trains with AuxK)."""
+    ref = arch.reference_training
+    if ref.sparsify:
+        dead_fractions = HEADLINE_DEAD_FRACTIONS
+    else:
+        dead_fractions = AUXK_DEAD_FRACTIONS if arch.supports_auxk else (None,)
+    return BenchMath(
+        ref.activate, penalty=ref.penalty, auxk=arch.supports_auxk, takes_k=arch.uses_k, calibrate=ref.calibrate,
+        sparse_decoder=ref.sparsify, capturable=ref.sparsify, extra_parameters=ref.extra_parameters,
+        dead_fractions=dead_fractions, encode_case=ref.sparsify,
+    )
 
 
-def _step_l0(model: "DenseSAE", pre: Tensor, acts: Tensor) -> Tensor:
-    return Step.apply(pre, model.threshold, model.bandwidth).sum(-1).mean()
+def _bench_order(arch) -> tuple[bool, bool]:
+    """The headline first, then the AuxK architectures, then the rest (registry order within):
+    the order of the step cases and their rows."""
+    return not arch.reference_training.sparsify, not arch.supports_auxk
 
 
-def _lower_bias(sae, quantile: Tensor, dtype: torch.dtype) -> None:
-    sae.b_enc.sub_(quantile.to(dtype))
-
-
-def _set_threshold(sae, quantile: Tensor, dtype: torch.dtype) -> None:
-    sae.threshold.copy_(quantile.clamp_min(1e-3).to(dtype))
-
-
-# Keyed by the names of fastsae.architectures' registry; an architecture missing here is not benched.
-BENCH_MATH: dict[str, BenchMath] = {
-    "topk": BenchMath(
-        _topk_dense, auxk=True, takes_k=True, sparse_decoder=True, capturable=True, dead_fractions=(0.0, 0.01, 0.10),
-        encode_case=True,
-    ),
-    "batchtopk": BenchMath(
-        lambda model, pre: batch_topk(pre.relu(), model.k), auxk=True, takes_k=True, dead_fractions=(0.01,)
-    ),
-    "relu": BenchMath(lambda model, pre: pre.relu(), penalty=_decoder_weighted_l1, calibrate=_lower_bias),
-    "jumprelu": BenchMath(
-        lambda model, pre: JumpReLU.apply(pre, model.threshold, model.bandwidth), penalty=_step_l0,
-        calibrate=_set_threshold, extra_parameters=("threshold",),
-    ),
-}
+# Keyed by the names of fastsae.architectures' registry and built from it: every architecture
+# with a `reference_training` is benched, the others have nothing to be compared with.
+_BENCHED = sorted(
+    (arch for arch in map(architectures.get, architectures.names()) if arch.reference_training is not None),
+    key=_bench_order,
+)
+BENCH_MATH: dict[str, BenchMath] = {arch.name: bench_math(arch) for arch in _BENCHED}
 
 BASELINES = ("torch-dense", "torch-sparse")
 # The architectures each baseline computes.
@@ -118,8 +116,8 @@ class DenseSAE(nn.Module):
         super().__init__()
         self.architecture = sae.architecture
         self.math = BENCH_MATH[sae.architecture]
+        self.cfg = sae.cfg  # what the architecture's reference math reads (k, bandwidth)
         self.k = sae.cfg.k
-        self.bandwidth = sae.cfg.jumprelu_bandwidth
         self.W_enc = nn.Parameter(sae.W_enc.detach().clone().contiguous())
         self.b_enc = nn.Parameter(sae.b_enc.detach().clone())
         self.W_dec = nn.Parameter(sae.W_dec.detach().clone())

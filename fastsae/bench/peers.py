@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from fastsae import architectures
 from fastsae.bench.baselines import BASELINE_ARCHITECTURES, BENCH_MATH
 
 PEERS = ("saelens", "sparsify", "saelens+fastsae", "sparsify+fastsae")
+SPARSIFY_ACTIVATION = "topk"  # sparsify's fused_encoder takes its activation by this name
 
 
 def importable(name: str) -> bool:
@@ -74,33 +75,16 @@ def _patched(library: str, **settings):
         getattr(integrations, f"revert_{library}")()
 
 
-@dataclass(frozen=True)
-class SAELensClass:
-    """SAELens' training SAE of one architecture: its class and config names, and the
-    coefficient its config and step take (None: a TopK family, whose sparsity is k and whose
-    AuxK runs at fastsae's coefficient 1/32)."""
-
-    sae: str
-    config: str
-    coefficient: Optional[str] = None  # "l1" -> l1_coefficient=..., coefficients {"l1": ...}
-    extra_config: Callable[[object], dict] = lambda sae: {}
-
-
-# Keyed by the names of fastsae.architectures' registry, as baselines.BENCH_MATH.
-SAELENS_CLASSES = {
-    "topk": SAELensClass("TopKTrainingSAE", "TopKTrainingSAEConfig"),
-    "batchtopk": SAELensClass("BatchTopKTrainingSAE", "BatchTopKTrainingSAEConfig"),
-    "relu": SAELensClass("StandardTrainingSAE", "StandardTrainingSAEConfig", "l1"),
-    "jumprelu": SAELensClass("JumpReLUTrainingSAE", "JumpReLUTrainingSAEConfig", "l0",
-                             lambda sae: {"jumprelu_bandwidth": sae.cfg.jumprelu_bandwidth}),
-}
+# SAELens' training SAE of each benched architecture (`Architecture.reference_training`: its
+# class, the coefficient its config and step take, the config fields it copies), keyed by the
+# names of fastsae.architectures' registry, as baselines.BENCH_MATH.
+SAELENS_CLASSES = {name: architectures.get(name).reference_training for name in BENCH_MATH}
 
 
 class SAELensTraining(nn.Module):
-    """SAELens' own training SAE of the fastsae SAE's architecture (`SAELENS_CLASSES`:
-    TopKTrainingSAE, BatchTopKTrainingSAE, StandardTrainingSAE, JumpReLUTrainingSAE), holding its
-    weights; `loss` is SAELens' `training_forward_pass` with the bench's dead mask (AuxK for TopK
-    and BatchTopK, at fastsae's coefficient 1/32) and sparsity coefficient."""
+    """SAELens' own training SAE of the fastsae SAE's architecture (`SAELENS_CLASSES`), holding
+    its weights; `loss` is SAELens' `training_forward_pass` with the bench's dead mask (AuxK for
+    the architectures trained with it, at fastsae's coefficient 1/32) and sparsity coefficient."""
 
     def __init__(self, sae, coefficient: float = 0.0):
         super().__init__()
@@ -110,17 +94,18 @@ class SAELensTraining(nn.Module):
         arch = sae.architecture
         if arch not in SAELENS_CLASSES:
             raise ValueError(f"peer saelens: no training SAE for architecture {arch!r} here")
-        classes = SAELENS_CLASSES[arch]
-        if classes.coefficient is None:
+        ref = SAELENS_CLASSES[arch]
+        if ref.saelens_coefficient is None:  # a TopK family: k sets the sparsity, AuxK at 1/32
             settings = {"k": sae.cfg.k, "aux_loss_coefficient": 1.0 / 32}
             self.coefficients = {}
         else:
-            settings = {f"{classes.coefficient}_coefficient": coefficient}
-            self.coefficients = {classes.coefficient: coefficient}
-        cfg = getattr(sae_lens, classes.config)(**settings, **classes.extra_config(sae), **common)
-        self.sae = getattr(sae_lens, classes.sae)(cfg)
+            settings = {f"{ref.saelens_coefficient}_coefficient": coefficient}
+            self.coefficients = {ref.saelens_coefficient: coefficient}
+        settings.update({field: getattr(sae.cfg, field) for field in ref.saelens_config})
+        cfg = getattr(sae_lens, ref.saelens_class + "Config")(**settings, **common)
+        self.sae = getattr(sae_lens, ref.saelens_class)(cfg)
         with torch.no_grad():
-            for name in ("W_enc", "b_enc", "W_dec", "b_dec") + BENCH_MATH[arch].extra_parameters:
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec") + ref.extra_parameters:
                 getattr(self.sae, name).copy_(getattr(sae, name))
 
     def encode(self, x: Tensor) -> Tensor:
@@ -157,11 +142,11 @@ class SparsifyTopK(nn.Module):
         self.b_dec = nn.Parameter(sae.b_dec.detach().clone())
 
     def encode(self, x: Tensor):
-        values, indices, _ = self._encoder(x - self.b_dec, self.W, self.b, self.k, "topk")
+        values, indices, _ = self._encoder(x - self.b_dec, self.W, self.b, self.k, SPARSIFY_ACTIVATION)
         return values, indices
 
     def loss(self, x: Tensor, dead_mask: Optional[Tensor] = None, coefficient: float = 0.0) -> Tensor:
-        values, indices, pre_acts = self._encoder(x - self.b_dec, self.W, self.b, self.k, "topk")
+        values, indices, pre_acts = self._encoder(x - self.b_dec, self.W, self.b, self.k, SPARSIFY_ACTIVATION)
         out = self._decoder(indices, values.to(self.W_dec.dtype), self.W_dec.mT) + self.b_dec
         loss = (out - x).pow(2).sum(-1).mean()
         if dead_mask is not None and (n_dead := int(dead_mask.sum())):
@@ -212,15 +197,14 @@ class SparsifyPatched(nn.Module):
         return out.fvu + out.auxk_loss / 32
 
 
-# The architectures each peer runs.
-# sparsify trains TopK only, and the patches accelerate the TopK classes: the architectures
-# sparsify's embedding-bag baseline computes.
-_TOPK_ONLY = BASELINE_ARCHITECTURES["torch-sparse"]
+# The architectures each peer runs. sparsify trains one (TopK), and the patched peers are timed
+# on it too: the architecture sparsify's embedding-bag baseline computes.
+_SPARSIFY_TRAINS = BASELINE_ARCHITECTURES["torch-sparse"]
 PEER_ARCHITECTURES = {
     "saelens": tuple(SAELENS_CLASSES),
-    "sparsify": _TOPK_ONLY,
-    "saelens+fastsae": _TOPK_ONLY,  # the classes apply_to_saelens accelerates
-    "sparsify+fastsae": _TOPK_ONLY,
+    "sparsify": _SPARSIFY_TRAINS,
+    "saelens+fastsae": _SPARSIFY_TRAINS,
+    "sparsify+fastsae": _SPARSIFY_TRAINS,
 }
 
 
