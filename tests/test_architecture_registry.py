@@ -17,9 +17,6 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fastsae"
 # architecture files), each with the count of comparisons it has today: a count may only go down,
 # and no other module may start comparing.
 NOT_YET_MOVED = {
-    "bench/baselines.py": 8,
-    "bench/peers.py": 5,
-    "bench/runner.py": 5,
     "distributed.py": 1,
     "formats/_common.py": 4,
     "formats/saelens.py": 11,
