@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import statistics
@@ -27,6 +26,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from fastsae.bench import harness
 
 
 def _threshold_sae(architecture: str, d_in: int, d_sae: int, l0: int, x: torch.Tensor):
@@ -170,14 +171,13 @@ def main() -> None:
         "rounds": args.rounds,
         "torch_threads": args.threads,
         "note": args.note,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "processor": harness.device_model(), "cpu_count": os.cpu_count(),
                     "loadavg": os.getloadavg()},
         "versions": {"torch": torch.__version__, "sae_lens": sae_lens.__version__},
         "results": rows,
     }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        harness.write_json(result, args.json)
 
 
 if __name__ == "__main__":
