@@ -267,7 +267,7 @@ def test_gradient_clipping_is_torch_clip_grad_norm(max_norm):
     for grad_norm in (None, given):
         for p, g in zip(sae.parameters(), saved):
             p.grad = g.clone()
-        trainer._clip_gradients(max_norm, grad_norm)
+        trainer.precision.clip_gradients(max_norm, grad_norm)
         for p, s, g in zip(sae.parameters(), shadow, saved):
             assert torch.equal(p.grad, s.grad)
             assert torch.equal(p.grad, g) == (max_norm > 1)
