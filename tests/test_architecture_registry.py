@@ -26,7 +26,6 @@ NOT_YET_MOVED = {
     "formats/sparsify.py": 2,
     "integrations/sparsify.py": 1,
     "training/cli.py": 6,
-    "training/graph.py": 1,
 }
 
 

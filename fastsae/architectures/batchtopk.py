@@ -23,6 +23,7 @@ class BatchTopK(Architecture):
     saelens_name = "jumprelu"  # as SAELens saves it: the inference rule is a JumpReLU
     default_dead_strategy = "auxk"
     supports_auxk = True
+    default_b_dec_init = "zeros"  # as SAELens' BatchTopK training
 
     def fold_input_scale(self, folded, scale: float) -> None:
         if folded.cfg.rescale_acts_by_decoder_norm:

@@ -13,6 +13,7 @@ from fastsae.architectures.base import Architecture
 
 class JumpReLU(Architecture):
     name = "jumprelu"
+    takes_sparsity_coefficient = True  # L0
 
     def after_optimizer_step(self, master, forward_sae, cfg) -> None:
         master.threshold.clamp_(min=cfg.jumprelu_min_threshold)

@@ -13,6 +13,7 @@ class ReLU(Architecture):
     saelens_name = "standard"
     aliases = ("standard",)
     default_dead_strategy = "resample"  # Bricken et al. 2023
+    takes_sparsity_coefficient = True  # L1
 
     def acts_dense(self, sae, pre: Tensor) -> Tensor:
         return pre.relu()

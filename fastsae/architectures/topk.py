@@ -19,6 +19,8 @@ class TopK(Architecture):
     uses_k = True
     default_dead_strategy = "auxk"
     supports_auxk = True
+    default_b_dec_init = "zeros"  # as SAELens' TopK training (better there on MiniLM, issue 27)
+    sync_free_step = True
 
     def encode_sparse(self, sae, x2: Tensor) -> SparseActivations:
         values, indices, _ = self.topk_flat(sae, x2)
