@@ -1,87 +1,17 @@
-"""The `fastsae` command."""
+"""The `fastsae` command: one module per command, above the library (nothing in the library
+imports this package). `python -m fastsae.cli` runs it, as does torchrun's `-m fastsae.cli`."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
 
-
-def _demo(args: argparse.Namespace) -> int:
-    """Fit a small TopK SAE to synthetic sparse data, save it, load it back, and report."""
-    import torch
-
-    import fastsae
-    from fastsae.ops import dispatch
-
-    torch.manual_seed(args.seed)
-    d_in, d_sae, k, n_true = args.d_in, args.d_sae, args.k, args.d_sae // 2
-    # Ground truth: n_true unit directions, each row a sparse positive mix of about k of them.
-    truth = torch.nn.functional.normalize(torch.randn(n_true, d_in), dim=1)
-
-    def batch(n: int) -> torch.Tensor:
-        on = torch.rand(n, n_true) < k / n_true
-        return (on * torch.rand(n, n_true) * 2) @ truth
-
-    sae = fastsae.SAE(d_in=d_in, d_sae=d_sae, architecture="topk", k=k)
-    opt = torch.optim.Adam(sae.parameters(), lr=args.lr)
-    backend = dispatch.select(sae.device)[0]
-    print(f"fastsae {fastsae.__version__} demo: {sae} on {sae.device}, backend {backend!r}")
-    start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        x = batch(args.batch_size)
-        out = sae.training_forward(x)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        if step % max(1, args.steps // 10) == 0 or step == args.steps:
-            fvu = (out.x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-            print(f"step {step:5d}  mse {out.mse_loss.item():.4f}  fvu {fvu.item():.4f}  l0 {out.acts.l0().float().mean().item():.1f}")
-    elapsed = time.perf_counter() - start
-    print(f"{args.steps} steps of {args.batch_size} rows in {elapsed:.1f} s ({args.steps * args.batch_size / elapsed:,.0f} rows/s)")
-
-    # Each true direction's best cosine match among the decoder rows.
-    with torch.no_grad():
-        dirs = torch.nn.functional.normalize(sae.W_dec, dim=1)
-        score = (truth @ dirs.T).max(dim=1).values.mean().item()
-    print(f"mean max cosine similarity to the {n_true} true features: {score:.3f}")
-
-    folder = sae.save(args.out)
-    loaded = fastsae.load(folder)
-    x = batch(8)
-    same = torch.equal(loaded(x), sae(x))
-    print(f"saved to {folder} (SAELens layout); reloaded: {'identical outputs' if same else 'OUTPUTS DIFFER'}")
-    return 0 if same else 1
-
-
-def _backends(args: argparse.Namespace) -> int:
-    import torch
-
-    from fastsae.ops import dispatch
-
-    requested = dispatch.requested_backend()
-    env = os.environ.get(dispatch.ENV_VAR, "").strip()
-    print(f"requested: {requested} ({dispatch.ENV_VAR}={env})" if env
-          else f"requested: {requested} (the default; {dispatch.ENV_VAR} is not set)")
-    for device in ("cpu", "cuda"):
-        if device == "cuda" and not _cuda_visible():
-            # The backends would import, but nothing can run without a device.
-            print("cuda: none (torch sees no CUDA device)")
-            continue
-        names = dispatch.available_backends(device)
-        try:
-            in_use = f"in use: {dispatch.select(torch.device(device))[0]}"
-        except (ValueError, RuntimeError) as exc:
-            in_use = f"in use: none, {exc}"
-        print(f"{device}: {', '.join(names) or '-'} ({in_use})")
-    return 0
-
-
-def _cuda_visible() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+from fastsae.cli.browse import add_browse_parser
+from fastsae.cli.demo import add_demo_parser
+from fastsae.cli.eval import add_eval_parser
+from fastsae.cli.tools import add_bench_parser, add_other_parsers
+from fastsae.cli.train import add_train_parser
 
 
 def _backend_env_error() -> str | None:
@@ -99,138 +29,15 @@ def _backend_env_error() -> str | None:
     return None
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from fastsae.bench import runner
-
-    ops = tuple(args.ops.split(",")) if args.ops else runner.OPS
-    for op in ops:
-        if op not in runner.OPS:
-            raise SystemExit(f"fastsae bench: --ops: expected some of {runner.OPS}, got {op!r}")
-    backends = args.backends.split(",") if args.backends else None
-    shapes = None
-    if args.shape:
-        try:
-            shapes = [runner.Shape(*(int(v) for v in s.split(","))) for s in args.shape]
-        except (TypeError, ValueError):
-            raise SystemExit(f"fastsae bench: --shape: expected N,D_IN,D_SAE,K (integers), got {args.shape}")
-    result = runner.run_bench(
-        device=args.device, quick=args.quick, ops=ops, shapes=shapes, backends=backends, reps=args.reps,
-        peers=args.peers.split(",") if args.peers else None, graph=args.graph,
-    )
-    if args.json:
-        path = runner.write_json(result, runner.default_results_path(result) if args.json == "auto" else args.json)
-        print(f"wrote {len(result['rows'])} rows to {path}")
-    return 0
-
-
-def _convert(args: argparse.Namespace) -> int:
-    """Read a checkpoint in any format fastsae reads; write it as SAELens (default) or sparsify."""
-    from pathlib import Path
-
-    from fastsae import formats
-
-    dst = Path(args.dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.overwrite:
-        print(f"fastsae convert: error: {dst} exists and is not empty (pass --overwrite to write into it)", file=sys.stderr)
-        return 2
-    try:
-        fmt = formats.detect(args.src)
-        if fmt == "fastsae_run":
-            from fastsae.runs import latest_checkpoint
-
-            fmt = f"fastsae train run, newest checkpoint {latest_checkpoint(args.src).name}"
-        loaded = formats.convert(args.src, dst, to=args.to)
-    except (OSError, ValueError) as exc:
-        print(f"fastsae convert: error: {exc}", file=sys.stderr)
-        return 1
-    saes = loaded if isinstance(loaded, dict) else {"": loaded}
-    for name, sae in saes.items():
-        where = dst / name if name else dst
-        print(f"{args.src} ({fmt}{': ' + name if name else ''}) -> {where} ({args.to}): {sae}")
-    return 0
-
-
-def _aot(args: argparse.Namespace) -> int:
-    """Compile every Triton kernel for a GPU architecture (no GPU needed) and report resources."""
-    import json
-
-    from fastsae.kernels import aot
-
-    arch = int(args.arch.lower().removeprefix("sm_").rstrip("a"))
-    header = f"{'kernel':<24} {'regs':>4} {'spill':>5} {'smem':>7} {'wgmma':>5}  config"
-    print(header)
-
-    def show(row: dict) -> None:
-        print(f"{row['kernel']:<24} {row['registers']:>4} {row['spills']:>5} {row['shared_bytes']:>7} "
-              f"{'yes' if row['uses_wgmma'] else 'no':>5}  {row['config']}", flush=True)
-
-    rows = aot.run(arch, quick=args.quick, only=args.kernel, progress=show)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-        print(f"wrote {len(rows)} rows to {args.json}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsae", description="Fast sparse autoencoders.")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="fit a small TopK SAE on synthetic data, save and reload it")
-    demo.add_argument("--d-in", type=int, default=64)
-    demo.add_argument("--d-sae", type=int, default=512)
-    demo.add_argument("--k", type=int, default=8)
-    demo.add_argument("--steps", type=int, default=600)
-    demo.add_argument("--batch-size", type=int, default=512)
-    demo.add_argument("--lr", type=float, default=2e-3)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="runs/demo")
-    demo.set_defaults(func=_demo)
-
-    bench = sub.add_parser("bench", help="time encode, decode and train_step against pure-torch baselines")
-    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    bench.add_argument("--quick", action="store_true", help="small shapes, about a minute on 2 CPU cores")
-    bench.add_argument("--json", metavar="FILE", help="write the rows to FILE ('auto': benchmarks/results/<device>-<date>.json)")
-    bench.add_argument("--ops", help="comma-separated subset of encode,decode,train_step")
-    bench.add_argument("--backends", help="comma-separated backends (default: all that load for the device)")
-    bench.add_argument("--reps", type=int, help="timed repetitions per contender")
-    bench.add_argument("--shape", action="append", metavar="N,D_IN,D_SAE,K", help="custom shape (repeatable)")
-    bench.add_argument("--peers", help="comma-separated of saelens,sparsify,saelens+fastsae,sparsify+fastsae (default: those importable, on cuda)")
-    bench.add_argument("--graph", action="store_true", help="also time each backend's train_step captured as a CUDA graph")
-    bench.set_defaults(func=_bench)
-
-    from fastsae.training.cli import add_train_parser
-
+    add_demo_parser(sub)
+    add_bench_parser(sub)
     add_train_parser(sub)
-
-    from fastsae.browse.cli import add_browse_parser
-
     add_browse_parser(sub)
-
-    from fastsae.cli_eval import add_eval_parser
-
     add_eval_parser(sub)
-
-    backends = sub.add_parser("backends", help="list the backends that load on this machine")
-    backends.set_defaults(func=_backends)
-
-    convert = sub.add_parser(
-        "convert",
-        help="convert a checkpoint (SAELens, sparsify, dictionary_learning, OpenAI .pt, Gemma Scope .npz)",
-        description="Read SRC in any format fastsae reads (detected) and write DST as SAELens (default) or sparsify.",
-    )
-    convert.add_argument("src", metavar="SRC", help="checkpoint folder or file")
-    convert.add_argument("dst", metavar="DST", help="output folder")
-    convert.add_argument("--to", choices=("saelens", "sparsify"), default="saelens", help="output format")
-    convert.add_argument("--overwrite", action="store_true", help="write into DST even if it is not empty")
-    convert.set_defaults(func=_convert)
-
-    aot = sub.add_parser("aot", help="compile every Triton kernel for a GPU architecture and report registers, spills, shared memory")
-    aot.add_argument("--arch", default="sm_90", help="target architecture, e.g. sm_90 (H100)")
-    aot.add_argument("--json", help="write the rows (kernel, config, registers, spills, shared_bytes, uses_wgmma) here")
-    aot.add_argument("--quick", action="store_true", help="one configuration per kernel")
-    aot.add_argument("--kernel", help="only kernels whose name contains this")
-    aot.set_defaults(func=_aot)
+    add_other_parsers(sub)  # backends, convert, aot
     return parser
 
 
@@ -241,7 +48,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastsae {args.command}: error: {problem}", file=sys.stderr)
         return 2
     return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
