@@ -49,7 +49,7 @@ def bare_step_tokens_per_s(args, device: torch.device, dtype: torch.dtype, dead_
     """Tokens/s of training_forward + backward + Adam on a batch resident on the device; with
     `dead_fraction`, a dead mask of that many random latents every step (AuxK on)."""
     torch.manual_seed(0)
-    from fastsae.training.cli import DEFAULTS
+    from fastsae.cli.flags import DEFAULTS
 
     # The SAE `fastsae train` builds (its TopK default rescales by decoder norms); the trainer's
     # own work (clipping, counters, metrics, data) is what the ratio measures.

@@ -103,7 +103,7 @@ def run_fastsae(train_file: Path, held: torch.Tensor, args, seed: int, tokens: i
     relu/jumprelu with `--l1-coefficient coefficient`."""
     import fastsae
     from fastsae.cli import build_parser
-    from fastsae.training.cli import _build
+    from fastsae.cli.train import build_run as _build
     from fastsae.training.data import ActivationFiles
     from fastsae.training.trainer import Trainer
 

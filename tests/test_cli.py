@@ -26,9 +26,9 @@ def test_backends_refuses_a_bad_env_value_in_one_line(monkeypatch, capsys):
 
 
 def test_backends_says_where_the_request_comes_from_and_skips_cuda_without_a_gpu(monkeypatch, capsys):
-    import fastsae.cli
+    import fastsae.cli.tools
 
-    monkeypatch.setattr(fastsae.cli, "_cuda_visible", lambda: False)
+    monkeypatch.setattr(fastsae.cli.tools, "_cuda_visible", lambda: False)
     monkeypatch.delenv("FASTSAE_BACKEND", raising=False)
     assert main(["backends"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -423,7 +423,7 @@ def test_train_on_activation_files_prints_the_metrics(tmp_path, capsys):
 
 
 def test_json_output_is_strict():
-    from fastsae.cli_eval import _finite
+    from fastsae.cli.eval import nan_as_null as _finite
 
     assert _finite({"a": math.nan, "b": [1.0, math.inf], "c": {"d": 2}}) == {"a": None, "b": [1.0, None], "c": {"d": 2}}
 

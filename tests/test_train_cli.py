@@ -132,7 +132,7 @@ def test_nan_rows_are_named_by_file_and_row_and_counted(tmp_path, capsys):
 
 
 def test_threads_default_to_the_idle_cores_unless_asked():
-    from fastsae.training.cli import choose_threads
+    from fastsae.cli.threads import choose_threads
 
     assert choose_threads(None, None, 2, 2, busy=0.2) == (2, "torch's default: one per core")
     threads, why = choose_threads(None, None, 2, 2, busy=9.0)
@@ -169,7 +169,7 @@ def _stop():
 
 def test_resume_compares_transformer_and_device_flags_with_the_saved_run(tmp_path):
     from fastsae.cli import build_parser
-    from fastsae.training.cli import _resume_differences
+    from fastsae.cli.resume import resume_differences as _resume_differences
 
     folder = tmp_path / "step"
     fastsae.SAE(d_in=8, d_sae=32, architecture="relu").save(folder)
@@ -201,7 +201,8 @@ def test_topk_defaults_are_saelens_training_choices_as_readme_says():
     from pathlib import Path
 
     from fastsae.cli import build_parser
-    from fastsae.training.cli import DEFAULTS, _build
+    from fastsae.cli.flags import DEFAULTS
+    from fastsae.cli.train import build_run as _build
     from fastsae.training.synthetic import SyntheticActivations
 
     assert DEFAULTS["rescale_acts_by_decoder_norm"] is True and DEFAULTS["grad_clip_norm"] == 1.0
@@ -267,7 +268,7 @@ def test_gradient_clipping_is_torch_clip_grad_norm(max_norm):
     for grad_norm in (None, given):
         for p, g in zip(sae.parameters(), saved):
             p.grad = g.clone()
-        trainer._clip_gradients(max_norm, grad_norm)
+        trainer.precision.clip_gradients(max_norm, grad_norm)
         for p, s, g in zip(sae.parameters(), shadow, saved):
             assert torch.equal(p.grad, s.grad)
             assert torch.equal(p.grad, g) == (max_norm > 1)
@@ -278,7 +279,7 @@ def test_every_registered_architecture_is_a_train_choice_and_trains(tmp_path, ca
 
     from fastsae import architectures
     from fastsae.config import ARCHITECTURES
-    from fastsae.training.cli import add_train_parser
+    from fastsae.cli.train import add_train_parser
 
     parser = add_train_parser(argparse.ArgumentParser().add_subparsers())
     (choices,) = [a.choices for a in parser._actions if a.dest == "architecture"]

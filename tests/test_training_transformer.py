@@ -153,7 +153,7 @@ def test_cli_trains_on_a_transformer_and_reports_features(tiny_bert, tmp_path, c
 def test_main_job_defaults_on_a_slice_of_the_corpus(tmp_path, capsys):
     # `fastsae train` with no arguments, shrunk: MiniLM layer 3 on the first 400 pydoc tokens.
     from fastsae.cli import build_parser, main
-    from fastsae.training.cli import _setting
+    from fastsae.cli.flags import setting as _setting
 
     args = build_parser().parse_args(["train"])
     assert (_setting(args, "model"), _setting(args, "hook"), _setting(args, "text")) == ("minilm", "encoder.layer.3", "pydoc")

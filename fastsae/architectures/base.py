@@ -58,6 +58,12 @@ class Architecture:
     # What the trainer does with dead latents when asked for "auto", and whether AuxK applies.
     default_dead_strategy = "none"
     supports_auxk = False
+    # What `fastsae train` asks of the architecture: whether --l1-coefficient sets its sparsity
+    # coefficient (else the run trains with 0), and b_dec's start.
+    takes_sparsity_coefficient = False
+    default_b_dec_init = "geometric_median"
+    # Whether a training step runs without a host sync (CUDA-graph capture: training.graph).
+    sync_free_step = False
 
     # How SAELens (and sparsify) train it, for fastsae.bench's baselines and peers: a
     # `reference_training.ReferenceTraining`, or None (the bench leaves the architecture out).

@@ -24,6 +24,7 @@ class BatchTopK(Architecture):
     saelens_name = "jumprelu"  # as SAELens saves it: the inference rule is a JumpReLU
     default_dead_strategy = "auxk"
     supports_auxk = True
+    default_b_dec_init = "zeros"  # as SAELens' BatchTopK training
 
     # SAELens' BatchTopKTrainingSAE, densely (fastsae.bench's baselines and peers).
     reference_training = ReferenceTraining(

@@ -14,6 +14,7 @@ from fastsae.architectures.reference_training import ReferenceTraining
 
 class JumpReLU(Architecture):
     name = "jumprelu"
+    takes_sparsity_coefficient = True  # L0
 
     # SAELens' JumpReLUTrainingSAE, densely (fastsae.bench's baselines and peers): L0 through the
     # step pseudo-gradient; calibrated by setting the threshold.

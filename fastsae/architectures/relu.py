@@ -14,6 +14,7 @@ class ReLU(Architecture):
     saelens_name = "standard"
     aliases = ("standard",)
     default_dead_strategy = "resample"  # Bricken et al. 2023
+    takes_sparsity_coefficient = True  # L1
 
     # SAELens' StandardTrainingSAE, densely (fastsae.bench's baselines and peers); calibrated by
     # lowering each latent's bias.

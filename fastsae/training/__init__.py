@@ -7,7 +7,9 @@ from fastsae.training.checkpoint import latest_checkpoint, read_metrics
 from fastsae.training.config import TrainerConfig
 from fastsae.training.data import ActivationFiles, ShuffledStream, open_source, save_activations
 from fastsae.training.synthetic import SyntheticActivations, mean_max_cosine
-from fastsae.training.trainer import BadDataError, Trainer, fold_input_scale, geometric_median
+from fastsae.training.guard import BadDataError
+from fastsae.training.initialization import fold_input_scale, geometric_median
+from fastsae.training.trainer import Trainer
 
 __all__ = [
     "ActivationFiles",

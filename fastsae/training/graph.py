@@ -123,7 +123,7 @@ class CapturedStep:
     ):
         if sae.device.type != "cuda":
             raise ValueError(f"CapturedStep: CUDA graphs need the SAE on a CUDA device, got {sae.device}")
-        if sae.architecture != "topk":
+        if not sae.arch.sync_free_step:
             raise ValueError(
                 f"CapturedStep: only a topk SAE's step is free of host syncs, got architecture {sae.architecture!r}"
             )

@@ -1,4 +1,8 @@
-"""`fastsae.Trainer`: trains an `SAE` on a source of activations.
+"""`fastsae.Trainer`: trains an `SAE` on a source of activations. This module is the loop; its
+stateful parts are their own modules: precision.py (mixed precision, master gradients, clipping),
+guard.py (refused batches, roll-back), dead_latents.py, metrics.py, initialization.py (the
+normalisation factor, b_dec, the saved SAE), checkpoint.py (files, schedule, state codec),
+resume.py, data.py (the shuffled stream and its read-ahead).
 
 The loop uses the module and its losses only (`SAE.training_forward`, the decoder-constraint
 methods, `save`); it never calls a backend. Per step:
@@ -11,9 +15,9 @@ methods, `save`); it never calls a backend. Per step:
   flag notes any non-finite loss or gradient; unit-norm decoders: drop the gradient along each
   decoder row; Adam step on the master weights (`optim.make_adam`: torch's fused Adam on CUDA, the
   chunked in-place one on the CPU; warm-up then decay of the learning rate);
-  unit-norm decoders: renormalise rows; JumpReLU: keep the thresholds positive; count tokens
-  since each latent last fired (on the device); add the step's metrics to a device window
-  relu: every N steps resample dead latents (Bricken et al. 2023)
+  unit-norm decoders: renormalise rows; the architecture's own constraints (`after_optimizer_step`);
+  count tokens since each latent last fired (on the device); add the step's metrics to a device window
+  resample strategy: every N steps resample dead latents (Bricken et al. 2023)
 Nothing in a step waits for the device. At each log step (and before a checkpoint, a
 resampling, the end) the trainer reads the flag and the metrics: if a step since the last such
 check had a non-finite loss or gradient, it restores the state copied at that check (weights,
@@ -25,19 +29,10 @@ reads its slice of every global batch, DDP all-reduces the gradients, slices' lo
 their share); with a `ShardedSAE`, latents split across the ranks, which all read the whole
 batch. The ranks take every decision together (refusals, roll-backs, checkpoint times); rank 0
 writes the files, and a checkpoint holds the whole SAE and Adam state in either case.
-
-Precision (`TrainerConfig.dtype`): the SAE the trainer holds keeps float32 master weights and
-Adam state; with bfloat16 or float16 a twin SAE in that dtype runs forward and backward on a copy
-of the weights made at each step (mixed precision, as autocast would give, but with the kernels'
-own 16-bit paths). float16 scales the loss by `FLOAT16_LOSS_SCALE` (fixed) so small gradients
-stay normal numbers.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -47,60 +42,21 @@ import torch
 from torch import Tensor
 
 from fastsae import distributed as fdist
-from fastsae.auxk import DeadLatents
-from fastsae.config import SAEConfig
-from fastsae.formats import saelens
 from fastsae.sae import SAE
-from fastsae.sparse import SparseActivations
 from fastsae.training import checkpoint as ckpt
 from fastsae.training.config import TrainerConfig
-from fastsae.training.data import ActivationSource, BatchPrefetcher, ShuffledStream, open_source
+from fastsae.training.data import ActivationSource, BatchPrefetcher, ShuffledStream
+from fastsae.training.dead_latents import DeadLatentTracker, fired_and_l0, resolve_dead_strategy
+from fastsae.training.guard import BadDataError, Refusals, RollbackGuard, bad_batch_message
+from fastsae.training.initialization import export_for_raw_inputs, finite_rows, initial_b_dec, normalising_scale
+from fastsae.training.initialization import fold_input_scale, geometric_median  # noqa: F401  (re-exported)
+from fastsae.training.metrics import METRIC_NAMES, MetricsWindow, append_metrics_row, progress_postfix, step_metrics
 from fastsae.training.optim import make_adam
-from fastsae.training.provenance import provenance_metadata
+from fastsae.training.precision import FLOAT16_LOSS_SCALE, Precision
+from fastsae.training.resume import open_saved_run, processes_note
 
-METRIC_NAMES = ("loss", "mse", "fvu", "l0", "sparsity_loss", "aux_loss")
-# float16 training multiplies the loss by this before backward and divides the float32 gradients
-# by it: the gradient of the mean squared error is ~2 * residual / batch (~1e-5 late in training
-# at batch 4096), below float16's smallest normal number (6e-5) without it. An overflow is a
-# non-finite gradient: the step is rolled back and refused like any other.
-FLOAT16_LOSS_SCALE = 1024.0
-
-
-class BadDataError(RuntimeError):
-    """Training stopped because too many batches in a row held NaN or Inf."""
-
-
-@torch.no_grad()
-def geometric_median(points: Tensor, max_iter: int = 200, tol: float = 1e-7) -> Tensor:
-    """The point minimising the sum of Euclidean distances to the rows of `points` [n, d]
-    (Weiszfeld's iteration from the mean, in float64)."""
-    if points.ndim != 2 or points.shape[0] < 1:
-        raise ValueError(f"geometric_median: expected a non-empty [n, d] tensor, got shape {tuple(points.shape)}")
-    x = points.double()
-    median = x.mean(0)
-    for _ in range(max_iter):
-        dist = (x - median).norm(dim=1)
-        weights = 1.0 / dist.clamp_min(1e-12)  # a point that coincides with the estimate gets a huge weight
-        new = (weights[:, None] * x).sum(0) / weights.sum()
-        shift = (new - median).norm().item()
-        median = new
-        if shift <= tol * max(1.0, median.norm().item()):
-            break
-    return median.to(points.dtype)
-
-
-@torch.no_grad()
-def fold_input_scale(sae: SAE, scale: float) -> SAE:
-    """A copy of `sae`, trained on inputs multiplied by `scale`, that takes raw inputs and returns
-    raw reconstructions: copy(x) == sae(scale * x) / scale, with the same latents firing."""
-    folded = copy.deepcopy(sae)
-    if scale == 1.0:
-        return folded
-    folded.W_enc.mul_(scale)
-    folded.b_dec.div_(scale)
-    folded.W_dec.div_(scale)
-    sae.arch.fold_input_scale(folded, scale)
-    return folded
+# Also offered from here, as they always were: BadDataError, FLOAT16_LOSS_SCALE, METRIC_NAMES, ...
+__all__ = ["BadDataError", "FLOAT16_LOSS_SCALE", "METRIC_NAMES", "Trainer", "fold_input_scale", "geometric_median"]
 
 
 class Trainer:
@@ -156,74 +112,44 @@ class Trainer:
         cfg.device = str(sae.device)  # a resumed run rebuilds the SAE there
         self.out_dir = Path(out_dir) if out_dir is not None else None
         if self.out_dir is not None:
-            if ckpt.list_checkpoints(self.out_dir) or (self.out_dir / ckpt.METRICS_FILENAME).exists():
-                if not overwrite:
-                    raise FileExistsError(
-                        f"{self.out_dir}: holds an earlier run (checkpoints or {ckpt.METRICS_FILENAME}); "
-                        "resume it with Trainer.resume / --resume, or pass overwrite=True / --overwrite"
-                    )
-                if self.rank == 0:
-                    _clear_run(self.out_dir)
+            ckpt.claim_run_folder(self.out_dir, overwrite, clear=self.rank == 0)  # rank 0 owns the run's files
         self.stream = ShuffledStream(data, seed=cfg.seed, buffer_rows=cfg.shuffle_buffer_rows)
         # torch's fused Adam on CUDA, the chunked in-place one on the CPU (optim.make_adam says why).
         self.optimizer = make_adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, device=sae.device)
-        self.dead_strategy = self._resolve_dead_strategy()
-        self.compute_sae = self._compute_twin()
+        strategy = resolve_dead_strategy(sae.arch, cfg.dead_strategy)
+        self.precision = Precision(sae, cfg.dtype, self.sharded)
+        self.compute_sae = self.precision.compute
         # Data parallel: DDP all-reduces the compute SAE's gradients during its backward.
         self._ddp = fdist.data_parallel(self.compute_sae) if self.data_parallel else None
-        device = sae.device
-        self._loss_scale = FLOAT16_LOSS_SCALE if cfg.dtype == "float16" else 1.0
-        self._inv_scale = torch.full((1,), 1.0 / self._loss_scale, device=device)
-        self._nonfinite = torch.zeros(1, device=device)  # > 0: a step since the last check went non-finite
+        self._nonfinite = torch.zeros(1, device=sae.device)  # > 0: a step since the last check went non-finite
 
-        # Trainer state (everything a checkpoint holds besides weights and Adam's state).
+        # Trainer state (a checkpoint holds it with the weights, Adam's state and the parts' state).
         self.step = 0  # optimizer steps taken
         self.tokens_seen = 0  # rows trained on
         self.position = 0  # rows read from the stream (includes refused batches)
         self.input_scale = 1.0
         self.initialized = False
-        self.bad_in_row = 0
-        self.refused_batches = 0  # NaN/Inf batches skipped, summed over resumed sessions
         self.elapsed = 0.0  # seconds of training, summed over resumed sessions
-        self.n_resamples = 0
-        self.tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=device)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        self._window = torch.zeros(len(METRIC_NAMES), dtype=torch.float64, device=device)
-        self._window_steps = 0
-        self._window_tokens = 0
-        self._window_seconds = 0.0
+        self.messages: list[str] = []
+        self.dead = DeadLatentTracker(sae, cfg, strategy, self.sharded, self._say)
+        self.refusals = Refusals(cfg.max_bad_batches, self._say)
+        self.window = MetricsWindow(sae.device)
+        self.guard = RollbackGuard(sae, self.optimizer)
         self._replay_until = 0  # steps below this one check the device at each step (after a roll-back)
-        self._dead_possible = True  # whether a latent can be dead before the next check (AuxK)
-        self._aux_capacity = sae.d_sae  # a bound on the dead latents until the next check
-        self._snapshot: Optional[dict] = None
         self._prefetcher: Optional[BatchPrefetcher] = None
+        self._bar = None
         self.last_metrics: dict = {}
         self.last_checkpoint: Optional[Path] = None
-        self.messages: list[str] = []
 
-    # ------------------------------------------------------------ construction helpers
+    # The parts' state under the names the trainer has always had.
+    dead_strategy = property(lambda self: self.dead.strategy)
+    n_resamples = property(lambda self: self.dead.n_resamples)
+    generator = property(lambda self: self.dead.generator)
+    bad_in_row = property(lambda self: self.refusals.in_row)
+    refused_batches = property(lambda self: self.refusals.total)  # NaN/Inf batches skipped, over resumed sessions
 
-    def _compute_twin(self) -> SAE:
-        """The SAE that runs forward and backward: the master itself in float32, else a copy in
-        the compute dtype whose weights are refreshed from the master's at every step."""
-        if self.cfg.dtype == "float32":
-            return self.sae
-        twin_cfg = SAEConfig.from_dict({**self.sae.cfg.to_dict(), "dtype": self.cfg.dtype})
-        twin = fdist.ShardedSAE(twin_cfg, group=self.sae.group, _init=False) if self.sharded else SAE(twin_cfg)
-        with torch.no_grad():
-            for mine, master in zip(twin.state_dict().values(), self.sae.state_dict().values()):
-                mine.copy_(master)
-        twin.sparse_width_limit = self.sae.sparse_width_limit
-        return twin
-
-    def _resolve_dead_strategy(self) -> str:
-        arch = self.sae.arch
-        strategy = self.cfg.dead_strategy
-        if strategy == "auto":
-            return arch.default_dead_strategy
-        if strategy == "auxk" and not arch.supports_auxk:
-            raise ValueError(f"dead_strategy: 'auxk' needs a topk or batchtopk SAE, got {arch.name!r}")
-        return strategy
+    tokens_since_fired = property(lambda self: self.dead.tokens_since_fired,
+                                  lambda self, value: setattr(self.dead, "tokens_since_fired", value))
 
     @classmethod
     def resume(
@@ -242,44 +168,16 @@ class Trainer:
         bit-exact with an uninterrupted run). Under torchrun: `device` is this rank's (default: the
         run's), `shard_latents` splits the latents (default: as the run did); the checkpoint holds
         the whole SAE, so a run continues on any number of processes, re-sharded or re-sliced."""
-        out_dir = Path(out_dir)
-        folder = ckpt.latest_checkpoint(out_dir)
-        if folder is None:
-            raise FileNotFoundError(f"{out_dir}: no complete checkpoint to resume from (looked in {out_dir / ckpt.CHECKPOINTS_DIRNAME})")
-        cfg = TrainerConfig.load(folder)
-        if progress is not None:
-            cfg.progress = progress
-        if dtype is not None:
-            cfg.dtype = dtype
-            cfg.__post_init__()  # validates it
-        sae_cfg = SAEConfig.from_dict(saelens.read_cfg(folder))
-        if cfg.dtype is None:  # a run from before TrainerConfig.dtype computed in its weights' dtype
-            cfg.dtype = sae_cfg.dtype if sae_cfg.dtype in ("float32", "bfloat16", "float16") else "float32"
-        if device is not None:
-            cfg.device = str(device)
-        sae_cfg.device = cfg.device
-        sae_cfg.dtype = "float32"  # the master weights (saved in float32)
-        previous_world, previous_sharded = cfg.world_size, cfg.shard_latents
-        shard = previous_sharded if shard_latents is None else shard_latents
-        if shard and fdist.get_world_size() > 1:
-            sae = fdist.ShardedSAE(sae_cfg, _init=False)  # its slices come from the checkpoint
-        else:
-            sae = SAE(sae_cfg)
-        if data is None:
-            data = open_source(cfg.data)
-        trainer = cls.__new__(cls)
-        # Build as a fresh trainer without the "folder holds a run" check, then load the state.
-        cls.__init__(trainer, sae, data, cfg, None)
-        trainer.out_dir = out_dir
-        trainer._load_state(folder)
-        if (previous_world, previous_sharded) != (trainer.world_size, trainer.sharded):
-            how = ("latents re-sharded" if trainer.sharded else "batches re-sliced" if trainer.data_parallel
-                   else "the SAE whole on this process")
-            trainer._say(
-                f"resuming a run trained on {previous_world} process(es){' with sharded latents' if previous_sharded else ''} "
-                f"on {trainer.world_size}{' with sharded latents' if trainer.sharded else ''}: the checkpoint holds the "
-                f"whole SAE, {how}; the data order does not depend on the number of processes"
-            )
+        run = open_saved_run(out_dir, data, progress=progress, dtype=dtype, device=device, shard_latents=shard_latents)
+        # Built as a fresh trainer (no out_dir: no "folder holds a run" check), then its state loaded.
+        trainer = cls(run.sae, run.data, run.cfg)
+        trainer.out_dir = out_dir = Path(out_dir)
+        note = ckpt.load_trainer_state(trainer, run.folder)
+        if note:
+            trainer._say(note)
+        note = processes_note(run, trainer.world_size, trainer.sharded, trainer.data_parallel)
+        if note:
+            trainer._say(note)
         if trainer.rank == 0:  # rank 0 owns the run's files
             ckpt.remove_stale_temporaries(out_dir)
             ckpt.truncate_metrics(out_dir, trainer.step)
@@ -293,22 +191,10 @@ class Trainer:
     def _initialize(self) -> None:
         """Normalisation factor and b_dec from a sample of the data's first rows."""
         cfg = self.cfg
-        sample = self.stream.read(0, min(cfg.init_sample_rows, self.stream.rows_per_epoch))
-        finite = torch.isfinite(sample).all(dim=1)
-        if not finite.any():
-            raise BadDataError(f"initialisation: all {sample.shape[0]} sampled rows hold NaN or Inf")
-        sample = sample[finite].double()
+        sample = finite_rows(self.stream.read(0, min(cfg.init_sample_rows, self.stream.rows_per_epoch)))
         if cfg.normalize_activations:
-            mean_sq = sample.pow(2).sum(1).mean().item()
-            self.input_scale = math.sqrt(self.sae.d_in / mean_sq) if mean_sq > 0 else 1.0
-        sample = sample * self.input_scale
-        if cfg.b_dec_init == "geometric_median":
-            b_dec = geometric_median(sample)
-        elif cfg.b_dec_init == "mean":
-            b_dec = sample.mean(0)
-        else:
-            b_dec = torch.zeros(self.sae.d_in, dtype=torch.float64)
-        self.sae.b_dec.copy_(b_dec.to(self.sae.dtype))
+            self.input_scale = normalising_scale(sample, self.sae.d_in)
+        self.sae.b_dec.copy_(initial_b_dec(sample * self.input_scale, cfg.b_dec_init).to(self.sae.dtype))
         self.initialized = True
 
     # ------------------------------------------------------------ the loop
@@ -324,30 +210,20 @@ class Trainer:
         if not self.initialized:
             self._initialize()
         total = cfg.total_steps if max_steps is None else min(cfg.total_steps, self.step + max_steps)
-        bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not cfg.progress or self.rank != 0, unit="step", dynamic_ncols=True,
-                   file=sys.stderr, desc="training")
-        self._bar = bar
+        self._bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not cfg.progress or self.rank != 0, unit="step",
+                         dynamic_ncols=True, file=sys.stderr, desc="training")
         self._prefetcher = BatchPrefetcher(self.stream, cfg.batch_size, self.position, self.sae.device, rows=self._rows)
-        self._note_dead_possible()
+        self.dead.note_possible()
         self._take_snapshot()
-        last_save = time.monotonic()
+        schedule = ckpt.CheckpointSchedule(cfg, self.world_size, self.sae.device)
         self._clock = time.perf_counter()
         try:
             while self.step < total:
-                position, x, n_bad = self._prefetcher.next()
-                self.position = position + cfg.batch_size
-                if n_bad:
-                    self._refuse(self._bad_batch(position, x, n_bad))
+                if not self._next_batch():
                     continue
-                if not self._train_step(x):
-                    continue
-                bar.update(1)
-                resample = self.dead_strategy == "resample" and self._resample_due()
+                resample = self.dead.resample_due(self.step)
                 log = self.step % cfg.log_every_steps == 0 or self.step == cfg.total_steps
-                save = self.out_dir is not None and (
-                    (cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0)
-                    or self._time_to_save(last_save, log)
-                )
+                save = self.out_dir is not None and schedule.due(self.step, log)
                 if not (resample or log or save):
                     continue
                 if not self._check():
@@ -358,19 +234,21 @@ class Trainer:
                     self._log_metrics()
                 if save:
                     self.save_checkpoint()
-                    last_save = time.monotonic()
+                    schedule.saved()
                 self._take_snapshot()
                 self._clock = time.perf_counter()
-            # The last steps (max_steps, or a refused batch at the end) are checked before leaving.
+            # The last steps (max_steps, or a refused batch at the end) are checked before leaving;
+            # after a roll-back they are taken again, each checked.
             while not self._check():
-                self._replay(total)
+                while self.step < total:
+                    self._next_batch()
         finally:
-            bar.close()
+            self._bar.close()
             self._bar = None
             if self._prefetcher is not None:
                 self._prefetcher.close()
                 self._prefetcher = None
-        if self._window_steps and self.step == cfg.total_steps:
+        if self.window.steps and self.step == cfg.total_steps:
             self._log_metrics()
         if self.out_dir is not None and self.last_checkpoint_step() != self.step:
             self.save_checkpoint()
@@ -378,22 +256,17 @@ class Trainer:
         return {**self.last_metrics, "step": self.step, "tokens": self.tokens_seen, "checkpoint": self.last_checkpoint,
                 "elapsed_s": self.elapsed, "refused_batches": self.refused_batches}
 
-    def _time_to_save(self, last_save: float, log: bool) -> bool:
-        """Whether checkpoint_every_seconds has passed. On several processes every rank must take
-        the same decision (saving is collective when latents are sharded, and it syncs the ranks'
-        state): rank 0's clock decides, read at log steps only, so the agreement costs one small
-        broadcast per log interval."""
-        every = self.cfg.checkpoint_every_seconds
-        if every is None:
+    def _next_batch(self) -> bool:
+        """Read the next batch and take a step on it; False if the batch was refused."""
+        position, x, n_bad = self._prefetcher.next()
+        self.position = position + self.cfg.batch_size
+        if n_bad:
+            self._refuse(bad_batch_message(self.stream, position, x, n_bad))
             return False
-        due = time.monotonic() - last_save >= every
-        if self.world_size == 1:
-            return due
-        if not log:
+        if not self._train_step(x):
             return False
-        flag = torch.tensor([float(due)], device=self.sae.device)
-        torch.distributed.broadcast(flag, src=0)
-        return bool(flag.item())
+        self._bar.update(1)
+        return True
 
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank if `flag` is True on any (one decision for all; collective)."""
@@ -402,17 +275,6 @@ class Trainer:
         t = torch.tensor([float(flag)], device=self.sae.device)
         torch.distributed.all_reduce(t)
         return bool(t.item())
-
-    def _replay(self, total: int) -> None:
-        """After a roll-back at the end of `train`: take the rolled-back steps again (checked)."""
-        while self.step < total:
-            position, x, n_bad = self._prefetcher.next()
-            self.position = position + self.cfg.batch_size
-            if n_bad:
-                self._refuse(self._bad_batch(position, x, n_bad))
-                continue
-            if self._train_step(x):
-                self._bar.update(1)
 
     def last_checkpoint_step(self) -> Optional[int]:
         return None if self.last_checkpoint is None else int(self.last_checkpoint.name.split("_")[-1])
@@ -428,23 +290,10 @@ class Trainer:
             print(message, file=sys.stderr)
 
     def _refuse(self, why: str) -> None:
-        self.bad_in_row += 1
-        self.refused_batches += 1
-        self._say(f"step {self.step + 1}: {why}; batch refused ({self.bad_in_row} in a row)")
-        if self.bad_in_row >= self.cfg.max_bad_batches:
-            kept = self.last_checkpoint or (ckpt.latest_checkpoint(self.out_dir) if self.out_dir else None)
-            raise BadDataError(
-                f"training stopped at step {self.step + 1}: {self.bad_in_row} batches in a row were refused "
-                f"(NaN/Inf); the last good checkpoint is {kept if kept else 'none (no checkpoint was written yet)'}"
-            )
+        self.refusals.refuse(self.step + 1, why, self._last_good_checkpoint)
 
-    def _bad_batch(self, position: int, x: Tensor, n_bad: int) -> str:
-        """The refusal of a batch holding NaN/Inf: how many values, in which rows, and where they
-        come from (file and row in it, when the source can say). Only a bad batch gets here, so
-        finding its rows on the device costs the sync-free loop nothing."""
-        rows = (~torch.isfinite(x)).any(1).nonzero().squeeze(1).tolist()
-        where = self.stream.describe_rows(position, rows)
-        return f"the batch holds {n_bad} NaN/Inf values in {len(rows)} {'row' if len(rows) == 1 else 'rows'}: {where}"
+    def _last_good_checkpoint(self) -> Optional[Path]:
+        return self.last_checkpoint or (ckpt.latest_checkpoint(self.out_dir) if self.out_dir else None)
 
     def _train_step(self, x_raw: Tensor) -> bool:
         """One optimizer step on a batch already on the device; False if the batch was refused
@@ -457,17 +306,8 @@ class Trainer:
         coefficient = cfg.sparsity_coefficient_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        mixed = sae is not master
-        if mixed:
-            with torch.no_grad():
-                torch._foreach_copy_(list(sae.parameters()), list(master.parameters()))
-        dead_mask = None
-        if self.dead_strategy == "auxk" and self._dead_possible:
-            dead_mask = self.tokens_since_fired >= cfg.dead_after
-            if sae.device.type != "cpu" and not self.sharded:
-                # No host sync on an accelerator: the dead latents go in a list whose capacity
-                # bounds their count until the next check (on the CPU the mask's count is read).
-                dead_mask = DeadLatents.from_mask(dead_mask, capacity=self._aux_capacity)
+        self.precision.refresh_compute_weights()
+        dead_mask = self.dead.for_auxk(sae.device)
         forward = self._ddp if self._ddp is not None else sae.training_forward
         out = forward(
             x, sparsity_coefficient=coefficient, dead_mask=dead_mask, k_aux=cfg.aux_k, aux_coefficient=cfg.aux_coefficient
@@ -478,36 +318,20 @@ class Trainer:
                 sae.zero_grad(set_to_none=True)
             self._refuse(f"the loss is not finite ({out.loss.item()}{' on some rank' if self.world_size > 1 else ''})")
             return False
-        sae.zero_grad(set_to_none=True)
-        if mixed:
-            master.zero_grad(set_to_none=True)
+        self.precision.zero_grads()
         # A data-parallel slice's loss is weighted by its share of the batch (DDP averages).
-        scale = self._loss_scale * self._loss_weight
+        scale = self.precision.loss_scale * self._loss_weight
         (out.loss * scale if scale != 1.0 else out.loss).backward()
         found = torch.zeros(1, device=master.device) if checked else self._nonfinite
-        grad_norm = None  # the gradients' global norm, where the check below computes it
         found.add_((~torch.isfinite(out.loss.detach())).float())
-        if self._loss_scale != 1.0:
-            # float16: the float32 copies are unscaled, and a non-finite one flagged, in one pass.
-            torch._amp_foreach_non_finite_check_and_unscale_(self._master_grads(mixed), found, self._inv_scale)
-        else:
-            # Only the flag: the gradients' norms read each one once, in its own dtype (the 16-bit
-            # twin's before the copy), and write nothing parameter-sized.
-            grads = [p.grad for p in sae.parameters() if p.grad is not None]
-            norms = torch.stack(torch._foreach_norm(grads))
-            found.add_((~torch.isfinite(norms.float().sum())).float())
-            if mixed:
-                self._master_grads(mixed)
-            elif grads and not self.sharded and master.cfg.decoder_norm != "unit_norm":
-                # These are the gradients clipping reads: its global norm from the same norms.
-                grad_norm = torch.linalg.vector_norm(norms, 2)
+        grad_norm = self.precision.gradients_to_master(found)
         if checked and self._any_rank(bool(found.item())):
             self._refuse("a gradient is not finite")
             return False
         if master.cfg.decoder_norm == "unit_norm":
             master.remove_gradient_parallel_to_decoder_directions()
         if cfg.grad_clip_norm is not None:
-            self._clip_gradients(cfg.grad_clip_norm, grad_norm)
+            self.precision.clip_gradients(cfg.grad_clip_norm, grad_norm)
         self.optimizer.step()
         with torch.no_grad():
             if master.cfg.decoder_norm == "unit_norm":
@@ -516,65 +340,15 @@ class Trainer:
             if isinstance(out, fdist.ShardedTrainOutput):  # the whole batch's, from the shards
                 fired, l0 = out.fired, out.l0
             else:
-                fired, l0 = _fired_and_l0(out.acts, master.d_sae)
+                fired, l0 = fired_and_l0(out.acts, master.d_sae)
                 if self.data_parallel:  # a latent fired if it fired in any rank's slice
                     fired = fdist.all_reduce_fired(fired)
-            self.tokens_since_fired += cfg.batch_size
-            self.tokens_since_fired.masked_fill_(fired, 0)
-            if out.x_hat.dtype == torch.float32:  # the step's own MSE is this sum already (over rows)
-                err = out.mse_loss.detach() * x32.shape[0]
-            else:  # a 16-bit step's MSE is rounded: the float32 error instead
-                err = torch.nn.functional.mse_loss(out.x_hat.reshape(x.shape).float(), x32, reduction="sum")
-            var = (x32 - x32.mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
-            values = torch.stack([t.float() for t in (out.loss, out.mse_loss, err / var, l0, out.sparsity_loss, out.aux_loss)])
-            # Data parallel: weighted by the slice's share, so the ranks' sum / world_size is the
-            # batch's mean (FVU: the slices' mean FVU).
-            self._window += values.double() * self._loss_weight
-        self._window_steps += 1
-        self._window_tokens += cfg.batch_size
+            self.dead.record(fired, cfg.batch_size)
+            self.window.add(step_metrics(out, x32, l0), self._loss_weight, cfg.batch_size)
         self.step += 1
         self.tokens_seen += cfg.batch_size
-        self.bad_in_row = 0
+        self.refusals.in_row = 0
         return True
-
-    def _clip_gradients(self, max_norm: float, grad_norm: Optional[Tensor] = None) -> None:
-        """Scale the master gradients so their global norm is at most `max_norm` (torch's
-        clip_grad_norm_ rule, SAELens' SAETrainer's step: coefficient max_norm / (norm + 1e-6),
-        at most 1). On the device, no host sync. `grad_norm`: the global norm when the step's
-        finiteness check already computed it from these gradients. Sharded: the norm of the
-        whole SAE's gradient (the shards' squares summed over the ranks; b_dec's gradient is the
-        same on every rank and counted once)."""
-        named = [(name, p.grad) for name, p in self.sae.named_parameters() if p.grad is not None]
-        if not named:
-            return
-        grads = [g for _, g in named]
-        if self.sharded:
-            squares = torch.stack([g.float().pow(2).sum() for _, g in named])
-            is_sharded = torch.tensor([name != "b_dec" for name, _ in named], device=squares.device)
-            local = squares[is_sharded].sum()
-            torch.distributed.all_reduce(local)
-            grad_norm = (local + squares[~is_sharded].sum()).sqrt()
-        elif grad_norm is None:
-            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)), 2)
-        coef = (max_norm / (grad_norm + 1e-6)).clamp(max=1.0)
-        if grads[0].device.type == "cpu":
-            # torch 2.13's CPU _foreach_mul_ by a 0-dim tensor takes a slow path: 12 ms for 2M
-            # floats where per-tensor mul_ takes 0.5 ms (clip_grad_norm_ uses it: +10% a step).
-            for g in grads:
-                g.mul_(coef.to(g.dtype))
-        else:
-            torch._foreach_mul_(grads, coef.to(grads[0].dtype))
-
-    def _master_grads(self, mixed: bool) -> list[Tensor]:
-        """The master weights' gradients (float32), copied from the compute twin's when mixed."""
-        grads = []
-        if not mixed:
-            return [p.grad for p in self.sae.parameters() if p.grad is not None]
-        for master, twin in zip(self.sae.parameters(), self.compute_sae.parameters()):
-            if twin.grad is not None:
-                master.grad = twin.grad.to(torch.float32)
-                grads.append(master.grad)
-        return grads
 
     # ------------------------------------------------------------ checks and roll-back
 
@@ -587,12 +361,11 @@ class Trainer:
         bad = bool(self._nonfinite.item())
         seconds = time.perf_counter() - self._clock
         self.elapsed += seconds
-        self._window_seconds += seconds
+        self.window.seconds += seconds
         if not bad:
-            self._note_dead_possible()
+            self.dead.note_possible()
             return True
-        snapshot = self._snapshot
-        first, last = snapshot["host"]["step"] + 1, self.step
+        first, last = self.guard.host["step"] + 1, self.step
         self._restore_snapshot()
         self._replay_until = last
         self._say(f"steps {first}..{last}: a non-finite loss or gradient; rolled back to step {first - 1} and "
@@ -600,193 +373,63 @@ class Trainer:
         if self._bar is not None:
             self._bar.n = self.step
             self._bar.refresh()
-        self._note_dead_possible()
+        self.dead.note_possible()
         self._prefetcher.restart(self.position)
         self._clock = time.perf_counter()
         return False
 
-    def _note_dead_possible(self) -> None:
-        """At a check: how many latents can reach `dead_after` tokens without firing before the next
-        check (at most `log_every_steps` steps away)? None: the steps until then pass no dead mask
-        (AuxK has nothing to do; the result is the same as passing it). Otherwise that count,
-        rounded up to a multiple of 64 (fewer distinct shapes), bounds the dead latents until then:
-        the capacity of AuxK's list on an accelerator, where counting them each step would wait
-        for the device."""
-        if self.dead_strategy != "auxk":
-            return
-        horizon = self.cfg.log_every_steps * self.cfg.batch_size
-        possible = int((self.tokens_since_fired + horizon >= self.cfg.dead_after).sum())
-        self._dead_possible = possible > 0
-        self._aux_capacity = min(self.sae.d_sae, -(-possible // 64) * 64)
+    def _rolled_back_tensors(self) -> dict[str, Tensor]:
+        """The device state a step changes besides the weights and Adam's."""
+        return {"tokens_since_fired": self.dead.tokens_since_fired, "window": self.window.sums}
 
-    _HOST_STATE = ("step", "tokens_seen", "position", "bad_in_row", "_window_steps", "_window_tokens")
-    _HINTS = ("_sparse_hint", "_dense_passes_to_skip", "_overflow_backoff", "_batchtopk_bound", "_dense_hint")  # SAE's, ShardedSAE's
-
-    @torch.no_grad()
     def _take_snapshot(self) -> None:
-        """Copy (on the device) what a step changes, for a roll-back to this point."""
-        old = self._snapshot or {}
-        tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
-        for p_index, p in enumerate(self.sae.parameters()):
-            for key, value in self.optimizer.state.get(p, {}).items():
-                if isinstance(value, Tensor):
-                    tensors[f"adam.{p_index}.{key}"] = value
-        tensors["tokens_since_fired"] = self.tokens_since_fired
-        tensors["window"] = self._window
-        copies = {}
-        for name, value in tensors.items():
-            kept = old.get("tensors", {}).get(name)
-            if kept is not None and kept.shape == value.shape and kept.dtype == value.dtype and kept.device == value.device:
-                copies[name] = kept.copy_(value)  # reuse the previous snapshot's memory
-            else:
-                copies[name] = value.detach().clone()
-        self._snapshot = {
-            "tensors": copies,
-            "host": {name: getattr(self, name) for name in self._HOST_STATE},
-            "hints": {name: getattr(self.compute_sae, name) for name in self._HINTS if hasattr(self.compute_sae, name)},
-        }
+        host = {"step": self.step, "tokens_seen": self.tokens_seen, "position": self.position,
+                "bad_in_row": self.refusals.in_row, "window": self.window.host_state()}
+        self.guard.take(self._rolled_back_tensors(), host, self.compute_sae)
 
-    @torch.no_grad()
     def _restore_snapshot(self) -> None:
-        snap = self._snapshot
-        tensors = snap["tensors"]
-        for name, value in self.sae.state_dict().items():
-            value.copy_(tensors[f"sae.{name}"])
-        for p_index, p in enumerate(self.sae.parameters()):
-            kept = {key[len(f"adam.{p_index}."):]: v for key, v in tensors.items() if key.startswith(f"adam.{p_index}.")}
-            if not kept:
-                self.optimizer.state.pop(p, None)
-                continue
-            state = self.optimizer.state[p]
-            for key, value in kept.items():
-                if key in state:
-                    state[key].copy_(value)
-                else:
-                    state[key] = value.clone()
-        self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
-        self._window.copy_(tensors["window"])
+        host = self.guard.restore(self._rolled_back_tensors(), self.compute_sae)
         self._nonfinite.zero_()
-        for name, value in snap["host"].items():
-            setattr(self, name, value)
-        for name, value in snap["hints"].items():
-            setattr(self.compute_sae, name, value)
+        self.step, self.tokens_seen, self.position = host["step"], host["tokens_seen"], host["position"]
+        self.refusals.in_row = host["bad_in_row"]
+        self.window.load_host_state(host["window"])
 
     # ------------------------------------------------------------ dead latents
 
     def dead_mask(self) -> Tensor:
         """Latents that have not fired in the last `dead_after` tokens (bool [d_sae], on the SAE's device)."""
-        return self.tokens_since_fired >= self.cfg.dead_after
-
-    def _resample_due(self) -> bool:
-        every = self.cfg.resample_every
-        last_allowed = self.cfg.total_steps * (1 - self.cfg.lr_decay_fraction)
-        return every > 0 and self.step % every == 0 and self.step < last_allowed
-
-    @torch.no_grad()
-    def resample_dead_latents(self) -> int:
-        """Re-initialise dead latents from inputs the SAE reconstructs badly (Bricken et al. 2023):
-        inputs are drawn with probability proportional to their squared loss; a dead latent's
-        decoder row becomes the drawn input's direction (x - b_dec, normalised), its encoder row
-        that direction times 0.2 times the mean alive encoder norm, its encoder bias 0, and Adam's
-        moments for those entries are reset. Returns how many latents were resampled."""
-        sae, cfg = self.sae, self.cfg
-        dead = self.dead_mask()
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return 0
-        # The stream is addressable, so peeking at the next rows changes nothing.
-        sample = self.stream.read(self.position, cfg.resample_sample_rows)
-        sample = sample[torch.isfinite(sample).all(dim=1)] * self.input_scale
-        if sample.shape[0] == 0:
-            self._say(f"step {self.step}: resampling skipped (no finite rows in the sample)")
-            return 0
-        sample = sample.to(device=sae.device, dtype=sae.dtype)
-        losses = []
-        for part in sample.split(4096):
-            losses.append((sae(part) - part).pow(2).sum(-1).double().cpu())
-        weights = torch.cat(losses).pow(2)
-        if not torch.isfinite(weights).all() or weights.sum() <= 0:
-            weights = torch.ones_like(weights)
-        # One independent draw per dead latent, as the paper describes (with replacement).
-        picks = torch.multinomial(weights, n_dead, replacement=True, generator=self.generator)
-        chosen = sample[picks.to(sample.device)] - sae.b_dec
-        directions = torch.nn.functional.normalize(chosen.float(), dim=1).to(sae.dtype)
-
-        idx = dead.nonzero().squeeze(1).to(sae.device)
-        alive = ~dead.to(sae.device)
-        if self.sharded:  # this rank's dead latents, with their drawn directions
-            mine = (idx >= sae.start) & (idx < sae.stop)
-            idx, directions = idx[mine] - sae.start, directions[mine]
-            alive = alive[sae.start : sae.stop]
-        any_alive = bool(alive.any()) if not self.sharded else self.n_alive() > 0
-        enc = sae.enc_weight  # [d_sae, d_in] view of W_enc
-        enc_norm = self._mean_row_norm(enc, alive) if any_alive else enc.new_tensor(1.0)
-        if sae.cfg.decoder_norm == "unit_norm" or not any_alive:
-            dec_norm = 1.0
-        else:
-            dec_norm = self._mean_row_norm(sae.W_dec, alive)
-        sae.W_dec[idx] = directions * dec_norm
-        enc[idx] = directions * (0.2 * enc_norm)
-        sae.b_enc[idx] = 0
-        self._reset_adam(sae.W_dec, idx, dim=0)
-        self._reset_adam(sae.b_enc, idx, dim=0)
-        self._reset_adam(sae.W_enc, idx, dim=1)  # W_enc is [d_in, d_sae]: latents are columns
-        self.tokens_since_fired[dead] = 0
-        self.n_resamples += 1
-        self._say(f"step {self.step}: resampled {n_dead} dead latents ({n_dead / sae.d_sae:.1%})")
-        return n_dead
+        return self.dead.mask()
 
     def n_alive(self) -> int:
-        return int((~self.dead_mask()).sum())
+        return self.dead.n_alive()
 
-    def _mean_row_norm(self, rows: Tensor, alive: Tensor) -> Tensor:
-        """The mean norm of the alive latents' rows (over all shards when sharded)."""
-        if not self.sharded:
-            return rows[alive].norm(dim=1).mean()
-        total = torch.stack([rows[alive].norm(dim=1).sum(), alive.sum().to(rows.dtype)])
-        torch.distributed.all_reduce(total)
-        return total[0] / total[1]
+    def resample_dead_latents(self) -> int:
+        """Re-initialise dead latents from inputs the SAE reconstructs badly (Bricken et al. 2023;
+        `DeadLatentTracker.resample`). Returns how many latents were resampled."""
 
-    def _reset_adam(self, param: Tensor, idx: Tensor, dim: int) -> None:
-        state = self.optimizer.state.get(param)
-        if not state:
-            return
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in state:
-                state[key].index_fill_(dim, idx, 0.0)
+        def read_sample() -> Tensor:
+            # The stream is addressable, so peeking at the next rows changes nothing.
+            sample = self.stream.read(self.position, self.cfg.resample_sample_rows)
+            return sample[torch.isfinite(sample).all(dim=1)] * self.input_scale
+
+        return self.dead.resample(self.optimizer, read_sample, self.step)
 
     # ------------------------------------------------------------ metrics
 
     def _log_metrics(self) -> dict:
-        n = max(1, self._window_steps)
-        if self.data_parallel:  # each rank's window holds its slices' weighted figures
-            torch.distributed.all_reduce(self._window)
-            self._window /= self.world_size
-        means = (self._window / n).tolist()
-        row = {"step": self.step, "tokens": self.tokens_seen, "world_size": self.world_size,
-               "shard_latents": self.sharded}
-        row.update({name: float(value) for name, value in zip(METRIC_NAMES, means)})
-        row["dead_fraction"] = float(self.dead_mask().double().mean())
-        row["tokens_per_s"] = self._window_tokens / self._window_seconds if self._window_seconds > 0 else None
-        row["lr"] = self.cfg.lr_at(max(0, self.step - 1))
-        row["sparsity_coefficient"] = self.cfg.sparsity_coefficient_at(max(0, self.step - 1))
-        row["elapsed_s"] = self.elapsed
+        means, tokens_per_s = self.window.take_means(self.world_size if self.data_parallel else 1)
+        row = {"step": self.step, "tokens": self.tokens_seen, "world_size": self.world_size, "shard_latents": self.sharded,
+               **means,
+               "dead_fraction": float(self.dead_mask().double().mean()),
+               "tokens_per_s": tokens_per_s,
+               "lr": self.cfg.lr_at(max(0, self.step - 1)),
+               "sparsity_coefficient": self.cfg.sparsity_coefficient_at(max(0, self.step - 1)),
+               "elapsed_s": self.elapsed}
         self.last_metrics = row
-        self._window.zero_()
-        self._window_steps = self._window_tokens = 0
-        self._window_seconds = 0.0
         if self.out_dir is not None and self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.out_dir / ckpt.METRICS_FILENAME, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        bar = getattr(self, "_bar", None)
-        if bar is not None:
-            tps = row["tokens_per_s"]
-            bar.set_postfix_str(
-                f"mse {row['mse']:.4g} fvu {row['fvu']:.3f} l0 {row['l0']:.1f} dead {row['dead_fraction']:.1%} "
-                f"tok/s {tps or 0:,.0f} lr {row['lr']:.2g}",
-                refresh=False,
-            )
+            append_metrics_row(self.out_dir, row)
+        if self._bar is not None:
+            self._bar.set_postfix_str(progress_postfix(row), refresh=False)
         return row
 
     # ------------------------------------------------------------ checkpoints
@@ -804,42 +447,7 @@ class Trainer:
         return self.sae.gather_sae(dst=0, device="cpu") if self.sharded else self.sae
 
     def _export(self, whole: SAE) -> SAE:
-        sae = fold_input_scale(whole, self.input_scale)
-        sae.cfg.metadata["trained_dtype"] = self.cfg.dtype
-        for key, value in provenance_metadata(self.cfg.data).items():
-            if value is not None:
-                sae.cfg.metadata.setdefault(key, value)  # a loaded SAE's own record wins
-        if self.world_size > 1:
-            sae.cfg.metadata["trained_world_size"] = self.world_size
-        return sae.eval()
-
-    def _state_dict(self, whole: SAE) -> dict:
-        return {
-            "sae": {name: t.detach().cpu().clone() for name, t in whole.state_dict().items()},
-            "tokens_since_fired": self.tokens_since_fired.cpu().clone(),
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "window": self._window.cpu().clone(),
-        }
-
-    def _state_json(self) -> dict:
-        return {
-            "step": self.step,
-            "total_steps": self.cfg.total_steps,
-            "tokens_seen": self.tokens_seen,
-            "position": self.position,
-            "input_scale": self.input_scale,
-            "initialized": self.initialized,
-            "bad_in_row": self.bad_in_row,
-            "refused_batches": self.refused_batches,
-            "elapsed_s": self.elapsed,
-            "n_resamples": self.n_resamples,
-            "dead_strategy": self.dead_strategy,
-            "window_steps": self._window_steps,
-            "window_tokens": self._window_tokens,
-            "window_seconds": self._window_seconds,
-            "rows_per_epoch": self.stream.rows_per_epoch,
-        }
+        return export_for_raw_inputs(whole, self.input_scale, self.cfg.dtype, self.cfg.data, self.world_size)
 
     def save_checkpoint(self) -> Path:
         """Write a complete checkpoint atomically; the previous one stays until this one is in place."""
@@ -858,68 +466,13 @@ class Trainer:
             self.last_checkpoint = ckpt.checkpoint_dir(self.out_dir, self.step)
             return self.last_checkpoint
         optimizer_state = optimizer_state if self.sharded else self.optimizer.state_dict()
-        state, info = self._state_dict(whole), self._state_json()
+        state, info = ckpt.trainer_state(self, whole), ckpt.trainer_info(self)
 
         def write(folder: Path) -> None:
-            self._export(whole).save(folder)
-            self.cfg.save(folder)
-            torch.save(optimizer_state, folder / ckpt.OPTIMIZER_PT)
-            torch.save(state, folder / ckpt.STATE_PT)
-            with open(folder / ckpt.STATE_JSON, "w") as f:
-                json.dump(info, f, indent=2)
+            ckpt.write_training_files(folder, self._export(whole), self.cfg, optimizer_state, state, info)
 
         self.last_checkpoint = ckpt.write_checkpoint(self.out_dir, self.step, write)
         return self.last_checkpoint
-
-    def _load_state(self, folder: Path) -> None:
-        info = ckpt.read_state_json(folder)
-        path = folder / ckpt.STATE_PT
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            optimizer_state = torch.load(folder / ckpt.OPTIMIZER_PT, map_location="cpu" if self.sharded else self.sae.device,
-                                         weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"{folder}: cannot read the checkpoint's state: {exc}") from exc
-        if self.sharded:  # the checkpoint holds the whole SAE: this rank takes its latents
-            self.sae.load_whole_state_dict(state["sae"])
-            optimizer_state = self.sae.shard_optimizer_state(optimizer_state, self.optimizer)
-        else:
-            self.sae.load_state_dict({k: v.to(self.sae.device) for k, v in state["sae"].items()})
-        self.optimizer.load_state_dict(optimizer_state)
-        self.tokens_since_fired = state["tokens_since_fired"].to(self.sae.device).clone()
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        self._window = state["window"].to(self.sae.device).clone()
-        self.step = info["step"]
-        self.tokens_seen = info["tokens_seen"]
-        self.position = info["position"]
-        self.input_scale = info["input_scale"]
-        self.initialized = info["initialized"]
-        self.bad_in_row = info["bad_in_row"]
-        self.refused_batches = info.get("refused_batches", 0)  # absent from checkpoints before it was counted
-        self.elapsed = info["elapsed_s"]
-        self.n_resamples = info["n_resamples"]
-        self._window_steps = info["window_steps"]
-        self._window_tokens = info["window_tokens"]
-        self._window_seconds = info["window_seconds"]
-        if info.get("rows_per_epoch") != self.stream.rows_per_epoch:
-            self._say(
-                f"note: the data has {self.stream.rows_per_epoch:,} rows per epoch, the checkpoint's had "
-                f"{info.get('rows_per_epoch')}: the resumed run will not see the same batches"
-            )
-        self.last_checkpoint = folder
-
-
-def _fired_and_l0(acts, d_sae: int) -> tuple[Tensor, Tensor]:
-    """Which latents fired in the batch (bool [d_sae]) and the mean number active per row
-    (no data-dependent shapes: nothing waits for the device)."""
-    if isinstance(acts, SparseActivations):
-        active = acts.values > 0
-        counts = torch.zeros(d_sae, dtype=torch.int32, device=acts.values.device)
-        counts.index_add_(0, acts.indices.reshape(-1), active.reshape(-1).to(torch.int32))
-        return counts > 0, active.sum(-1).float().mean()
-    active = acts > 0
-    return active.any(0), active.sum(-1).float().mean()
 
 
 @torch.no_grad()
@@ -928,9 +481,3 @@ def _broadcast_module(module: torch.nn.Module) -> None:
     for t in module.state_dict().values():
         torch.distributed.broadcast(t, src=0)
 
-
-def _clear_run(out_dir: Path) -> None:
-    import shutil
-
-    shutil.rmtree(out_dir / ckpt.CHECKPOINTS_DIRNAME, ignore_errors=True)
-    (out_dir / ckpt.METRICS_FILENAME).unlink(missing_ok=True)

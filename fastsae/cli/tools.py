@@ -1,58 +1,10 @@
-"""The `fastsae` command."""
+"""The small commands of `fastsae`: backends, bench, convert and aot."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
-
-
-def _demo(args: argparse.Namespace) -> int:
-    """Fit a small TopK SAE to synthetic sparse data, save it, load it back, and report."""
-    import torch
-
-    import fastsae
-    from fastsae.ops import dispatch
-
-    torch.manual_seed(args.seed)
-    d_in, d_sae, k, n_true = args.d_in, args.d_sae, args.k, args.d_sae // 2
-    # Ground truth: n_true unit directions, each row a sparse positive mix of about k of them.
-    truth = torch.nn.functional.normalize(torch.randn(n_true, d_in), dim=1)
-
-    def batch(n: int) -> torch.Tensor:
-        on = torch.rand(n, n_true) < k / n_true
-        return (on * torch.rand(n, n_true) * 2) @ truth
-
-    sae = fastsae.SAE(d_in=d_in, d_sae=d_sae, architecture="topk", k=k)
-    opt = torch.optim.Adam(sae.parameters(), lr=args.lr)
-    backend = dispatch.select(sae.device)[0]
-    print(f"fastsae {fastsae.__version__} demo: {sae} on {sae.device}, backend {backend!r}")
-    start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        x = batch(args.batch_size)
-        out = sae.training_forward(x)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        if step % max(1, args.steps // 10) == 0 or step == args.steps:
-            fvu = (out.x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-            print(f"step {step:5d}  mse {out.mse_loss.item():.4f}  fvu {fvu.item():.4f}  l0 {out.acts.l0().float().mean().item():.1f}")
-    elapsed = time.perf_counter() - start
-    print(f"{args.steps} steps of {args.batch_size} rows in {elapsed:.1f} s ({args.steps * args.batch_size / elapsed:,.0f} rows/s)")
-
-    # Each true direction's best cosine match among the decoder rows.
-    with torch.no_grad():
-        dirs = torch.nn.functional.normalize(sae.W_dec, dim=1)
-        score = (truth @ dirs.T).max(dim=1).values.mean().item()
-    print(f"mean max cosine similarity to the {n_true} true features: {score:.3f}")
-
-    folder = sae.save(args.out)
-    loaded = fastsae.load(folder)
-    x = batch(8)
-    same = torch.equal(loaded(x), sae(x))
-    print(f"saved to {folder} (SAELens layout); reloaded: {'identical outputs' if same else 'OUTPUTS DIFFER'}")
-    return 0 if same else 1
 
 
 def _backends(args: argparse.Namespace) -> int:
@@ -82,21 +34,6 @@ def _cuda_visible() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _backend_env_error() -> str | None:
-    """Why FASTSAE_BACKEND is unusable, or None: checked once here so that every command refuses
-    a bad value with one line instead of a traceback from deep inside the first op."""
-    value = os.environ.get("FASTSAE_BACKEND")
-    if not value or not value.strip():
-        return None
-    from fastsae.ops import dispatch
-
-    try:
-        dispatch.requested_backend()
-    except ValueError as exc:
-        return f"{dispatch.ENV_VAR}={value}: {exc}"
-    return None
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -172,21 +109,7 @@ def _aot(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastsae", description="Fast sparse autoencoders.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="fit a small TopK SAE on synthetic data, save and reload it")
-    demo.add_argument("--d-in", type=int, default=64)
-    demo.add_argument("--d-sae", type=int, default=512)
-    demo.add_argument("--k", type=int, default=8)
-    demo.add_argument("--steps", type=int, default=600)
-    demo.add_argument("--batch-size", type=int, default=512)
-    demo.add_argument("--lr", type=float, default=2e-3)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="runs/demo")
-    demo.set_defaults(func=_demo)
-
+def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="time encode, decode and train_step against pure-torch baselines")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     bench.add_argument("--quick", action="store_true", help="small shapes, about a minute on 2 CPU cores")
@@ -199,18 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--graph", action="store_true", help="also time each backend's train_step captured as a CUDA graph")
     bench.set_defaults(func=_bench)
 
-    from fastsae.training.cli import add_train_parser
 
-    add_train_parser(sub)
-
-    from fastsae.browse.cli import add_browse_parser
-
-    add_browse_parser(sub)
-
-    from fastsae.cli_eval import add_eval_parser
-
-    add_eval_parser(sub)
-
+def add_other_parsers(sub) -> None:
     backends = sub.add_parser("backends", help="list the backends that load on this machine")
     backends.set_defaults(func=_backends)
 
@@ -231,17 +144,3 @@ def build_parser() -> argparse.ArgumentParser:
     aot.add_argument("--quick", action="store_true", help="one configuration per kernel")
     aot.add_argument("--kernel", help="only kernels whose name contains this")
     aot.set_defaults(func=_aot)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    problem = _backend_env_error()
-    if problem:
-        print(f"fastsae {args.command}: error: {problem}", file=sys.stderr)
-        return 2
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -68,7 +68,7 @@ def open_transformer_source(args: argparse.Namespace, sae, data: dict):
     """The `TransformerActivations` that --model, --hook, --text, --seq-len, --activation-cache
     and --device describe, each defaulting to the run's (`data`, a run's data description) and
     then to `fastsae train`'s defaults (MiniLM at encoder.layer.3 on pydoc)."""
-    from fastsae.training.cli import DEFAULTS
+    from fastsae.cli.flags import DEFAULTS
     from fastsae.training.transformer import TransformerActivations
 
     from_run = data if data.get("kind") == "transformer" else {}

@@ -43,7 +43,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
 def open_eval_source(args: argparse.Namespace, sae, data: dict):
     """The activations to evaluate on: --data files; else a run's files or synthetic data (unless
     --model is given); else a transformer (`fastsae browse`'s choice of model, hook, text)."""
-    from fastsae.browse.cli import open_transformer_source
+    from fastsae.cli.browse import open_transformer_source
     from fastsae.training.data import ActivationFiles, open_source
 
     if args.data is not None:
@@ -55,19 +55,19 @@ def open_eval_source(args: argparse.Namespace, sae, data: dict):
     return open_transformer_source(args, sae, data)
 
 
-def _finite(value):
+def nan_as_null(value):
     """NaN/Inf (a score whose baseline equals the clean model, say) as JSON null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: nan_as_null(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [nan_as_null(v) for v in value]
     return value
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from fastsae.browse.cli import open_sae
+    from fastsae.cli.browse import open_sae
     from fastsae.evals import evaluate, format_metrics
 
     started = time.perf_counter()
@@ -95,7 +95,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(_finite(metrics), indent=2, allow_nan=False) + "\n")
+        out.write_text(json.dumps(nan_as_null(metrics), indent=2, allow_nan=False) + "\n")
         print(f"wrote {out}")
     print(f"({metrics['seconds']:.1f} s)")
     return 0
