@@ -288,6 +288,9 @@ def test_every_registered_architecture_is_a_train_choice_and_trains(tmp_path, ca
     out = tmp_path / "gated"
     assert main(["train", *SYNTHETIC, "--architecture", "gated", "--out", str(out)]) == 0, capsys.readouterr().out
     assert fastsae.load(out).cfg.architecture == "gated"
+    # with its L1 penalty on the gate (--l1-coefficient), as SAELens trains it: not a bare MSE
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["sparsity_loss"] > 0, last
 
 
 def test_a_trained_sae_records_its_data_as_saelens_metadata(tmp_path, capsys):

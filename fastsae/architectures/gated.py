@@ -11,6 +11,7 @@ from fastsae.architectures.base import Architecture
 
 class Gated(Architecture):
     name = "gated"
+    takes_sparsity_coefficient = True  # L1 on the gate's ReLU, as SAELens' l1_coefficient
 
     def create_parameters(self, sae, factory: dict) -> None:
         sae.b_gate = torch.nn.Parameter(torch.zeros(sae.d_sae, **factory))

@@ -101,7 +101,7 @@ TRAIN_FLAGS = (
     Flag("architecture", "default {default}", "sae.architecture", choices=architectures.names(), default="topk"),
     Flag("d_sae", f"latents (default {EXPANSION} x d_in)", "sae.d_sae", int, default=lambda arch, d_in: EXPANSION * d_in),
     Flag("k", "topk/batchtopk: active latents per token (default {default})", "sae.k", int, 32, applies=_uses_k),
-    Flag("l1_coefficient", "relu: L1 coefficient; jumprelu: L0 coefficient (default {default})",
+    Flag("l1_coefficient", "relu and gated: L1 coefficient; jumprelu: L0 coefficient (default {default})",
          "trainer.sparsity_coefficient", float, 5.0, applies=lambda arch: arch.takes_sparsity_coefficient, off=0.0),
     Flag("decoder_norm", "decoder handling (default {default})", "sae.decoder_norm", default="norm_weighted",
          choices=("norm_weighted", "unit_norm", "none")),
