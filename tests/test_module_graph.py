@@ -67,7 +67,7 @@ def test_the_module_knows_no_file_format():
 # higher one (the command line and the package root, its public API, sit on top).
 LAYERS = [
     ("core", ("fastsae.version", "fastsae.sparse", "fastsae.validation", "fastsae.config", "fastsae.activations",
-              "fastsae.reference", "fastsae.auxk", "fastsae.evals", "fastsae.kernels", "fastsae.runs",
+              "fastsae.reference", "fastsae.auxk", "fastsae.losses", "fastsae.evals", "fastsae.kernels", "fastsae.runs",
               "fastsae.integrations._versions")),
     ("ops", ("fastsae.ops",)),
     ("model", ("fastsae.sae", "fastsae.sparse_path", "fastsae.architectures", "fastsae.distributed")),
