@@ -20,7 +20,6 @@ NOT_YET_MOVED = {
     "bench/baselines.py": 8,
     "bench/peers.py": 5,
     "bench/runner.py": 5,
-    "distributed.py": 1,
     "formats/_common.py": 4,
     "formats/saelens.py": 11,
     "formats/sparsify.py": 2,

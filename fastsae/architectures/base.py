@@ -48,6 +48,20 @@ class Step:
     aux_recon: Optional[Tensor] = None
 
 
+@dataclass
+class ShardedStep:
+    """One training batch's forward over a latent-sharded SAE (every rank holds some latents and
+    sees the whole batch): the whole reconstruction and losses, the same on every rank, the
+    activations (global indices), and the whole batch's fired latents (bool [d_sae]) and mean L0."""
+
+    x_hat: Tensor
+    acts: SparseActivations
+    sparsity: Tensor
+    aux: Tensor
+    fired: Tensor
+    l0: Tensor
+
+
 class Architecture:
     name = ""
     # The config's rules (installed into `fastsae.config` by the registry): whether the
@@ -194,3 +208,20 @@ class Architecture:
         x_hat = sae.decode(acts)
         sparsity, aux = self.dense_losses(sae, x2, pre, acts, coefficient)
         return Step(x_hat, acts, sparsity, aux)
+
+    # ---------------------------------------------------------------- latent sharding
+
+    # Whether the architecture has a latent-sharded step (`sharded_training_step`); the others
+    # train data parallel only.
+    shards_latents = False
+
+    def sharded_training_step(
+        self, shard, x2: Tensor, coefficient: float, dead_mask: Optional[Tensor], k_aux: Optional[int], aux_coefficient: float
+    ) -> ShardedStep:
+        """One batch's forward on `shard` (a `fastsae.distributed.ShardedSAE`: this rank's latents,
+        the collectives that join the ranks' parts), collective: every rank calls it with the same
+        flat batch x2. `dead_mask`: the bool [d_sae] mask of dead latents (AuxK), or None."""
+        raise ValueError(
+            f"architecture: {self.name!r} trains data parallel only (it has no latent-sharded step); "
+            "train it data parallel (fastsae.distributed.data_parallel, or `fastsae train` without --shard-latents)"
+        )
