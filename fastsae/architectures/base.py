@@ -209,6 +209,32 @@ class Architecture:
         sparsity, aux = self.dense_losses(sae, x2, pre, acts, coefficient)
         return Step(x_hat, acts, sparsity, aux)
 
+    # ---------------------------------------------------------------- file formats (fastsae.formats asks these)
+
+    # SAELens before 6.0 wrote the activation as `activation_fn` (and `activation_fn_kwargs`): the
+    # one this architecture was written with, and the kwargs keys it needs from there.
+    saelens_pre_6_0_activation = "relu"
+    saelens_pre_6_0_kwargs: tuple[str, ...] = ()
+    # Set where SAELens trains the architecture under this name but saves it, and infers, as
+    # `saelens_name` (BatchTopK as JumpReLU): its live inference SAE then takes the saved layout.
+    saelens_training_name = ""
+    # sparsify's `activation` for the architecture; "" where sparsify has none.
+    sparsify_activation = ""
+
+    def tensor_shapes(self, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
+        """The tensors an SAE of this architecture is saved as and built from, under SAELens'
+        names and shapes, in that order."""
+        return {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+
+    def tensors_from_saelens(self, tensors: dict[str, Tensor], d_sae: int, source) -> dict[str, Tensor]:
+        """Tensors under SAELens' names (a file's, or a live SAELens SAE's) as `tensor_shapes`
+        names them; errors name `source`."""
+        return tensors
+
+    def tensors_to_saelens(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """This architecture's tensors (`tensor_shapes`) as SAELens' files and inference SAE hold them."""
+        return tensors
+
     # ---------------------------------------------------------------- latent sharding
 
     # Whether the architecture has a latent-sharded step (`sharded_training_step`); the others

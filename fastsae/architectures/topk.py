@@ -21,6 +21,10 @@ class TopK(Architecture):
     uses_k = True
     default_dead_strategy = "auxk"
     supports_auxk = True
+    # File formats: SAELens before 6.0 wrote it as activation_fn "topk" with {"k": ...}; sparsify's "topk".
+    saelens_pre_6_0_activation = "topk"
+    saelens_pre_6_0_kwargs = ("k",)
+    sparsify_activation = "topk"
 
     def encode_sparse(self, sae, x2: Tensor) -> SparseActivations:
         values, indices, _ = self.topk_flat(sae, x2)
