@@ -16,12 +16,12 @@ from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastsae import architectures, ops
 from fastsae.auxk import DeadLatents, as_dead_latents
 from fastsae.config import SAEConfig
+from fastsae.losses import aux_width, mean_squared_norm  # mean_squared_norm: importable from here too
 from fastsae.sparse import SparseActivations
 from fastsae.sparse_path import SparsePath, default_sparse_width_limit
 
@@ -36,11 +36,6 @@ class TrainOutput:
     sparsity_loss: Tensor
     aux_loss: Tensor
     loss: Tensor
-
-
-def mean_squared_norm(a: Tensor, b: Tensor) -> Tensor:
-    """The mean over rows of ||a - b||^2 (SAELens' MSE), as one fused op and its one-pass backward."""
-    return F.mse_loss(a, b, reduction="sum") / a.shape[0]
 
 
 class SAE(nn.Module):
@@ -278,10 +273,7 @@ class SAE(nn.Module):
 
     def _aux_width(self, k_aux: Optional[int]) -> int:
         """AuxK's k_aux (default d_in // 2, at most d_sae)."""
-        k_aux = self.d_in // 2 if k_aux is None else k_aux
-        if isinstance(k_aux, bool) or not isinstance(k_aux, int) or k_aux < 1:
-            raise ValueError(f"k_aux: expected a positive integer, got {k_aux!r}")
-        return min(k_aux, self.d_sae)
+        return aux_width(k_aux, self.d_in, self.d_sae)
 
     # ------------------------------------------------------------ decoder constraints
 

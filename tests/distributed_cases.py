@@ -145,7 +145,7 @@ def run_trainer_case(name: str) -> dict:
 
 def main(rank: int, world: int, port: int, out_dir: Path) -> None:
     torch.set_num_threads(1)
-    fdist._GATHER_CHUNK_ELEMENTS = 7 * D_IN  # gathers for saving go in several pieces
+    fdist.ShardedSAE.gather_chunk_elements = 7 * D_IN  # gathers for saving go in several pieces
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:

@@ -68,7 +68,7 @@ def test_the_module_knows_no_file_format():
 # command line, a package of its own, sits on top.
 LAYERS = [
     ("core", ("fastsae.version", "fastsae.sparse", "fastsae.validation", "fastsae.config", "fastsae.activations",
-              "fastsae.reference", "fastsae.auxk", "fastsae.evals", "fastsae.kernels", "fastsae.runs",
+              "fastsae.reference", "fastsae.auxk", "fastsae.losses", "fastsae.evals", "fastsae.kernels", "fastsae.runs",
               "fastsae.integrations._versions")),
     ("ops", ("fastsae.ops",)),
     ("model", ("fastsae.sae", "fastsae.sparse_path", "fastsae.architectures", "fastsae.distributed")),

@@ -8,8 +8,10 @@ compares against an architecture's name (tests/test_architecture_registry.py che
 
 from __future__ import annotations
 
+from typing import Optional
+
 from fastsae import config
-from fastsae.architectures.base import Architecture, Step, decoder_norm, input_b_dec
+from fastsae.architectures.base import Architecture, ShardedStep, Step, decoder_norm, input_b_dec
 from fastsae.architectures.batchtopk import BatchTopK
 from fastsae.architectures.gated import Gated
 from fastsae.architectures.jumprelu import JumpReLU
@@ -37,4 +39,10 @@ def get(name: str) -> Architecture:
         raise ValueError(f"architecture: expected one of {tuple(_REGISTRY)}, got {name!r}") from None
 
 
-__all__ = ["Architecture", "Step", "decoder_norm", "get", "input_b_dec", "names"]
+def by_sparsify_activation(activation: str) -> Optional[Architecture]:
+    """The architecture that sparsify's `activation` is, or None where fastsae has none."""
+    found = [arch for arch in _REGISTRY.values() if arch.sparsify_activation and arch.sparsify_activation == activation]
+    return found[0] if found else None
+
+
+__all__ = ["Architecture", "ShardedStep", "Step", "by_sparsify_activation", "decoder_norm", "get", "input_b_dec", "names"]

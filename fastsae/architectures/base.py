@@ -48,6 +48,20 @@ class Step:
     aux_recon: Optional[Tensor] = None
 
 
+@dataclass
+class ShardedStep:
+    """One training batch's forward over a latent-sharded SAE (every rank holds some latents and
+    sees the whole batch): the whole reconstruction and losses, the same on every rank, the
+    activations (global indices), and the whole batch's fired latents (bool [d_sae]) and mean L0."""
+
+    x_hat: Tensor
+    acts: SparseActivations
+    sparsity: Tensor
+    aux: Tensor
+    fired: Tensor
+    l0: Tensor
+
+
 class Architecture:
     name = ""
     # The config's rules (installed into `fastsae.config` by the registry): whether the
@@ -204,3 +218,46 @@ class Architecture:
         x_hat = sae.decode(acts)
         sparsity, aux = self.dense_losses(sae, x2, pre, acts, coefficient)
         return Step(x_hat, acts, sparsity, aux)
+
+    # ---------------------------------------------------------------- file formats (fastsae.formats asks these)
+
+    # SAELens before 6.0 wrote the activation as `activation_fn` (and `activation_fn_kwargs`): the
+    # one this architecture was written with, and the kwargs keys it needs from there.
+    saelens_pre_6_0_activation = "relu"
+    saelens_pre_6_0_kwargs: tuple[str, ...] = ()
+    # Set where SAELens trains the architecture under this name but saves it, and infers, as
+    # `saelens_name` (BatchTopK as JumpReLU): its live inference SAE then takes the saved layout.
+    saelens_training_name = ""
+    # sparsify's `activation` for the architecture; "" where sparsify has none.
+    sparsify_activation = ""
+
+    def tensor_shapes(self, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
+        """The tensors an SAE of this architecture is saved as and built from, under SAELens'
+        names and shapes, in that order."""
+        return {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+
+    def tensors_from_saelens(self, tensors: dict[str, Tensor], d_sae: int, source) -> dict[str, Tensor]:
+        """Tensors under SAELens' names (a file's, or a live SAELens SAE's) as `tensor_shapes`
+        names them; errors name `source`."""
+        return tensors
+
+    def tensors_to_saelens(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """This architecture's tensors (`tensor_shapes`) as SAELens' files and inference SAE hold them."""
+        return tensors
+
+    # ---------------------------------------------------------------- latent sharding
+
+    # Whether the architecture has a latent-sharded step (`sharded_training_step`); the others
+    # train data parallel only.
+    shards_latents = False
+
+    def sharded_training_step(
+        self, shard, x2: Tensor, coefficient: float, dead_mask: Optional[Tensor], k_aux: Optional[int], aux_coefficient: float
+    ) -> ShardedStep:
+        """One batch's forward on `shard` (a `fastsae.distributed.ShardedSAE`: this rank's latents,
+        the collectives that join the ranks' parts), collective: every rank calls it with the same
+        flat batch x2. `dead_mask`: the bool [d_sae] mask of dead latents (AuxK), or None."""
+        raise ValueError(
+            f"architecture: {self.name!r} trains data parallel only (it has no latent-sharded step); "
+            "train it data parallel (fastsae.distributed.data_parallel, or `fastsae train` without --shard-latents)"
+        )

@@ -30,6 +30,7 @@ class BatchTopK(Architecture):
     reference_training = ReferenceTraining(
         "BatchTopKTrainingSAE", activate=lambda model, pre: batch_topk(pre.relu(), model.cfg.k)
     )
+    saelens_training_name = "batchtopk"  # SAELens' BatchTopK training class; saved and inferred as JumpReLU
 
     def fold_input_scale(self, folded, scale: float) -> None:
         if folded.cfg.rescale_acts_by_decoder_norm:
@@ -94,3 +95,25 @@ class BatchTopK(Architecture):
         )
         sae.sparse_path.batchtopk_bound = bound
         return values, indices, aux_pre
+
+    # ---------------------------------------------------------------- file formats
+
+    def tensor_shapes(self, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
+        return {**super().tensor_shapes(d_in, d_sae), "topk_threshold": ()}  # the inference threshold, a scalar
+
+    def tensors_from_saelens(self, tensors: dict[str, Tensor], d_sae: int, source) -> dict[str, Tensor]:
+        if "threshold" not in tensors:
+            return tensors  # SAELens' training layout: topk_threshold itself
+        # Saved as JumpReLU: the one global threshold in every slot.
+        tensors = dict(tensors)
+        threshold = tensors.pop("threshold")
+        if tuple(threshold.shape) != (d_sae,):
+            raise ValueError(f"{source}: tensor 'threshold' has shape {tuple(threshold.shape)}, expected ({d_sae},)")
+        tensors["topk_threshold"] = threshold[0]
+        return tensors
+
+    def tensors_to_saelens(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        tensors = dict(tensors)
+        topk_threshold = tensors.pop("topk_threshold")
+        tensors["threshold"] = torch.full_like(tensors["b_enc"], float(topk_threshold))
+        return tensors

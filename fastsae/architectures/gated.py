@@ -35,3 +35,9 @@ class Gated(Architecture):
             sparsity = coefficient * (gate_acts * weight).sum(-1).mean()
         via_gate = gate_acts @ sae.W_dec + sae.b_dec
         return sparsity, (via_gate - x2).pow(2).sum(-1).mean()
+
+    # ---------------------------------------------------------------- file formats
+
+    def tensor_shapes(self, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
+        return {"W_enc": (d_in, d_sae), "b_gate": (d_sae,), "r_mag": (d_sae,), "b_mag": (d_sae,),
+                "W_dec": (d_sae, d_in), "b_dec": (d_in,)}

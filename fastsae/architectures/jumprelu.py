@@ -60,3 +60,14 @@ class JumpReLU(Architecture):
             return values.new_zeros(())
         l0 = Step.apply(pre, sae.threshold[indices], sae.cfg.jumprelu_bandwidth).sum(-1)
         return coefficient * l0.mean()
+
+    # ---------------------------------------------------------------- file formats
+
+    def tensor_shapes(self, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
+        return {**super().tensor_shapes(d_in, d_sae), "threshold": (d_sae,)}
+
+    def tensors_from_saelens(self, tensors: dict[str, Tensor], d_sae: int, source) -> dict[str, Tensor]:
+        if "log_threshold" in tensors and "threshold" not in tensors:  # older SAELens training checkpoints
+            tensors = dict(tensors)
+            tensors["threshold"] = tensors.pop("log_threshold").exp()
+        return tensors

@@ -16,25 +16,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fastsae import architectures
 from fastsae.config import SAEConfig
 from fastsae.sae import SAE
 
 
 def parameter_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
-    """The tensors an SAE of this config is built from, under SAELens' names and shapes.
-    BatchTopK's inference threshold is the scalar `topk_threshold`."""
-    d_in, d_sae = cfg.d_in, cfg.d_sae
-    shapes: dict[str, tuple[int, ...]] = {"W_enc": (d_in, d_sae)}
-    if cfg.architecture == "gated":
-        shapes.update(b_gate=(d_sae,), r_mag=(d_sae,), b_mag=(d_sae,))
-    else:
-        shapes["b_enc"] = (d_sae,)
-    shapes.update(W_dec=(d_sae, d_in), b_dec=(d_in,))
-    if cfg.architecture == "jumprelu":
-        shapes["threshold"] = (d_sae,)
-    elif cfg.architecture == "batchtopk":
-        shapes["topk_threshold"] = ()
-    return shapes
+    """The tensors an SAE of this config is built from, under SAELens' names and shapes (the
+    architecture's `tensor_shapes`; BatchTopK's inference threshold is the scalar `topk_threshold`)."""
+    return architectures.get(cfg.architecture).tensor_shapes(cfg.d_in, cfg.d_sae)
 
 
 def check_tensors(
@@ -81,10 +71,7 @@ def build_sae(
     sae.to_empty(device=target)
     with torch.no_grad():
         for name, t in tensors.items():
-            if name == "topk_threshold":
-                sae.topk_threshold.copy_(t.to(torch.float64))
-            else:
-                getattr(sae, name).copy_(t)
+            getattr(sae, name).copy_(t)  # parameters, and buffers such as BatchTopK's float64 threshold
     return sae.eval()
 
 
@@ -94,8 +81,9 @@ def sae_tensors(sae, fold_decoder_norm: bool = False) -> dict[str, torch.Tensor]
     decoder norms, the norms are folded in (W_enc, b_enc times the norm, W_dec rows to unit norm),
     which computes the same (to rounding) with or without the rescaling."""
     tensors = {name: p.detach().clone() for name, p in sae.named_parameters()}
-    if sae.architecture == "batchtopk":
-        tensors["topk_threshold"] = sae.topk_threshold.detach().clone()
+    for name in sae.arch.tensor_shapes(sae.d_in, sae.d_sae):
+        if name not in tensors:  # a buffer the architecture saves (BatchTopK's topk_threshold)
+            tensors[name] = getattr(sae, name).detach().clone()
     if fold_decoder_norm and sae.cfg.rescale_acts_by_decoder_norm:
         norm = tensors["W_dec"].norm(dim=1)
         tensors["W_enc"] = tensors["W_enc"] * norm

@@ -22,6 +22,7 @@ from typing import Union
 
 import torch
 
+from fastsae import architectures
 from fastsae.config import SAEConfig
 from fastsae.formats._common import (
     build_sae,
@@ -49,6 +50,11 @@ _METADATA_KEYS = (
 )
 
 
+# A pre-6.0 cfg.json's defaults: SAELens' names, as its files write them.
+_DEFAULT_ARCHITECTURE = "standard"
+_PLAIN_ACTIVATION = "relu"
+
+
 def detect(path: Path) -> bool:
     return path.is_dir() and (path / WEIGHTS_FILENAME).exists()
 
@@ -68,25 +74,42 @@ def is_pre_6_0(cfg: dict) -> bool:
     return _major_version(version) < 6
 
 
+def _selected_by_activation() -> dict:
+    """Pre-6.0 `activation_fn` -> the architecture it selects by itself (TopK's "topk", written
+    with architecture "standard"): those whose activation is not the plain one."""
+    archs = (architectures.get(name) for name in architectures.names())
+    return {arch.saelens_pre_6_0_activation: arch for arch in archs if arch.saelens_pre_6_0_activation != _PLAIN_ACTIVATION}
+
+
+def _kwargs_text(arch) -> str:
+    return "{" + ", ".join(f"'{key}': ..." for key in arch.saelens_pre_6_0_kwargs) + "}"
+
+
 def _from_pre_6_0(old: dict) -> dict:
     """A pre-6.0 flat cfg.json as the 6.x dict SAEConfig reads, as SAELens' handle_pre_6_0_config."""
     renames = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index", "activation_fn_str": "activation_fn"}
     cfg = {renames.get(key, key): value for key, value in old.items()}
-    architecture = cfg.get("architecture") or "standard"
-    activation = cfg.get("activation_fn") or "relu"
+    architecture = cfg.get("architecture") or _DEFAULT_ARCHITECTURE
+    activation = cfg.get("activation_fn") or _PLAIN_ACTIVATION
     kwargs = cfg.get("activation_fn_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise ValueError(f"activation_fn_kwargs: expected a JSON object, got {kwargs!r}")
-    if activation == "topk":
-        if kwargs.get("k") is None:
-            raise ValueError("activation_fn 'topk' needs activation_fn_kwargs {'k': ...}")
-        if architecture not in ("standard", "topk"):
-            raise ValueError(f"activation_fn 'topk' with architecture {architecture!r} is not an SAELens SAE")
-        architecture = "topk"
-    elif activation != "relu":
-        raise ValueError(f"activation_fn: fastsae computes 'relu' and 'topk', got {activation!r}")
-    elif architecture == "topk":
-        raise ValueError("architecture 'topk' needs activation_fn 'topk' with activation_fn_kwargs {'k': ...}")
+    by_activation = _selected_by_activation()
+    chosen = by_activation.get(activation)
+    if chosen is not None:
+        if any(kwargs.get(key) is None for key in chosen.saelens_pre_6_0_kwargs):
+            raise ValueError(f"activation_fn {activation!r} needs activation_fn_kwargs {_kwargs_text(chosen)}")
+        if architecture not in (_DEFAULT_ARCHITECTURE, chosen.saelens_name or chosen.name):
+            raise ValueError(f"activation_fn {activation!r} with architecture {architecture!r} is not an SAELens SAE")
+        architecture = chosen.name
+    elif activation != _PLAIN_ACTIVATION:
+        known = " and ".join(repr(a) for a in sorted({_PLAIN_ACTIVATION, *by_activation}))
+        raise ValueError(f"activation_fn: fastsae computes {known}, got {activation!r}")
+    else:
+        needs = {arch.saelens_name or arch.name: (act, arch) for act, arch in by_activation.items()}
+        if architecture in needs:
+            act, arch = needs[architecture]
+            raise ValueError(f"architecture {architecture!r} needs activation_fn {act!r} with activation_fn_kwargs {_kwargs_text(arch)}")
     hook_name = cfg.get("hook_name") or ""
     reshape = cfg.get("reshape_activations") or ("hook_z" if "hook_z" in str(hook_name) else "none")
     normalize = cfg.get("normalize_activations")
@@ -102,8 +125,8 @@ def _from_pre_6_0(old: dict) -> dict:
         "reshape_activations": reshape,
         "metadata": {key: cfg[key] for key in _METADATA_KEYS if key in cfg},
     }
-    if architecture == "topk":
-        new["k"] = kwargs["k"]
+    if chosen is not None:
+        new.update({key: kwargs[key] for key in chosen.saelens_pre_6_0_kwargs})
     return new
 
 
@@ -151,14 +174,8 @@ def load(path: Union[str, Path], device=None, dtype=None):
             tensors["W_dec"] = (tensors["W_dec"].double() * scale.double()[:, None]).to(tensors["W_dec"].dtype)
         cfg.metadata["fastsae_folded"] = f"{name} into W_dec"
 
-    if cfg.architecture == "jumprelu" and "log_threshold" in tensors and "threshold" not in tensors:
-        tensors["threshold"] = tensors.pop("log_threshold").exp()  # older SAELens training checkpoints
-    if cfg.architecture == "batchtopk" and "threshold" in tensors:
-        # fastsae's BatchTopK saved as JumpReLU: one global threshold in every slot.
-        threshold = tensors.pop("threshold")
-        if tuple(threshold.shape) != (cfg.d_sae,):
-            raise ValueError(f"{weights_path}: tensor 'threshold' has shape {tuple(threshold.shape)}, expected ({cfg.d_sae},)")
-        tensors["topk_threshold"] = threshold[0]
+    # The architecture's own renames (older JumpReLU log_threshold; BatchTopK saved as JumpReLU).
+    tensors = architectures.get(cfg.architecture).tensors_from_saelens(tensors, cfg.d_sae, weights_path)
     why = f" from {cfg_path} (d_in={cfg.d_in}, d_sae={cfg.d_sae})"
     sae = build_sae(cfg, tensors, weights_path, device=device, dtype=dtype, why=why)
     if pre_6_0:
@@ -168,11 +185,7 @@ def load(path: Union[str, Path], device=None, dtype=None):
 
 def state_dict_for_saving(sae) -> dict[str, torch.Tensor]:
     """The SAE's tensors as SAELens 6 stores them (contiguous, detached copies)."""
-    tensors = sae_tensors(sae, fold_decoder_norm=True)
-    if sae.architecture == "batchtopk":
-        topk_threshold = tensors.pop("topk_threshold")
-        tensors["threshold"] = torch.full_like(tensors["b_enc"], float(topk_threshold))
-    return tensors
+    return sae.arch.tensors_to_saelens(sae_tensors(sae, fold_decoder_norm=True))
 
 
 def saelens_cfg(sae) -> dict:
@@ -208,8 +221,8 @@ def from_config_and_tensors(raw: dict, tensors: dict[str, torch.Tensor], source:
         raise ValueError(f"{source}: expected a config dict, got {type(raw).__name__}")
     cfg, _ = _config(raw, Path(source))
     tensors = {name: t.detach().clone() for name, t in tensors.items()}
-    if cfg.architecture == "jumprelu" and "log_threshold" in tensors and "threshold" not in tensors:
-        tensors["threshold"] = tensors.pop("log_threshold").exp()  # SAELens' JumpReLU training SAE
+    # The architecture's own renames (e.g. SAELens' JumpReLU training SAE's log_threshold).
+    tensors = architectures.get(cfg.architecture).tensors_from_saelens(tensors, cfg.d_sae, source)
     why = f" from {source} (d_in={cfg.d_in}, d_sae={cfg.d_sae})"
     return build_sae(cfg, tensors, Path(source), device=device, dtype=dtype, why=why)
 
@@ -243,19 +256,13 @@ def to_saelens_object(sae, training: bool = False):
         raise ValueError(f"training: expected a bool, got {training!r}")
     cfg = saelens_cfg(sae)
     tensors = sae_tensors(sae, fold_decoder_norm=False)
+    training_name = sae.arch.saelens_training_name  # set where SAELens saves and infers it as another architecture
+    if training_name and training:
+        cfg["architecture"] = training_name
+    elif training_name:
+        tensors = state_dict_for_saving(sae)  # the saved layout (BatchTopK's: JumpReLU's, one threshold per latent)
+        cfg.pop("k", None)
     arch = cfg["architecture"]
-    if arch == "relu":
-        arch = cfg["architecture"] = "standard"
-    if sae.architecture == "batchtopk":
-        if training:
-            arch = cfg["architecture"] = "batchtopk"
-            cfg["k"] = sae.cfg.k
-            tensors["topk_threshold"] = tensors["topk_threshold"].reshape(())
-        else:
-            # SAELens' BatchTopK inference SAE is JumpReLU with the global threshold in every slot.
-            tensors = state_dict_for_saving(sae)
-            arch = cfg["architecture"] = "jumprelu"
-            cfg.pop("k", None)
     if training:
         cls, cfg_cls = get_sae_training_class(arch)
         sl_cfg = cfg_cls.from_dict(cfg) if cfg_cls is not TrainingSAEConfig else TrainingSAEConfig.from_dict(cfg)

@@ -31,6 +31,7 @@ from typing import Union
 
 import torch
 
+from fastsae import architectures
 from fastsae.config import SAEConfig
 from fastsae.formats._common import (
     build_sae,
@@ -45,6 +46,12 @@ from fastsae.formats._common import (
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae.safetensors"
 _TENSOR_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+_DEFAULT_ACTIVATION = "topk"  # sparsify's, for a cfg.json without `activation`
+
+
+def _activations() -> list[str]:
+    """The sparsify activations fastsae computes (each architecture's `sparsify_activation`)."""
+    return sorted(a for a in (architectures.get(name).sparsify_activation for name in architectures.names()) if a)
 
 
 def detect(path: Path) -> bool:
@@ -83,9 +90,11 @@ def _config(raw: dict, cfg_path: Path) -> SAEConfig:
     for key, what in refuse.items():
         if raw.get(key):
             raise ValueError(f"{cfg_path}: {key}=true: {what}; fastsae's SAE does not compute that")
-    activation = raw.get("activation", "topk")
-    if activation != "topk":
-        raise ValueError(f"{cfg_path}: activation {activation!r}: fastsae computes sparsify's 'topk' only")
+    activation = raw.get("activation", _DEFAULT_ACTIVATION)
+    arch = architectures.by_sparsify_activation(activation)
+    if arch is None:
+        known = " and ".join(repr(a) for a in _activations())
+        raise ValueError(f"{cfg_path}: activation {activation!r}: fastsae computes sparsify's {known} only")
     if "d_in" not in raw:
         raise ValueError(f"{cfg_path}: missing 'd_in'")
     d_in = _int(raw, "d_in", cfg_path)
@@ -95,7 +104,7 @@ def _config(raw: dict, cfg_path: Path) -> SAEConfig:
         return SAEConfig(
             d_in=d_in,
             d_sae=d_sae,
-            architecture="topk",
+            architecture=arch.name,
             k=k,
             apply_b_dec_to_input=True,
             decoder_norm="unit_norm" if raw.get("normalize_decoder", True) else "none",
@@ -151,7 +160,7 @@ def load_run(path: Union[str, Path], device=None, dtype=None) -> dict:
 
 
 def _check_savable(sae, path: Path) -> None:
-    if sae.architecture != "topk":
+    if not sae.arch.sparsify_activation:
         raise ValueError(
             f"{path}: sparsify stores TopK SAEs; this SAE is {sae.architecture!r} (save it as SAELens instead)"
         )
@@ -169,7 +178,7 @@ def save(sae, path: Union[str, Path]) -> Path:
     t = sae_tensors(sae, fold_decoder_norm=True)
     tensors = {"encoder.weight": t["W_enc"].t().contiguous(), "encoder.bias": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
     cfg = {
-        "activation": "topk",
+        "activation": sae.arch.sparsify_activation,
         "expansion_factor": max(1, sae.d_sae // sae.d_in),
         "normalize_decoder": sae.cfg.decoder_norm == "unit_norm",
         "num_latents": sae.d_sae,
@@ -235,7 +244,7 @@ def to_sparsify_object(sae):
     if (num_latents or sae.d_in * expansion) != sae.d_sae:
         num_latents = sae.d_sae
     cfg = SparseCoderConfig(
-        activation="topk",
+        activation=sae.arch.sparsify_activation,
         expansion_factor=expansion,
         normalize_decoder=sae.cfg.decoder_norm == "unit_norm",
         num_latents=num_latents,

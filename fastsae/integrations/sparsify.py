@@ -44,9 +44,13 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from fastsae import ops
+from fastsae import architectures, ops
 from fastsae.auxk import DeadLatents
 from fastsae.integrations._versions import import_supported
+
+# The sparsify activation the fused path computes: TopK's, through fastsae's top-k ops (the
+# architecture owns the name sparsify gives it).
+_FUSED_ACTIVATION = architectures.get("topk").sparsify_activation
 
 SPARSIFY_SUPPORTED = (">=1.3", "<1.4")
 _SUPPORTED_RANGE = ((1, 3), (1, 4))
@@ -109,7 +113,7 @@ def is_patched() -> bool:
 
 def _module_ok(sc) -> bool:
     cls = _sparse_coder_class()
-    if type(sc) is not cls or sc.cfg.activation != "topk":
+    if type(sc) is not cls or sc.cfg.activation != _FUSED_ACTIVATION:
         return False
     if sc.encoder.weight.dtype not in (torch.float32, torch.float64):
         return False
