@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from fastsae import architectures
 from fastsae.auxk import DeadLatents
-from fastsae.sparse import SparseActivations
 
 
 def resolve_dead_strategy(arch, strategy: str) -> str:
@@ -21,20 +21,9 @@ def resolve_dead_strategy(arch, strategy: str) -> str:
     if strategy == "auto":
         return arch.default_dead_strategy
     if strategy == "auxk" and not arch.supports_auxk:
-        raise ValueError(f"dead_strategy: 'auxk' needs a topk or batchtopk SAE, got {arch.name!r}")
+        with_auxk = " or ".join(n for n in architectures.names() if architectures.get(n).supports_auxk)
+        raise ValueError(f"dead_strategy: 'auxk' needs a {with_auxk} SAE, got {arch.name!r}")
     return strategy
-
-
-def fired_and_l0(acts, d_sae: int) -> tuple[Tensor, Tensor]:
-    """Which latents fired in the batch (bool [d_sae]) and the mean number active per row
-    (no data-dependent shapes: nothing waits for the device)."""
-    if isinstance(acts, SparseActivations):
-        active = acts.values > 0
-        counts = torch.zeros(d_sae, dtype=torch.int32, device=acts.values.device)
-        counts.index_add_(0, acts.indices.reshape(-1), active.reshape(-1).to(torch.int32))
-        return counts > 0, active.sum(-1).float().mean()
-    active = acts > 0
-    return active.any(0), active.sum(-1).float().mean()
 
 
 class DeadLatentTracker:

@@ -54,20 +54,13 @@ class Refusals:
 
 
 def _sparse_path_state(sae) -> dict:
-    """The plain numbers that pick the module's next path (the SAE's `sparse_path`; a sharded
-    SAE's dense hint)."""
-    path = getattr(sae, "sparse_path", None)
-    if path is not None:
-        return {"sparse_path": path.state_dict()}
-    return {"_dense_hint": sae._dense_hint} if hasattr(sae, "_dense_hint") else {}
+    """The plain numbers that pick the module's next path (`sparse_path`, which the SAE and the
+    sharded SAE both keep)."""
+    return {"sparse_path": sae.sparse_path.state_dict()}
 
 
 def _load_sparse_path_state(sae, state: dict) -> None:
-    for name, value in state.items():
-        if name == "sparse_path":
-            sae.sparse_path.load_state_dict(value)
-        else:
-            setattr(sae, name, value)
+    sae.sparse_path.load_state_dict(state["sparse_path"])
 
 
 class RollbackGuard:

@@ -46,7 +46,8 @@ from fastsae.sae import SAE
 from fastsae.training import checkpoint as ckpt
 from fastsae.training.config import TrainerConfig
 from fastsae.training.data import ActivationSource, BatchPrefetcher, ShuffledStream
-from fastsae.training.dead_latents import DeadLatentTracker, fired_and_l0, resolve_dead_strategy
+from fastsae.losses import fired_and_l0
+from fastsae.training.dead_latents import DeadLatentTracker, resolve_dead_strategy
 from fastsae.training.guard import BadDataError, Refusals, RollbackGuard, bad_batch_message
 from fastsae.training.initialization import export_for_raw_inputs, finite_rows, initial_b_dec, normalising_scale
 from fastsae.training.initialization import fold_input_scale, geometric_median  # noqa: F401  (re-exported)
