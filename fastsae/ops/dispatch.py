@@ -160,6 +160,11 @@ def select(device: torch.device, d_in: Optional[int] = None) -> tuple[str, Modul
     return "torch", _load("torch")
 
 
+def backend(device: torch.device, d_in: Optional[int] = None) -> ModuleType:
+    """The module of the backend `select` picks: what an op's real implementation calls."""
+    return select(device, d_in)[1]
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_name(index: Optional[int]) -> Optional[str]:
     try:
