@@ -103,9 +103,9 @@ void topk_encode_out_cuda(const Tensor& x, const Tensor& enc_weight, const Tenso
     const int64_t rows = std::min(chunk, n - r0);
     Tensor pre = pre_buffer.narrow(0, 0, rows);
     at::mm_out(pre, x_in.narrow(0, r0, rows), enc.t());
-    check_launch(fastsae_cuda::row_topk(dtype, pre.data_ptr(), rows, d_sae, bias.data_ptr(), ptr_or_null(norm),
-                                        nullptr, k, /*relu=*/true, values.narrow(0, r0, rows).data_ptr(),
-                                        indices.narrow(0, r0, rows).data_ptr<int64_t>(), k, stream),
+    check_launch(fastsae_cuda::row_topk(dtype, pre.data_ptr(), rows, d_sae, bias.data_ptr(), ptr_or_null(norm), k,
+                                        values.narrow(0, r0, rows).data_ptr(),
+                                        indices.narrow(0, r0, rows).data_ptr<int64_t>(), stream),
                  "row_topk");
   }
 }

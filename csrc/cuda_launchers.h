@@ -15,14 +15,12 @@ namespace fastsae_cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
-// For each row r of pre [rows, d]: v[j] = (pre[r, j] + bias[j]) * norm[j] (norm may be null),
-// over the latents j with mask[j] true (all when mask is null); writes the k largest (NaN
-// ranks highest) to values/indices[r * out_stride + s], s < k, in ascending latent order,
-// values through ReLU when `relu`. Ties at the k-th value go to the lowest latents. Needs at
-// least k unmasked latents. One thread block per row, radix select on order-preserving keys.
+// For each row r of pre [rows, d]: v[j] = (pre[r, j] + bias[j]) * norm[j] (norm may be null);
+// writes the k largest (NaN ranks highest), through ReLU, to values/indices [rows, k], in
+// ascending latent order. Ties at the k-th value go to the lowest latents; k <= d. One thread
+// block per row, radix select on order-preserving keys.
 cudaError_t row_topk(DType dtype, const void* pre, int64_t rows, int64_t d, const void* bias, const void* norm,
-                     const bool* mask, int64_t k, bool relu, void* values, int64_t* indices, int64_t out_stride,
-                     cudaStream_t stream);
+                     int64_t k, void* values, int64_t* indices, cudaStream_t stream);
 
 // out[n] = sum_j coef[n, j] / norm[i] * weight[i] (+ bias), i = idx[n, j]; out [rows, d].
 cudaError_t gather_sum(DType dtype, const void* coef, const int64_t* idx, int64_t rows, int64_t m,

@@ -1,8 +1,8 @@
 // The fastsae_cpp operator namespace: the schemas of the C++/CUDA kernels.
 //
 // These are the kernels behind fastsae's `cpp` (CPU) and `cuda` backends; the public ops
-// (fastsae::topk_encode, ...) and their autograd live in Python (fastsae/ops/library.py) and
-// call these through fastsae/ops/backend_cpp.py and backend_cuda.py. Each op has a functional
+// (fastsae::topk_encode, ...) and their autograd live in Python (fastsae/ops/, one file per op)
+// and call these through fastsae/ops/backend_cpp.py and backend_cuda.py. Each op has a functional
 // form and an `_out` form that writes into caller-provided buffers (every element written),
 // except threshold_encode, whose output width depends on the data (the batch's largest kept
 // count), so that no caller could size the buffers beforehand.

@@ -65,8 +65,7 @@ __device__ __forceinline__ int block_exclusive_sum(int v, int* warp_sums, int* t
 template <typename T, typename K>
 __global__ void __launch_bounds__(kThreads)
     row_topk_kernel(const T* __restrict__ pre, int64_t d, const T* __restrict__ bias, const T* __restrict__ norm,
-                    const bool* __restrict__ mask, int k, bool relu, T* __restrict__ values,
-                    int64_t* __restrict__ indices, int64_t out_stride) {
+                    int k, T* __restrict__ values, int64_t* __restrict__ indices) {
   using A = typename Acc<T>::type;
   constexpr int kKeyBits = 8 * sizeof(K);
   __shared__ int hist[kBins];
@@ -92,7 +91,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t base = 0; base < d; base += kThreads) {  // warp-uniform trip count
       const int64_t j = base + threadIdx.x;
       int bin = kBins;  // none
-      if (j < d && (!mask || mask[j])) {
+      if (j < d) {
         const K key = order_key(value_at(j));
         if ((key & prefix_mask) == prefix) bin = static_cast<int>((key >> shift) & (kBins - 1));
       }
@@ -134,14 +133,14 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   // Write: keys above the prefix all, keys in the bucket the first `remaining` by latent.
-  T* __restrict__ out_v = values + row * out_stride;
-  int64_t* __restrict__ out_i = indices + row * out_stride;
+  T* __restrict__ out_v = values + row * k;
+  int64_t* __restrict__ out_i = indices + row * k;
   int gt_before = 0, eq_before = 0;
   for (int64_t base = 0; base < d; base += kThreads) {
     const int64_t j = base + threadIdx.x;
     int gt = 0, eq = 0;
     A v = 0;
-    if (j < d && (!mask || mask[j])) {
+    if (j < d) {
       v = value_at(j);
       const K key = order_key(v) & prefix_mask;
       gt = key > prefix;
@@ -154,7 +153,7 @@ __global__ void __launch_bounds__(kThreads)
     if (gt) slot = my_gt + min(my_eq, remaining);
     if (eq && my_eq < remaining) slot = my_gt + my_eq;
     if (slot >= 0) {
-      out_v[slot] = from_acc<T>(relu && v < A(0) ? A(0) : v);
+      out_v[slot] = from_acc<T>(v < A(0) ? A(0) : v);  // ReLU; NaN stays NaN
       out_i[slot] = j;
     }
     gt_before += total & 0xffff;
@@ -166,15 +165,14 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace
 
 cudaError_t row_topk(DType dtype, const void* pre, int64_t rows, int64_t d, const void* bias, const void* norm,
-                     const bool* mask, int64_t k, bool relu, void* values, int64_t* indices, int64_t out_stride,
-                     cudaStream_t stream) {
+                     int64_t k, void* values, int64_t* indices, cudaStream_t stream) {
   if (rows == 0 || k == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using K = std::conditional_t<std::is_same<T, double>::value, uint64_t, uint32_t>;
     row_topk_kernel<T, K><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-        static_cast<const T*>(pre), d, static_cast<const T*>(bias), static_cast<const T*>(norm), mask,
-        static_cast<int>(k), relu, static_cast<T*>(values), indices, out_stride);
+        static_cast<const T*>(pre), d, static_cast<const T*>(bias), static_cast<const T*>(norm),
+        static_cast<int>(k), static_cast<T*>(values), indices);
     return cudaGetLastError();
   });
 }

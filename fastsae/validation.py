@@ -1,9 +1,9 @@
 """The input contract of fastsae's ops: one check function per op, shared by every backend.
 
 `fastsae.ops` (the public entry points) and the raw `torch.ops.fastsae.*` ops (their real and
-fake implementations) call these before any backend runs, so the torch reference, cpp, triton
-and cuda backends all refuse the same inputs with the same `ValueError`, whose message names
-the argument, what was expected and what came.
+fake implementations) call these before any backend runs, once per call (`fastsae.ops.checking`),
+so the torch reference, cpp, triton and cuda backends all refuse the same inputs with the same
+`ValueError`, whose message names the argument, what was expected and what came.
 
 The contract, for every op:
 - tensors are `torch.Tensor`s (a numpy array or a list is refused, not converted);
@@ -175,14 +175,20 @@ def check_aux_latents(aux_latents, d_sae: int, ref: Tensor, check_range: bool) -
     return aux_latents
 
 
-def check_threshold_encode(x, enc_weight, b_enc, b_dec, dec_norm, cutoff, max_width) -> None:
-    """The raw op's contract: cutoff already in the accumulation type (`fastsae.ops` converts)."""
+def check_threshold_encode(x, enc_weight, b_enc, b_dec, dec_norm, cutoff, max_width, any_float_cutoff: bool = False) -> None:
+    """The raw op's contract: cutoff in the accumulation type. With `any_float_cutoff`,
+    `fastsae.ops.threshold_encode`'s: any floating cutoff on x's device (which it then converts)."""
     d_sae, _ = check_encoder_inputs(x, enc_weight, b_enc, b_dec, dec_norm)
+    if any_float_cutoff:
+        if not isinstance(cutoff, Tensor):
+            _fail(f"cutoff: expected a tensor of shape ({d_sae},), got {type(cutoff).__name__}")
+        if not cutoff.is_floating_point():
+            _fail(f"cutoff: expected a floating-point tensor, got {cutoff.dtype}")
     cutoff = _tensor("cutoff", cutoff, f"a tensor of shape ({d_sae},)")
     if _shape(cutoff) != (d_sae,):
         _fail(f"cutoff: expected a vector of shape ({d_sae},), got shape {_shape(cutoff)} (d_sae={d_sae})")
     acc = accumulation_dtype(x.dtype)
-    if cutoff.dtype != acc:
+    if cutoff.dtype != acc and not (any_float_cutoff and cutoff.device == x.device):
         _fail(f"cutoff: expected dtype {acc} (the accumulation type of {x.dtype} inputs), got {cutoff.dtype}")
     _same_device("cutoff", cutoff, "x", x)
     _integer("max_width", max_width, 0, d_sae, f"an integer 0 <= max_width <= d_sae={d_sae}")

@@ -49,24 +49,22 @@ def _precision(dtype) -> str:
     return {torch.float32: "tf32x3", torch.float64: "ieee"}.get(dtype, "tf32")
 
 
-def _select_case(
-    k: int, dtype, final: bool, aux: bool = False, norm: bool = False, quick: bool = False, d_in: int = 768
-) -> Case:
+def _select_case(k: int, dtype, final: bool, norm: bool = False, quick: bool = False, d_in: int = 768) -> Case:
     k_pad = 1 << (k - 1).bit_length()
     cfg = topk_encode.select_config(k_pad, dtype, d_in)
     launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages")}
     const = dict(
-        K=k, K_PAD=k_pad, HAS_LIST=aux, HAS_NORM=norm, RELU=final and not aux, EVEN_K=True,
+        K=k, K_PAD=k_pad, HAS_NORM=norm, RELU=final, EVEN_K=True,
         DOT_PRECISION=_precision(dtype), UPCAST=False, **cfg,
     )
     out_v = dtype if final else torch.float32
     out_i = torch.int64 if final else torch.int32
-    label = f"{_TYPES[dtype]} k={k} {'one split' if final else 'splits'}{' aux' if aux else ''}{' norm' if norm else ''} " + " ".join(
+    label = f"{_TYPES[dtype]} k={k} {'one split' if final else 'splits'}{' norm' if norm else ''} " + " ".join(
         f"{key}={val}" for key, val in cfg.items()
     )
     return Case(
         topk_encode._topk_select_kernel, label,
-        dict(x_ptr=dtype, w_ptr=dtype, lat_ptr=torch.int64, bias_ptr=dtype, norm_ptr=dtype, val_ptr=out_v, idx_ptr=out_i),
+        dict(x_ptr=dtype, w_ptr=dtype, bias_ptr=dtype, norm_ptr=dtype, val_ptr=out_v, idx_ptr=out_i),
         const, aligned=("N", "D_IN", "n_cols"), quick=quick, **launch,
     )
 
@@ -75,7 +73,7 @@ def cases() -> list[Case]:
     out: list[Case] = []
     bf16 = torch.bfloat16
     # Fused encoder: k = 32 and 64 (the shapes), 128, one split (large N) and several
-    # (small N, merged afterwards); the AuxK pass over a latent list; fp32 (three-TF32 products).
+    # (small N, merged afterwards); fp32 (three-TF32 products).
     out.append(_select_case(32, bf16, final=False, quick=True))
     out.append(_select_case(32, bf16, final=True))
     out.append(_select_case(64, bf16, final=False))
@@ -85,7 +83,6 @@ def cases() -> list[Case]:
     out.append(_select_case(64, bf16, final=True, d_in=4096))
     out.append(_select_case(64, bf16, final=False, d_in=4096))
     out.append(_select_case(32, bf16, final=True, norm=True))
-    out.append(_select_case(64, bf16, final=False, aux=True))
     out.append(_select_case(32, torch.float32, final=True))
     out.append(_select_case(128, torch.float32, final=False))
     for k, splits in ((32, 8), (64, 8), (64, 2)):
@@ -94,23 +91,23 @@ def cases() -> list[Case]:
         out.append(Case(
             topk_encode._topk_merge_kernel, f"bf16 k={k} splits={splits} L_PAD={l_pad} BLOCK_R={mcfg['BLOCK_R']}",
             dict(cand_val_ptr=torch.float32, cand_idx_ptr=torch.int32, val_ptr=bf16, idx_ptr=torch.int64),
-            dict(K=k, L_PAD=l_pad, RELU=True, BLOCK_R=mcfg["BLOCK_R"]), num_warps=mcfg["num_warps"], num_stages=1,
+            dict(K=k, L_PAD=l_pad, BLOCK_R=mcfg["BLOCK_R"]), num_warps=mcfg["num_warps"], num_stages=1,
             aligned=("N", "L"), quick=(k == 32),
         ))
     # Every input dtype the launchers accept (fp16 and fp64 too): each compiles differently
     # (fp64 has no tensor-core path; Triton 3.6 and 3.9 disagree on what tl.dot accepts there).
     out.append(_select_case(32, torch.float16, final=True))
     out.append(_select_case(32, torch.float64, final=True))
-    out.append(_select_case(32, torch.float64, final=False, aux=True))
+    out.append(_select_case(32, torch.float64, final=False))
     out.append(_select_case(128, torch.float64, final=True))
     for dtype in (bf16, torch.float32, torch.float64):
         ccfg = topk_encode.columns_config(dtype)
         launch = {key: ccfg.pop(key) for key in ("num_warps", "num_stages")}
         out.append(Case(
             topk_encode._encode_columns_kernel,
-            f"{_TYPES[dtype]} aux columns " + " ".join(f"{a}={b}" for a, b in ccfg.items()),
-            dict(x_ptr=dtype, w_ptr=dtype, lat_ptr=torch.int64, bias_ptr=dtype, norm_ptr=dtype, out_ptr=dtype),
-            dict(HAS_LIST=True, HAS_NORM=False, EVEN_K=True, DOT_PRECISION=_precision(dtype), UPCAST=False, **ccfg),
+            f"{_TYPES[dtype]} columns " + " ".join(f"{a}={b}" for a, b in ccfg.items()),
+            dict(x_ptr=dtype, w_ptr=dtype, bias_ptr=dtype, norm_ptr=dtype, out_ptr=dtype),
+            dict(HAS_NORM=False, EVEN_K=True, DOT_PRECISION=_precision(dtype), UPCAST=False, **ccfg),
             aligned=("N", "D_IN", "n_cols"), quick=(dtype == bf16), **launch,
         ))
     # Threshold encode (ReLU / JumpReLU): the selection pass with and without decoder norms, fp32

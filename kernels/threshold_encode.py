@@ -72,12 +72,13 @@ def _threshold_select_kernel(
     tile_lo, tile_hi = _split_tiles(split, tiles_per_split, n_cols, BLOCK_N)
     for tile in range(tile_lo, tile_hi):
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        pre, lat = _score_tile(
-            x_ptr, w_ptr, bias_ptr, bias_ptr, norm_ptr, rows, cols, N, D_IN, n_cols,
-            False, HAS_NORM, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST,
+        pre = _score_tile(
+            x_ptr, w_ptr, bias_ptr, norm_ptr, rows, cols, N, D_IN, n_cols,
+            HAS_NORM, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST,
         )
+        cutoff = tl.load(cutoff_ptr + tl.minimum(cols, n_cols - 1))  # clamped as _score_tile's loads
         # Not <=, rather than >, so that NaN is kept (and reaches the output, as on the dense path).
-        keep = ~(pre <= tl.load(cutoff_ptr + lat)[None, :]) & row_ok[:, None] & (cols < n_cols)[None, :]
+        keep = ~(pre <= cutoff[None, :]) & row_ok[:, None] & (cols < n_cols)[None, :]
         keep_i = keep.to(tl.int32)
         slot = kept[:, None] + tl.cumsum(keep_i, axis=1) - 1
         put = keep & (slot < cap)

@@ -20,9 +20,8 @@ when N is small) each writes its k candidates (raw value, latent) and `_topk_mer
 each row's top k of the S*k candidates by k rounds of the same argmax. Only [N, k] values and
 int64 indices leave.
 
-`_encode_columns_kernel`: the same tile, written out densely for a given list of latents. Used
-for AuxK when every dead latent is selected (the output is then exactly [N, n_dead]) and for the
-row-chunked path when k is too large for registers.
+`_encode_columns_kernel`: the same tile, written out densely: the row-chunked path when k is too
+large for registers. (AuxK takes the backends' chunked torch path, fastsae/ops/chunked.py.)
 """
 
 from __future__ import annotations
@@ -57,20 +56,16 @@ _MAX_SPLITS = 16
 
 @triton.jit
 def _score_tile(
-    x_ptr, w_ptr, lat_ptr, bias_ptr, norm_ptr, rows, cols, N, D_IN, n_cols,
-    HAS_LIST: tl.constexpr, HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr,
+    x_ptr, w_ptr, bias_ptr, norm_ptr, rows, cols, N, D_IN, n_cols,
+    HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """[BLOCK_M, BLOCK_N] pre-activations of `rows` at columns `cols` (a column is a latent, or an
-    entry of the latent list), fp32 (fp64 for fp64 inputs). Out-of-range rows/columns are clamped
-    (loads stay in bounds without masks); the caller masks them. Also returns each column's latent."""
+    """[BLOCK_M, BLOCK_N] pre-activations of `rows` at latents `cols`, fp32 (fp64 for fp64
+    inputs). Out-of-range rows/columns are clamped (loads stay in bounds without masks); the
+    caller masks them."""
     safe_rows = tl.minimum(rows, N - 1)
-    safe_cols = tl.minimum(cols, n_cols - 1)
-    if HAS_LIST:
-        lat = tl.load(lat_ptr + safe_cols)
-    else:
-        lat = safe_cols
+    lat = tl.minimum(cols, n_cols - 1)
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + safe_rows.to(tl.int64)[:, None] * D_IN + ks[None, :]
     w_ptrs = w_ptr + lat.to(tl.int64)[:, None] * D_IN + ks[None, :]
@@ -96,7 +91,7 @@ def _score_tile(
     pre = acc + tl.load(bias_ptr + lat).to(acc.dtype)[None, :]
     if HAS_NORM:
         pre = pre * tl.load(norm_ptr + lat).to(acc.dtype)[None, :]
-    return pre, lat
+    return pre
 
 
 @triton.jit
@@ -143,15 +138,16 @@ def _from_rank_key(key):
 
 @triton.jit
 def _topk_select_kernel(
-    x_ptr, w_ptr, lat_ptr, bias_ptr, norm_ptr, val_ptr, idx_ptr,
+    x_ptr, w_ptr, bias_ptr, norm_ptr, val_ptr, idx_ptr,
     N, D_IN, n_cols, tiles_per_split,
     K: tl.constexpr, K_PAD: tl.constexpr,
-    HAS_LIST: tl.constexpr, HAS_NORM: tl.constexpr, RELU: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_NORM: tl.constexpr, RELU: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Top-K of rows [pid_m * BLOCK_M, +BLOCK_M) over this split's latent tiles. Writes
-    val/idx[row, split, :K] (with one split: the final [N, K] outputs)."""
+    val/idx[row, split, :K] (with one split: the final [N, K] outputs, ReLU'd when RELU; several
+    splits leave the ReLU to the merge)."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -166,9 +162,9 @@ def _topk_select_kernel(
     tile_lo, tile_hi = _split_tiles(split, tiles_per_split, n_cols, BLOCK_N)
     for tile in range(tile_lo, tile_hi):
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        score, _ = _score_tile(
-            x_ptr, w_ptr, lat_ptr, bias_ptr, norm_ptr, rows, cols, N, D_IN, n_cols,
-            HAS_LIST, HAS_NORM, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST,
+        score = _score_tile(
+            x_ptr, w_ptr, bias_ptr, norm_ptr, rows, cols, N, D_IN, n_cols,
+            HAS_NORM, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST,
         )
         score = tl.where(row_ok[:, None] & (cols < n_cols)[None, :], _rank_key(score.to(tl.float32)), _NEG_INF)
         top_val, top_col, tau, tau_slot = _absorb_tile(
@@ -177,25 +173,21 @@ def _topk_select_kernel(
 
     # Slots never filled (a split with fewer than K columns) keep -inf and column 0: they lose
     # every comparison in the merge, which always has at least K real candidates.
-    if HAS_LIST:
-        top_idx = tl.load(lat_ptr + top_col)
-    else:
-        top_idx = top_col
     top_val = _from_rank_key(top_val)  # slots at or beyond K are never stored
     if RELU:
         top_val = tl.where(top_val != top_val, top_val, tl.maximum(top_val, 0.0))  # relu(NaN) is NaN
     out = (rows.to(tl.int64)[:, None] * n_splits + split) * K + slots[None, :]
     ok = row_ok[:, None] & (slots < K)[None, :]
     tl.store(val_ptr + out, top_val.to(val_ptr.dtype.element_ty), mask=ok)
-    tl.store(idx_ptr + out, top_idx.to(idx_ptr.dtype.element_ty), mask=ok)
+    tl.store(idx_ptr + out, top_col.to(idx_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _topk_merge_kernel(
     cand_val_ptr, cand_idx_ptr, val_ptr, idx_ptr, N, L,
-    K: tl.constexpr, L_PAD: tl.constexpr, RELU: tl.constexpr, BLOCK_R: tl.constexpr,
+    K: tl.constexpr, L_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Top-K of each row's L candidates (raw fp32 values, int32 latents): K rounds of
+    """Top-K of each row's L candidates (raw fp32 values, int32 latents), ReLU'd: K rounds of
     "take the row maximum, remove it". Latents are distinct across splits, so no duplicates."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
@@ -210,8 +202,7 @@ def _topk_merge_kernel(
         best_latent = tl.sum(tl.where(hit, latent, 0), axis=1)
         value = tl.where(hit, float("-inf"), value)
         best = _from_rank_key(best)
-        if RELU:
-            best = tl.where(best != best, best, tl.maximum(best, 0.0))
+        best = tl.where(best != best, best, tl.maximum(best, 0.0))  # relu(NaN) is NaN
         dst = rows.to(tl.int64) * K + t
         tl.store(val_ptr + dst, best.to(val_ptr.dtype.element_ty), mask=row_ok)
         tl.store(idx_ptr + dst, best_latent.to(idx_ptr.dtype.element_ty), mask=row_ok)
@@ -219,17 +210,17 @@ def _topk_merge_kernel(
 
 @triton.jit
 def _encode_columns_kernel(
-    x_ptr, w_ptr, lat_ptr, bias_ptr, norm_ptr, out_ptr, N, D_IN, n_cols,
-    HAS_LIST: tl.constexpr, HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr,
+    x_ptr, w_ptr, bias_ptr, norm_ptr, out_ptr, N, D_IN, n_cols,
+    HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """out[N, n_cols] = the pre-activations at the listed latents (all latents without a list)."""
+    """out[N, n_cols] = the pre-activations of every latent."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    score, _ = _score_tile(
-        x_ptr, w_ptr, lat_ptr, bias_ptr, norm_ptr, rows, cols, N, D_IN, n_cols,
-        HAS_LIST, HAS_NORM, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST,
+    score = _score_tile(
+        x_ptr, w_ptr, bias_ptr, norm_ptr, rows, cols, N, D_IN, n_cols,
+        HAS_NORM, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST,
     )
     ok = (rows < N)[:, None] & (cols < n_cols)[None, :]
     out = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
@@ -260,7 +251,7 @@ def tile_config(dtype: torch.dtype) -> dict:
 
 
 # From d_in this wide, 16-bit inputs take a 128 x 128 tile over 8 warps (3 stages). Measured on an
-# H200 (../shared/measurements/h200-2026-11-29/probe.json, bf16, k 64): at d_in 4096 it took 14.8 ms
+# H200 (kernels/NOTES.md, "Measured against predicted"; bf16, k 64): at d_in 4096 it took 14.8 ms
 # against 17.0 for the default 64 x 128 / 4 warps / 4 stages; at d_in 768 the default was best
 # (2.7 against 3.2 ms). Between the two the main loop's share grows with d_in; the boundary is
 # their geometric mean, pending a measurement in between.
@@ -333,13 +324,11 @@ def _check(x: Tensor, n_cols: int, op: str = "topk_encode") -> None:
 
 
 @register("encode_columns")
-def encode_columns(
-    x_in: Tensor, enc_weight: Tensor, b_enc: Tensor, dec_norm: Optional[Tensor], latents: Optional[Tensor]
-) -> Tensor:
-    """Dense pre-activations [N, n] at `latents` (int64 [n]; all d_sae latents when None)."""
-    x_in, enc_weight, b_enc, dec_norm, latents = contiguous(x_in, enc_weight, b_enc, dec_norm, latents)
+def encode_columns(x_in: Tensor, enc_weight: Tensor, b_enc: Tensor, dec_norm: Optional[Tensor]) -> Tensor:
+    """Dense pre-activations [N, d_sae]."""
+    x_in, enc_weight, b_enc, dec_norm = contiguous(x_in, enc_weight, b_enc, dec_norm)
     n = x_in.shape[0]
-    n_cols = latents.shape[0] if latents is not None else enc_weight.shape[0]
+    n_cols = enc_weight.shape[0]
     out = _launch.empty(n, n_cols, dtype=x_in.dtype, device=x_in.device)
     if n == 0 or n_cols == 0:
         return out
@@ -348,26 +337,24 @@ def encode_columns(
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(n_cols, cfg["BLOCK_N"]))
     launch(
         _encode_columns_kernel, grid,
-        x_in, enc_weight, latents if latents is not None else b_enc, b_enc,
-        dec_norm if dec_norm is not None else b_enc, out, n, x_in.shape[1], n_cols,
-        HAS_LIST=latents is not None, HAS_NORM=dec_norm is not None,
+        x_in, enc_weight, b_enc, dec_norm if dec_norm is not None else b_enc, out, n, x_in.shape[1], n_cols,
+        HAS_NORM=dec_norm is not None,
         **_common(x_in, enc_weight, cfg), **cfg,
     )
     return out
 
 
-def _topk_by_chunks(x_in, enc_weight, b_enc, dec_norm, latents, k, relu, values, indices):
+def _topk_by_chunks(x_in, enc_weight, b_enc, dec_norm, k, values, indices):
     """k too large for registers: dense pre-activations for a chunk of rows at a time (at most
     _CHUNK_ELEMENTS), then torch.topk. Memory stays bounded; speed is that of the dense step."""
     n = x_in.shape[0]
-    n_cols = latents.shape[0] if latents is not None else enc_weight.shape[0]
-    step = max(1, _CHUNK_ELEMENTS // max(1, n_cols))
+    step = max(1, _CHUNK_ELEMENTS // max(1, enc_weight.shape[0]))
     for a in range(0, n, step):
         b = min(n, a + step)
-        pre = encode_columns(x_in[a:b], enc_weight, b_enc, dec_norm, latents)
+        pre = encode_columns(x_in[a:b], enc_weight, b_enc, dec_norm)
         top = pre.topk(k, dim=1, sorted=False)
-        values[a:b] = top.values.relu() if relu else top.values
-        indices[a:b] = latents[top.indices] if latents is not None else top.indices
+        values[a:b] = top.values.relu()
+        indices[a:b] = top.indices
     return values, indices
 
 
@@ -377,27 +364,25 @@ def topk_encode(
     enc_weight: Tensor,
     b_enc: Tensor,
     dec_norm: Optional[Tensor],
-    latents: Optional[Tensor],
     k: int,
-    relu: bool,
     splits: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Top-k of the pre-activations (x_in W^T + b_enc) * dec_norm per row, over `latents`
-    (int64 [n], all latents when None). Returns (values [N, k] in x's dtype, ReLU'd when `relu`;
-    indices [N, k] int64). `splits` > 0 forces the number of latent ranges (tests); 0 picks it."""
-    x_in, enc_weight, b_enc, dec_norm, latents = contiguous(x_in, enc_weight, b_enc, dec_norm, latents)
+    """Top-k of the pre-activations (x_in W^T + b_enc) * dec_norm per row. Returns (values [N, k]
+    in x's dtype, ReLU'd; indices [N, k] int64). `splits` > 0 forces the number of latent ranges
+    (the tests' way to reach the merge at small shapes); 0 picks it."""
+    x_in, enc_weight, b_enc, dec_norm = contiguous(x_in, enc_weight, b_enc, dec_norm)
     n = x_in.shape[0]
-    n_cols = latents.shape[0] if latents is not None else enc_weight.shape[0]
+    n_cols = enc_weight.shape[0]
     values = _launch.empty(n, k, dtype=x_in.dtype, device=x_in.device)
     indices = _launch.empty(n, k, dtype=torch.int64, device=x_in.device)
     if n == 0 or k == 0:
         return values, indices
     _check(x_in, n_cols)
     if not 1 <= k <= n_cols:
-        raise ValueError(f"triton topk_encode: expected 1 <= k <= {n_cols} (the number of candidate latents), got {k}")
+        raise ValueError(f"triton topk_encode: expected 1 <= k <= d_sae={n_cols}, got {k}")
     k_pad = next_pow2(k)
     if k_pad > MAX_FUSED_K:
-        return _topk_by_chunks(x_in, enc_weight, b_enc, dec_norm, latents, k, relu, values, indices)
+        return _topk_by_chunks(x_in, enc_weight, b_enc, dec_norm, k, values, indices)
 
     cfg = select_config(k_pad, x_in.dtype, x_in.shape[1])
     row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
@@ -412,11 +397,10 @@ def topk_encode(
         cand_idx = _launch.empty(n, n_splits, k, dtype=torch.int32, device=x_in.device)
     launch(
         _topk_select_kernel, (row_blocks, n_splits),
-        x_in, enc_weight, latents if latents is not None else b_enc, b_enc,
-        dec_norm if dec_norm is not None else b_enc, cand_val, cand_idx,
+        x_in, enc_weight, b_enc, dec_norm if dec_norm is not None else b_enc, cand_val, cand_idx,
         n, x_in.shape[1], n_cols, tiles_per_split,
-        K=k, K_PAD=k_pad, HAS_LIST=latents is not None, HAS_NORM=dec_norm is not None,
-        RELU=relu and n_splits == 1, **_common(x_in, enc_weight, cfg), **cfg,
+        K=k, K_PAD=k_pad, HAS_NORM=dec_norm is not None,
+        RELU=n_splits == 1, **_common(x_in, enc_weight, cfg), **cfg,
     )
     if n_splits > 1:
         length = n_splits * k
@@ -425,6 +409,6 @@ def topk_encode(
         launch(
             _topk_merge_kernel, (triton.cdiv(n, mcfg["BLOCK_R"]),),
             cand_val, cand_idx, values, indices, n, length,
-            K=k, L_PAD=l_pad, RELU=relu, **mcfg,
+            K=k, L_PAD=l_pad, **mcfg,
         )
     return values, indices

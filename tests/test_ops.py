@@ -6,7 +6,7 @@ from conftest import assert_rel_close, encoder_inputs, pre_activations64
 
 from auxk_testing import assert_aux_pre_matches, random_dead
 
-from fastsae import ops, reference
+from fastsae import ops, reference, validation
 
 # Float64 kernels of every backend that has them: gradcheck runs the op's autograd on each.
 BACKEND_DEVICES = [
@@ -189,6 +189,60 @@ def test_opcheck_every_op():
     torch.library.opcheck(
         torch.ops.fastsae.sparse_decode_backward.default, (torch.randn(n, d_in), values, indices, W_dec, dec_norm)
     )
+
+
+def _op_calls(entry: str):
+    """name -> (its check, its backward op's check, a call of it through `entry`) for every op,
+    on inputs that take gradients."""
+    n, d_in, d_sae, k = 6, 10, 17, 3
+    x, enc, b_enc, b_dec, dec_norm = (t.requires_grad_() for t in encoder_inputs(n, d_in, d_sae))
+    _, dead = random_dead(d_sae, 8, capacity=10)
+    W_dec = torch.randn(d_sae, d_in, requires_grad=True)
+    with torch.no_grad():
+        values, indices, aux_pre = ops.topk_encode(x, enc, b_enc, b_dec, dec_norm, k, dead.latents, 4)
+    values, aux_pre = values.requires_grad_(), aux_pre.requires_grad_()
+    cutoff = torch.zeros(d_sae)
+    raw = entry == "raw"
+    op = (lambda name: getattr(torch.ops.fastsae, name)) if raw else (lambda name: getattr(ops, name))
+    tail = (True,) if raw else ()  # the raw ops' check_indices, which the wrappers take by keyword
+    return {
+        "topk_encode": ("check_topk_encode", "check_topk_encode_backward",
+                        lambda: op("topk_encode")(x, enc, b_enc, b_dec, dec_norm, k, dead.latents, 4, *tail)),
+        "threshold_encode": ("check_threshold_encode", "check_topk_encode_backward",
+                             lambda: op("threshold_encode")(x, enc, b_enc, b_dec, dec_norm, cutoff, d_sae)),
+        "sparse_decode": ("check_sparse_decode", "check_sparse_decode_backward",
+                          lambda: op("sparse_decode")(values, indices, W_dec, b_dec, dec_norm, *tail)),
+        "sparse_decode_with_aux": (
+            "check_sparse_decode_with_aux", "check_sparse_decode_backward",
+            lambda: op("sparse_decode_with_aux")(values, indices, W_dec, b_dec, dec_norm, aux_pre, dead.latents, *tail)),
+    }
+
+
+@pytest.mark.parametrize("entry", ["ops", "raw"])
+@pytest.mark.parametrize("name", ["topk_encode", "threshold_encode", "sparse_decode", "sparse_decode_with_aux"])
+def test_each_call_checks_its_arguments_once(monkeypatch, name, entry):
+    """fastsae.ops.<op> checks in its wrapper and the op then trusts it; a direct
+    torch.ops.fastsae.<op> call checks inside the op. Either way: one check per call, and one
+    for the backward op that the op's gradient calls."""
+    check, backward_check, call = _op_calls(entry)[name]
+    counts = {check: 0, backward_check: 0}
+    inside = []  # a check that another counted one runs (the backward's of the forward's) is part of it
+    for what in counts:
+        real = getattr(validation, what)
+
+        def counted(*args, _real=real, _what=what, **kwargs):
+            counts[_what] += not inside
+            inside.append(_what)
+            try:
+                return _real(*args, **kwargs)
+            finally:
+                inside.pop()
+
+        monkeypatch.setattr(validation, what, counted)
+    outputs = call()
+    assert counts == {check: 1, backward_check: 0}
+    sum(o.sum() for o in outputs if o.is_floating_point() and o.requires_grad).backward()
+    assert counts == {check: 1, backward_check: 1}
 
 
 def test_ops_reject_bad_arguments():

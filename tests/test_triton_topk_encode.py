@@ -1,5 +1,5 @@
 """The Triton fused TopK encoder (fastsae_triton::topk_encode / encode_columns and the backend's
-AuxK pass) against float64 references, with the `triton` backend forced."""
+AuxK path) against float64 references, with the `triton` backend forced."""
 
 import pytest
 import torch
@@ -27,15 +27,15 @@ def _pre64(x_in, enc, b_enc, dec_norm):
     return pre * dec_norm.double() if dec_norm is not None else pre
 
 
-def _check_topk(values, indices, pre64, k, tol=1e-5, relu=True):
+def _check_topk(values, indices, pre64, k, tol=1e-5):
     """Indices: k distinct latents forming a top-k of the float64 row (up to rounding);
-    values: (ReLU of) the float64 pre-activations there."""
+    values: ReLU of the float64 pre-activations there."""
     n, d = pre64.shape
     assert indices.shape == (n, k) and indices.dtype == torch.int64
     assert ((indices >= 0) & (indices < d)).all(), "an index is out of range (unwritten?)"
     assert (indices.sort(-1).values.diff(dim=-1) != 0).all(), "duplicate latents in a row"
     picked = pre64.gather(1, indices)
-    assert_rel_close(values, picked.relu() if relu else picked, tol, "values")
+    assert_rel_close(values, picked.relu(), tol, "values")
     kth = pre64.topk(k, dim=-1).values[:, -1:]
     assert (picked >= kth - tol * pre64.abs().max()).all(), "a selected latent is not among the row's top k"
 
@@ -60,7 +60,7 @@ def test_topk_encode_any_number_of_splits(splits):
     """The latent range split across programs and merged. Under the interpreter d_sae = 333 is
     6 tiles of 64, so 6 splits leave the last one 13 latents, fewer than k = 16."""
     x, enc, b_enc, _, dec_norm = _inputs(37, 48, 333)
-    values, indices = triton_ops.topk_encode(x, enc, b_enc, dec_norm, None, 16, True, splits)
+    values, indices = triton_ops.topk_encode(x, enc, b_enc, dec_norm, 16, splits)
     _check_topk(values, indices, _pre64(x, enc, b_enc, dec_norm), 16)
 
 
@@ -71,7 +71,7 @@ def test_topk_encode_ranks_nan_first_as_torch_topk(splits):
     x, enc, b_enc, _, dec_norm = _inputs(9, 48, 333)
     x[4, 7] = float("nan")
     b_enc[100] = float("nan")
-    values, indices = triton_ops.topk_encode(x, enc, b_enc, dec_norm, None, 5, True, splits)
+    values, indices = triton_ops.topk_encode(x, enc, b_enc, dec_norm, 5, splits)
     ref = _pre64(x, enc, b_enc, dec_norm).topk(5, dim=1)
     assert values[4].isnan().all()
     others = torch.arange(9, device=DEVICE) != 4
@@ -82,23 +82,6 @@ def test_topk_encode_ranks_nan_first_as_torch_topk(splits):
     assert (nan_slots.sum(1) == 1).all() and (indices[others][nan_slots] == 100).all()
     want = ref.values[others].relu().masked_fill(ref.values[others].isnan(), 0).sort(1).values
     assert_rel_close(got.masked_fill(nan_slots, 0).sort(1).values, want, 1e-5, "values beside the NaN")
-
-
-def test_topk_encode_without_relu_over_a_latent_list():
-    """Selection among listed latents (AuxK's pass), raw values, indices mapped back to latents."""
-    x, enc, b_enc, _, _ = _inputs(37, 48, 333)
-    b_enc = b_enc - 2.0  # most pre-activations negative: ReLU would show
-    latents = torch.randperm(333, device=DEVICE)[:150].sort().values
-    values, indices = triton_ops.topk_encode(x, enc, b_enc, None, latents, 9, False, 3)
-    pre64 = _pre64(x, enc, b_enc, None)
-    masked = torch.full_like(pre64, float("-inf"))
-    masked[:, latents] = pre64[:, latents]
-    assert torch.isin(indices, latents).all()
-    picked = pre64.gather(1, indices)
-    assert_rel_close(values, picked, 1e-5, "values")
-    assert (values < 0).any(), "no negative value kept: was ReLU applied?"
-    kth = masked.topk(9, dim=-1).values[:, -1:]
-    assert (picked >= kth - 1e-5 * pre64.abs().max()).all()
 
 
 @pytest.mark.parametrize("n_dead,capacity,k_aux", [(50, 50, 24), (24, 24, 24), (5, 9, 24), (1, 1, 1), (0, 4, 3)])
@@ -128,16 +111,15 @@ def test_topk_encode_large_k_takes_row_chunks(monkeypatch):
     x, enc, b_enc, _, dec_norm = _inputs(37, 48, 333)
     k = 200
     assert k > module.MAX_FUSED_K
-    values, indices = triton_ops.topk_encode(x, enc, b_enc, dec_norm, None, k, True, 0)
+    values, indices = triton_ops.topk_encode(x, enc, b_enc, dec_norm, k, 0)
     _check_topk(values, indices, _pre64(x, enc, b_enc, dec_norm), k)
 
 
 def test_encode_columns_matches_float64():
     x, enc, b_enc, _, dec_norm = _inputs(37, 100, 333)
-    latents = torch.tensor([5, 0, 332, 17, 17, 200], device=DEVICE)
-    out = triton_ops.encode_columns(x, enc, b_enc, dec_norm, latents)
-    assert_rel_close(out, _pre64(x, enc, b_enc, dec_norm)[:, latents], 1e-5, "listed columns")
-    out = triton_ops.encode_columns(x, enc, b_enc, None, None)
+    out = triton_ops.encode_columns(x, enc, b_enc, dec_norm)
+    assert_rel_close(out, _pre64(x, enc, b_enc, dec_norm), 1e-5, "all columns, rescaled")
+    out = triton_ops.encode_columns(x, enc, b_enc, None)
     assert_rel_close(out, _pre64(x, enc, b_enc, None), 1e-5, "all columns")
 
 
@@ -162,17 +144,16 @@ def test_topk_encode_16bit(dtype):
 
 def test_triton_op_rejects_k_beyond_candidates():
     x, enc, b_enc, _, _ = _inputs(4, 48, 333)
-    latents = torch.arange(5, device=DEVICE)
-    with pytest.raises(ValueError, match="expected 1 <= k <= 5"):
-        triton_ops.topk_encode(x, enc, b_enc, None, latents, 6, True, 0)
+    with pytest.raises(ValueError, match="expected 1 <= k <= d_sae=333"):
+        triton_ops.topk_encode(x, enc, b_enc, None, 334, 0)
 
 
 def test_opcheck_encoder_ops():
     x, enc, b_enc, _, dec_norm = _inputs(6, 10, 17)
-    latents = torch.tensor([3, 1, 16, 8], device=DEVICE)
-    torch.library.opcheck(triton_ops.topk_encode.default, (x, enc, b_enc, dec_norm, None, 3, True, 0))
-    torch.library.opcheck(triton_ops.topk_encode.default, (x, enc, b_enc, None, latents, 2, False, 0))
-    torch.library.opcheck(triton_ops.encode_columns.default, (x, enc, b_enc, dec_norm, latents))
+    torch.library.opcheck(triton_ops.topk_encode.default, (x, enc, b_enc, dec_norm, 3, 0))
+    torch.library.opcheck(triton_ops.topk_encode.default, (x, enc, b_enc, None, 2, 2))
+    torch.library.opcheck(triton_ops.encode_columns.default, (x, enc, b_enc, dec_norm))
+    torch.library.opcheck(triton_ops.encode_columns.default, (x, enc, b_enc, None))
 
 
 def test_torch_compile_traces_the_ops():
@@ -182,7 +163,7 @@ def test_torch_compile_traces_the_ops():
     W_dec = torch.randn(333, 48, device=DEVICE)
 
     def f(x):
-        v, i = triton_ops.topk_encode(x, enc, b_enc, dec_norm, None, 7, True, 0)
+        v, i = triton_ops.topk_encode(x, enc, b_enc, dec_norm, 7, 0)
         return triton_ops.sparse_decode(v, i, W_dec, None, dec_norm)
 
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"

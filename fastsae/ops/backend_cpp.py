@@ -1,10 +1,10 @@
 """The `cpp` backend: fastsae's C++ CPU kernels (csrc/), compiled on first use.
 
 Importing this module builds (or loads from the cache) the `fastsae_cpp` extension with
-`torch.utils.cpp_extension.load` and ninja, registers fake implementations for its ops and
-exposes the four op functions with `fastsae.reference`'s signatures. If the build fails (no
-compiler, no ninja) the import raises ImportError with the reason, and `dispatch` reports it
-in one warning and uses the torch path.
+`torch.utils.cpp_extension.load` and ninja, registers fake implementations for its ops (the
+fastsae:: ops' own, from their files) and exposes the op functions with `fastsae.reference`'s
+signatures. If the build fails (no compiler, no ninja) the import raises ImportError with the
+reason, and `dispatch` reports it in one warning and uses the torch path.
 
 The build is cached in `$FASTSAE_BUILD_DIR`, else `$TORCH_EXTENSIONS_DIR/fastsae`, else
 `~/.cache/fastsae/extensions` (respecting XDG_CACHE_HOME), in a subfolder named by the Python,
@@ -25,6 +25,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from fastsae.ops.sparse_decoder import fake_sparse_decode, fake_sparse_decode_backward
+from fastsae.ops.threshold_encoder import fake_threshold_encode
+from fastsae.ops.topk_encoder import fake_topk_encode, fake_topk_encode_backward
 
 EXTENSION_NAME = "fastsae_cpp"
 CPU_SOURCES = ("schema.cpp", "topk_encode_cpu.cpp", "threshold_encode_cpu.cpp", "sparse_decode_cpu.cpp")
@@ -153,55 +157,25 @@ _ops = torch.ops.fastsae_cpp
 
 # ------------------------------------------------------------------ fake (meta) implementations
 
+# The kernel ops take the fastsae:: ops' arguments (less check_indices) and return their
+# outputs: the same fakes serve, without the checks (the kernels check at run time).
+for _name, _fake in (
+    ("topk_encode", fake_topk_encode),
+    ("topk_encode_backward", fake_topk_encode_backward),
+    ("threshold_encode", fake_threshold_encode),
+    ("sparse_decode", fake_sparse_decode),
+    ("sparse_decode_backward", fake_sparse_decode_backward),
+):
+    torch.library.register_fake(f"fastsae_cpp::{_name}", _fake)
 
-@torch.library.register_fake("fastsae_cpp::topk_encode")
-def _(x, enc_weight, b_enc, b_dec, dec_norm, k, aux_latents, k_aux):
-    n = x.shape[0]
-    width = aux_latents.shape[0] if aux_latents is not None else 0
-    return x.new_empty(n, k), x.new_empty(n, k, dtype=torch.int64), x.new_empty(n, width)
 
-
-@torch.library.register_fake("fastsae_cpp::topk_encode_out")
-def _(x, enc_weight, b_enc, b_dec, dec_norm, k, aux_latents, k_aux, *, values, indices, aux_pre):
+def _writes_its_buffers(*args, **buffers) -> None:
+    """The fake of an `_out` form: it only writes the buffers it is given."""
     return None
 
 
-@torch.library.register_fake("fastsae_cpp::topk_encode_backward")
-def _(grad_pre, indices, x, enc_weight, b_dec):
-    return torch.empty_like(x), torch.empty_like(enc_weight), enc_weight.new_empty(enc_weight.shape[0])
-
-
-@torch.library.register_fake("fastsae_cpp::topk_encode_backward_out")
-def _(grad_pre, indices, x, enc_weight, b_dec, *, grad_x_in, grad_enc_weight, grad_b_enc):
-    return None
-
-
-@torch.library.register_fake("fastsae_cpp::threshold_encode")
-def _(x, enc_weight, b_enc, b_dec, dec_norm, cutoff, max_width):
-    # The width is the batch's largest kept count (capped): known only once the kernel has run.
-    width = torch.library.get_ctx().new_dynamic_size(max=max_width)
-    n = x.shape[0]
-    return x.new_empty(n, width), x.new_empty(n, width, dtype=torch.int64), x.new_empty(n, dtype=torch.int64)
-
-
-@torch.library.register_fake("fastsae_cpp::sparse_decode")
-def _(values, indices, W_dec, b_dec, dec_norm):
-    return W_dec.new_empty(values.shape[0], W_dec.shape[1])
-
-
-@torch.library.register_fake("fastsae_cpp::sparse_decode_out")
-def _(values, indices, W_dec, b_dec, dec_norm, *, out):
-    return None
-
-
-@torch.library.register_fake("fastsae_cpp::sparse_decode_backward")
-def _(grad_out, values, indices, W_dec, dec_norm):
-    return torch.empty_like(values), torch.empty_like(W_dec)
-
-
-@torch.library.register_fake("fastsae_cpp::sparse_decode_backward_out")
-def _(grad_out, values, indices, W_dec, dec_norm, *, grad_values, grad_W_dec):
-    return None
+for _name in ("topk_encode_out", "topk_encode_backward_out", "sparse_decode_out", "sparse_decode_backward_out"):
+    torch.library.register_fake(f"fastsae_cpp::{_name}", _writes_its_buffers)
 
 
 # ------------------------------------------------------------------ the backend's op functions

@@ -47,7 +47,7 @@ def topk_encode(
         # AuxK takes the chunked path whatever the width: the dead latents' columns come from the
         # same product, over a list whose capacity, not count, sets the shapes (no host sync).
         return topk_encode_chunked(x_in, enc_weight, b_enc, dec_norm, k, aux_latents, k_aux)
-    values, indices = _ops.topk_encode(x_in, enc_weight, b_enc, dec_norm, None, k, True)
+    values, indices = _ops.topk_encode(x_in, enc_weight, b_enc, dec_norm, k)
     return values, indices, x.new_empty(n, 0)
 
 

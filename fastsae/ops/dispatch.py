@@ -37,7 +37,7 @@ class BackendSpec:
     devices: frozenset[str]
 
 
-# Registered backends. Kernel backends add their line when their module lands.
+# Registered backends: the module of each, and the device types its tensors may be on.
 _BACKENDS: dict[str, BackendSpec] = {
     "torch": BackendSpec("fastsae.reference", frozenset({"cpu", "cuda", "mps", "xpu", "meta"})),
     "triton": BackendSpec("fastsae.ops.backend_triton", frozenset({"cuda", "cpu"} if os.environ.get("TRITON_INTERPRET") == "1" else {"cuda"})),
@@ -47,9 +47,8 @@ _BACKENDS: dict[str, BackendSpec] = {
 
 # auto's order of preference per device type (fastest first); unregistered names are skipped.
 # On CUDA the measured table (`fastsae.ops.measured.BACKEND_TABLE`) may move a backend ahead
-# where it was measured faster by MIN_GAIN at the nearest width: on the H200 (2026-11-29) cuda
-# was 1.7x slower at d_in 768 and 1.07x faster at 4096 (within noise), so triton stays first;
-# FASTSAE_BACKEND=cuda or use_backend("cuda") selects it.
+# where it was measured faster by MIN_GAIN at the nearest width; FASTSAE_BACKEND=cuda or
+# use_backend("cuda") selects cuda anywhere.
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "torch"),
     "cpu": ("cpp", "torch"),
@@ -158,6 +157,11 @@ def select(device: torch.device, d_in: Optional[int] = None) -> tuple[str, Modul
                 _warned.add(name)
                 warnings.warn(f"{exc}; falling back to the next backend", RuntimeWarning, stacklevel=3)
     return "torch", _load("torch")
+
+
+def backend(device: torch.device, d_in: Optional[int] = None) -> ModuleType:
+    """The module of the backend `select` picks: what an op's real implementation calls."""
+    return select(device, d_in)[1]
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,9 +1,12 @@
-"""Measured tables that `dispatch` picks paths and backends from, beside it.
+"""The measurements `dispatch` and the triton backend choose by, on CUDA: which top-k encoder
+path (`encoder_path`: the fused Triton kernel or cuBLAS + torch.topk in row chunks) and which
+backend (`preferred_backend`: triton or cuda) was faster at the shape nearest the call's.
 
-Every row is a committed measurement (file and shape named), never a guess. Lookups take the
-row nearest in d_in (on a log scale): what decides between the paths is how long the matrix
-product is against the per-element selection work, and that ratio grows with d_in.
-gpu_targets.py (benchmarks/) re-measures each row; add its rows here when a result is committed.
+Every row is a measurement (device, shape, milliseconds, source), never a guess. Lookups take
+the row nearest in d_in (on a log scale): what decides between the paths is how long the matrix
+product is against the per-element selection work, and that ratio grows with d_in. Off CUDA
+the tables are not consulted. benchmarks/gpu_targets.py re-measures each row; add its rows here
+when a result is committed.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-H200_2026_11_29 = "../shared/measurements/h200-2026-11-29/probe.json (bf16, torch 2.11, Triton 3.6)"
+# The first GPU session's numbers, tabulated in kernels/NOTES.md ("Measured against predicted").
+H200_2026_11_29 = "kernels/NOTES.md, H200 2026-11-29 (bf16, torch 2.11, Triton 3.6)"
 
 ENCODER_PATHS = ("fused", "chunked")
 PATH_ENV_VAR = "FASTSAE_ENCODER_PATH"
