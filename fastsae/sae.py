@@ -38,7 +38,77 @@ class TrainOutput:
     loss: Tensor
 
 
-class SAE(nn.Module):
+class SAETensors(nn.Module):
+    """What `SAE` and the latent-sharded `fastsae.distributed.ShardedSAE` share: the config's shape
+    and architecture, the parameters' dtype and device, the input checks and the per-latent-row
+    decoder operations (local to a shard: each row is whole on one rank). Subclasses set `cfg`,
+    `W_enc` and `W_dec`."""
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    @property
+    def architecture(self) -> str:
+        return self.cfg.architecture
+
+    @property
+    def arch(self) -> architectures.Architecture:
+        """The architecture's own methods (`fastsae.architectures`), over this module's tensors."""
+        return architectures.get(self.cfg.architecture)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    @property
+    def enc_weight(self) -> Tensor:
+        """The encoder latent-major, [d_sae, d_in] (a view of W_enc)."""
+        return self.W_enc.t()
+
+    # ------------------------------------------------------------ input checks
+
+    def _check_tensor(self, t, what: str, width: int, width_name: str) -> None:
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.ndim < 1 or t.shape[-1] != width:
+            raise ValueError(f"{what}: expected shape [..., {width}] ({width_name}={width}), got {tuple(t.shape)}")
+        if t.dtype != self.dtype:
+            raise ValueError(f"{what}: expected dtype {self.dtype} (the SAE's), got {t.dtype}")
+        if t.device != self.device:
+            raise ValueError(f"{what}: expected device {self.device} (the SAE's), got {t.device}")
+
+    def _flat_input(self, x: Tensor) -> Tensor:
+        self._check_tensor(x, "input", self.d_in, "d_in")
+        return x.reshape(-1, self.d_in)
+
+    # ------------------------------------------------------------ decoder constraints
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        """Scale every decoder row to unit norm (the 2023 paper's constraint)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.dtype).tiny))
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        """Remove from W_dec.grad its component along each decoder row (call between backward
+        and the optimizer step, with unit-norm rows)."""
+        if self.W_dec.grad is None:
+            return
+        direction = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.dtype).tiny)
+        parallel = (self.W_dec.grad * direction).sum(dim=1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * direction)
+
+
+class SAE(SAETensors):
     """A sparse autoencoder: `SAE(SAEConfig(...))` or `SAE(d_in=..., d_sae=..., architecture=..., k=...)`.
 
     - `sae(x)`: the reconstruction, shaped like x ([..., d_in]).
@@ -113,36 +183,6 @@ class SAE(nn.Module):
 
     # ------------------------------------------------------------ properties
 
-    @property
-    def d_in(self) -> int:
-        return self.cfg.d_in
-
-    @property
-    def d_sae(self) -> int:
-        return self.cfg.d_sae
-
-    @property
-    def architecture(self) -> str:
-        return self.cfg.architecture
-
-    @property
-    def arch(self) -> architectures.Architecture:
-        """The architecture's own methods (`fastsae.architectures`), over this module's tensors."""
-        return architectures.get(self.cfg.architecture)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.W_dec.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.W_dec.device
-
-    @property
-    def enc_weight(self) -> Tensor:
-        """The encoder latent-major, [d_sae, d_in] (a view of W_enc)."""
-        return self.W_enc.t()
-
     def _dec_norm(self) -> Optional[Tensor]:
         return architectures.decoder_norm(self)
 
@@ -152,22 +192,6 @@ class SAE(nn.Module):
     def extra_repr(self) -> str:
         extra = f", k={self.cfg.k}" if self.cfg.k is not None else ""
         return f"d_in={self.d_in}, d_sae={self.d_sae}, architecture={self.architecture!r}{extra}, dtype={self.dtype}"
-
-    # ------------------------------------------------------------ input checks
-
-    def _check_tensor(self, t, what: str, width: int, width_name: str) -> None:
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.ndim < 1 or t.shape[-1] != width:
-            raise ValueError(f"{what}: expected shape [..., {width}] ({width_name}={width}), got {tuple(t.shape)}")
-        if t.dtype != self.dtype:
-            raise ValueError(f"{what}: expected dtype {self.dtype} (the SAE's), got {t.dtype}")
-        if t.device != self.device:
-            raise ValueError(f"{what}: expected device {self.device} (the SAE's), got {t.device}")
-
-    def _flat_input(self, x: Tensor) -> Tensor:
-        self._check_tensor(x, "input", self.d_in, "d_in")
-        return x.reshape(-1, self.d_in)
 
     # ------------------------------------------------------------ encode
 
@@ -274,23 +298,6 @@ class SAE(nn.Module):
     def _aux_width(self, k_aux: Optional[int]) -> int:
         """AuxK's k_aux (default d_in // 2, at most d_sae)."""
         return aux_width(k_aux, self.d_in, self.d_sae)
-
-    # ------------------------------------------------------------ decoder constraints
-
-    @torch.no_grad()
-    def set_decoder_norm_to_unit_norm(self) -> None:
-        """Scale every decoder row to unit norm (the 2023 paper's constraint)."""
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.dtype).tiny))
-
-    @torch.no_grad()
-    def remove_gradient_parallel_to_decoder_directions(self) -> None:
-        """Remove from W_dec.grad its component along each decoder row (call between backward
-        and the optimizer step, with unit-norm rows)."""
-        if self.W_dec.grad is None:
-            return
-        direction = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.dtype).tiny)
-        parallel = (self.W_dec.grad * direction).sum(dim=1, keepdim=True)
-        self.W_dec.grad.sub_(parallel * direction)
 
     # ------------------------------------------------------------ persistence
 

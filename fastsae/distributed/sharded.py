@@ -24,7 +24,7 @@ from fastsae.distributed.collectives import IntoShards, SumOverShards, gather_la
 from fastsae.distributed.process import is_distributed
 from fastsae.distributed.sharding import init_decoder_rows, latent_dim, shard_range
 from fastsae.losses import aux_width, mean_squared_norm
-from fastsae.sae import SAE, TrainOutput
+from fastsae.sae import SAE, SAETensors, TrainOutput
 from fastsae.sparse_path import SparsePath
 
 # The architectures with a latent-sharded step, those that take k first (the order messages list them in).
@@ -42,7 +42,7 @@ class ShardedTrainOutput(TrainOutput):
     l0: Optional[Tensor] = None
 
 
-class ShardedSAE(nn.Module):
+class ShardedSAE(SAETensors):
     """This rank's share of an SAE split by latent across the process group.
 
     Parameters carry `SAE`'s names and layouts, restricted to latents [start, stop): W_enc
@@ -123,10 +123,8 @@ class ShardedSAE(nn.Module):
 
     # ------------------------------------------------------------ properties
 
-    # The whole SAE's shape and type, as SAE reports them (d_sae counts all latents; this rank
-    # holds `d_local` of them).
-    d_in, d_sae, architecture, arch = SAE.d_in, SAE.d_sae, SAE.architecture, SAE.arch
-    dtype, device, enc_weight = SAE.dtype, SAE.device, SAE.enc_weight
+    # d_in, d_sae, architecture, dtype, device, enc_weight: `SAETensors`' (d_sae counts all
+    # latents; this rank holds `d_local` of them).
 
     @property
     def d_local(self) -> int:
@@ -150,12 +148,6 @@ class ShardedSAE(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, d_sae={self.d_sae}, latents [{self.start}, {self.stop}) of rank {self.rank}/"
                 f"{self.world_size}, architecture={self.architecture!r}")
-
-    # Per-latent-row operations are local to the shard: SAE's own methods apply as they are.
-    set_decoder_norm_to_unit_norm = SAE.set_decoder_norm_to_unit_norm
-    remove_gradient_parallel_to_decoder_directions = SAE.remove_gradient_parallel_to_decoder_directions
-    _check_tensor = SAE._check_tensor
-    _flat_input = SAE._flat_input
 
     # ------------------------------------------------------------ forward
 
