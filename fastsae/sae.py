@@ -38,6 +38,16 @@ class TrainOutput:
     loss: Tensor
 
 
+def initial_decoder_rows(drawn: Tensor, cfg: SAEConfig) -> Tensor:
+    """Freshly drawn (kaiming-uniform) decoder rows, scaled by the config's rule (unit rows for
+    "unit_norm", else rows of norm `decoder_init_norm` unless it is None), in the SAE's dtype."""
+    if cfg.decoder_norm == "unit_norm":
+        drawn = drawn / drawn.norm(dim=1, keepdim=True)
+    elif cfg.decoder_init_norm is not None:
+        drawn = drawn / drawn.norm(dim=1, keepdim=True) * cfg.decoder_init_norm
+    return drawn.to(cfg.torch_dtype)
+
+
 class SAETensors(nn.Module):
     """What `SAE` and the latent-sharded `fastsae.distributed.ShardedSAE` share: the config's shape
     and architecture, the parameters' dtype and device, the input checks and the per-latent-row
@@ -134,11 +144,7 @@ class SAE(SAETensors):
 
         w_dec = torch.empty(d_sae, d_in, dtype=torch.float32, device=factory["device"])
         nn.init.kaiming_uniform_(w_dec, a=math.sqrt(5))
-        if cfg.decoder_norm == "unit_norm":
-            w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
-        elif cfg.decoder_init_norm is not None:
-            w_dec = w_dec / w_dec.norm(dim=1, keepdim=True) * cfg.decoder_init_norm
-        w_dec = w_dec.to(cfg.torch_dtype)
+        w_dec = initial_decoder_rows(w_dec, cfg)
         self.W_dec = nn.Parameter(w_dec)
         # Tied initialisation (W_enc = W_dec^T), stored latent-major.
         self.W_enc = nn.Parameter(w_dec.clone().t())

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from fastsae.config import SAEConfig
 from fastsae.distributed.process import get_rank, get_world_size
-from fastsae.sae import SAE
+from fastsae.sae import SAE, initial_decoder_rows
 
 _INIT_BLOCK = 4096  # latents per independently seeded block of a sharded SAE's initialisation
 
@@ -63,12 +63,7 @@ def init_decoder_rows(cfg: SAEConfig, seed: int, start: int, stop: int) -> Tenso
         gen = torch.Generator(device=device).manual_seed((int(seed) * 1_000_003 + b) % (2**63 - 1))
         w = torch.empty(hi - lo, cfg.d_in, device=device).uniform_(-bound, bound, generator=gen)
         rows.append(w[max(lo, start) - lo : min(hi, stop) - lo])
-    w = torch.cat(rows)
-    if cfg.decoder_norm == "unit_norm":
-        w = w / w.norm(dim=1, keepdim=True)
-    elif cfg.decoder_init_norm is not None:
-        w = w / w.norm(dim=1, keepdim=True) * cfg.decoder_init_norm
-    return w.to(cfg.torch_dtype)
+    return initial_decoder_rows(torch.cat(rows), cfg)
 
 
 @torch.no_grad()
