@@ -22,7 +22,7 @@ class TopK(Architecture):
     uses_k = True
     default_dead_strategy = "auxk"
     supports_auxk = True
-    default_b_dec_init = "zeros"  # as SAELens' TopK training (better there on MiniLM, issue 27)
+    default_b_dec_init = "zeros"  # as SAELens' TopK training (better there on MiniLM: README, quality against SAELens)
     sync_free_step = True
 
     # SAELens' TopKTrainingSAE, densely (fastsae.bench's baselines and peers); sparsify trains it too.

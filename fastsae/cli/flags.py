@@ -106,7 +106,7 @@ TRAIN_FLAGS = (
     Flag("decoder_norm", "decoder handling (default {default})", "sae.decoder_norm", default="norm_weighted",
          choices=("norm_weighted", "unit_norm", "none")),
     # topk/batchtopk select and decode on pre-activations times the decoder row norms (SAELens'
-    # TopKTrainingSAE default); README's "Quality against SAELens" has what it changes (issue 27).
+    # TopKTrainingSAE default); README's "Quality against SAELens" has what it changes.
     Flag("rescale_acts_by_decoder_norm", "topk/batchtopk: select the top k of the pre-activations times each decoder "
          "row's norm, and divide the norms out in the decoder (SAELens' TopK training default; default: on)",
          "sae.rescale_acts_by_decoder_norm", default=True, action=argparse.BooleanOptionalAction, applies=_uses_k,
@@ -115,7 +115,7 @@ TRAIN_FLAGS = (
     Flag("tokens", "rows to train on (default {default:,})", "trainer.total_tokens", int, 800_000),
     Flag("lr", "Adam's peak learning rate (default {default})", "trainer.lr", float, 1e-3),
     # b_dec's start: the architecture's (zeros for topk/batchtopk, as SAELens; better there on
-    # the MiniLM head to head, issue 27; the geometric median, TrainerConfig's default, otherwise).
+    # the MiniLM head to head; the geometric median, TrainerConfig's default, otherwise).
     Flag("b_dec_init", "b_dec's start: zeros, or the geometric median or mean of a sample of the (normalised) data "
          "(default: zeros for topk/batchtopk, geometric_median for relu/jumprelu)", "trainer.b_dec_init",
          choices=("zeros", "geometric_median", "mean"), default=lambda arch, d_in: arch.default_b_dec_init),
