@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -20,6 +20,10 @@ class ArchitectureRules:
     uses_k: bool
     saelens_name: str
     aliases: tuple[str, ...] = ()
+    # Config fields only this architecture reads (left at their default, and not saved, elsewhere),
+    # and its check that fills in their defaults.
+    options: tuple[str, ...] = ()
+    complete: Optional[Callable[["SAEConfig"], None]] = None
 
 
 # The architectures are a higher layer (fastsae.architectures) than this module: each installs its
@@ -85,6 +89,9 @@ class SAEConfig:
     jumprelu_init_threshold: float = 0.01
     jumprelu_bandwidth: float = 0.05
     topk_threshold_lr: float = 0.01  # batchtopk: EMA rate of the inference threshold
+    # matryoshka_batchtopk: the nested levels' widths (SAELens' key; cumulative group sizes, the
+    # last one d_sae); None takes the architecture's default.
+    matryoshka_widths: Optional[tuple[int, ...]] = None
     normalize_activations: str = "none"
     dtype: str = "float32"
     device: str = "cpu"
@@ -121,6 +128,14 @@ class SAEConfig:
         if self.jumprelu_bandwidth <= 0:
             raise ValueError(f"jumprelu_bandwidth: expected > 0, got {self.jumprelu_bandwidth}")
         self.dtype = dtype_to_str(dtype_from_str(self.dtype))
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for other in _RULES.values():
+            for option in other.options:
+                if option not in rules.options and getattr(self, option) != defaults[option]:
+                    owners = " and ".join(r.name for r in _RULES.values() if option in r.options)
+                    raise ValueError(f"{option} applies to {owners}, not {self.architecture!r}")
+        if rules.complete is not None:
+            rules.complete(self)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -139,6 +154,10 @@ class SAEConfig:
         if not rules.uses_k:
             d.pop("k")
             d.pop("rescale_acts_by_decoder_norm")
+        for option in {o for r in _RULES.values() for o in r.options} - set(rules.options):
+            d.pop(option, None)
+        if "matryoshka_widths" in d:
+            d["matryoshka_widths"] = list(d["matryoshka_widths"])
         d["reshape_activations"] = "none"
         return d
 

@@ -36,6 +36,8 @@ class TrainOutput:
     sparsity_loss: Tensor
     aux_loss: Tensor
     loss: Tensor
+    # Matryoshka: the inner levels' MSEs, summed (SAELens' inner_mse_loss_<w>); None elsewhere.
+    nested_loss: Optional[Tensor] = None
 
 
 def initial_decoder_rows(drawn: Tensor, cfg: SAEConfig) -> Tensor:
@@ -299,7 +301,10 @@ class SAE(SAETensors):
             aux = aux_coefficient * scale * mean_squared_norm(step.aux_recon, residual)
         if not isinstance(acts, SparseActivations):  # one type whichever path ran
             acts = SparseActivations.from_dense(acts)
-        return TrainOutput(x_hat.reshape(x.shape), acts, mse, sparsity, aux, mse + sparsity + aux)
+        loss = mse + sparsity + aux
+        if step.nested is not None:
+            loss = loss + step.nested
+        return TrainOutput(x_hat.reshape(x.shape), acts, mse, sparsity, aux, loss, step.nested)
 
     def _aux_width(self, k_aux: Optional[int]) -> int:
         """AuxK's k_aux (default d_in // 2, at most d_sae)."""

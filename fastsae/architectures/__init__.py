@@ -15,14 +15,18 @@ from fastsae.architectures.base import Architecture, ShardedStep, Step, decoder_
 from fastsae.architectures.batchtopk import BatchTopK
 from fastsae.architectures.gated import Gated
 from fastsae.architectures.jumprelu import JumpReLU
+from fastsae.architectures.matryoshka import MatryoshkaBatchTopK
 from fastsae.architectures.relu import ReLU
 from fastsae.architectures.topk import TopK
 
-_REGISTRY: dict[str, Architecture] = {arch.name: arch for arch in (ReLU(), TopK(), BatchTopK(), JumpReLU(), Gated())}
+_REGISTRY: dict[str, Architecture] = {arch.name: arch for arch in (ReLU(), TopK(), BatchTopK(), JumpReLU(), Gated(), MatryoshkaBatchTopK())}
 
 for _arch in _REGISTRY.values():
     config.install_architecture(
-        config.ArchitectureRules(_arch.name, _arch.uses_k, _arch.saelens_name or _arch.name, _arch.aliases)
+        config.ArchitectureRules(
+            _arch.name, _arch.uses_k, _arch.saelens_name or _arch.name, _arch.aliases, _arch.config_options,
+            _arch.complete_config,
+        )
     )
 
 

@@ -46,6 +46,7 @@ class Step:
     sparsity: Tensor
     aux: Tensor
     aux_recon: Optional[Tensor] = None
+    nested: Optional[Tensor] = None  # Matryoshka's inner levels' reconstruction losses, summed
 
 
 @dataclass
@@ -69,6 +70,8 @@ class Architecture:
     uses_k = False
     saelens_name = ""
     aliases: tuple[str, ...] = ()
+    # SAEConfig fields that only this architecture reads (see `complete_config`).
+    config_options: tuple[str, ...] = ()
     # What the trainer does with dead latents when asked for "auto", and whether AuxK applies.
     default_dead_strategy = "none"
     supports_auxk = False
@@ -82,6 +85,10 @@ class Architecture:
     # How SAELens (and sparsify) train it, for fastsae.bench's baselines and peers: a
     # `reference_training.ReferenceTraining`, or None (the bench leaves the architecture out).
     reference_training = None
+
+    def complete_config(self, cfg) -> None:
+        """Check the config's options that belong to this architecture, filling in their defaults
+        (run by `SAEConfig` after its own checks)."""
 
     # ---------------------------------------------------------------- training hooks
 
