@@ -85,7 +85,8 @@ def test_run_bench_rows():
         assert r["peak_mem_bytes"] is None or r["peak_mem_bytes"] >= 0
     # the steps training runs: each architecture, AuxK at 0, 1 and 10% dead
     steps = {(r["architecture"], r["dead_fraction"]) for r in rows if r["op"] == "train_step"}
-    assert steps == {("topk", 0.0), ("topk", 0.01), ("topk", 0.1), ("batchtopk", 0.01), ("relu", None), ("jumprelu", None)}
+    assert steps == {("topk", 0.0), ("topk", 0.01), ("topk", 0.1), ("batchtopk", 0.01), ("matryoshka_batchtopk", 0.01),
+                     ("relu", None), ("jumprelu", None)}
     assert {(r["architecture"], r["dead_fraction"]) for r in rows if r["op"] != "train_step"} == {("topk", None)}
     # the same contender's time is the same in every row that names it
     by = {}

@@ -83,7 +83,7 @@ def dl_reference(dict_class, s, x, module_acts=None):
 CLASSES = ["AutoEncoder", "AutoEncoderNew", "GatedAutoEncoder", "JumpReluAutoEncoder", "AutoEncoderTopK",
            "BatchTopKSAE", "MatryoshkaBatchTopKSAE"]
 EXPECT = {"AutoEncoder": "relu", "AutoEncoderNew": "relu", "GatedAutoEncoder": "gated", "JumpReluAutoEncoder": "jumprelu",
-          "AutoEncoderTopK": "topk", "BatchTopKSAE": "batchtopk", "MatryoshkaBatchTopKSAE": "batchtopk"}
+          "AutoEncoderTopK": "topk", "BatchTopKSAE": "batchtopk", "MatryoshkaBatchTopKSAE": "matryoshka_batchtopk"}
 
 
 @pytest.mark.parametrize("dict_class", CLASSES)
@@ -92,6 +92,8 @@ def test_each_class_computes_what_dictionary_learning_computes(tmp_path, dict_cl
     sae = fastsae.load(write_folder(tmp_path / "trainer_0", state, dict_class, k=K))
     assert sae.architecture == EXPECT[dict_class] and not sae.training
     assert sae.cfg.metadata["dict_class"] == dict_class and sae.cfg.metadata["layer"] == 3
+    if dict_class == "MatryoshkaBatchTopKSAE":  # its group sizes [10, 30, 50] as SAELens' cumulative widths
+        assert sae.cfg.matryoshka_widths == (10, 40, 90)
     x = torch.randn(21, D_IN)
     acts = sae.encode(x)
     ref_acts, ref_out = dl_reference(dict_class, state, x.double(), acts)

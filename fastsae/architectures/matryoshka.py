@@ -20,7 +20,9 @@ from torch import Tensor
 
 from fastsae import ops
 from fastsae.architectures.base import Step, decoder_norm
+from fastsae.activations import batch_topk
 from fastsae.architectures.batchtopk import BatchTopK
+from fastsae.architectures.reference_training import ReferenceTraining, matryoshka_inner_losses
 from fastsae.auxk import DeadLatents
 from fastsae.sparse import SparseActivations
 
@@ -64,6 +66,12 @@ def check_widths(widths, d_sae: int) -> tuple[int, ...]:
 class MatryoshkaBatchTopK(BatchTopK):
     name = "matryoshka_batchtopk"
     config_options = ("matryoshka_widths",)
+
+    # SAELens' MatryoshkaBatchTopKTrainingSAE, densely (fastsae.bench's baselines and peers).
+    reference_training = ReferenceTraining(
+        "MatryoshkaBatchTopKTrainingSAE", activate=lambda model, pre: batch_topk(pre.relu(), model.cfg.k),
+        saelens_config=("matryoshka_widths",), nested=matryoshka_inner_losses,
+    )
 
     def complete_config(self, cfg) -> None:
         cfg.matryoshka_widths = check_widths(

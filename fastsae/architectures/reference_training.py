@@ -29,6 +29,8 @@ class ReferenceTraining:
     # For architectures without k: moves each latent's cutoff to the given pre-activation value
     # (its 1 - k/d_sae quantile), so an untrained SAE's rows hold about k active latents.
     calibrate: Optional[Callable[[nn.Module, Tensor, torch.dtype], None]] = None
+    # (model, x, acts) -> further reconstruction losses (Matryoshka's inner levels), or None.
+    nested: Optional[Callable[[nn.Module, Tensor, Tensor], Tensor]] = None
 
 
 def keep_row_top_k(pre: Tensor, k: int) -> Tensor:
@@ -39,3 +41,14 @@ def keep_row_top_k(pre: Tensor, k: int) -> Tensor:
 
 def decoder_weighted_l1(model: nn.Module, pre: Tensor, acts: Tensor) -> Tensor:
     return (acts * model.W_dec.norm(dim=1)).sum(-1).mean()
+
+
+def matryoshka_inner_losses(model: nn.Module, x: Tensor, acts: Tensor) -> Tensor:
+    """SAELens' inner_mse_loss_<w>, summed: each inner level w's reconstruction from the latents
+    below w, as SAELens decodes it (a dense slice of the activations per level)."""
+    loss, decoded, start = x.new_zeros(()), model.b_dec, 0
+    for width in model.cfg.matryoshka_widths[:-1]:
+        decoded = acts[:, start:width] @ model.W_dec[start:width] + decoded
+        loss = loss + (decoded - x).pow(2).sum(-1).mean()
+        start = width
+    return loss

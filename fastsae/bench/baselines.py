@@ -53,6 +53,7 @@ class BenchMath:
     # (None,): no dead mask (dead latents resampled between steps, or left).
     dead_fractions: tuple[Optional[float], ...] = (None,)
     encode_case: bool = False  # encode and decode are timed on an SAE of this architecture
+    nested: Optional[Callable[["DenseSAE", Tensor, Tensor], Tensor]] = None  # (model, x, acts): Matryoshka's levels
 
 
 # The headline architecture (the one sparsify trains, so every baseline and peer computes it):
@@ -73,7 +74,7 @@ def bench_math(arch) -> BenchMath:
     return BenchMath(
         ref.activate, penalty=ref.penalty, auxk=arch.supports_auxk, takes_k=arch.uses_k, calibrate=ref.calibrate,
         sparse_decoder=ref.sparsify, capturable=ref.sparsify, extra_parameters=ref.extra_parameters,
-        dead_fractions=dead_fractions, encode_case=ref.sparsify,
+        dead_fractions=dead_fractions, encode_case=ref.sparsify, nested=ref.nested,
     )
 
 
@@ -146,6 +147,8 @@ class DenseSAE(nn.Module):
         acts = self.sparse_form(pre)
         x_hat = self.decode(acts)
         loss = (x_hat - x).pow(2).sum(-1).mean()
+        if self.math.nested is not None:
+            loss = loss + self.math.nested(self, x, acts)
         if self.math.penalty is not None and coefficient:
             loss = loss + coefficient * self.math.penalty(self, pre, acts)
         if dead_mask is not None and self.math.auxk:

@@ -30,6 +30,7 @@ from typing import Optional, Union
 
 import torch
 
+from fastsae.architectures.matryoshka import widths_from_group_sizes
 from fastsae.config import SAEConfig
 from fastsae.formats._common import build_sae, read_json, read_torch
 
@@ -170,7 +171,8 @@ def from_state_dict(state: object, source: Path, config: Optional[dict] = None, 
             group_sizes = state["group_sizes"]
             if not isinstance(group_sizes, torch.Tensor) or int(group_sizes.sum()) != d_sae:
                 raise ValueError(f"{source}: group_sizes must sum to dict_size={d_sae}, got {group_sizes!r}")
-            kw = dict(metadata={"group_sizes": [int(g) for g in group_sizes]})
+            sizes = [int(g) for g in group_sizes]
+            kw = dict(metadata={"group_sizes": sizes}, matryoshka_widths=widths_from_group_sizes(sizes))
         else:
             tensors = {"W_enc": state["encoder.weight"].t(), "b_enc": state["encoder.bias"],
                        "W_dec": _tensor(state, "decoder.weight", source, (d_in, d_sae)).t(), "b_dec": state["b_dec"]}
@@ -178,7 +180,7 @@ def from_state_dict(state: object, source: Path, config: Optional[dict] = None, 
             kw.update(architecture="topk", k=k)
         else:
             tensors["topk_threshold"] = _scalar(state, "threshold", source).to(torch.float64)
-            kw.update(architecture="batchtopk", k=k)
+            kw.update(architecture="matryoshka_batchtopk" if "matryoshka_widths" in kw else "batchtopk", k=k)
 
     metadata = {"source_format": "dictionary_learning", "dict_class": dict_class}
     for key, name in (("lm_name", "model_name"), ("layer", "layer"), ("submodule_name", "submodule_name")):
