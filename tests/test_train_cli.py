@@ -309,3 +309,26 @@ def test_a_trained_sae_records_its_data_as_saelens_metadata(tmp_path, capsys):
     }
     assert provenance_metadata({"kind": "files", "path": "/data/acts"}) == {"dataset_path": "/data/acts"}
     assert provenance_metadata({"kind": "unreopenable", "repr": "x"}) == {}
+
+
+def test_matryoshka_groups_become_the_saved_widths_and_bad_ones_are_refused(tmp_path, capsys):
+    out = tmp_path / "m"
+    args = ["train", *SYNTHETIC, "--architecture", "matryoshka_batchtopk", "--d-sae", "64", "--k", "4"]
+    assert main([*args, "--matryoshka-groups", "8,24,32", "--out", str(out)]) == 0
+    capsys.readouterr()
+    sae = fastsae.load(out)
+    assert sae.architecture == "matryoshka_batchtopk" and sae.cfg.matryoshka_widths == (8, 32, 64)
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["nested_loss"] > 0  # the inner levels' losses are logged
+    # resumed with other groups: refused, as any changed setting
+    assert main([*args, "--matryoshka-groups", "32,32", "--out", str(out), "--resume"]) == 2
+    said = capsys.readouterr()
+    assert "--matryoshka-groups (32, 32) (the run's: (8, 24, 32))" in said.out + said.err
+    assert main([*args, "--matryoshka-groups", "8,24", "--out", str(tmp_path / "bad")]) == 2
+    said = capsys.readouterr()
+    said = said.out + said.err
+    assert "group sizes [8, 24], sum 32" in said and "d_sae=64" in said
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own refusal of the value
+        main([*args, "--matryoshka-groups", "8,x", "--out", str(tmp_path / "bad2")])
+    assert exit_info.value.code == 2
+    assert "--matryoshka-groups: expected group sizes such as 64,192,768, got '8,x'" in capsys.readouterr().err

@@ -24,6 +24,7 @@ from fastsae.activations import batch_topk
 from fastsae.architectures.batchtopk import BatchTopK
 from fastsae.architectures.reference_training import ReferenceTraining, matryoshka_inner_losses
 from fastsae.auxk import DeadLatents
+from fastsae.losses import mean_squared_norm
 from fastsae.sparse import SparseActivations
 
 
@@ -108,8 +109,6 @@ def _dense_levels(sae, acts: Tensor) -> list[Tensor]:
 
 
 def _nested_loss(levels, x2: Tensor) -> Tensor:
-    from fastsae.sae import mean_squared_norm  # the SAE's own MSE (the module imports this package)
-
     loss = x2.new_zeros(())
     for recon in levels:
         loss = loss + mean_squared_norm(recon, x2)

@@ -87,6 +87,32 @@ def _uses_k(arch) -> bool:
     return arch.uses_k
 
 
+def _group_sizes(text: str) -> tuple[int, ...]:
+    """--matryoshka-groups' value: positive group sizes, comma-separated."""
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected group sizes such as 64,192,768, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive group sizes such as 64,192,768, got {text!r}")
+    return sizes
+
+
+def _widths_of(sizes):
+    """Group sizes -> the config's cumulative level widths (SAELens' matryoshka_widths)."""
+    if sizes is None:
+        return None
+    widths, total = [], 0
+    for size in sizes:
+        total += size
+        widths.append(total)
+    return tuple(widths)
+
+
+def _sizes_of(widths):
+    return None if widths is None else tuple(b - a for a, b in zip((0, *widths), widths))
+
+
 TRANSFORMER = "transformer data"
 SYNTHETIC = "synthetic data"
 DETAILS = "training details"
@@ -101,6 +127,10 @@ TRAIN_FLAGS = (
     Flag("architecture", "default {default}", "sae.architecture", choices=architectures.names(), default="topk"),
     Flag("d_sae", f"latents (default {EXPANSION} x d_in)", "sae.d_sae", int, default=lambda arch, d_in: EXPANSION * d_in),
     Flag("k", "topk/batchtopk: active latents per token (default {default})", "sae.k", int, 32, applies=_uses_k),
+    Flag("matryoshka_groups", "matryoshka_batchtopk: the nested groups' sizes, comma-separated, summing to --d-sae "
+         "(default: levels doubling up to d_sae, sizes d_sae/16, d_sae/16, d_sae/8, d_sae/4, d_sae/2)",
+         "sae.matryoshka_widths", _group_sizes, applies=lambda arch: "matryoshka_widths" in arch.config_options,
+         to_config=_widths_of, from_config=_sizes_of),
     Flag("l1_coefficient", "relu and gated: L1 coefficient; jumprelu: L0 coefficient (default {default})",
          "trainer.sparsity_coefficient", float, 5.0, applies=lambda arch: arch.takes_sparsity_coefficient, off=0.0),
     Flag("decoder_norm", "decoder handling (default {default})", "sae.decoder_norm", default="norm_weighted",

@@ -174,7 +174,9 @@ class ShardedSAE(SAETensors):
         step = self.arch.sharded_training_step(self, x2, sparsity_coefficient, dead_mask, k_aux, aux_coefficient)
         mse = mean_squared_norm(step.x_hat, x2)
         loss = mse + step.sparsity + step.aux
-        return ShardedTrainOutput(step.x_hat.reshape(x.shape), step.acts, mse, step.sparsity, step.aux, loss, step.fired, step.l0)
+        return ShardedTrainOutput(
+            step.x_hat.reshape(x.shape), step.acts, mse, step.sparsity, step.aux, loss, fired=step.fired, l0=step.l0
+        )
 
     # ------------------------------------------------------------ collectives for the architectures' sharded steps
 

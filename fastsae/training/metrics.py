@@ -11,18 +11,22 @@ from torch import Tensor
 
 from fastsae import runs
 
-METRIC_NAMES = ("loss", "mse", "fvu", "l0", "sparsity_loss", "aux_loss")
+# nested_loss: Matryoshka's inner levels' MSEs, summed (0 for the other architectures).
+METRIC_NAMES = ("loss", "mse", "fvu", "l0", "sparsity_loss", "aux_loss", "nested_loss")
 
 
 def step_metrics(out, x32: Tensor, l0: Tensor) -> Tensor:
-    """The step's METRIC_NAMES (float32 [6], on the device) from its `TrainOutput` and the float32
+    """The step's METRIC_NAMES (float32 [7], on the device) from its `TrainOutput` and the float32
     batch it trained on."""
     if out.x_hat.dtype == torch.float32:  # the step's own MSE is this sum already (over rows)
         err = out.mse_loss.detach() * x32.shape[0]
     else:  # a 16-bit step's MSE is rounded: the float32 error instead
         err = torch.nn.functional.mse_loss(out.x_hat.reshape(x32.shape).float(), x32, reduction="sum")
     var = (x32 - x32.mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.stack([t.float() for t in (out.loss, out.mse_loss, err / var, l0, out.sparsity_loss, out.aux_loss)])
+    nested = out.nested_loss if out.nested_loss is not None else out.aux_loss.new_zeros(())
+    return torch.stack(
+        [t.float() for t in (out.loss, out.mse_loss, err / var, l0, out.sparsity_loss, out.aux_loss, nested)]
+    )
 
 
 class MetricsWindow:
