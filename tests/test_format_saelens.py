@@ -219,6 +219,7 @@ def test_bad_folders_name_the_file_and_the_problem(tmp_path):
     folder = write_folder(tmp_path / "int", v6_cfg("standard"), dict(t, b_dec=torch.arange(D_IN)))
     with pytest.raises(ValueError, match="tensor 'b_dec' has dtype torch.int64"):
         fastsae.load(folder)
-    folder = write_folder(tmp_path / "arch", v6_cfg("matryoshka_batchtopk"), t)
-    with pytest.raises(ValueError, match=r"cfg.json: architecture: expected one of .* got 'matryoshka_batchtopk'"):
+    # (an architecture SAELens has and fastsae does not: matching pursuit)
+    folder = write_folder(tmp_path / "arch", v6_cfg("matching_pursuit"), t)
+    with pytest.raises(ValueError, match=r"cfg.json: architecture: expected one of .* got 'matching_pursuit'"):
         fastsae.load(folder)

@@ -165,3 +165,27 @@ def test_a_saved_matryoshka_sae_loads_back_and_computes_the_same(tmp_path):
     assert back.architecture == "matryoshka_batchtopk" and back.cfg.matryoshka_widths == WIDTHS
     torch.testing.assert_close(back.topk_threshold, sae.topk_threshold)
     torch.testing.assert_close(back(x), sae(x))
+
+
+def test_saelens_matryoshka_checkpoints_load_and_ours_load_in_saelens(tmp_path):
+    pytest.importorskip("sae_lens")
+    from sae_lens import SAE as SAELensSAE
+
+    twin = _saelens_twin(_fastsae(3, dtype="float32"), aux_coefficient=1 / 32)
+    with torch.no_grad():
+        twin.topk_threshold.fill_(0.05)
+    twin.save_model(tmp_path / "theirs")  # a SAELens training checkpoint (cfg keeps its widths)
+    for ours in (fastsae.load(tmp_path / "theirs"), SAE.from_saelens(twin)):
+        assert ours.architecture == "matryoshka_batchtopk" and ours.cfg.matryoshka_widths == WIDTHS
+        assert float(ours.topk_threshold) == pytest.approx(0.05)
+        torch.testing.assert_close(ours.W_enc, twin.W_enc)
+    # ours, saved, is SAELens' inference JumpReLU SAE (the threshold rule), computing what we compute
+    sae = _fastsae(3, dtype="float32")
+    with torch.no_grad():
+        sae.topk_threshold.fill_(0.05)
+    sae.eval()
+    sae.save(tmp_path / "ours")
+    theirs = SAELensSAE.load_from_disk(tmp_path / "ours")
+    assert type(theirs).__name__ == "JumpReLUSAE"
+    x = torch.randn(40, D_IN)
+    torch.testing.assert_close(theirs(x), sae(x), rtol=1e-5, atol=1e-5)

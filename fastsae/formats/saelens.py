@@ -235,7 +235,8 @@ def from_saelens_object(saelens_sae, device=None, dtype=None):
     raw = cfg.get_inference_sae_cfg_dict() if hasattr(cfg, "get_inference_sae_cfg_dict") else cfg.to_dict()
     if hasattr(cfg, "get_inference_sae_cfg_dict"):
         raw["architecture"] = cfg.architecture()  # a training config's own architecture (batchtopk stays batchtopk)
-        for key in ("k", "rescale_acts_by_decoder_norm"):
+        options = architectures.get(raw["architecture"]).config_options if raw["architecture"] in architectures.names() else ()
+        for key in ("k", "rescale_acts_by_decoder_norm", *options):  # training settings the inference dict drops
             if hasattr(cfg, key):
                 raw[key] = getattr(cfg, key)
     tensors = {name: t for name, t in saelens_sae.state_dict().items()}
