@@ -1,6 +1,7 @@
-"""The Triton sparse backward: latent-grouped weight gradients (fastsae_triton::scatter_outer),
-the two backward ops, and every gradient of encode -> decode (and of the SAE module) against
-float64 autograd, with the `triton` backend forced."""
+"""The Triton sparse backward: latent-grouped weight gradients (fastsae_triton::scatter_outer)
+and every gradient of encode -> decode with AuxK's sparse_decode_with_aux (and of the SAE module)
+against float64 autograd, with the `triton` backend forced. The two backward ops alone, on every
+backend: tests/ops/test_topk_encode.py and test_sparse_decode.py."""
 
 import pytest
 import torch
@@ -47,33 +48,6 @@ def test_segments_are_a_stable_counting_sort():
     order, offsets = sparse_backward.segments(indices, 5)
     assert order.tolist() == [3, 1, 5, 0, 2, 4]
     assert offsets.tolist() == [0, 1, 3, 3, 6, 6]
-
-
-def test_backward_ops_match_float64():
-    """topk_encode_backward / sparse_decode_backward called directly, against dense float64 math."""
-    n, d_in, d_sae, m = 19, 48, 333, 7
-    x = torch.randn(n, d_in, device=DEVICE)
-    enc = torch.randn(d_sae, d_in, device=DEVICE) / d_in**0.5
-    b_dec = torch.randn(d_in, device=DEVICE) * 0.1
-    dec_norm = torch.rand(d_sae, device=DEVICE) + 0.5
-    indices = torch.stack([torch.randperm(d_sae, device=DEVICE)[:m] for _ in range(n)])
-    grad_pre = torch.randn(n, m, device=DEVICE)
-    with fastsae.use_backend("triton"):
-        gx, gw, gb = torch.ops.fastsae.topk_encode_backward(grad_pre, indices, x, enc, b_dec)
-    dense_g = _dense(grad_pre, indices, d_sae)
-    assert_rel_close(gx, dense_g @ enc.double(), 1e-5, "grad_x")
-    assert_rel_close(gw, dense_g.T @ (x.double() - b_dec.double()), 1e-5, "grad_enc_weight")
-    assert_rel_close(gb, dense_g.sum(0), 1e-5, "grad_b_enc")
-
-    values = torch.randn(n, m, device=DEVICE)
-    W_dec = torch.randn(d_sae, d_in, device=DEVICE)
-    grad_out = torch.randn(n, d_in, device=DEVICE)
-    with fastsae.use_backend("triton"):
-        gv, gwd = torch.ops.fastsae.sparse_decode_backward(grad_out, values, indices, W_dec, dec_norm)
-    norm = dec_norm.double()
-    assert_rel_close(gv, (grad_out.double() @ W_dec.double().T).gather(1, indices) / norm[indices], 1e-5, "grad_v")
-    dense_c = _dense(values.double() / norm[indices], indices, d_sae)
-    assert_rel_close(gwd, dense_c.T @ grad_out.double(), 1e-5, "grad_W_dec")
 
 
 @pytest.mark.parametrize("d_in,d_sae,k,k_aux", [(48, 333, 7, 0), (100, 1000, 16, 0), (48, 333, 1, 5)])
