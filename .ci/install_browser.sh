@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs Debian's headless-capable Chromium for the feature browser's tests
-# (tests/test_browse_chromium.py). Idempotent and quiet; never fails the build: without a
+# (tests/browse/test_browse_chromium.py). Idempotent and quiet; never fails the build: without a
 # browser those tests skip and say why.
 if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
     exit 0

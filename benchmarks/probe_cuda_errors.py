@@ -36,8 +36,8 @@ CASES = {
 
 # The two tests that crashed their xdist worker on the first H200 run, run serially.
 PYTEST_CASE = ["-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:xdist", "-p", "no:cacheprovider",
-               "tests/test_cpp_topk_encode.py::test_kernel_ops_reject_bad_arguments",
-               "tests/test_cpp_sparse_decode.py::test_sparse_decode_rejects_out_of_range_indices"]
+               "tests/backends/cpp/test_cpp_topk_encode.py::test_kernel_ops_reject_bad_arguments",
+               "tests/backends/cpp/test_cpp_sparse_decode.py::test_sparse_decode_rejects_out_of_range_indices"]
 
 
 def run_pytest_case() -> dict:

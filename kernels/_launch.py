@@ -77,7 +77,7 @@ def register(name: str, mutates_args: Iterable[str] = (), fake: Optional[Callabl
 
 def empty(*size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A buffer the launchers hand their kernels to fill. Every such allocation goes through here, so
-    the tests can poison them all (tests/triton_util.py) without replacing torch.empty itself,
+    the tests can poison them all (tests/helpers/triton_backend.py) without replacing torch.empty itself,
     which torch.compile and the rest of torch also call."""
     return torch.empty(*size, dtype=dtype, device=device)
 

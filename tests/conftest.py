@@ -56,9 +56,9 @@ def backend_device(request):
     """For tests parametrized over `backend`: run the test body on the device that backend serves.
     The triton backend takes CPU tensors only under Triton's interpreter (no GPU here); on a GPU
     machine its variant runs with CUDA as torch's default device, so the same assertions check
-    the compiled kernels."""
+    the compiled kernels. The cuda backend serves CUDA tensors only."""
     backend = request.node.callspec.params.get("backend") if hasattr(request.node, "callspec") else None
-    if backend == "triton" and torch.cuda.is_available():
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
         with torch.device("cuda"):
             yield "cuda"
     else:

@@ -4,7 +4,7 @@ shared sparse core. `SAE` composes the one its config names.
 The rule: everything about an architecture lives in its file here, and a new architecture is that
 one file plus its line in `_REGISTRY`. Its name, the config's rules (`uses_k`, `saelens_name`,
 `aliases`) and the CLI's choices are read from the registry; no module outside this package
-compares against an architecture's name (tests/test_architecture_registry.py checks both)."""
+compares against an architecture's name (tests/model/test_architecture_registry.py checks both)."""
 
 from __future__ import annotations
 
