@@ -332,3 +332,21 @@ def test_matryoshka_groups_become_the_saved_widths_and_bad_ones_are_refused(tmp_
         main([*args, "--matryoshka-groups", "8,x", "--out", str(tmp_path / "bad2")])
     assert exit_info.value.code == 2
     assert "--matryoshka-groups: expected group sizes such as 64,192,768, got '8,x'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matryoshka_recovers_known_features_from_the_command_line(tmp_path, capsys, seed):
+    """32 synthetic features, two on per row: a Matryoshka BatchTopK SAE (128 latents in levels of
+    64 and 128, so the inner level has room for every feature) finds them all."""
+    import re
+
+    args = ["train", "--data", "synthetic", "--synthetic-d-in", "16", "--synthetic-features", "32",
+            "--synthetic-l0", "2", "--architecture", "matryoshka_batchtopk", "--d-sae", "128", "--k", "2",
+            "--matryoshka-groups", "64,64", "--tokens", "300000", "--batch-size", "256", "--lr", "8e-3",
+            "--seed", str(seed), "--no-progress", "--eval-tokens", "0", "--out", str(tmp_path / "m")]
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    score = float(re.search(r"mean max cosine similarity to the 32 true features: ([0-9.]+)", said).group(1))
+    assert score >= 0.95, said
+    last = json.loads((tmp_path / "m" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["l0"] == pytest.approx(2.0) and last["nested_loss"] > last["mse"]  # the inner level's MSE is larger
