@@ -50,9 +50,17 @@ def _bench(args: argparse.Namespace) -> int:
             shapes = [runner.Shape(*(int(v) for v in s.split(","))) for s in args.shape]
         except (TypeError, ValueError):
             raise SystemExit(f"fastsae bench: --shape: expected N,D_IN,D_SAE,K (integers), got {args.shape}")
+    cases = runner.STEP_CASES
+    if args.architectures:
+        wanted = args.architectures.split(",")
+        benched = sorted({case.architecture for case in runner.STEP_CASES})
+        for name in wanted:
+            if name not in benched:
+                raise SystemExit(f"fastsae bench: --architectures: expected some of {benched}, got {name!r}")
+        cases = tuple(case for case in runner.STEP_CASES if case.architecture in wanted)
     result = runner.run_bench(
         device=args.device, quick=args.quick, ops=ops, shapes=shapes, backends=backends, reps=args.reps,
-        peers=args.peers.split(",") if args.peers else None, graph=args.graph,
+        peers=args.peers.split(",") if args.peers else None, graph=args.graph, cases=cases,
     )
     if args.json:
         path = runner.write_json(result, runner.default_results_path(result) if args.json == "auto" else args.json)
@@ -118,6 +126,8 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--backends", help="comma-separated backends (default: all that load for the device)")
     bench.add_argument("--reps", type=int, help="timed repetitions per contender")
     bench.add_argument("--shape", action="append", metavar="N,D_IN,D_SAE,K", help="custom shape (repeatable)")
+    bench.add_argument("--architectures", help="comma-separated: time train_step for these architectures only "
+                       "(default: every architecture the bench compares)")
     bench.add_argument("--peers", help="comma-separated of saelens,sparsify,saelens+fastsae,sparsify+fastsae (default: those importable, on cuda)")
     bench.add_argument("--graph", action="store_true", help="also time each backend's train_step captured as a CUDA graph")
     bench.set_defaults(func=_bench)

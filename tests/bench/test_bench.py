@@ -114,6 +114,17 @@ def test_bench_cli_writes_json(tmp_path, capsys):
     assert "| encode | N40-d12-s50-k2 |" in table
 
 
+def test_bench_cli_times_the_architectures_asked_for(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    rc = main(["bench", "--shape", "40,12,50,2", "--reps", "2", "--ops", "train_step",
+               "--architectures", "matryoshka_batchtopk,relu", "--json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["architecture"] for r in rows} == {"matryoshka_batchtopk", "relu"}
+    with pytest.raises(SystemExit, match="--architectures: expected some of .* got 'toppk'"):
+        main(["bench", "--ops", "train_step", "--architectures", "toppk"])
+
+
 def test_bench_cli_rejects_bad_arguments():
     with pytest.raises(SystemExit, match="--ops"):
         main(["bench", "--ops", "encoder"])
