@@ -92,6 +92,9 @@ class SAEConfig:
     # matryoshka_batchtopk: the nested levels' widths (SAELens' key; cumulative group sizes, the
     # last one d_sae); None takes the architecture's default.
     matryoshka_widths: Optional[tuple[int, ...]] = None
+    # matryoshka_batchtopk: each level's loss weight (None: 1 each, as SAELens; dictionary_learning's
+    # trainer weighs level l by group_weights[l] / number of levels).
+    matryoshka_weights: Optional[tuple[float, ...]] = None
     normalize_activations: str = "none"
     dtype: str = "float32"
     device: str = "cpu"
@@ -156,8 +159,9 @@ class SAEConfig:
             d.pop("rescale_acts_by_decoder_norm")
         for option in {o for r in _RULES.values() for o in r.options} - set(rules.options):
             d.pop(option, None)
-        if "matryoshka_widths" in d:
-            d["matryoshka_widths"] = list(d["matryoshka_widths"])
+        for option in rules.options:  # tuples as JSON lists
+            if isinstance(d.get(option), tuple):
+                d[option] = list(d[option])
         d["reshape_activations"] = "none"
         return d
 

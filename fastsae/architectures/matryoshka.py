@@ -13,6 +13,7 @@ decode per level.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -64,9 +65,23 @@ def check_widths(widths, d_sae: int) -> tuple[int, ...]:
     return out
 
 
+def check_weights(weights, n_levels: int) -> tuple[float, ...]:
+    """`weights` as a tuple of n_levels finite non-negative floats, or a ValueError naming what came."""
+    try:
+        out = tuple(float(w) for w in weights)
+    except (TypeError, ValueError):
+        raise ValueError(f"matryoshka_weights: expected a list of numbers, got {weights!r}") from None
+    if len(out) != n_levels or not all(math.isfinite(w) and w >= 0 for w in out):
+        raise ValueError(
+            f"matryoshka_weights: expected {n_levels} finite non-negative numbers (one per level of "
+            f"matryoshka_widths), got {list(out)}"
+        )
+    return out
+
+
 class MatryoshkaBatchTopK(BatchTopK):
     name = "matryoshka_batchtopk"
-    config_options = ("matryoshka_widths",)
+    config_options = ("matryoshka_widths", "matryoshka_weights")
 
     # SAELens' MatryoshkaBatchTopKTrainingSAE, densely (fastsae.bench's baselines and peers).
     reference_training = ReferenceTraining(
@@ -78,12 +93,14 @@ class MatryoshkaBatchTopK(BatchTopK):
         cfg.matryoshka_widths = check_widths(
             cfg.matryoshka_widths if cfg.matryoshka_widths is not None else default_widths(cfg.d_sae), cfg.d_sae
         )
+        if cfg.matryoshka_weights is not None:
+            cfg.matryoshka_weights = check_weights(cfg.matryoshka_weights, len(cfg.matryoshka_widths))
 
     def training_step(self, sae, x2: Tensor, coefficient: float, dead: Optional[DeadLatents], k_aux: int) -> Step:
         sparse = self._sparse_selection(sae, x2, dead, k_aux)
         if sparse is None:  # the dense path (traced, or the sparse path off)
             step = super().training_step(sae, x2, coefficient, dead, k_aux)
-            step.nested = _nested_loss(_dense_levels(sae, step.acts), x2)
+            step.nested = _nested_loss(sae, _dense_levels(sae, step.acts), step.x_hat, x2)
             return step
         values, indices, aux_pre = sparse
         levels = _level_reconstructions(sae, values, indices, with_outer=True, dead=dead, aux_pre=aux_pre)
@@ -91,7 +108,7 @@ class MatryoshkaBatchTopK(BatchTopK):
         self._update_threshold(sae, values)
         zero = x2.new_zeros(())
         step = Step(x_hat, SparseActivations(values, indices, sae.d_sae), zero, zero, aux_recon)
-        step.nested = _nested_loss([recon for recon, _ in levels], x2)
+        step.nested = _nested_loss(sae, [recon for recon, _ in levels], x_hat, x2)
         return step
 
 
@@ -108,10 +125,17 @@ def _dense_levels(sae, acts: Tensor) -> list[Tensor]:
     return out
 
 
-def _nested_loss(levels, x2: Tensor) -> Tensor:
+def _nested_loss(sae, inner_levels, x_hat: Tensor, x2: Tensor) -> Tensor:
+    """The levels' losses beyond the SAE's own MSE (which is the outer level's, weight 1): the
+    inner levels' MSEs, each times its weight, plus (w_outer - 1) times the outer MSE, so that
+    the whole loss is sum_l w_l MSE_l (all w_l = 1 without `matryoshka_weights`)."""
+    weights = sae.cfg.matryoshka_weights
     loss = x2.new_zeros(())
-    for recon in levels:
-        loss = loss + mean_squared_norm(recon, x2)
+    for level, recon in enumerate(inner_levels):
+        mse = mean_squared_norm(recon, x2)
+        loss = loss + (mse if weights is None else weights[level] * mse)
+    if weights is not None and weights[-1] != 1:
+        loss = loss + (weights[-1] - 1) * mean_squared_norm(x_hat, x2)
     return loss
 
 

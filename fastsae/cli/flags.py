@@ -98,6 +98,14 @@ def _group_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def _weights(text: str) -> tuple[float, ...]:
+    """--matryoshka-weights' value: numbers, comma-separated."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected weights such as 1,1,0.5, got {text!r}") from None
+
+
 def _widths_of(sizes):
     """Group sizes -> the config's cumulative level widths (SAELens' matryoshka_widths)."""
     if sizes is None:
@@ -131,6 +139,9 @@ TRAIN_FLAGS = (
          "(default: levels doubling up to d_sae, sizes d_sae/16, d_sae/16, d_sae/8, d_sae/4, d_sae/2)",
          "sae.matryoshka_widths", _group_sizes, applies=lambda arch: "matryoshka_widths" in arch.config_options,
          to_config=_widths_of, from_config=_sizes_of),
+    Flag("matryoshka_weights", "matryoshka_batchtopk: each level's loss weight, comma-separated (default 1 each, "
+         "as SAELens; dictionary_learning's trainer: its group_weights divided by the number of levels)",
+         "sae.matryoshka_weights", _weights, applies=lambda arch: "matryoshka_weights" in arch.config_options),
     Flag("l1_coefficient", "relu and gated: L1 coefficient; jumprelu: L0 coefficient (default {default})",
          "trainer.sparsity_coefficient", float, 5.0, applies=lambda arch: arch.takes_sparsity_coefficient, off=0.0),
     Flag("decoder_norm", "decoder handling (default {default})", "sae.decoder_norm", default="norm_weighted",

@@ -189,3 +189,50 @@ def test_saelens_matryoshka_checkpoints_load_and_ours_load_in_saelens(tmp_path):
     assert type(theirs).__name__ == "JumpReLUSAE"
     x = torch.randn(40, D_IN)
     torch.testing.assert_close(theirs(x), sae(x), rtol=1e-5, atol=1e-5)
+
+
+def _dictionary_learning_loss(sae, x, group_weights):
+    """dictionary_learning's MatryoshkaBatchTopKTrainer.loss without its AuxK, in float64: the
+    batch's k N largest ReLU'd pre-activations (no decoder-norm rescaling), the groups' running
+    reconstruction from b_dec, each level's mean squared error times its group weight, averaged
+    over the levels."""
+    p = {n: getattr(sae, n).double() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    x = x.double()
+    post = ((x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]).relu()
+    flat = post.flatten()
+    top = flat.topk(sae.cfg.k * x.shape[0], sorted=False)
+    f = torch.zeros_like(flat).scatter(-1, top.indices, top.values).reshape(post.shape)
+    sizes = [b - a for a, b in zip((0, *sae.cfg.matryoshka_widths), sae.cfg.matryoshka_widths)]
+    recon, losses = p["b_dec"].expand_as(x), []
+    for acts, w_dec, weight in zip(f.split(sizes, 1), p["W_dec"].split(sizes, 0), group_weights):
+        recon = recon + acts @ w_dec
+        losses.append((x - recon).pow(2).sum(-1).mean() * weight)
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+def test_weighted_levels_equal_dictionary_learnings_loss(path):
+    group_weights = (0.5, 0.2, 0.3)  # dictionary_learning's group_weights; fastsae's weight is it / levels
+    sae = _fastsae(4, rescale=False, path=path)
+    sae.cfg.matryoshka_weights = tuple(w / len(WIDTHS) for w in group_weights)
+    torch.manual_seed(7)
+    x = torch.randn(45, D_IN, dtype=torch.float64)
+    out = sae.training_forward(x)
+    p = {n: getattr(sae, n).detach().clone().requires_grad_() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    want = _dictionary_learning_loss(type("P", (), {**p, "cfg": sae.cfg})(), x, group_weights)
+    torch.testing.assert_close(out.loss, want, rtol=1e-9, atol=1e-10)
+    out.loss.backward()
+    want.backward()
+    for name in p:
+        torch.testing.assert_close(getattr(sae, name).grad, p[name].grad, rtol=1e-9, atol=1e-10, msg=name)
+    torch.testing.assert_close(out.mse_loss, (out.x_hat - x).pow(2).sum(-1).mean())  # still the outer MSE
+
+
+@pytest.mark.parametrize("weights,match", [((1, 1), "expected 3 finite non-negative numbers"),
+                                           ((1, -1, 1), "non-negative"), ((1, "a", 1), "list of numbers")])
+def test_bad_weights_say_what_was_expected(weights, match):
+    with pytest.raises(ValueError, match=match):
+        SAE(d_in=8, d_sae=96, architecture="matryoshka_batchtopk", k=2, matryoshka_widths=WIDTHS,
+            matryoshka_weights=weights)
+    with pytest.raises(ValueError, match="matryoshka_weights applies to matryoshka_batchtopk, not 'batchtopk'"):
+        SAE(d_in=8, d_sae=96, architecture="batchtopk", k=2, matryoshka_weights=(1.0,))

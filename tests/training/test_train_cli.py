@@ -318,6 +318,12 @@ def test_matryoshka_groups_become_the_saved_widths_and_bad_ones_are_refused(tmp_
     capsys.readouterr()
     sae = fastsae.load(out)
     assert sae.architecture == "matryoshka_batchtopk" and sae.cfg.matryoshka_widths == (8, 32, 64)
+    assert sae.cfg.matryoshka_weights is None  # SAELens' sum of the levels' MSEs
+    weighted = tmp_path / "w"
+    assert main([*args, "--matryoshka-groups", "8,24,32", "--matryoshka-weights", "0.5,0.25,0.25", "--out", str(weighted)]) == 0
+    assert fastsae.load(weighted).cfg.matryoshka_weights == (0.5, 0.25, 0.25)
+    assert main([*args, "--matryoshka-weights", "1,1", "--out", str(tmp_path / "w2")]) == 2
+    capsys.readouterr()
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["nested_loss"] > 0  # the inner levels' losses are logged
     # resumed with other groups: refused, as any changed setting
