@@ -54,7 +54,7 @@ class BatchTopK(Architecture):
             return None  # the batch's selection has no per-latent rule
         return sae.topk_threshold.clamp_min(0).to(acc).expand(sae.d_sae)
 
-    def training_step(self, sae, x2: Tensor, coefficient: float, dead: Optional[DeadLatents], k_aux: int) -> Step:
+    def training_step(self, sae, x2: Tensor, coefficient: float, dead: Optional[DeadLatents], k_aux: int, target=None) -> Step:
         zero = x2.new_zeros(())
         sparse = self._sparse_selection(sae, x2, dead, k_aux)
         if sparse is not None:

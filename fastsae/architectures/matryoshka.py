@@ -79,11 +79,12 @@ class MatryoshkaBatchTopK(BatchTopK):
             cfg.matryoshka_widths if cfg.matryoshka_widths is not None else default_widths(cfg.d_sae), cfg.d_sae
         )
 
-    def training_step(self, sae, x2: Tensor, coefficient: float, dead: Optional[DeadLatents], k_aux: int) -> Step:
+    def training_step(self, sae, x2: Tensor, coefficient: float, dead: Optional[DeadLatents], k_aux: int, target=None) -> Step:
+        target = x2 if target is None else target  # every level is compared with it
         sparse = self._sparse_selection(sae, x2, dead, k_aux)
         if sparse is None:  # the dense path (traced, or the sparse path off)
-            step = super().training_step(sae, x2, coefficient, dead, k_aux)
-            step.nested = _nested_loss(_dense_levels(sae, step.acts), x2)
+            step = super().training_step(sae, x2, coefficient, dead, k_aux, target)
+            step.nested = _nested_loss(_dense_levels(sae, step.acts), target)
             return step
         values, indices, aux_pre = sparse
         levels = _level_reconstructions(sae, values, indices, with_outer=True, dead=dead, aux_pre=aux_pre)
@@ -91,7 +92,7 @@ class MatryoshkaBatchTopK(BatchTopK):
         self._update_threshold(sae, values)
         zero = x2.new_zeros(())
         step = Step(x_hat, SparseActivations(values, indices, sae.d_sae), zero, zero, aux_recon)
-        step.nested = _nested_loss([recon for recon, _ in levels], x2)
+        step.nested = _nested_loss([recon for recon, _ in levels], target)
         return step
 
 
@@ -108,10 +109,10 @@ def _dense_levels(sae, acts: Tensor) -> list[Tensor]:
     return out
 
 
-def _nested_loss(levels, x2: Tensor) -> Tensor:
-    loss = x2.new_zeros(())
+def _nested_loss(levels, target: Tensor) -> Tensor:
+    loss = target.new_zeros(())
     for recon in levels:
-        loss = loss + mean_squared_norm(recon, x2)
+        loss = loss + mean_squared_norm(recon, target)
     return loss
 
 
