@@ -243,6 +243,10 @@ class Architecture:
     saelens_training_name = ""
     # sparsify's `activation` for the architecture; "" where sparsify has none.
     sparsify_activation = ""
+    # SAELens' transcoder classes computing this architecture, (without, with) a skip connection;
+    # empty where SAELens has none (its transcoders then save in fastsae's layout, which SAELens
+    # does not load).
+    saelens_transcoder_names: tuple[str, ...] = ()
 
     def tensor_shapes(self, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
         """The tensors an SAE of this architecture is saved as and built from, under SAELens'

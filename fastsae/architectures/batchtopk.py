@@ -31,6 +31,7 @@ class BatchTopK(Architecture):
         "BatchTopKTrainingSAE", activate=lambda model, pre: batch_topk(pre.relu(), model.cfg.k)
     )
     saelens_training_name = "batchtopk"  # SAELens' BatchTopK training class; saved and inferred as JumpReLU
+    saelens_transcoder_names = ("jumprelu_transcoder", "jumprelu_skip_transcoder")  # as JumpReLU, too
 
     def fold_input_scale(self, folded, scale: float) -> None:
         if folded.cfg.rescale_acts_by_decoder_norm:
