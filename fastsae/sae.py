@@ -378,7 +378,7 @@ class SAE(SAETensors):
     @classmethod
     def from_sparsify(cls, sparse_coder, device=None, dtype=None) -> "SAE":
         """This SAE from a live sparsify `SparseCoder` (tensors copied exactly; on its device unless
-        `device` says otherwise). skip_connection, transcode and groupmax raise a ValueError."""
+        `device` says otherwise; transcode and skip_connection give a transcoder). groupmax raises a ValueError."""
         return _file_formats["from_sparsify"](sparse_coder, device=device, dtype=dtype)
 
     def to_sparsify(self):
