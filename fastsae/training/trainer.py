@@ -45,7 +45,8 @@ from fastsae import distributed as fdist
 from fastsae.sae import SAE
 from fastsae.training import checkpoint as ckpt
 from fastsae.training.config import TrainerConfig
-from fastsae.training.data import ActivationSource, BatchPrefetcher, ShuffledStream
+from fastsae.training.data import ActivationSource, ShuffledStream
+from fastsae.training.prefetch import BatchPrefetcher
 from fastsae.losses import fired_and_l0
 from fastsae.training.dead_latents import DeadLatentTracker, resolve_dead_strategy
 from fastsae.training.guard import BadDataError, Refusals, RollbackGuard, bad_batch_message
