@@ -1,12 +1,16 @@
 """Activation sources and the shuffled, position-addressable stream the trainer reads.
 
 A source is a list of chunks of rows (`chunk_sizes`, `load_chunk(i)` -> float32 [rows, d_in]):
-- `ActivationFiles`: a `.safetensors` file holding a 2-D tensor named `activations`, a `.npy`
-  file, or a folder of such shards; chunks are contiguous row ranges (16384 rows by default) read
+- `ActivationFiles`: a `.safetensors` file holding a 2-D tensor named `activations` (or, for a
+  transcoder, two: `inputs` [rows, d_in] and `targets` [rows, d_out]), a `.npy` file, or a folder
+  of such shards; chunks are contiguous row ranges (16384 rows by default) read
   lazily through a handle kept open per shard (safetensors slices, numpy memory maps), so the
   files are never all in memory and each read is one large copy.
 - `SyntheticActivations` (fastsae.training.synthetic) and `TransformerActivations`
   (fastsae.training.transformer) follow the same protocol.
+A paired source (a transcoder's data) says so with `d_out` (None otherwise): its rows are an input
+and its target side by side, [rows, d_in + d_out] (`row_width`), so shuffling keeps pairs together
+and a plain source's path is unchanged.
 
 `ShuffledStream` turns a source into an endless row stream: each epoch visits the chunks in a
 seeded random order, groups consecutive chunks into shuffling buffers of about `buffer_rows`
@@ -32,6 +36,12 @@ from fastsae.training.seeding import keyed_generator
 
 ACTIVATION_SUFFIXES = (".safetensors", ".npy")
 SAFETENSORS_KEY = "activations"
+INPUTS_KEY, TARGETS_KEY = "inputs", "targets"  # a transcoder's paired activations
+
+
+def row_width(source) -> int:
+    """The width of a source's rows: d_in, or d_in + d_out for paired inputs and targets."""
+    return source.d_in + (getattr(source, "d_out", None) or 0)
 
 
 class ActivationSource(Protocol):
@@ -58,20 +68,20 @@ class ActivationSource(Protocol):
 class _Shard:
     """One file of activations: its path, row count and width, read by row ranges."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, key: str = SAFETENSORS_KEY):
+        self.path, self.key = path, key
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
             try:
                 with safe_open(str(path), framework="pt") as f:
                     keys = list(f.keys())
-                    if SAFETENSORS_KEY not in keys:
+                    if key not in keys:
                         raise ValueError(
-                            f"{path}: expected a tensor named {SAFETENSORS_KEY!r}, found {sorted(keys)}"
+                            f"{path}: expected a tensor named {key!r}, found {sorted(keys)}"
                         )
-                    shape = f.get_slice(SAFETENSORS_KEY).get_shape()
-                    dtype = f.get_slice(SAFETENSORS_KEY).get_dtype()
+                    shape = f.get_slice(key).get_shape()
+                    dtype = f.get_slice(key).get_dtype()
             except ValueError:
                 raise
             except Exception as exc:  # safetensors raises its own error types for bad headers
@@ -99,7 +109,7 @@ class _Shard:
                 from safetensors import safe_open
 
                 self._file = safe_open(str(self.path), framework="pt")
-                self._handle = self._file.get_slice(SAFETENSORS_KEY)
+                self._handle = self._file.get_slice(self.key)
             else:
                 self._handle = np.load(self.path, mmap_mode="r")
         if self.path.suffix == ".safetensors":
@@ -129,14 +139,15 @@ class ActivationFiles:
             files = [path]
         self.path = path
         self.chunk_rows = chunk_rows
-        self.shards = [_Shard(f) for f in files]
-        width = self.shards[0].width
-        for shard in self.shards[1:]:
-            if shard.width != width:
-                raise ValueError(
-                    f"{shard.path}: expected width {width} (as {self.shards[0].path.name}), got {shard.width}"
-                )
-        self._d_in = width
+        paired = _holds_pairs(files[0])
+        self.shards = [_Shard(f, INPUTS_KEY if paired else SAFETENSORS_KEY) for f in files]
+        self.target_shards = [_Shard(f, TARGETS_KEY) for f in files] if paired else None
+        self._d_in = _common_width(self.shards)
+        self.d_out = _common_width(self.target_shards) if paired else None
+        for shard, target in zip(self.shards, self.target_shards or ()):
+            if target.rows != shard.rows:
+                raise ValueError(f"{shard.path}: {INPUTS_KEY!r} has {shard.rows} rows but {TARGETS_KEY!r} has "
+                                 f"{target.rows} (one target row per input row)")
         # Chunk i covers rows [start, stop) of shard s.
         self._chunks: list[tuple[int, int, int]] = []
         for s, shard in enumerate(self.shards):
@@ -153,7 +164,9 @@ class ActivationFiles:
 
     def load_chunk(self, index: int) -> Tensor:
         s, start, stop = self._chunks[index]
-        return self.shards[s].read(start, stop)
+        if self.target_shards is None:
+            return self.shards[s].read(start, stop)
+        return torch.cat([self.shards[s].read(start, stop), self.target_shards[s].read(start, stop)], dim=1)
 
     def describe(self) -> dict:
         return {"kind": "files", "path": str(self.path), "chunk_rows": self.chunk_rows}
@@ -165,18 +178,48 @@ class ActivationFiles:
 
     def __repr__(self) -> str:
         rows = sum(s.rows for s in self.shards)
-        return f"ActivationFiles({str(self.path)!r}: {len(self.shards)} shard(s), {rows:,} rows x {self.d_in})"
+        pairs = f" -> {self.d_out}" if self.d_out is not None else ""
+        return f"ActivationFiles({str(self.path)!r}: {len(self.shards)} shard(s), {rows:,} rows x {self.d_in}{pairs})"
 
 
-def save_activations(path: Union[str, Path], activations: Tensor) -> Path:
-    """Write a [rows, d_in] tensor as an activations shard that `ActivationFiles` reads."""
+def _holds_pairs(path: Path) -> bool:
+    """Whether a shard holds a transcoder's `inputs` and `targets` (and no `activations`)."""
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+    except Exception:
+        return False  # _Shard says what is wrong with the file
+    return SAFETENSORS_KEY not in keys and {INPUTS_KEY, TARGETS_KEY} <= keys
+
+
+def _common_width(shards: list) -> int:
+    for shard in shards[1:]:
+        if shard.width != shards[0].width:
+            raise ValueError(f"{shard.path}: expected width {shards[0].width} (as {shards[0].path.name}'s "
+                             f"{shard.key!r}), got {shard.width}")
+    return shards[0].width
+
+
+def save_activations(path: Union[str, Path], activations: Tensor, targets: Optional[Tensor] = None) -> Path:
+    """Write a [rows, d_in] tensor as an activations shard that `ActivationFiles` reads; with
+    `targets` [rows, d_out], a transcoder's paired shard (`inputs` and `targets`)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     if activations.ndim != 2:
         raise ValueError(f"activations: expected a 2-D [rows, d_in] tensor, got shape {tuple(activations.shape)}")
+    tensors = {SAFETENSORS_KEY: activations}
+    if targets is not None:
+        if targets.ndim != 2 or targets.shape[0] != activations.shape[0]:
+            raise ValueError(f"targets: expected a 2-D [rows, d_out] tensor with the inputs' {activations.shape[0]} rows, "
+                             f"got shape {tuple(targets.shape)}")
+        tensors = {INPUTS_KEY: activations, TARGETS_KEY: targets}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({SAFETENSORS_KEY: activations.detach().cpu().contiguous()}, str(path))
+    save_file({key: t.detach().cpu().contiguous() for key, t in tensors.items()}, str(path))
     return path
 
 
@@ -227,6 +270,10 @@ class ShuffledStream:
     @property
     def d_in(self) -> int:
         return self.source.d_in
+
+    @property
+    def row_width(self) -> int:
+        return row_width(self.source)
 
     def _make_plan(self, epoch: int) -> tuple[list[list[int]], list[int]]:
         """The epoch's buffers (lists of chunk indices) and their cumulative row offsets."""
@@ -300,7 +347,7 @@ class ShuffledStream:
 
     def _checked_chunk(self, index: int) -> Tensor:
         rows = self.source.load_chunk(index)
-        expected = (self.sizes[index], self.d_in)
+        expected = (self.sizes[index], self.row_width)
         if tuple(rows.shape) != expected:
             raise ValueError(f"data source {self.source!r}: chunk {index} has shape {tuple(rows.shape)}, expected {expected}")
         return rows
@@ -330,7 +377,7 @@ class ShuffledStream:
                 torch.cat(parts, out=out)
             return out
         if not parts:
-            return torch.empty(0, self.d_in)
+            return torch.empty(0, self.row_width)
         return parts[0].clone() if len(parts) == 1 else torch.cat(parts)
 
 

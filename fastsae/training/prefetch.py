@@ -47,7 +47,7 @@ class BatchPrefetcher:
         self.pinned = self.device.type == "cuda" and not self.inline
         # Buffers in the consumer's hand or in flight to the device, plus the ready queue's.
         self._slots = (
-            [(torch.empty(self.batch_size, stream.d_in, pin_memory=True), None) for _ in range(self.depth + 2)]
+            [(torch.empty(self.batch_size, stream.row_width, pin_memory=True), None) for _ in range(self.depth + 2)]
             if self.pinned else []
         )
         self._thread: Optional[threading.Thread] = None
