@@ -243,3 +243,17 @@ def test_a_transcoder_recovers_a_known_sparse_map():
             opt.step()
     found = fastsae.training.synthetic.mean_max_cosine(sae.W_dec, g)
     assert found >= 0.95, found
+
+
+def test_eval_refuses_transcoders():
+    from fastsae.evals import evaluate
+
+    class Rows:
+        d_in, chunk_sizes = 5, [10]
+
+        def load_chunk(self, index):
+            return torch.randn(10, 5)
+
+    sae = SAE(d_in=5, d_sae=8, architecture="topk", k=2, skip_connection=True)
+    with pytest.raises(ValueError, match="eval: the metrics measure an SAE's reconstruction of its input"):
+        evaluate(sae, Rows())
