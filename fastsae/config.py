@@ -99,6 +99,12 @@ class SAEConfig:
     dtype: str = "float32"
     device: str = "cpu"
     metadata: dict = field(default_factory=dict)
+    # Transcoders: the width of the activation the decoder writes (None: d_in, an ordinary SAE;
+    # W_dec [d_sae, d_out], b_dec [d_out]), and a linear skip connection from the raw input to
+    # the output (W_skip [d_out, d_in]: output += x @ W_skip.T), as SAELens' SkipTranscoder and
+    # sparsify's skip_connection. Both are saved only when set.
+    d_out: Optional[int] = None
+    skip_connection: bool = False
 
     def __post_init__(self):
         aliases = {alias: r.name for r in _RULES.values() for alias in (*r.aliases, r.name)}
@@ -114,6 +120,15 @@ class SAEConfig:
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        if self.d_out is not None and (not _is_int(self.d_out) or self.d_out < 1):
+            raise ValueError(f"d_out: expected a positive integer or None (= d_in), got {self.d_out!r}")
+        if not isinstance(self.skip_connection, bool):
+            raise ValueError(f"skip_connection: expected a bool, got {self.skip_connection!r}")
+        if self.apply_b_dec_to_input and self.output_width != self.d_in:
+            raise ValueError(
+                f"apply_b_dec_to_input: a transcoder with d_out={self.d_out} != d_in={self.d_in} cannot subtract "
+                f"b_dec [d_out] from its input [d_in]; pass apply_b_dec_to_input=False (as SAELens' transcoders)"
+            )
         if rules.uses_k:
             if self.k is None:
                 raise ValueError(f"k: the {self.architecture} architecture needs k (1 <= k <= d_sae={self.d_sae})")
@@ -144,6 +159,17 @@ class SAEConfig:
     def torch_dtype(self) -> torch.dtype:
         return dtype_from_str(self.dtype)
 
+    @property
+    def output_width(self) -> int:
+        """The width of what the SAE returns: d_out for a transcoder, d_in for an ordinary SAE."""
+        return self.d_in if self.d_out is None else self.d_out
+
+    @property
+    def is_transcoder(self) -> bool:
+        """Whether the SAE predicts another activation than its input (d_out set) or adds a skip
+        connection: what an ordinary SAE's file cannot hold."""
+        return self.d_out is not None or self.skip_connection
+
     # ------------------------------------------------------------ cfg.json
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,6 +185,10 @@ class SAEConfig:
             d.pop("rescale_acts_by_decoder_norm")
         for option in {o for r in _RULES.values() for o in r.options} - set(rules.options):
             d.pop(option, None)
+        if self.d_out is None:
+            d.pop("d_out")
+        if not self.skip_connection:
+            d.pop("skip_connection")
         for option in rules.options:  # tuples as JSON lists
             if isinstance(d.get(option), tuple):
                 d[option] = list(d[option])

@@ -139,6 +139,9 @@ def reconstruct(sae, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def check_width(sae, d_in: int, what: str) -> None:
+    if sae.cfg.is_transcoder:  # its output is not decode(encode(x)), nor compared with x
+        raise ValueError("eval: the metrics measure an SAE's reconstruction of its input; this SAE is a transcoder "
+                         f"(d_out={sae.cfg.d_out}, skip_connection={sae.cfg.skip_connection}), which they do not measure")
     if d_in != sae.d_in:
         raise ValueError(f"{what}: expected activations of width d_in={sae.d_in} (the SAE's), got width {d_in}")
 

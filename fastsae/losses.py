@@ -18,7 +18,7 @@ def mean_squared_norm(a: Tensor, b: Tensor) -> Tensor:
 
 
 def aux_width(k_aux: Optional[int], d_in: int, d_sae: int) -> int:
-    """AuxK's k_aux (default d_in // 2, at most d_sae)."""
+    """AuxK's k_aux (default d_in // 2, at most d_sae; a transcoder passes its output width d_out)."""
     k_aux = d_in // 2 if k_aux is None else k_aux
     if isinstance(k_aux, bool) or not isinstance(k_aux, int) or k_aux < 1:
         raise ValueError(f"k_aux: expected a positive integer, got {k_aux!r}")

@@ -1,7 +1,8 @@
 """`fastsae.SAE`: a drop-in sparse autoencoder module.
 
 Parameters carry SAELens' names and shapes: W_enc [d_in, d_sae], b_enc [d_sae],
-W_dec [d_sae, d_in], b_dec [d_in] and, for JumpReLU, threshold [d_sae]. Gated SAEs (Rajamanoharan
+W_dec [d_sae, d_out], b_dec [d_out] (d_out = d_in but for transcoders), for JumpReLU threshold
+[d_sae], and with a skip connection W_skip [d_out, d_in]. Gated SAEs (Rajamanoharan
 et al. 2024) have no b_enc but b_gate, r_mag and b_mag [d_sae], as in SAELens. W_enc is stored
 latent-major ([d_sae, d_in] in memory, seen through a transpose) so that each latent's encoder
 row is contiguous for the sparse kernels; `sae.W_enc` still looks exactly like SAELens'.
@@ -50,6 +51,13 @@ def initial_decoder_rows(drawn: Tensor, cfg: SAEConfig) -> Tensor:
     return drawn.to(cfg.torch_dtype)
 
 
+def _drawn_rows(rows: int, width: int, cfg: SAEConfig) -> Tensor:
+    """Kaiming-uniform rows [rows, width] scaled by `initial_decoder_rows`' rule."""
+    drawn = torch.empty(rows, width, dtype=torch.float32, device=torch.device(cfg.device))
+    nn.init.kaiming_uniform_(drawn, a=math.sqrt(5))
+    return initial_decoder_rows(drawn, cfg)
+
+
 class SAETensors(nn.Module):
     """What `SAE` and the latent-sharded `fastsae.distributed.ShardedSAE` share: the config's shape
     and architecture, the parameters' dtype and device, the input checks and the per-latent-row
@@ -63,6 +71,11 @@ class SAETensors(nn.Module):
     @property
     def d_sae(self) -> int:
         return self.cfg.d_sae
+
+    @property
+    def d_out(self) -> int:
+        """The width of the output: d_in for an SAE, the target's width for a transcoder."""
+        return self.cfg.output_width
 
     @property
     def architecture(self) -> str:
@@ -102,6 +115,16 @@ class SAETensors(nn.Module):
         self._check_tensor(x, "input", self.d_in, "d_in")
         return x.reshape(-1, self.d_in)
 
+    def _flat_target(self, target: Tensor, x: Tensor) -> Tensor:
+        """The training target [N, d_out], one row per input row."""
+        self._check_tensor(target, "target", self.d_out, "d_out")
+        if target.shape[:-1] != x.shape[:-1]:
+            raise ValueError(
+                f"target: expected one row per input row (leading shape {tuple(x.shape[:-1])}, the input's), "
+                f"got shape {tuple(target.shape)}"
+            )
+        return target.reshape(-1, self.d_out)
+
     # ------------------------------------------------------------ decoder constraints
 
     @torch.no_grad()
@@ -123,7 +146,7 @@ class SAETensors(nn.Module):
 class SAE(SAETensors):
     """A sparse autoencoder: `SAE(SAEConfig(...))` or `SAE(d_in=..., d_sae=..., architecture=..., k=...)`.
 
-    - `sae(x)`: the reconstruction, shaped like x ([..., d_in]).
+    - `sae(x)`: the reconstruction, shaped like x ([..., d_in]); a transcoder's prediction [..., d_out].
     - `sae.encode(x)`: dense activations [..., d_sae]; `sae.encode_sparse(x)`: `SparseActivations`.
     - `sae.decode(a)`: from dense activations or `SparseActivations`.
     - `sae.training_forward(x, ...)`: reconstruction plus the architecture's losses.
@@ -141,18 +164,22 @@ class SAE(SAETensors):
         if not isinstance(cfg, SAEConfig):
             raise ValueError(f"SAE: expected a fastsae.SAEConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        d_in, d_sae = cfg.d_in, cfg.d_sae
+        d_in, d_sae, d_out = cfg.d_in, cfg.d_sae, cfg.output_width
         factory = dict(dtype=cfg.torch_dtype, device=torch.device(cfg.device))
 
-        w_dec = torch.empty(d_sae, d_in, dtype=torch.float32, device=factory["device"])
-        nn.init.kaiming_uniform_(w_dec, a=math.sqrt(5))
-        w_dec = initial_decoder_rows(w_dec, cfg)
+        w_dec = _drawn_rows(d_sae, d_out, cfg)
         self.W_dec = nn.Parameter(w_dec)
-        # Tied initialisation (W_enc = W_dec^T), stored latent-major.
-        self.W_enc = nn.Parameter(w_dec.clone().t())
+        # Tied initialisation (W_enc = W_dec^T), stored latent-major. A transcoder whose output
+        # has another width draws its encoder rows on their own, under the same norm rule.
+        w_enc = w_dec.clone() if d_out == d_in else _drawn_rows(d_sae, d_in, cfg)
+        self.W_enc = nn.Parameter(w_enc.t())
         self.arch.create_parameters(self, factory)
-        self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, **factory))
         self.arch.create_extra_parameters(self, factory)
+        # Registered last (checkpoints' optimizer state keeps its order); zeros at the start, as
+        # SAELens' SkipTranscoder and sparsify start it. None (not a parameter) without the option.
+        w_skip = nn.Parameter(torch.zeros(d_out, d_in, **factory)) if cfg.skip_connection else None
+        self.register_parameter("W_skip", w_skip)
         self.sparse_path = SparsePath()  # which path the next pass takes (plain numbers)
 
     def __setstate__(self, state: dict) -> None:
@@ -160,6 +187,7 @@ class SAE(SAETensors):
         if "sparse_path" not in state:
             old = {name: state.pop(attr) for attr, name in _OLD_SPARSE_ATTRS.items() if attr in state}
             state["sparse_path"] = SparsePath(**old)
+        state.get("_parameters", {}).setdefault("W_skip", None)  # pickled before skip connections
         super().__setstate__(state)
 
     # ------------------------------------------------------------ sparse-path state
@@ -233,7 +261,8 @@ class SAE(SAETensors):
     # ------------------------------------------------------------ decode
 
     def decode(self, acts: Union[Tensor, SparseActivations]) -> Tensor:
-        """Reconstruction [..., d_in] from dense [..., d_sae] activations or `SparseActivations`."""
+        """Reconstruction [..., d_out] from dense [..., d_sae] activations or `SparseActivations`
+        (without a skip connection's term, which needs the input: `forward` adds it)."""
         dec_norm = self._dec_norm()
         if isinstance(acts, SparseActivations):
             if acts.d_sae != self.d_sae:
@@ -244,7 +273,7 @@ class SAE(SAETensors):
             lead = acts.values.shape[:-1]
             flat = acts.flatten()
             out = ops.sparse_decode(flat.values, flat.indices, self.W_dec, self.b_dec, dec_norm)
-            return out.reshape(*lead, self.d_in)
+            return out.reshape(*lead, self.d_out)
         self._check_tensor(acts, "activations", self.d_sae, "d_sae")
         if dec_norm is not None:
             acts = acts / dec_norm
@@ -253,14 +282,19 @@ class SAE(SAETensors):
     # ------------------------------------------------------------ forward
 
     def forward(self, x: Tensor) -> Tensor:
-        """The reconstruction x_hat, shaped like x."""
+        """The reconstruction x_hat, shaped like x (a transcoder's prediction: [..., d_out])."""
         lead = x.shape[:-1] if isinstance(x, Tensor) else ()
-        return self.arch.forward(self, self._flat_input(x)).reshape(*lead, self.d_in)
+        x2 = self._flat_input(x)
+        out = self.arch.forward(self, x2)
+        if self.W_skip is not None:
+            out = torch.addmm(out, x2, self.W_skip.t())
+        return out.reshape(*lead, self.d_out)
 
     def training_forward(
         self,
         x: Tensor,
         *,
+        target: Optional[Tensor] = None,
         sparsity_coefficient: float = 0.0,
         dead_mask: Union[Tensor, DeadLatents, None] = None,
         k_aux: Optional[int] = None,
@@ -268,7 +302,10 @@ class SAE(SAETensors):
     ) -> TrainOutput:
         """Reconstruction and losses for one training batch (rows flattened).
 
-        - mse_loss: sum over d_in of (x_hat - x)^2, averaged over rows (SAELens' convention).
+        `target`: what the output is trained to match, one row per input row, [..., d_out]
+        (default x: an autoencoder). A transcoder's output includes its skip connection, and every
+        loss below that compares with x compares with the target instead.
+        - mse_loss: sum over d_out of (x_hat - target)^2, averaged over rows (SAELens' convention).
         - relu: sparsity_loss = coefficient * mean over rows of sum_i |f_i| * ||W_dec,i||
           (decoder_norm "norm_weighted" or "unit_norm"; plain |f_i| with "none").
         - jumprelu: sparsity_loss = coefficient * mean L0, through the step pseudo-gradient.
@@ -277,38 +314,45 @@ class SAE(SAETensors):
           aux_loss = mean over rows of ||relu(pi_gate) @ W_dec + b_dec - x||^2 (weight 1, as SAELens),
           where pi_gate = x_in @ W_enc + b_gate.
         - topk / batchtopk: with `dead_mask` (a bool [d_sae], or `fastsae.DeadLatents` built from
-          one), the AuxK loss of Gao et al.: each row's top k_aux (default d_in // 2) dead latents
-          reconstruct the detached residual e, aux_loss = aux_coefficient * min(1, n_dead / k_aux)
+          one), the AuxK loss of Gao et al.: each row's top k_aux (default d_out // 2, as sparsify) dead latents
+          reconstruct the detached residual e = target - x_hat, aux_loss = aux_coefficient * min(1, n_dead / k_aux)
           * mean ||e_hat - e||^2. Its cost follows the number of dead latents (see `fastsae.auxk`).
         BatchTopK also updates its inference threshold here. `acts` is always `SparseActivations`
         (ReLU/JumpReLU: from the sparse path, or converted after a dense pass; JumpReLU's may hold
         zero-valued entries just below the threshold, which its pseudo-gradients use).
         """
         x2 = self._flat_input(x)
+        y2 = x2 if target is None else self._flat_target(target, x)
         dead = as_dead_latents(dead_mask, self.d_sae, self.device)
         n_aux = self._aux_width(k_aux)
         if dead is not None and dead.capacity == 0:
             dead = None  # no dead latent: the loss is 0 (scaled by n_dead / k_aux), nothing to compute
-        step = self.arch.training_step(self, x2, sparsity_coefficient, dead, n_aux)
+        skip = x2 @ self.W_skip.t() if self.W_skip is not None else None
+        # The latents reconstruct what the skip connection leaves of the target (the same losses
+        # as comparing output + skip with the target, and W_skip gets its gradient through it).
+        goal = y2 if skip is None else y2 - skip
+        step = self.arch.training_step(self, x2, sparsity_coefficient, dead, n_aux, target=goal)
         x_hat, acts, sparsity, aux = step.x_hat, step.acts, step.sparsity, step.aux
-        mse = mean_squared_norm(x_hat, x2)
+        if skip is not None:
+            x_hat = x_hat + skip
+        mse = mean_squared_norm(x_hat, y2)
         if step.aux_recon is not None:
             # As sparsify: the loss shrinks when fewer latents are dead than k_aux (0 when none
             # is). A device tensor, not a Python number: no host sync, so the step can be
             # compiled with fullgraph=True and captured as a CUDA graph.
             scale = (dead.count().to(x_hat.dtype) / n_aux).clamp(max=1.0)
-            residual = (x2 - x_hat).detach()
+            residual = (y2 - x_hat).detach()
             aux = aux_coefficient * scale * mean_squared_norm(step.aux_recon, residual)
         if not isinstance(acts, SparseActivations):  # one type whichever path ran
             acts = SparseActivations.from_dense(acts)
         loss = mse + sparsity + aux
         if step.nested is not None:
             loss = loss + step.nested
-        return TrainOutput(x_hat.reshape(x.shape), acts, mse, sparsity, aux, loss, step.nested)
+        return TrainOutput(x_hat.reshape(*x.shape[:-1], self.d_out), acts, mse, sparsity, aux, loss, step.nested)
 
     def _aux_width(self, k_aux: Optional[int]) -> int:
-        """AuxK's k_aux (default d_in // 2, at most d_sae)."""
-        return aux_width(k_aux, self.d_in, self.d_sae)
+        """AuxK's k_aux (default d_out // 2, at most d_sae)."""
+        return aux_width(k_aux, self.d_out, self.d_sae)
 
     # ------------------------------------------------------------ persistence
 
@@ -334,7 +378,7 @@ class SAE(SAETensors):
     @classmethod
     def from_sparsify(cls, sparse_coder, device=None, dtype=None) -> "SAE":
         """This SAE from a live sparsify `SparseCoder` (tensors copied exactly; on its device unless
-        `device` says otherwise). skip_connection, transcode and groupmax raise a ValueError."""
+        `device` says otherwise; transcode and skip_connection give a transcoder). groupmax raises a ValueError."""
         return _file_formats["from_sparsify"](sparse_coder, device=device, dtype=dtype)
 
     def to_sparsify(self):

@@ -43,10 +43,25 @@ def get(name: str) -> Architecture:
         raise ValueError(f"architecture: expected one of {tuple(_REGISTRY)}, got {name!r}") from None
 
 
+def parameter_shapes(cfg: config.SAEConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors an SAE of config `cfg` is saved as and built from, under SAELens' names and
+    shapes: its architecture's `tensor_shapes`, with a transcoder's decoder writing d_out and its
+    skip connection W_skip [d_out, d_in] last."""
+    shapes = dict(get(cfg.architecture).tensor_shapes(cfg.d_in, cfg.d_sae))
+    if cfg.d_out is not None:
+        shapes["W_dec"], shapes["b_dec"] = (cfg.d_sae, cfg.d_out), (cfg.d_out,)
+    if cfg.skip_connection:
+        shapes["W_skip"] = (cfg.output_width, cfg.d_in)
+    return shapes
+
+
 def by_sparsify_activation(activation: str) -> Optional[Architecture]:
     """The architecture that sparsify's `activation` is, or None where fastsae has none."""
     found = [arch for arch in _REGISTRY.values() if arch.sparsify_activation and arch.sparsify_activation == activation]
     return found[0] if found else None
 
 
-__all__ = ["Architecture", "ShardedStep", "Step", "by_sparsify_activation", "decoder_norm", "get", "input_b_dec", "names"]
+__all__ = [
+    "Architecture", "ShardedStep", "Step", "by_sparsify_activation", "decoder_norm", "get", "input_b_dec", "names",
+    "parameter_shapes",
+]

@@ -39,7 +39,7 @@ def input_b_dec(sae: "SAE") -> Optional[Tensor]:
 class Step:
     """One training batch's forward pass, before the losses shared by every architecture (MSE,
     AuxK): the reconstruction, the activations, the architecture's sparsity and auxiliary losses,
-    and, for AuxK, the dead latents' reconstruction of the residual [N, d_in] (or None)."""
+    and, for AuxK, the dead latents' reconstruction of the residual [N, d_out] (or None)."""
 
     x_hat: Tensor
     acts: object  # SparseActivations, or dense [N, d_sae] (converted by the module)
@@ -127,9 +127,10 @@ class Architecture:
         """Dense activations [N, d_sae] from the dense pre-activations."""
         raise NotImplementedError
 
-    def dense_losses(self, sae: "SAE", x2: Tensor, pre: Tensor, acts: Tensor, coefficient: float):
-        """(sparsity loss, auxiliary loss) of a dense pass."""
-        zero = x2.new_zeros(())
+    def dense_losses(self, sae: "SAE", target: Tensor, pre: Tensor, acts: Tensor, coefficient: float):
+        """(sparsity loss, auxiliary loss) of a dense pass; `target` is what the decoder's output is
+        compared with (the input, for an SAE)."""
+        zero = target.new_zeros(())
         return zero, zero
 
     # ---------------------------------------------------------------- row-wise sparse path
@@ -211,8 +212,13 @@ class Architecture:
         pre = self.pre_dense_fallback(sae, x2)
         return sae.decode(self.acts_dense(sae, pre))
 
-    def training_step(self, sae: "SAE", x2: Tensor, coefficient: float, dead: Optional[DeadLatents], k_aux: int) -> Step:
-        """One batch's forward. `dead`: the dead latents (AuxK's, for the architectures that use it)."""
+    def training_step(
+        self, sae: "SAE", x2: Tensor, coefficient: float, dead: Optional[DeadLatents], k_aux: int,
+        target: Optional[Tensor] = None,
+    ) -> Step:
+        """One batch's forward. `dead`: the dead latents (AuxK's, for the architectures that use it);
+        `target`: what the decoder's output is compared with where the architecture's own losses
+        compare it (default x2; a transcoder's target less its skip connection's term)."""
         sparse_pre = self.sparse_pre(sae, x2)
         if sparse_pre is not None:
             pre, indices = sparse_pre
@@ -223,7 +229,7 @@ class Architecture:
         pre = self.pre_dense_fallback(sae, x2)
         acts = self.acts_dense(sae, pre)
         x_hat = sae.decode(acts)
-        sparsity, aux = self.dense_losses(sae, x2, pre, acts, coefficient)
+        sparsity, aux = self.dense_losses(sae, x2 if target is None else target, pre, acts, coefficient)
         return Step(x_hat, acts, sparsity, aux)
 
     # ---------------------------------------------------------------- file formats (fastsae.formats asks these)
@@ -237,6 +243,10 @@ class Architecture:
     saelens_training_name = ""
     # sparsify's `activation` for the architecture; "" where sparsify has none.
     sparsify_activation = ""
+    # SAELens' transcoder classes computing this architecture, (without, with) a skip connection;
+    # empty where SAELens has none (its transcoders then save in fastsae's layout, which SAELens
+    # does not load).
+    saelens_transcoder_names: tuple[str, ...] = ()
 
     def tensor_shapes(self, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
         """The tensors an SAE of this architecture is saved as and built from, under SAELens'

@@ -31,6 +31,7 @@ class BatchTopK(Architecture):
         "BatchTopKTrainingSAE", activate=lambda model, pre: batch_topk(pre.relu(), model.cfg.k)
     )
     saelens_training_name = "batchtopk"  # SAELens' BatchTopK training class; saved and inferred as JumpReLU
+    saelens_transcoder_names = ("jumprelu_transcoder", "jumprelu_skip_transcoder")  # as JumpReLU, too
 
     def fold_input_scale(self, folded, scale: float) -> None:
         if folded.cfg.rescale_acts_by_decoder_norm:
@@ -54,7 +55,7 @@ class BatchTopK(Architecture):
             return None  # the batch's selection has no per-latent rule
         return sae.topk_threshold.clamp_min(0).to(acc).expand(sae.d_sae)
 
-    def training_step(self, sae, x2: Tensor, coefficient: float, dead: Optional[DeadLatents], k_aux: int) -> Step:
+    def training_step(self, sae, x2: Tensor, coefficient: float, dead: Optional[DeadLatents], k_aux: int, target=None) -> Step:
         zero = x2.new_zeros(())
         sparse = self._sparse_selection(sae, x2, dead, k_aux)
         if sparse is not None:

@@ -27,14 +27,14 @@ class Gated(Architecture):
         gate = (pre + sae.b_gate > 0).to(pre.dtype)
         return gate * (pre * sae.r_mag.exp() + sae.b_mag).relu()
 
-    def dense_losses(self, sae, x2: Tensor, pre: Tensor, acts: Tensor, coefficient: float):
-        sparsity = x2.new_zeros(())
+    def dense_losses(self, sae, target: Tensor, pre: Tensor, acts: Tensor, coefficient: float):
+        sparsity = target.new_zeros(())
         gate_acts = (pre + sae.b_gate).relu()
         if coefficient:
             weight = sae.W_dec.norm(dim=1) if sae.cfg.decoder_norm != "none" else 1.0
             sparsity = coefficient * (gate_acts * weight).sum(-1).mean()
         via_gate = gate_acts @ sae.W_dec + sae.b_dec
-        return sparsity, (via_gate - x2).pow(2).sum(-1).mean()
+        return sparsity, (via_gate - target).pow(2).sum(-1).mean()
 
     # ---------------------------------------------------------------- file formats
 

@@ -26,6 +26,8 @@ class JumpReLU(Architecture):
         calibrate=lambda sae, cutoff, dtype: sae.threshold.copy_(cutoff.clamp_min(1e-3).to(dtype)),
     )
 
+    saelens_transcoder_names = ("jumprelu_transcoder", "jumprelu_skip_transcoder")
+
     def after_optimizer_step(self, master, forward_sae, cfg) -> None:
         master.threshold.clamp_(min=cfg.jumprelu_min_threshold)
 

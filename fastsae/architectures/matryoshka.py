@@ -96,11 +96,12 @@ class MatryoshkaBatchTopK(BatchTopK):
         if cfg.matryoshka_weights is not None:
             cfg.matryoshka_weights = check_weights(cfg.matryoshka_weights, len(cfg.matryoshka_widths))
 
-    def training_step(self, sae, x2: Tensor, coefficient: float, dead: Optional[DeadLatents], k_aux: int) -> Step:
+    def training_step(self, sae, x2: Tensor, coefficient: float, dead: Optional[DeadLatents], k_aux: int, target=None) -> Step:
+        target = x2 if target is None else target  # every level is compared with it
         sparse = self._sparse_selection(sae, x2, dead, k_aux)
         if sparse is None:  # the dense path (traced, or the sparse path off)
-            step = super().training_step(sae, x2, coefficient, dead, k_aux)
-            step.nested = _nested_loss(sae, _dense_levels(sae, step.acts), step.x_hat, x2)
+            step = super().training_step(sae, x2, coefficient, dead, k_aux, target)
+            step.nested = _nested_loss(sae, _dense_levels(sae, step.acts), step.x_hat, target)
             return step
         values, indices, aux_pre = sparse
         levels = _level_reconstructions(sae, values, indices, with_outer=True, dead=dead, aux_pre=aux_pre)
@@ -108,7 +109,7 @@ class MatryoshkaBatchTopK(BatchTopK):
         self._update_threshold(sae, values)
         zero = x2.new_zeros(())
         step = Step(x_hat, SparseActivations(values, indices, sae.d_sae), zero, zero, aux_recon)
-        step.nested = _nested_loss(sae, [recon for recon, _ in levels], x_hat, x2)
+        step.nested = _nested_loss(sae, [recon for recon, _ in levels], x_hat, target)
         return step
 
 
@@ -125,17 +126,17 @@ def _dense_levels(sae, acts: Tensor) -> list[Tensor]:
     return out
 
 
-def _nested_loss(sae, inner_levels, x_hat: Tensor, x2: Tensor) -> Tensor:
+def _nested_loss(sae, inner_levels, x_hat: Tensor, target: Tensor) -> Tensor:
     """The levels' losses beyond the SAE's own MSE (which is the outer level's, weight 1): the
-    inner levels' MSEs, each times its weight, plus (w_outer - 1) times the outer MSE, so that
-    the whole loss is sum_l w_l MSE_l (all w_l = 1 without `matryoshka_weights`)."""
+    inner levels' MSEs against the target, each times its weight, plus (w_outer - 1) times the
+    outer MSE, so that the whole loss is sum_l w_l MSE_l (all w_l = 1 without `matryoshka_weights`)."""
     weights = sae.cfg.matryoshka_weights
-    loss = x2.new_zeros(())
+    loss = target.new_zeros(())
     for level, recon in enumerate(inner_levels):
-        mse = mean_squared_norm(recon, x2)
+        mse = mean_squared_norm(recon, target)
         loss = loss + (mse if weights is None else weights[level] * mse)
     if weights is not None and weights[-1] != 1:
-        loss = loss + (weights[-1] - 1) * mean_squared_norm(x_hat, x2)
+        loss = loss + (weights[-1] - 1) * mean_squared_norm(x_hat, target)
     return loss
 
 

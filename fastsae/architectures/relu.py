@@ -27,6 +27,8 @@ class ReLU(Architecture):
         saelens_coefficient="l1", calibrate=lambda sae, cutoff, dtype: sae.b_enc.sub_(cutoff.to(dtype)),
     )
 
+    saelens_transcoder_names = ("transcoder", "skip_transcoder")
+
     def acts_dense(self, sae, pre: Tensor) -> Tensor:
         return pre.relu()
 

@@ -46,7 +46,7 @@ class TopK(Architecture):
         # The encoder's own indices: check_indices=False skips the range check (a host sync on a GPU).
         return ops.sparse_decode(values, indices, sae.W_dec, sae.b_dec, decoder_norm(sae), check_indices=False)
 
-    def training_step(self, sae, x2: Tensor, coefficient: float, dead: Optional[DeadLatents], k_aux: int) -> Step:
+    def training_step(self, sae, x2: Tensor, coefficient: float, dead: Optional[DeadLatents], k_aux: int, target=None) -> Step:
         values, indices, aux_pre = self.topk_flat(sae, x2, dead, k_aux)
         zero = x2.new_zeros(())
         acts = SparseActivations(values, indices, sae.d_sae)

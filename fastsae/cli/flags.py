@@ -71,6 +71,7 @@ class Flag:
     same: Callable[[Any, Any], bool] = lambda given, was: given == was
     compared: bool = True  # with --resume, must a given flag equal the run's value?
     kind: str = ""  # data.* fields: the data kind they describe
+    aliases: tuple[str, ...] = ()  # other option strings for the same flag
 
     @property
     def option(self) -> str:
@@ -170,8 +171,10 @@ TRAIN_FLAGS = (
     Flag("overwrite", "start afresh even if --out holds a run", action="store_true", parser_default=False),
     Flag("model", "Hugging Face model folder, or 'minilm' (default)", "data.model", default="minilm", group=TRANSFORMER,
          kind="transformer"),
-    Flag("hook", "module whose output is read (default {default})", "data.hook", default="encoder.layer.3",
-         group=TRANSFORMER, kind="transformer"),
+    Flag("hook", "module whose output is read (default {default}); a transcoder's input (--hook-in)", "data.hook",
+         default="encoder.layer.3", group=TRANSFORMER, kind="transformer", aliases=("--hook-in",)),
+    Flag("hook_out", "train a transcoder: module whose output is its target, read in the same pass as --hook-in",
+         "data.hook_out", group=TRANSFORMER, kind="transformer", none_is_a_value=True),
     Flag("text", "'pydoc' (default), a .txt file or a folder of .txt files", "data.text", default="pydoc",
          group=TRANSFORMER, kind="transformer", same=_same_text),
     Flag("seq_len", "tokens per sequence (default {default})", "data.seq_len", int, 128, group=TRANSFORMER,
@@ -240,7 +243,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             kwargs["choices"] = flag.choices
         if flag.parser_default is not None:
             kwargs["default"] = flag.parser_default
-        groups[flag.group].add_argument(flag.option, **kwargs)
+        groups[flag.group].add_argument(flag.option, *flag.aliases, **kwargs)
 
 
 def setting(args: argparse.Namespace, name: str, arch=None, d_in: Optional[int] = None):

@@ -56,7 +56,9 @@ def build_run(args, data, device=None):
 
     sae_settings, trainer_settings = run_config(args, data.d_in)
     device = str(device) if device is not None else setting(args, "device")
-    sae_cfg = fastsae.SAEConfig(d_in=data.d_in, **sae_settings, device=device)
+    d_out = getattr(data, "d_out", None)  # paired data: a transcoder, no b_dec on its input (as SAELens')
+    pairs = {} if d_out is None else {"d_out": d_out, "apply_b_dec_to_input": False}
+    sae_cfg = fastsae.SAEConfig(d_in=data.d_in, **sae_settings, **pairs, device=device)
     cfg = TrainerConfig(**trainer_settings, data=data.describe())
     arch = sae_cfg.architecture
     if args.shard_latents:
@@ -215,7 +217,10 @@ def _run_train(args: argparse.Namespace) -> int:
     if hasattr(data, "score"):
         print(f"mean max cosine similarity to the {data.n_features} true features: {data.score(exported):.4f}")
     evaluation = None
-    if args.eval_tokens > 0:
+    paired = getattr(data, "d_out", None) is not None
+    if paired and (args.eval_tokens > 0 or args.report_features > 0 or args.browser_tokens > 0):
+        print("a transcoder: `fastsae eval`, the feature report and the browser read an SAE's inputs only (skipped)")
+    if args.eval_tokens > 0 and not paired:
         from fastsae.evals import evaluate, format_metrics, tail_chunk
 
         eval_started = time.perf_counter()
@@ -227,12 +232,12 @@ def _run_train(args: argparse.Namespace) -> int:
             print(format_metrics(evaluation))
         except (OSError, ValueError) as exc:  # the trained SAE is saved whatever happens here
             print(f"fastsae train: no eval: {exc}", file=sys.stderr)
-    if hasattr(data, "tokenizer") and args.report_features > 0:
+    if hasattr(data, "tokenizer") and args.report_features > 0 and not paired:
         from fastsae.training.report import feature_report
 
         print()
         print(feature_report(exported, data, n_features=args.report_features))
-    if hasattr(data, "tokenizer") and args.browser_tokens > 0:
+    if hasattr(data, "tokenizer") and args.browser_tokens > 0 and not paired:
         from fastsae import runs
         from fastsae.browse import build_browser
 

@@ -61,6 +61,11 @@ class ShardedSAE(SAETensors):
 
     def __init__(self, cfg: SAEConfig, *, seed: int = 0, group=None, _init: bool = True):
         super().__init__()
+        if isinstance(cfg, SAEConfig) and cfg.is_transcoder:
+            raise ValueError(
+                "ShardedSAE: latent sharding trains SAEs, not transcoders (d_out or skip_connection set); "
+                "train a transcoder on one process or data parallel"
+            )
         if not is_distributed():
             raise RuntimeError("ShardedSAE: no process group (launch with torchrun, then call init_from_env)")
         if not isinstance(cfg, SAEConfig):

@@ -7,10 +7,13 @@ formats know nothing of kernels.
 - `dictionary_learning`: ae.pt (+ config.json).
 - `openai`: OpenAI sparse_autoencoder .pt state dicts.
 - `gemmascope`: Gemma Scope params.npz.
+- `circuit_tracer`: circuit-tracer's per-layer transcoder sets (config.yaml + layer_{i}.safetensors),
+  loaded as {layer: SAE}.
 - a `fastsae train` run folder (out/checkpoints/step_N/...) reads as its newest complete
   checkpoint, which is a SAELens folder.
 
-`load(path)` detects the format; `save(sae, path, to=...)` writes SAELens (the default) or sparsify;
+`load(path)` detects the format; `save(sae, path, to=...)` writes SAELens (the default), sparsify or
+(a dict {layer: SAE} of transcoders) circuit-tracer;
 `convert(src, dst, to=...)` does both. Every loaded SAE is in eval mode on the CPU unless a device
 is given.
 """
@@ -22,11 +25,11 @@ from typing import Union
 
 from fastsae import runs
 from fastsae import sae as sae_module
-from fastsae.formats import dictionary_learning, gemmascope, openai, saelens, sparsify
+from fastsae.formats import circuit_tracer, dictionary_learning, gemmascope, openai, saelens, sparsify
 from fastsae.formats._common import read_json, read_torch
 
-FORMATS = ("saelens", "sparsify", "dictionary_learning", "openai", "gemma_scope")
-SAVE_FORMATS = ("saelens", "sparsify")
+FORMATS = ("saelens", "sparsify", "dictionary_learning", "openai", "gemma_scope", "circuit_tracer")
+SAVE_FORMATS = ("saelens", "sparsify", "circuit_tracer")
 
 
 def detect(path: Union[str, Path]) -> str:
@@ -40,6 +43,8 @@ def detect(path: Union[str, Path]) -> str:
             return detect(path.parent)
         if path.suffix == ".npz":
             return "gemma_scope"
+        if circuit_tracer.detect(path):
+            return "circuit_tracer"
         if path.name == dictionary_learning.WEIGHTS_FILENAME:
             return "dictionary_learning"
         if path.suffix in (".pt", ".pth"):
@@ -59,6 +64,8 @@ def detect(path: Union[str, Path]) -> str:
         return "dictionary_learning"
     if gemmascope.detect(path):
         return "gemma_scope"
+    if circuit_tracer.detect(path):
+        return "circuit_tracer"
     if (path / saelens.CFG_FILENAME).is_file():
         # A cfg.json without weights: the loader of whichever library wrote it says what is missing.
         return "saelens" if "d_sae" in read_json(path / saelens.CFG_FILENAME) else "sparsify"
@@ -70,13 +77,14 @@ def detect(path: Union[str, Path]) -> str:
         f"{path}: not a checkpoint fastsae can read: expected {saelens.CFG_FILENAME} + {saelens.WEIGHTS_FILENAME} "
         f"(SAELens), {sparsify.CFG_FILENAME} + {sparsify.WEIGHTS_FILENAME} (sparsify, or sub-folders of them), "
         f"{dictionary_learning.WEIGHTS_FILENAME} (dictionary_learning), {gemmascope.WEIGHTS_FILENAME} (Gemma Scope), "
+        f"{circuit_tracer.CONFIG_FILENAME} (a circuit-tracer transcoder set), "
         "an OpenAI .pt file, or a fastsae train run folder (checkpoints/step_N/)"
     )
 
 
 def load(path: Union[str, Path], device=None, dtype=None):
-    """Load a checkpoint, detecting its format: an `SAE`, or {hookpoint: SAE} for a sparsify run
-    folder. On the CPU unless `device` is given; `dtype` overrides the file's."""
+    """Load a checkpoint, detecting its format: an `SAE`, {hookpoint: SAE} for a sparsify run
+    folder, or {layer: SAE} for a circuit-tracer transcoder set. On the CPU unless `device` is given; `dtype` overrides the file's."""
     path = Path(path)
     if path.is_file() and path.suffix in (".pt", ".pth") and path.name != dictionary_learning.WEIGHTS_FILENAME:
         return _load_pt(path, device, dtype)  # read once, then look at its keys
@@ -95,6 +103,8 @@ def load(path: Union[str, Path], device=None, dtype=None):
         return dictionary_learning.load(path, device=device, dtype=dtype)
     if fmt == "openai":
         return openai.load(path, device=device, dtype=dtype)
+    if fmt == "circuit_tracer":
+        return circuit_tracer.load(path, device=device, dtype=dtype)
     return gemmascope.load(path, device=device, dtype=dtype)
 
 
@@ -116,10 +126,14 @@ def _load_pt(path: Path, device, dtype, **openai_options):
 
 
 def save(sae, path: Union[str, Path], to: str = "saelens") -> Path:
-    """Write an SAE (or {hookpoint: SAE}, one sub-folder each) as SAELens (default) or sparsify."""
+    """Write an SAE (or {hookpoint: SAE}, one sub-folder each) as SAELens (default) or sparsify, or
+    transcoders {layer: SAE} as a circuit-tracer set (its hooks: those the SAEs were loaded with;
+    `circuit_tracer.save` takes them)."""
     if to not in SAVE_FORMATS:
         raise ValueError(f"to: expected one of {SAVE_FORMATS}, got {to!r}")
     path = Path(path)
+    if to == "circuit_tracer":
+        return circuit_tracer.save(sae if isinstance(sae, dict) else {0: sae}, path)
     if isinstance(sae, dict):
         if to == "sparsify":
             return sparsify.save_run(sae, path)

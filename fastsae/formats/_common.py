@@ -23,8 +23,9 @@ from fastsae.sae import SAE
 
 def parameter_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
     """The tensors an SAE of this config is built from, under SAELens' names and shapes (the
-    architecture's `tensor_shapes`; BatchTopK's inference threshold is the scalar `topk_threshold`)."""
-    return architectures.get(cfg.architecture).tensor_shapes(cfg.d_in, cfg.d_sae)
+    architecture's `tensor_shapes`; BatchTopK's inference threshold is the scalar `topk_threshold`;
+    a transcoder's W_dec [d_sae, d_out], b_dec [d_out] and W_skip [d_out, d_in])."""
+    return architectures.parameter_shapes(cfg)
 
 
 def check_tensors(
@@ -81,7 +82,7 @@ def sae_tensors(sae, fold_decoder_norm: bool = False) -> dict[str, torch.Tensor]
     decoder norms, the norms are folded in (W_enc, b_enc times the norm, W_dec rows to unit norm),
     which computes the same (to rounding) with or without the rescaling."""
     tensors = {name: p.detach().clone() for name, p in sae.named_parameters()}
-    for name in sae.arch.tensor_shapes(sae.d_in, sae.d_sae):
+    for name in architectures.parameter_shapes(sae.cfg):
         if name not in tensors:  # a buffer the architecture saves (BatchTopK's topk_threshold)
             tensors[name] = getattr(sae, name).detach().clone()
     if fold_decoder_norm and sae.cfg.rescale_acts_by_decoder_norm:

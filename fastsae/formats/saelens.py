@@ -6,6 +6,13 @@ JumpReLU with its global threshold in every slot, as SAELens does, and SAEs that
 activations by decoder norms save with the norms folded in (so the file computes the same with or
 without the rescaling, in SAELens and here).
 
+Transcoders (d_out, skip_connection) save as SAELens' transcoder classes where SAELens has one for
+the architecture and the SAE does not subtract b_dec from its input (SAELens' transcoders never
+do): `transcoder` / `skip_transcoder` (ReLU), `jumprelu_transcoder` / `jumprelu_skip_transcoder`
+(JumpReLU, and BatchTopK as JumpReLU), with `d_out` and W_skip [d_out, d_in]. The others save
+in fastsae's layout (the plain architecture's name with `d_out` and `skip_connection`), which
+SAELens does not load.
+
 Reading follows SAELens' own loader: a cfg.json whose `sae_lens_version` (top level or in
 `metadata`) is missing or below 6.0 is the older flat format (`activation_fn_str`,
 `activation_fn_kwargs` {"k": ...}, `hook_point`, boolean `normalize_activations`,
@@ -130,10 +137,30 @@ def _from_pre_6_0(old: dict) -> dict:
     return new
 
 
+def transcoder_name(sae) -> str:
+    """The SAELens transcoder class `sae` saves as, or "" (an SAE, or a transcoder in fastsae's layout)."""
+    names = sae.arch.saelens_transcoder_names
+    if not sae.cfg.is_transcoder or not names or sae.cfg.apply_b_dec_to_input:
+        return ""
+    return names[1] if sae.cfg.skip_connection else names[0]
+
+
+def _from_transcoder(d: dict) -> dict:
+    """A cfg naming one of SAELens' transcoder classes as fastsae's config: the architecture that
+    computes it (the one SAELens saves under its own name), d_out and skip_connection."""
+    name = d.get("architecture")
+    for arch in (architectures.get(n) for n in architectures.names()):
+        if name in arch.saelens_transcoder_names and (arch.saelens_name or arch.name) in (arch.name, *arch.aliases):
+            if d.get("d_out") is None:
+                raise ValueError(f"architecture {name!r} (a transcoder) needs d_out")
+            return {**d, "architecture": arch.name, "skip_connection": name == arch.saelens_transcoder_names[-1]}
+    return d
+
+
 def _config(raw: dict, cfg_path: Path) -> tuple[SAEConfig, bool]:
     pre_6_0 = is_pre_6_0(raw)
     try:
-        d = _from_pre_6_0(raw) if pre_6_0 else dict(raw)
+        d = _from_pre_6_0(raw) if pre_6_0 else _from_transcoder(dict(raw))
         if d.get("reshape_activations", "none") == "hook_z":
             raise ValueError(
                 "reshape_activations: 'hook_z' SAEs take [..., n_heads, d_head] inputs; fastsae's SAE takes "
@@ -201,6 +228,9 @@ def saelens_cfg(sae) -> dict:
         cfg["normalize_activations"] = "layer_norm"
     if _major_version(metadata.get("sae_lens_version")) < 6:
         metadata["sae_lens_version"] = SAELENS_FORMAT_VERSION
+    name = transcoder_name(sae)
+    if name:
+        cfg.update(architecture=name, fastsae_architecture=sae.architecture, d_out=sae.d_out)
     return cfg
 
 
@@ -255,6 +285,8 @@ def to_saelens_object(sae, training: bool = False):
 
     if not isinstance(training, bool):
         raise ValueError(f"training: expected a bool, got {training!r}")
+    if sae.cfg.is_transcoder:
+        _check_transcoder_for_saelens(sae, training)
     cfg = saelens_cfg(sae)
     tensors = sae_tensors(sae, fold_decoder_norm=False)
     training_name = sae.arch.saelens_training_name  # set where SAELens saves and infers it as another architecture
@@ -278,3 +310,19 @@ def to_saelens_object(sae, training: bool = False):
             f"fastsae's {arch} SAE has {sorted(tensors)}"
         )
     return out.to(sae.device)
+
+
+def _check_transcoder_for_saelens(sae, training: bool) -> None:
+    if not sae.arch.saelens_transcoder_names:
+        with_one = sorted(n for n in architectures.names() if architectures.get(n).saelens_transcoder_names)
+        raise ValueError(
+            f"to_saelens: SAELens has no {sae.architecture} transcoder (its transcoders are {', '.join(with_one)}); "
+            "save it with sae.save (fastsae's layout) instead"
+        )
+    if sae.cfg.apply_b_dec_to_input:
+        raise ValueError(
+            "to_saelens: SAELens' transcoders do not subtract b_dec from their input; this transcoder has "
+            "apply_b_dec_to_input=True (build it with apply_b_dec_to_input=False)"
+        )
+    if training:
+        raise ValueError("to_saelens: SAELens has no training class for transcoders (training=False gives its inference class)")

@@ -13,9 +13,12 @@ cfg.json options, and what fastsae does with them:
   decoder_norm="unit_norm" (or "none"), it does not change what a loaded SAE computes.
 - `multi_topk`: a training loss (an extra 4k-latent reconstruction); inference uses k as sparsify's
   encode does.
-- `activation: "groupmax"`, `skip_connection` (W_skip), `signed` (top-k by |pre|, no ReLU) and
-  `transcode` (a transcoder, no b_dec on the input) compute something fastsae's SAE does not:
-  they are refused with an error naming the file. Unknown keys are ignored, as sparsify does.
+- `transcode`: a transcoder (its target another activation of the same width, no b_dec on the
+  input): loads with d_out = d_in and apply_b_dec_to_input=False; `skip_connection`: W_skip
+  [d_in, d_in], output += x @ W_skip.T (skip_connection=True). fastsae transcoders save with them
+  where sparsify can hold them (d_out = d_in, TopK).
+- `activation: "groupmax"` and `signed` (top-k by |pre|, no ReLU) compute something fastsae's SAE
+  does not: they are refused with an error naming the file. Unknown keys are ignored, as sparsify does.
 Live objects (no files): `from_sparsify_object(sc)` / `to_sparsify_object(sae)`, behind
 `fastsae.SAE.from_sparsify` / `sae.to_sparsify()`: the same tensors (copied, bit for bit) and the
 same SparseCoderConfig back (its fields ride in the SAE's metadata["sparsify_cfg"]).
@@ -46,6 +49,7 @@ from fastsae.formats._common import (
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae.safetensors"
 _TENSOR_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+_SKIP = "W_skip"
 _DEFAULT_ACTIVATION = "topk"  # sparsify's, for a cfg.json without `activation`
 
 
@@ -82,11 +86,7 @@ def _int(cfg: dict, key: str, cfg_path: Path, default=None) -> int:
 
 
 def _config(raw: dict, cfg_path: Path) -> SAEConfig:
-    refuse = {
-        "skip_connection": "a linear skip connection (W_skip) adds x @ W_skip.T to the reconstruction",
-        "signed": "signed SAEs select top-k by |pre-activation| with no ReLU",
-        "transcode": "a transcoder predicts another module's output and does not subtract b_dec from its input",
-    }
+    refuse = {"signed": "signed SAEs select top-k by |pre-activation| with no ReLU"}
     for key, what in refuse.items():
         if raw.get(key):
             raise ValueError(f"{cfg_path}: {key}=true: {what}; fastsae's SAE does not compute that")
@@ -100,13 +100,16 @@ def _config(raw: dict, cfg_path: Path) -> SAEConfig:
     d_in = _int(raw, "d_in", cfg_path)
     d_sae = _int(raw, "num_latents", cfg_path, 0) or d_in * _int(raw, "expansion_factor", cfg_path, 32)
     k = _int(raw, "k", cfg_path, 32)
+    transcode = bool(raw.get("transcode", False))
     try:
         return SAEConfig(
             d_in=d_in,
             d_sae=d_sae,
+            d_out=d_in if transcode else None,
+            skip_connection=bool(raw.get("skip_connection", False)),
             architecture=arch.name,
             k=k,
-            apply_b_dec_to_input=True,
+            apply_b_dec_to_input=not transcode,
             decoder_norm="unit_norm" if raw.get("normalize_decoder", True) else "none",
             metadata={"source_format": "sparsify", "sparsify_cfg": dict(raw)},
         )
@@ -122,15 +125,16 @@ def load(path: Union[str, Path], device=None, dtype=None):
     cfg.metadata.setdefault("hook_name", path.name)
     weights_path = path / WEIGHTS_FILENAME
     raw_tensors = read_safetensors(weights_path)
-    if "W_skip" in raw_tensors:
-        raise ValueError(f"{weights_path}: holds W_skip (a skip connection), which fastsae's SAE does not compute")
-    missing = [name for name in _TENSOR_NAMES if name not in raw_tensors]
+    names = (*_TENSOR_NAMES, _SKIP) if cfg.skip_connection else _TENSOR_NAMES
+    if _SKIP in raw_tensors and not cfg.skip_connection:
+        raise ValueError(f"{weights_path}: holds W_skip (a skip connection) but {cfg_path} says skip_connection is false")
+    missing = [name for name in names if name not in raw_tensors]
     if missing:
         hint = " (an encoder-only checkpoint cannot reconstruct)" if missing == ["W_dec"] else ""
         raise ValueError(f"{weights_path}: missing tensor {missing[0]!r}{hint} (has {sorted(raw_tensors)})")
-    extra = sorted(set(raw_tensors) - set(_TENSOR_NAMES))
+    extra = sorted(set(raw_tensors) - set(names))
     if extra:
-        raise ValueError(f"{weights_path}: unexpected tensors {extra} (expected {list(_TENSOR_NAMES)})")
+        raise ValueError(f"{weights_path}: unexpected tensors {extra} (expected {list(names)})")
     encoder = raw_tensors["encoder.weight"]
     expected = (cfg.d_sae, cfg.d_in)
     if tuple(encoder.shape) != expected:
@@ -146,6 +150,8 @@ def load(path: Union[str, Path], device=None, dtype=None):
         "W_dec": raw_tensors["W_dec"],
         "b_dec": raw_tensors["b_dec"],
     }
+    if cfg.skip_connection:
+        tensors["W_skip"] = raw_tensors["W_skip"]
     why = f" from {cfg_path} (d_in={cfg.d_in}, d_sae={cfg.d_sae})"
     return build_sae(cfg, tensors, weights_path, device=device, dtype=dtype, why=why)
 
@@ -166,7 +172,14 @@ def _check_savable(sae, path: Path) -> None:
         )
     if sae.cfg.metadata.get("input_layer_norm"):
         raise ValueError(f"{path}: this SAE's inputs are layer-normalised outside it, which a sparsify cfg cannot say")
-    if not sae.cfg.apply_b_dec_to_input:
+    if sae.cfg.d_out is not None:  # a transcoder: sparsify's `transcode`
+        if sae.cfg.d_out != sae.d_in:
+            raise ValueError(f"{path}: sparsify's transcoders write an output as wide as their input; this one has "
+                             f"d_out={sae.cfg.d_out} != d_in={sae.d_in}")
+        if sae.cfg.apply_b_dec_to_input:
+            raise ValueError(f"{path}: sparsify's transcoders do not subtract b_dec from their input; this one has "
+                             "apply_b_dec_to_input=True")
+    elif not sae.cfg.apply_b_dec_to_input:
         raise ValueError(f"{path}: sparsify SAEs subtract b_dec from their input; this SAE has apply_b_dec_to_input=False")
 
 
@@ -177,6 +190,8 @@ def save(sae, path: Union[str, Path]) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     t = sae_tensors(sae, fold_decoder_norm=True)
     tensors = {"encoder.weight": t["W_enc"].t().contiguous(), "encoder.bias": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
+    if sae.cfg.skip_connection:
+        tensors["W_skip"] = t["W_skip"]
     cfg = {
         "activation": sae.arch.sparsify_activation,
         "expansion_factor": max(1, sae.d_sae // sae.d_in),
@@ -184,8 +199,8 @@ def save(sae, path: Union[str, Path]) -> Path:
         "num_latents": sae.d_sae,
         "k": sae.cfg.k,
         "multi_topk": bool(sae.cfg.metadata.get("sparsify_cfg", {}).get("multi_topk", False)),
-        "skip_connection": False,
-        "transcode": False,
+        "skip_connection": sae.cfg.skip_connection,
+        "transcode": sae.cfg.d_out is not None,
         "d_in": sae.d_in,
     }
     write_safetensors(path / WEIGHTS_FILENAME, tensors, metadata={"fastsae_version": fastsae_version()})
@@ -208,8 +223,9 @@ def save_run(saes: dict, path: Union[str, Path]) -> Path:
 
 def from_sparsify_object(sc, device=None, dtype=None):
     """An `SAE` (eval mode) from a live sparsify `SparseCoder`, its tensors copied exactly, on the
-    coder's device unless `device` says otherwise. Options fastsae's SAE does not compute
-    (skip_connection, transcode, groupmax) and encoder-only coders raise a ValueError."""
+    coder's device unless `device` says otherwise (transcode and skip_connection: a transcoder).
+    Options fastsae's SAE does not compute (groupmax, signed) and encoder-only coders raise a
+    ValueError."""
     cfg_obj = getattr(sc, "cfg", None)
     if cfg_obj is None or not hasattr(cfg_obj, "to_dict") or not hasattr(sc, "encoder") or not hasattr(sc, "d_in"):
         raise ValueError(f"from_sparsify: expected a sparsify SparseCoder (with .cfg, .encoder, .d_in), got {type(sc).__name__}")
@@ -226,6 +242,8 @@ def from_sparsify_object(sc, device=None, dtype=None):
         "W_dec": sc.W_dec.detach(),
         "b_dec": sc.b_dec.detach(),
     }
+    if cfg.skip_connection:
+        tensors["W_skip"] = sc.W_skip.detach()
     why = f" from {source} (d_in={cfg.d_in}, d_sae={cfg.d_sae})"
     return build_sae(cfg, tensors, source, device=sc.encoder.weight.device if device is None else device, dtype=dtype, why=why)
 
@@ -250,6 +268,8 @@ def to_sparsify_object(sae):
         num_latents=num_latents,
         k=sae.cfg.k,
         multi_topk=bool(prev.get("multi_topk", False)),
+        skip_connection=sae.cfg.skip_connection,
+        transcode=sae.cfg.d_out is not None,
     )
     t = sae_tensors(sae, fold_decoder_norm=True)
     # Built on the meta device, then filled: no random init, no decoder normalisation of it.
@@ -259,4 +279,6 @@ def to_sparsify_object(sae):
         sc.encoder.bias.copy_(t["b_enc"])
         sc.W_dec.copy_(t["W_dec"])
         sc.b_dec.copy_(t["b_dec"])
+        if sae.cfg.skip_connection:
+            sc.W_skip.copy_(t["W_skip"])
     return sc

@@ -1,12 +1,16 @@
 """Activation sources and the shuffled, position-addressable stream the trainer reads.
 
 A source is a list of chunks of rows (`chunk_sizes`, `load_chunk(i)` -> float32 [rows, d_in]):
-- `ActivationFiles`: a `.safetensors` file holding a 2-D tensor named `activations`, a `.npy`
-  file, or a folder of such shards; chunks are contiguous row ranges (16384 rows by default) read
+- `ActivationFiles`: a `.safetensors` file holding a 2-D tensor named `activations` (or, for a
+  transcoder, two: `inputs` [rows, d_in] and `targets` [rows, d_out]), a `.npy` file, or a folder
+  of such shards; chunks are contiguous row ranges (16384 rows by default) read
   lazily through a handle kept open per shard (safetensors slices, numpy memory maps), so the
   files are never all in memory and each read is one large copy.
 - `SyntheticActivations` (fastsae.training.synthetic) and `TransformerActivations`
   (fastsae.training.transformer) follow the same protocol.
+A paired source (a transcoder's data) says so with `d_out` (None otherwise): its rows are an input
+and its target side by side, [rows, d_in + d_out] (`row_width`), so shuffling keeps pairs together
+and a plain source's path is unchanged.
 
 `ShuffledStream` turns a source into an endless row stream: each epoch visits the chunks in a
 seeded random order, groups consecutive chunks into shuffling buffers of about `buffer_rows`
@@ -14,15 +18,12 @@ rows, and permutes the rows within each buffer. Row `p` of the stream is a pure 
 (seed, p), so a run resumes exactly from the number of rows it has read, and a sample can be
 peeked at without disturbing anything.
 
-`BatchPrefetcher` reads the stream's next batches in a background thread (into pinned host
-buffers when the device is a GPU) and hands them over with `non_blocking` copies, so the
-trainer's step does not wait for the data.
+`BatchPrefetcher` (fastsae.training.prefetch) reads the stream's next batches ahead.
 """
 
 from __future__ import annotations
 
 import bisect
-import queue
 import threading
 from pathlib import Path
 from typing import Optional, Protocol, Union
@@ -35,6 +36,12 @@ from fastsae.training.seeding import keyed_generator
 
 ACTIVATION_SUFFIXES = (".safetensors", ".npy")
 SAFETENSORS_KEY = "activations"
+INPUTS_KEY, TARGETS_KEY = "inputs", "targets"  # a transcoder's paired activations
+
+
+def row_width(source) -> int:
+    """The width of a source's rows: d_in, or d_in + d_out for paired inputs and targets."""
+    return source.d_in + (getattr(source, "d_out", None) or 0)
 
 
 class ActivationSource(Protocol):
@@ -61,20 +68,20 @@ class ActivationSource(Protocol):
 class _Shard:
     """One file of activations: its path, row count and width, read by row ranges."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, key: str = SAFETENSORS_KEY):
+        self.path, self.key = path, key
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
             try:
                 with safe_open(str(path), framework="pt") as f:
                     keys = list(f.keys())
-                    if SAFETENSORS_KEY not in keys:
+                    if key not in keys:
                         raise ValueError(
-                            f"{path}: expected a tensor named {SAFETENSORS_KEY!r}, found {sorted(keys)}"
+                            f"{path}: expected a tensor named {key!r}, found {sorted(keys)}"
                         )
-                    shape = f.get_slice(SAFETENSORS_KEY).get_shape()
-                    dtype = f.get_slice(SAFETENSORS_KEY).get_dtype()
+                    shape = f.get_slice(key).get_shape()
+                    dtype = f.get_slice(key).get_dtype()
             except ValueError:
                 raise
             except Exception as exc:  # safetensors raises its own error types for bad headers
@@ -102,7 +109,7 @@ class _Shard:
                 from safetensors import safe_open
 
                 self._file = safe_open(str(self.path), framework="pt")
-                self._handle = self._file.get_slice(SAFETENSORS_KEY)
+                self._handle = self._file.get_slice(self.key)
             else:
                 self._handle = np.load(self.path, mmap_mode="r")
         if self.path.suffix == ".safetensors":
@@ -132,14 +139,15 @@ class ActivationFiles:
             files = [path]
         self.path = path
         self.chunk_rows = chunk_rows
-        self.shards = [_Shard(f) for f in files]
-        width = self.shards[0].width
-        for shard in self.shards[1:]:
-            if shard.width != width:
-                raise ValueError(
-                    f"{shard.path}: expected width {width} (as {self.shards[0].path.name}), got {shard.width}"
-                )
-        self._d_in = width
+        paired = _holds_pairs(files[0])
+        self.shards = [_Shard(f, INPUTS_KEY if paired else SAFETENSORS_KEY) for f in files]
+        self.target_shards = [_Shard(f, TARGETS_KEY) for f in files] if paired else None
+        self._d_in = _common_width(self.shards)
+        self.d_out = _common_width(self.target_shards) if paired else None
+        for shard, target in zip(self.shards, self.target_shards or ()):
+            if target.rows != shard.rows:
+                raise ValueError(f"{shard.path}: {INPUTS_KEY!r} has {shard.rows} rows but {TARGETS_KEY!r} has "
+                                 f"{target.rows} (one target row per input row)")
         # Chunk i covers rows [start, stop) of shard s.
         self._chunks: list[tuple[int, int, int]] = []
         for s, shard in enumerate(self.shards):
@@ -156,7 +164,9 @@ class ActivationFiles:
 
     def load_chunk(self, index: int) -> Tensor:
         s, start, stop = self._chunks[index]
-        return self.shards[s].read(start, stop)
+        if self.target_shards is None:
+            return self.shards[s].read(start, stop)
+        return torch.cat([self.shards[s].read(start, stop), self.target_shards[s].read(start, stop)], dim=1)
 
     def describe(self) -> dict:
         return {"kind": "files", "path": str(self.path), "chunk_rows": self.chunk_rows}
@@ -168,18 +178,48 @@ class ActivationFiles:
 
     def __repr__(self) -> str:
         rows = sum(s.rows for s in self.shards)
-        return f"ActivationFiles({str(self.path)!r}: {len(self.shards)} shard(s), {rows:,} rows x {self.d_in})"
+        pairs = f" -> {self.d_out}" if self.d_out is not None else ""
+        return f"ActivationFiles({str(self.path)!r}: {len(self.shards)} shard(s), {rows:,} rows x {self.d_in}{pairs})"
 
 
-def save_activations(path: Union[str, Path], activations: Tensor) -> Path:
-    """Write a [rows, d_in] tensor as an activations shard that `ActivationFiles` reads."""
+def _holds_pairs(path: Path) -> bool:
+    """Whether a shard holds a transcoder's `inputs` and `targets` (and no `activations`)."""
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+    except Exception:
+        return False  # _Shard says what is wrong with the file
+    return SAFETENSORS_KEY not in keys and {INPUTS_KEY, TARGETS_KEY} <= keys
+
+
+def _common_width(shards: list) -> int:
+    for shard in shards[1:]:
+        if shard.width != shards[0].width:
+            raise ValueError(f"{shard.path}: expected width {shards[0].width} (as {shards[0].path.name}'s "
+                             f"{shard.key!r}), got {shard.width}")
+    return shards[0].width
+
+
+def save_activations(path: Union[str, Path], activations: Tensor, targets: Optional[Tensor] = None) -> Path:
+    """Write a [rows, d_in] tensor as an activations shard that `ActivationFiles` reads; with
+    `targets` [rows, d_out], a transcoder's paired shard (`inputs` and `targets`)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     if activations.ndim != 2:
         raise ValueError(f"activations: expected a 2-D [rows, d_in] tensor, got shape {tuple(activations.shape)}")
+    tensors = {SAFETENSORS_KEY: activations}
+    if targets is not None:
+        if targets.ndim != 2 or targets.shape[0] != activations.shape[0]:
+            raise ValueError(f"targets: expected a 2-D [rows, d_out] tensor with the inputs' {activations.shape[0]} rows, "
+                             f"got shape {tuple(targets.shape)}")
+        tensors = {INPUTS_KEY: activations, TARGETS_KEY: targets}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({SAFETENSORS_KEY: activations.detach().cpu().contiguous()}, str(path))
+    save_file({key: t.detach().cpu().contiguous() for key, t in tensors.items()}, str(path))
     return path
 
 
@@ -230,6 +270,10 @@ class ShuffledStream:
     @property
     def d_in(self) -> int:
         return self.source.d_in
+
+    @property
+    def row_width(self) -> int:
+        return row_width(self.source)
 
     def _make_plan(self, epoch: int) -> tuple[list[list[int]], list[int]]:
         """The epoch's buffers (lists of chunk indices) and their cumulative row offsets."""
@@ -303,7 +347,7 @@ class ShuffledStream:
 
     def _checked_chunk(self, index: int) -> Tensor:
         rows = self.source.load_chunk(index)
-        expected = (self.sizes[index], self.d_in)
+        expected = (self.sizes[index], self.row_width)
         if tuple(rows.shape) != expected:
             raise ValueError(f"data source {self.source!r}: chunk {index} has shape {tuple(rows.shape)}, expected {expected}")
         return rows
@@ -333,157 +377,8 @@ class ShuffledStream:
                 torch.cat(parts, out=out)
             return out
         if not parts:
-            return torch.empty(0, self.d_in)
+            return torch.empty(0, self.row_width)
         return parts[0].clone() if len(parts) == 1 else torch.cat(parts)
-
-
-# ---------------------------------------------------------------- prefetching
-
-
-class BatchPrefetcher:
-    """The stream's batches at `position`, `position + batch_size`, ..., read `depth` ahead by a
-    background thread for an accelerator, so reading, shuffling and checking rows overlaps the
-    training step; for training on the CPU, read in the caller's thread (see __init__).
-
-    `next()` returns (position, rows on `device`, n_bad): n_bad counts the NaN/Inf values, found
-    on the host, or is None for rows a source made on the device itself (those are
-    checked on the device, by the trainer's non-finite flag). For a CUDA device the thread fills
-    a ring of pinned host buffers and `next()` issues a non_blocking copy; a buffer is refilled
-    only after an event recorded behind its copy has completed. A source that makes its rows on
-    the device (synthetic data on a GPU) is read inline: its work is kernel launches, which a
-    thread would only slow down by contending for the interpreter.
-
-    `rows` (a slice of each batch: a data-parallel rank's share) limits what goes to the device;
-    n_bad still counts the whole batch, so every rank refuses the same batches."""
-
-    def __init__(self, stream: ShuffledStream, batch_size: int, position: int, device, depth: int = 3,
-                 rows: Optional[slice] = None):
-        self.stream = stream
-        self.batch_size = int(batch_size)
-        self.rows = slice(0, self.batch_size) if rows is None else rows
-        self.device = torch.device(device)
-        self.depth = max(1, int(depth))
-        # Sources return CPU rows unless they say otherwise (SyntheticActivations on a GPU).
-        source_device = torch.device(getattr(stream.source, "rows_device", "cpu"))
-        self.on_device = source_device.type != "cpu"
-        # Training on the CPU reads inline too: the step already keeps every core busy, and a
-        # reading thread's torch ops start a second OpenMP team beside the step's spinning one
-        # (2 cores, 256 -> 4096, k 32, batch 2048: 43k tokens/s with the thread, 56k inline).
-        self.inline = self.on_device or self.device.type == "cpu"
-        self.pinned = self.device.type == "cuda" and not self.inline
-        # Buffers in the consumer's hand or in flight to the device, plus the ready queue's.
-        self._slots = (
-            [(torch.empty(self.batch_size, stream.d_in, pin_memory=True), None) for _ in range(self.depth + 2)]
-            if self.pinned else []
-        )
-        self._thread: Optional[threading.Thread] = None
-        self._start(position)
-
-    # ------------------------------------------------------------ consumer side
-
-    def next(self) -> tuple[int, Tensor, Optional[int]]:
-        if self.inline:
-            position = self._position
-            self._position += self.batch_size
-            rows = self.stream.read(position, self.batch_size)
-            n_bad = None if self.on_device else int(rows.numel() - torch.isfinite(rows).sum())
-            return position, rows[self.rows].to(self.device, non_blocking=True), n_bad
-        item = self._ready.get()
-        if isinstance(item, BaseException):
-            raise item
-        position, rows, n_bad = item
-        if not self.pinned:
-            return position, rows[self.rows].to(self.device), n_bad
-        on_device = rows[self.rows].to(self.device, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()  # on the current stream, behind the copy
-        self._free.put((rows, copied))
-        return position, on_device, n_bad
-
-    def restart(self, position: int) -> None:
-        """Continue from `position` (after a roll-back); batches read ahead are dropped."""
-        self.close()
-        self._start(position)
-
-    def close(self) -> None:
-        thread = self._thread
-        if thread is None:
-            return
-        self._stop.set()
-        self._free.put(None)  # wakes a thread waiting for a buffer
-        while thread.is_alive():
-            try:  # wakes a thread waiting to hand over a batch
-                self._ready.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        thread.join()
-        self._thread = None
-        # Buffers the thread still held or had queued go back to the ring.
-        slots = [s for s in self._drain(self._free) if s is not None]
-        seen = {id(buf) for buf, _ in slots}
-        self._slots = slots + [s for s in self._slots if id(s[0]) not in seen]
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    # ------------------------------------------------------------ producer side
-
-    @staticmethod
-    def _drain(q: queue.Queue) -> list:
-        items = []
-        while True:
-            try:
-                items.append(q.get_nowait())
-            except queue.Empty:
-                return items
-
-    def _start(self, position: int) -> None:
-        self._position = int(position)
-        if self.inline:
-            return
-        self._stop = threading.Event()
-        self._ready: queue.Queue = queue.Queue(maxsize=self.depth)
-        self._free: queue.Queue = queue.Queue()
-        for slot in self._slots:
-            self._free.put(slot)
-        self._thread = threading.Thread(target=self._run, args=(int(position),), name="fastsae-prefetch", daemon=True)
-        self._thread.start()
-
-    def _hand_over(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._ready.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def _run(self, position: int) -> None:
-        try:
-            while not self._stop.is_set():
-                if self.pinned:
-                    slot = self._free.get()
-                    if slot is None or self._stop.is_set():
-                        if slot is not None:
-                            self._free.put(slot)
-                        return
-                    buffer, copied = slot
-                    if copied is not None:
-                        copied.synchronize()  # its previous copy to the device has finished
-                    rows = self.stream.read(position, self.batch_size, out=buffer)
-                else:
-                    rows = self.stream.read(position, self.batch_size)
-                n_bad = int(rows.numel() - torch.isfinite(rows).sum())
-                if not self._hand_over((position, rows, n_bad)):
-                    if self.pinned:
-                        self._free.put((rows, None))
-                    return
-                position += self.batch_size
-        except BaseException as exc:  # raised again in the trainer's thread by next()
-            self._hand_over(exc)
 
 
 def _ranges(rows: list[int], limit: int = 8) -> str:

@@ -16,10 +16,15 @@ from fastsae import architectures
 from fastsae.auxk import DeadLatents
 
 
-def resolve_dead_strategy(arch, strategy: str) -> str:
-    """The strategy a run uses: "auto" asks the architecture; "auxk" needs one that supports it."""
+def resolve_dead_strategy(arch, strategy: str, paired: bool = False) -> str:
+    """The strategy a run uses: "auto" asks the architecture; "auxk" needs one that supports it.
+    Resampling draws new latents from inputs the SAE reconstructs badly, which a transcoder
+    (`paired`: trained on inputs and targets) does not do: "auto" gives it "none" instead."""
     if strategy == "auto":
-        return arch.default_dead_strategy
+        return "none" if paired and arch.default_dead_strategy == "resample" else arch.default_dead_strategy
+    if strategy == "resample" and paired:
+        raise ValueError("dead_strategy: 'resample' re-initialises latents from inputs the SAE reconstructs badly; "
+                         "a transcoder reconstructs no input (use 'auxk' where the architecture has it, or 'none')")
     if strategy == "auxk" and not arch.supports_auxk:
         with_auxk = " or ".join(n for n in architectures.names() if architectures.get(n).supports_auxk)
         raise ValueError(f"dead_strategy: 'auxk' needs a {with_auxk} SAE, got {arch.name!r}")

@@ -36,7 +36,8 @@ def geometric_median(points: Tensor, max_iter: int = 200, tol: float = 1e-7) -> 
 @torch.no_grad()
 def fold_input_scale(sae: SAE, scale: float) -> SAE:
     """A copy of `sae`, trained on inputs multiplied by `scale`, that takes raw inputs and returns
-    raw reconstructions: copy(x) == sae(scale * x) / scale, with the same latents firing."""
+    raw reconstructions: copy(x) == sae(scale * x) / scale, with the same latents firing (a
+    transcoder's targets are scaled by the same factor; its skip connection is linear, unchanged)."""
     folded = copy.deepcopy(sae)
     if scale == 1.0:
         return folded
@@ -61,6 +62,22 @@ def export_for_raw_inputs(whole: SAE, input_scale: float, trained_dtype: str, da
     return sae.eval()
 
 
+def paired_width(sae: SAE, data) -> int | None:
+    """The width of the data's targets (d_out) when it pairs inputs with targets, else None; a
+    ValueError when the data does not fit the SAE: a transcoder (d_out set) trains on pairs
+    whose targets are d_out wide, an SAE on plain activations."""
+    d_out = getattr(data, "d_out", None)
+    if d_out is None and sae.cfg.d_out is not None:
+        raise ValueError(f"data: a transcoder (d_out={sae.cfg.d_out}) trains on paired activations (inputs and "
+                         f"targets: activation files holding both, or --hook-in/--hook-out), got {data!r}")
+    if d_out is not None and sae.cfg.d_out is None:
+        raise ValueError(f"data: {data!r} pairs inputs with targets of width {d_out}: train a transcoder on it "
+                         "(an SAE with d_out set)")
+    if d_out is not None and d_out != sae.d_out:
+        raise ValueError(f"data: expected targets of width d_out={sae.d_out} (the SAE's), got width {d_out} from {data!r}")
+    return d_out
+
+
 def finite_rows(sample: Tensor) -> Tensor:
     """The rows of `sample` free of NaN/Inf, in float64; BadDataError if there are none."""
     finite = torch.isfinite(sample).all(dim=1)
@@ -77,7 +94,8 @@ def normalising_scale(sample: Tensor, d_in: int) -> float:
 
 @torch.no_grad()
 def initial_b_dec(sample: Tensor, how: str) -> Tensor:
-    """b_dec's start (`TrainerConfig.b_dec_init`) from a sample of the normalised data [n, d_in]."""
+    """b_dec's start (`TrainerConfig.b_dec_init`) from a sample of the normalised data [n, d_in]
+    (a transcoder's: of its targets, [n, d_out])."""
     if how == "geometric_median":
         return geometric_median(sample)
     if how == "mean":

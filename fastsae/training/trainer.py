@@ -45,11 +45,12 @@ from fastsae import distributed as fdist
 from fastsae.sae import SAE
 from fastsae.training import checkpoint as ckpt
 from fastsae.training.config import TrainerConfig
-from fastsae.training.data import ActivationSource, BatchPrefetcher, ShuffledStream
+from fastsae.training.data import ActivationSource, ShuffledStream
+from fastsae.training.prefetch import BatchPrefetcher
 from fastsae.losses import fired_and_l0
 from fastsae.training.dead_latents import DeadLatentTracker, resolve_dead_strategy
 from fastsae.training.guard import BadDataError, Refusals, RollbackGuard, bad_batch_message
-from fastsae.training.initialization import export_for_raw_inputs, finite_rows, initial_b_dec, normalising_scale
+from fastsae.training.initialization import export_for_raw_inputs, finite_rows, initial_b_dec, normalising_scale, paired_width
 from fastsae.training.initialization import fold_input_scale, geometric_median  # noqa: F401  (re-exported)
 from fastsae.training.metrics import METRIC_NAMES, MetricsWindow, append_metrics_row, progress_postfix, step_metrics
 from fastsae.training.optim import make_adam
@@ -84,6 +85,7 @@ class Trainer:
             raise ValueError(f"Trainer: expected a TrainerConfig, got {type(cfg).__name__}")
         if data.d_in != sae.d_in:
             raise ValueError(f"data: expected activations of width d_in={sae.d_in} (the SAE's), got width {data.d_in} from {data!r}")
+        self.d_out = paired_width(sae, data)  # a transcoder's rows: input, then target
         if sae.dtype != torch.float32:
             raise ValueError(
                 f"Trainer: expected an SAE in float32 (its weights are the master weights; choose the compute "
@@ -117,7 +119,7 @@ class Trainer:
         self.stream = ShuffledStream(data, seed=cfg.seed, buffer_rows=cfg.shuffle_buffer_rows)
         # torch's fused Adam on CUDA, the chunked in-place one on the CPU (optim.make_adam says why).
         self.optimizer = make_adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, device=sae.device)
-        strategy = resolve_dead_strategy(sae.arch, cfg.dead_strategy)
+        strategy = resolve_dead_strategy(sae.arch, cfg.dead_strategy, paired=self.d_out is not None)
         self.precision = Precision(sae, cfg.dtype, self.sharded)
         self.compute_sae = self.precision.compute
         # Data parallel: DDP all-reduces the compute SAE's gradients during its backward.
@@ -190,12 +192,15 @@ class Trainer:
 
     @torch.no_grad()
     def _initialize(self) -> None:
-        """Normalisation factor and b_dec from a sample of the data's first rows."""
+        """Normalisation factor (of the inputs; a transcoder's targets take the same) and b_dec
+        (from the targets) from a sample of the data's first rows."""
         cfg = self.cfg
         sample = finite_rows(self.stream.read(0, min(cfg.init_sample_rows, self.stream.rows_per_epoch)))
+        d_in = self.sae.d_in
         if cfg.normalize_activations:
-            self.input_scale = normalising_scale(sample, self.sae.d_in)
-        self.sae.b_dec.copy_(initial_b_dec(sample * self.input_scale, cfg.b_dec_init).to(self.sae.dtype))
+            self.input_scale = normalising_scale(sample[:, :d_in], d_in)
+        outputs = sample if self.d_out is None else sample[:, d_in:]
+        self.sae.b_dec.copy_(initial_b_dec(outputs * self.input_scale, cfg.b_dec_init).to(self.sae.dtype))
         self.initialized = True
 
     # ------------------------------------------------------------ the loop
@@ -302,6 +307,8 @@ class Trainer:
         cfg, master, sae = self.cfg, self.sae, self.compute_sae
         checked = self.step < self._replay_until
         x32 = x_raw.to(torch.float32) * self.input_scale
+        y32 = None if self.d_out is None else x32[:, sae.d_in :]  # a transcoder's rows: input, then target
+        x32 = x32 if y32 is None else x32[:, : sae.d_in]
         x = x32.to(sae.dtype)
         lr = cfg.lr_at(self.step)
         coefficient = cfg.sparsity_coefficient_at(self.step)
@@ -310,8 +317,9 @@ class Trainer:
         self.precision.refresh_compute_weights()
         dead_mask = self.dead.for_auxk(sae.device)
         forward = self._ddp if self._ddp is not None else sae.training_forward
+        paired = {} if y32 is None else {"target": y32.to(sae.dtype)}  # the sharded SAE takes no target
         out = forward(
-            x, sparsity_coefficient=coefficient, dead_mask=dead_mask, k_aux=cfg.aux_k, aux_coefficient=cfg.aux_coefficient
+            x, **paired, sparsity_coefficient=coefficient, dead_mask=dead_mask, k_aux=cfg.aux_k, aux_coefficient=cfg.aux_coefficient
         )
         if checked and self._any_rank(not torch.isfinite(out.loss)):
             if self._ddp is not None:  # DDP expects the forward's backward: a zero one, discarded
@@ -345,7 +353,7 @@ class Trainer:
                 if self.data_parallel:  # a latent fired if it fired in any rank's slice
                     fired = fdist.all_reduce_fired(fired)
             self.dead.record(fired, cfg.batch_size)
-            self.window.add(step_metrics(out, x32, l0), self._loss_weight, cfg.batch_size)
+            self.window.add(step_metrics(out, x32 if y32 is None else y32, l0), self._loss_weight, cfg.batch_size)
         self.step += 1
         self.tokens_seen += cfg.batch_size
         self.refusals.in_row = 0

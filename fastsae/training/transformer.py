@@ -93,7 +93,9 @@ def _offline() -> None:
 
 
 class TransformerActivations:
-    """Activations at module `hook` of the model in `model` on the corpus `text`."""
+    """Activations at module `hook` of the model in `model` on the corpus `text`; with `hook_out`,
+    a transcoder's pairs: each row is the output of `hook` then the output of `hook_out`, both read
+    in one forward pass (d_out: the second's width)."""
 
     def __init__(
         self,
@@ -105,6 +107,7 @@ class TransformerActivations:
         max_tokens: Optional[int] = None,
         cache_dir: Union[str, Path, None] = None,
         device: str = "cpu",
+        hook_out: Optional[str] = None,
     ):
         _offline()
         from transformers import AutoModel, AutoTokenizer
@@ -119,7 +122,7 @@ class TransformerActivations:
             raise ValueError(f"seqs_per_chunk: expected a positive integer, got {seqs_per_chunk}")
         self.model_spec = str(model)
         self.model_path = resolve_model(model)
-        self.hook = hook
+        self.hook, self.hook_out = hook, hook_out
         self.text_spec = text if isinstance(text, (str, Path)) else None
         self.seq_len = seq_len
         self.seqs_per_chunk = seqs_per_chunk
@@ -129,11 +132,8 @@ class TransformerActivations:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
         self.tokenizer.model_max_length = 1 << 30  # we cut the stream into windows ourselves
         self.model = AutoModel.from_pretrained(str(self.model_path)).to(self.device).eval()
-        try:
-            self.module = self.model.get_submodule(hook)
-        except AttributeError:
-            names = [n for n, _ in self.model.named_modules() if n][:12]
-            raise ValueError(f"hook: {self.model_path} has no module {hook!r} (modules include {names}, ...)") from None
+        self.modules = [self._module(name) for name in (hook, hook_out) if name is not None]
+        self.module = self.modules[0]
 
         ids: list[int] = []
         for doc in docs:
@@ -147,7 +147,8 @@ class TransformerActivations:
         self.token_ids = torch.tensor(ids, dtype=torch.int64)  # the whole corpus as one stream
         self.window = seq_len - 2
         self.n_windows = -(-len(ids) // self.window)
-        self._d_in = int(self._run_windows(0, 1).shape[1])
+        widths = [int(t.shape[1]) for t in self._run_windows(0, 1, split=True)]
+        self._d_in, self.d_out = widths[0], (widths[1] if hook_out is not None else None)
 
         self.cache_dir: Optional[Path] = None
         if cache_dir is not None:
@@ -202,6 +203,7 @@ class TransformerActivations:
             "kind": "transformer",
             "model": self.model_spec,
             "hook": self.hook,
+            **({"hook_out": self.hook_out} if self.hook_out is not None else {}),  # older runs' dicts unchanged
             "text": str(self.text_spec),
             "seq_len": self.seq_len,
             "seqs_per_chunk": self.seqs_per_chunk,
@@ -212,8 +214,9 @@ class TransformerActivations:
 
     def __repr__(self) -> str:
         return (
-            f"TransformerActivations({self.model_spec} at {self.hook!r}, {len(self.token_ids):,} tokens, "
-            f"width {self.d_in})"
+            f"TransformerActivations({self.model_spec} at {self.hook!r}"
+            f"{f' -> {self.hook_out!r}' if self.hook_out else ''}, {len(self.token_ids):,} tokens, "
+            f"width {self.d_in}{f' -> {self.d_out}' if self.hook_out else ''})"
         )
 
     # ------------------------------------------------------------ running the model
@@ -223,7 +226,8 @@ class TransformerActivations:
         h.update((self.model_path / "config.json").read_bytes())
         for f in sorted(self.model_path.glob("*.safetensors")) + sorted(self.model_path.glob("*.bin")):
             h.update(f"{f.name}:{f.stat().st_size}".encode())
-        h.update(json.dumps([self.hook, self.seq_len, self.seqs_per_chunk]).encode())
+        hooks = [self.hook] if self.hook_out is None else [self.hook, self.hook_out]
+        h.update(json.dumps([*hooks, self.seq_len, self.seqs_per_chunk]).encode())
         h.update(self.token_ids.numpy().tobytes())
         return h.hexdigest()[:16]
 
@@ -254,29 +258,45 @@ class TransformerActivations:
             mask[row, :end] = 1
         return input_ids, mask, keep
 
+    def _module(self, name: str):
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            names = [n for n, _ in self.model.named_modules() if n][:12]
+            raise ValueError(f"hook: {self.model_path} has no module {name!r} (modules include {names}, ...)") from None
+
     @torch.inference_mode()
-    def _run_windows(self, first: int, stop: int) -> Tensor:
-        """Activations [rows, d] of the tokens in windows [first, stop)."""
+    def _run_windows(self, first: int, stop: int, split: bool = False):
+        """Activations [rows, d] of the tokens in windows [first, stop) (a transcoder's pairs side by
+        side, [rows, d_in + d_out]; with `split`, the list of each hook's)."""
         n = stop - first
         input_ids, mask, keep = self.window_inputs(first, stop)
-        captured: list[Tensor] = []
+        names = [name for name in (self.hook, self.hook_out) if name is not None]
+        captured: dict[int, Tensor] = {}
 
-        def grab(_module, _inputs, output):
-            captured.append(output[0] if isinstance(output, (tuple, list)) else output)
-            raise _StopForward
+        def grabber(slot: int):
+            def grab(_module, _inputs, output):
+                captured.setdefault(slot, output[0] if isinstance(output, (tuple, list)) else output)
+                if len(captured) == len(names):
+                    raise _StopForward  # the layers after the last hooked module are not run
+            return grab
 
-        handle = self.module.register_forward_hook(grab)
+        handles = [module.register_forward_hook(grabber(slot)) for slot, module in enumerate(self.modules)]
         try:
             self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device))
         except _StopForward:
             pass
         finally:
-            handle.remove()
-        if not captured:
-            raise ValueError(f"hook {self.hook!r}: the module did not run in the model's forward pass")
-        acts = captured[0]
-        if acts.ndim != 3 or acts.shape[:2] != (n, self.seq_len):
-            raise ValueError(
-                f"hook {self.hook!r}: expected an output [batch, seq, d] = [{n}, {self.seq_len}, d], got {tuple(acts.shape)}"
-            )
-        return acts[keep.to(acts.device)].float().cpu().contiguous()
+            for handle in handles:
+                handle.remove()
+        rows = []
+        for slot, name in enumerate(names):
+            if slot not in captured:
+                raise ValueError(f"hook {name!r}: the module did not run in the model's forward pass")
+            acts = captured[slot]
+            if acts.ndim != 3 or acts.shape[:2] != (n, self.seq_len):
+                raise ValueError(
+                    f"hook {name!r}: expected an output [batch, seq, d] = [{n}, {self.seq_len}, d], got {tuple(acts.shape)}"
+                )
+            rows.append(acts[keep.to(acts.device)].float().cpu().contiguous())
+        return rows if split else rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)

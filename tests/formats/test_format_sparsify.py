@@ -96,9 +96,7 @@ def test_run_folder_loads_as_dict_in_natural_order(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(skip_connection=True), "skip_connection=true"),
     (dict(signed=True), "signed=true"),
-    (dict(transcode=True), "transcode=true"),
     (dict(activation="groupmax"), "activation 'groupmax'"),
     (dict(k=0), "k: expected an integer with 1 <= k"),
 ])

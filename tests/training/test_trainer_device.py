@@ -12,7 +12,8 @@ from helpers.training import PoisonedSource, small_cfg, small_data
 
 import fastsae
 from fastsae.training import SyntheticActivations, Trainer, TrainerConfig, read_metrics
-from fastsae.training.data import BatchPrefetcher, ShuffledStream
+from fastsae.training.data import ShuffledStream
+from fastsae.training.prefetch import BatchPrefetcher
 from fastsae.training.trainer import FLOAT16_LOSS_SCALE
 
 TRAINING_DIR = str(Path(fastsae.__file__).parent / "training")
