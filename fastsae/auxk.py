@@ -21,9 +21,17 @@ from fastsae.sparse import tracing
 
 @dataclass(frozen=True)
 class DeadLatents:
-    """`latents` int64 [C]: the dead latents ascending, then -1. Build with `from_mask`."""
+    """`latents` int64 [C]: the dead latents ascending, then -1. Build with `from_mask`.
+    `rectified`: AuxK decodes the dead latents' ReLU'd pre-activations (OpenAI's and
+    dictionary_learning's AuxK) instead of the raw ones (sparsify's and SAELens')."""
 
     latents: Tensor
+    rectified: bool = False
+
+    def aux_activations(self, aux_pre: Tensor) -> Tensor:
+        """AuxK's kept pre-activations [N, C] (-inf: not kept) as this rule decodes them: rectified,
+        an entry <= 0 is dropped (-inf), which decodes and differentiates as its ReLU (0)."""
+        return aux_pre.masked_fill(aux_pre <= 0, float("-inf")) if self.rectified else aux_pre
 
     @property
     def capacity(self) -> int:

@@ -89,6 +89,12 @@ class SAEConfig:
     jumprelu_init_threshold: float = 0.01
     jumprelu_bandwidth: float = 0.05
     topk_threshold_lr: float = 0.01  # batchtopk: EMA rate of the inference threshold
+    # batchtopk: dictionary_learning's threshold rule (beta = 1 - topk_threshold_lr). The threshold
+    # updates only on training batches numbered (0-based) above `topk_threshold_start_step` (None:
+    # every batch, as SAELens); with `topk_threshold_first_sets` it starts unset (-1) and its first
+    # update sets it to the batch's smallest activation instead of moving it from 0.
+    topk_threshold_start_step: Optional[int] = None
+    topk_threshold_first_sets: bool = False
     # matryoshka_batchtopk: the nested levels' widths (SAELens' key; cumulative group sizes, the
     # last one d_sae); None takes the architecture's default.
     matryoshka_widths: Optional[tuple[int, ...]] = None

@@ -17,6 +17,27 @@ def mean_squared_norm(a: Tensor, b: Tensor) -> Tensor:
     return F.mse_loss(a, b, reduction="sum") / a.shape[0]
 
 
+# How the AuxK loss is normalised (`SAE.training_forward`'s `aux_normalization`):
+#   "dead_fraction":     aux_coefficient * min(1, n_dead / k_aux) * mean ||e_hat - e||^2, on the dead
+#                        latents' raw pre-activations (sparsify's and SAELens' AuxK)
+#   "residual_variance": aux_coefficient * mean ||e_hat - e||^2 / mean ||e - mean_rows(e)||^2, on
+#                        their ReLU'd pre-activations (OpenAI's normalised AuxK, dictionary_learning's)
+AUX_NORMALIZATIONS = ("dead_fraction", "residual_variance")
+
+
+def check_aux_normalization(value) -> str:
+    if value not in AUX_NORMALIZATIONS:
+        raise ValueError(f"aux_normalization: expected one of {AUX_NORMALIZATIONS}, got {value!r}")
+    return value
+
+
+def residual_variance_normalized(aux_recon: Tensor, residual: Tensor) -> Tensor:
+    """mean ||aux_recon - e||^2 over the residual's variance mean ||e - mean_rows(e)||^2; 0 where
+    that is 0/0 (as dictionary_learning's nan_to_num)."""
+    spread = mean_squared_norm(residual, residual.mean(0, keepdim=True).expand_as(residual))
+    return (mean_squared_norm(aux_recon, residual) / spread).nan_to_num(0.0)
+
+
 def aux_width(k_aux: Optional[int], d_in: int, d_sae: int) -> int:
     """AuxK's k_aux (default d_in // 2, at most d_sae; a transcoder passes its output width d_out)."""
     k_aux = d_in // 2 if k_aux is None else k_aux

@@ -10,6 +10,7 @@ row is contiguous for the sparse kernels; `sae.W_enc` still looks exactly like S
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,9 @@ from torch import Tensor
 from fastsae import architectures, ops
 from fastsae.auxk import DeadLatents, as_dead_latents
 from fastsae.config import SAEConfig
-from fastsae.losses import aux_width, mean_squared_norm  # mean_squared_norm: importable from here too
+from fastsae.losses import (  # mean_squared_norm: importable from here too
+    aux_width, check_aux_normalization, mean_squared_norm, residual_variance_normalized,
+)
 from fastsae.sparse import SparseActivations
 from fastsae.sparse_path import SparsePath, default_sparse_width_limit
 
@@ -299,6 +302,7 @@ class SAE(SAETensors):
         dead_mask: Union[Tensor, DeadLatents, None] = None,
         k_aux: Optional[int] = None,
         aux_coefficient: float = 1.0 / 32,
+        aux_normalization: str = "dead_fraction",
     ) -> TrainOutput:
         """Reconstruction and losses for one training batch (rows flattened).
 
@@ -317,6 +321,9 @@ class SAE(SAETensors):
           one), the AuxK loss of Gao et al.: each row's top k_aux (default d_out // 2, as sparsify) dead latents
           reconstruct the detached residual e = target - x_hat, aux_loss = aux_coefficient * min(1, n_dead / k_aux)
           * mean ||e_hat - e||^2. Its cost follows the number of dead latents (see `fastsae.auxk`).
+          With aux_normalization="residual_variance" (OpenAI's and dictionary_learning's AuxK) the
+          dead latents' pre-activations are ReLU'd and aux_loss = aux_coefficient * mean ||e_hat - e||^2
+          / mean ||e - mean_rows(e)||^2 (0 where that is 0/0), with no n_dead / k_aux factor.
         BatchTopK also updates its inference threshold here. `acts` is always `SparseActivations`
         (ReLU/JumpReLU: from the sparse path, or converted after a dense pass; JumpReLU's may hold
         zero-valued entries just below the threshold, which its pseudo-gradients use).
@@ -324,6 +331,9 @@ class SAE(SAETensors):
         x2 = self._flat_input(x)
         y2 = x2 if target is None else self._flat_target(target, x)
         dead = as_dead_latents(dead_mask, self.d_sae, self.device)
+        by_variance = check_aux_normalization(aux_normalization) == "residual_variance"
+        if dead is not None and by_variance:
+            dead = dataclasses.replace(dead, rectified=True)
         n_aux = self._aux_width(k_aux)
         if dead is not None and dead.capacity == 0:
             dead = None  # no dead latent: the loss is 0 (scaled by n_dead / k_aux), nothing to compute
@@ -340,9 +350,12 @@ class SAE(SAETensors):
             # As sparsify: the loss shrinks when fewer latents are dead than k_aux (0 when none
             # is). A device tensor, not a Python number: no host sync, so the step can be
             # compiled with fullgraph=True and captured as a CUDA graph.
-            scale = (dead.count().to(x_hat.dtype) / n_aux).clamp(max=1.0)
             residual = (y2 - x_hat).detach()
-            aux = aux_coefficient * scale * mean_squared_norm(step.aux_recon, residual)
+            if by_variance:
+                aux = aux_coefficient * residual_variance_normalized(step.aux_recon, residual)
+            else:
+                scale = (dead.count().to(x_hat.dtype) / n_aux).clamp(max=1.0)
+                aux = aux_coefficient * scale * mean_squared_norm(step.aux_recon, residual)
         if not isinstance(acts, SparseActivations):  # one type whichever path ran
             acts = SparseActivations.from_dense(acts)
         loss = mse + sparsity + aux

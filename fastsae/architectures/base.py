@@ -183,10 +183,11 @@ class Architecture:
 
     def topk_flat(self, sae: "SAE", x2: Tensor, dead: Optional[DeadLatents] = None, k_aux: int = 0, k: Optional[int] = None):
         """(values [N, k], indices [N, k], AuxK's aux_pre [N, C] over `dead`'s list, or [N, 0])."""
-        return ops.topk_encode(
+        values, indices, aux_pre = ops.topk_encode(
             x2, sae.enc_weight, sae.b_enc, input_b_dec(sae), decoder_norm(sae), k or sae.cfg.k,
             dead.latents if dead is not None else None, k_aux, check_indices=False,
         )
+        return values, indices, aux_pre if dead is None else dead.aux_activations(aux_pre)
 
     # ---------------------------------------------------------------- the module's entry points
 

@@ -70,7 +70,9 @@ class BatchTopK(Architecture):
         aux_recon = None
         if dead is not None:
             # AuxK's selection as the topk_encode op makes it (dead latents at -inf skipped).
-            aux_pre = reference.aux_select(reference.aux_columns(pre, dead.latents), dead.latents, k_aux)
+            aux_pre = dead.aux_activations(
+                reference.aux_select(reference.aux_columns(pre, dead.latents), dead.latents, k_aux)
+            )
             aux_recon = reference.aux_decode(aux_pre, dead.latents, sae.W_dec, decoder_norm(sae))
         return Step(x_hat, acts, zero, zero, aux_recon)
 

@@ -203,6 +203,10 @@ TRAIN_FLAGS = (
          choices=("bfloat16", "float16", "float32"), group=DETAILS, compared=False),
     Flag("dead_strategy", "auto: resample relu, AuxK for topk/batchtopk", "trainer.dead_strategy", default="auto",
          choices=("auto", "resample", "auxk", "none"), group=DETAILS),
+    Flag("aux_normalization", "AuxK's loss: dead_fraction (sparsify, SAELens) or residual_variance (dictionary_learning, "
+         "OpenAI: ReLU'd dead latents, divided by the residual's variance) (default {default})",
+         "trainer.aux_normalization", default="dead_fraction", choices=("dead_fraction", "residual_variance"),
+         group=DETAILS, applies=lambda arch: arch.supports_auxk, off="dead_fraction"),
     Flag("dead_after_tokens", "tokens without firing after which a latent is dead", "trainer.dead_after_tokens", int,
          group=DETAILS, none_is_a_value=True),
     Flag("resample_every", "steps between resamplings (relu)", "trainer.resample_every_steps", int, group=DETAILS,

@@ -168,11 +168,17 @@ class ShardedSAE(SAETensors):
         dead_mask: Optional[Tensor] = None,
         k_aux: Optional[int] = None,
         aux_coefficient: float = 1.0 / 32,
+        aux_normalization: str = "dead_fraction",
     ) -> "ShardedTrainOutput":
         """`SAE.training_forward` over the shards (collective; the same x on every rank). The
         losses and x_hat are the whole SAE's, the same on every rank; `fired` (bool [d_sae]) and
         `l0` are the whole batch's. `acts`: topk, the global selection [N, k] (global indices);
         relu, this rank's own activations (global indices)."""
+        if aux_normalization != "dead_fraction":
+            raise ValueError(
+                f"aux_normalization: a latent-sharded SAE computes AuxK's 'dead_fraction' only, got {aux_normalization!r}; "
+                "train data parallel (without --shard-latents) for 'residual_variance'"
+            )
         x2 = self._flat_input(x)
         if x2.requires_grad:
             x2 = self.into_shards(x2)  # each shard's encoder sees only its latents' part of d x

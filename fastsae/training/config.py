@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from fastsae.losses import check_aux_normalization
+
 TRAINER_CFG_FILENAME = "trainer_cfg.json"
 DEAD_STRATEGIES = ("auto", "resample", "auxk", "none")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
@@ -52,6 +54,7 @@ class TrainerConfig:
     resample_sample_rows: int = 16384
     aux_k: Optional[int] = None  # None: d_in // 2
     aux_coefficient: float = 1.0 / 32
+    aux_normalization: str = "dead_fraction"  # or "residual_variance" (dictionary_learning's AuxK): fastsae.losses
     jumprelu_min_threshold: float = 1e-6  # thresholds are clamped here after each step
     # Logging and checkpoints.
     log_every_steps: int = 50
@@ -95,6 +98,9 @@ class TrainerConfig:
             raise ValueError(f"grad_clip_norm: expected a positive number or None, got {self.grad_clip_norm}")
         if not (self.sparsity_coefficient >= 0 and math.isfinite(self.sparsity_coefficient)):
             raise ValueError(f"sparsity_coefficient: expected a number >= 0, got {self.sparsity_coefficient}")
+        check_aux_normalization(self.aux_normalization)
+        if self.shard_latents and self.aux_normalization != "dead_fraction":
+            raise ValueError("aux_normalization: 'residual_variance' trains data parallel only, not with shard_latents")
         if self.b_dec_init not in B_DEC_INITS:
             raise ValueError(f"b_dec_init: expected one of {B_DEC_INITS}, got {self.b_dec_init!r}")
         if self.dead_strategy not in DEAD_STRATEGIES:

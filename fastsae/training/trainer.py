@@ -319,7 +319,8 @@ class Trainer:
         forward = self._ddp if self._ddp is not None else sae.training_forward
         paired = {} if y32 is None else {"target": y32.to(sae.dtype)}  # the sharded SAE takes no target
         out = forward(
-            x, **paired, sparsity_coefficient=coefficient, dead_mask=dead_mask, k_aux=cfg.aux_k, aux_coefficient=cfg.aux_coefficient
+            x, **paired, sparsity_coefficient=coefficient, dead_mask=dead_mask, k_aux=cfg.aux_k, aux_coefficient=cfg.aux_coefficient,
+            aux_normalization=cfg.aux_normalization,
         )
         if checked and self._any_rank(not torch.isfinite(out.loss)):
             if self._ddp is not None:  # DDP expects the forward's backward: a zero one, discarded
