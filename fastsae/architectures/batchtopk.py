@@ -33,6 +33,16 @@ class BatchTopK(Architecture):
     saelens_training_name = "batchtopk"  # SAELens' BatchTopK training class; saved and inferred as JumpReLU
     saelens_transcoder_names = ("jumprelu_transcoder", "jumprelu_skip_transcoder")  # as JumpReLU, too
 
+    # dictionary_learning's threshold rule (fastsae.config's comment), off by default.
+    config_options = ("topk_threshold_start_step", "topk_threshold_first_sets")
+
+    def complete_config(self, cfg) -> None:
+        start = cfg.topk_threshold_start_step
+        if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
+            raise ValueError(f"topk_threshold_start_step: expected a non-negative integer or None, got {start!r}")
+        if not isinstance(cfg.topk_threshold_first_sets, bool):
+            raise ValueError(f"topk_threshold_first_sets: expected a bool, got {cfg.topk_threshold_first_sets!r}")
+
     def fold_input_scale(self, folded, scale: float) -> None:
         if folded.cfg.rescale_acts_by_decoder_norm:
             folded.topk_threshold.div_(scale)  # the rescaled activations shrink by the same factor
@@ -40,10 +50,18 @@ class BatchTopK(Architecture):
     def after_optimizer_step(self, master, forward_sae, cfg) -> None:
         if forward_sae is not master:
             master.topk_threshold.copy_(forward_sae.topk_threshold)  # updated by the forward
+            if master.cfg.topk_threshold_start_step is not None:
+                master.threshold_batches_seen.copy_(forward_sae.threshold_batches_seen)
 
     def create_extra_parameters(self, sae, factory: dict) -> None:
-        # The inference threshold: an EMA of the smallest positive training activation.
-        sae.register_buffer("topk_threshold", torch.zeros((), dtype=torch.float64, device=factory["device"]))
+        # The inference threshold: an EMA of the smallest positive training activation; -1 (unset,
+        # as dictionary_learning's) where the first update sets it.
+        start = -1.0 if sae.cfg.topk_threshold_first_sets else 0.0
+        sae.register_buffer("topk_threshold", torch.full((), start, dtype=torch.float64, device=factory["device"]))
+        if sae.cfg.topk_threshold_start_step is not None:
+            # The training batches seen, for the start step: a buffer, so checkpoints keep it and a
+            # rolled-back step takes it back.
+            sae.register_buffer("threshold_batches_seen", torch.zeros((), dtype=torch.int64, device=factory["device"]))
 
     def acts_dense(self, sae, pre: Tensor) -> Tensor:
         if sae.training:
@@ -79,10 +97,20 @@ class BatchTopK(Architecture):
     @staticmethod
     @torch.no_grad()
     def _update_threshold(sae, acts: Tensor) -> None:
+        cfg = sae.cfg
+        if cfg.topk_threshold_start_step is not None:
+            batch = int(sae.threshold_batches_seen)  # this batch's 0-based number
+            sae.threshold_batches_seen.add_(1)
+            if batch <= cfg.topk_threshold_start_step:
+                return
         positive = acts[acts > 0]
         if positive.numel():
-            lr = sae.cfg.topk_threshold_lr
-            sae.topk_threshold.mul_(1 - lr).add_(lr * positive.min().to(torch.float64))
+            smallest = positive.min().to(torch.float64)
+            if cfg.topk_threshold_first_sets and sae.topk_threshold < 0:
+                sae.topk_threshold.copy_(smallest)
+            else:
+                lr = cfg.topk_threshold_lr
+                sae.topk_threshold.mul_(1 - lr).add_(lr * smallest)
 
     def _sparse_selection(self, sae, x2: Tensor, dead: Optional[DeadLatents], k_aux: int):
         """The batch's N k largest activations without the dense matrix (`batch_top_entries` over

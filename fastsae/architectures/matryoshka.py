@@ -81,7 +81,7 @@ def check_weights(weights, n_levels: int) -> tuple[float, ...]:
 
 class MatryoshkaBatchTopK(BatchTopK):
     name = "matryoshka_batchtopk"
-    config_options = ("matryoshka_widths", "matryoshka_weights")
+    config_options = BatchTopK.config_options + ("matryoshka_widths", "matryoshka_weights")
 
     # SAELens' MatryoshkaBatchTopKTrainingSAE, densely (fastsae.bench's baselines and peers).
     reference_training = ReferenceTraining(
@@ -90,6 +90,7 @@ class MatryoshkaBatchTopK(BatchTopK):
     )
 
     def complete_config(self, cfg) -> None:
+        super().complete_config(cfg)
         cfg.matryoshka_widths = check_widths(
             cfg.matryoshka_widths if cfg.matryoshka_widths is not None else default_widths(cfg.d_sae), cfg.d_sae
         )

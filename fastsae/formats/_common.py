@@ -73,6 +73,9 @@ def build_sae(
     with torch.no_grad():
         for name, t in tensors.items():
             getattr(sae, name).copy_(t)  # parameters, and buffers such as BatchTopK's float64 threshold
+        for name, buffer in sae.named_buffers():
+            if name not in tensors:  # a training count no file holds (BatchTopK's batches seen) starts afresh
+                buffer.zero_()
     return sae.eval()
 
 
