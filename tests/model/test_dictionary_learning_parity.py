@@ -179,3 +179,40 @@ def test_threshold_count_is_a_buffer_that_checkpoints_keep(tmp_path):
 def test_bad_threshold_options_say_what_was_expected(options, match):
     with pytest.raises(ValueError, match=match):
         SAE(d_in=8, d_sae=16, k=2, **options)
+
+
+def test_trainer_resumes_dictionary_learnings_rules_as_an_uninterrupted_run(tmp_path):
+    """With both options the trainer's run, stopped and resumed, ends as the whole run: the
+    threshold's batch count is in the checkpoint, and AuxK's rule in trainer_cfg.json."""
+    from helpers.training import small_cfg, small_data
+
+    from fastsae.training import Trainer
+
+    def sae():
+        torch.manual_seed(0)
+        return SAE(d_in=16, d_sae=64, architecture="matryoshka_batchtopk", k=4, matryoshka_widths=(8, 24, 64),
+                   topk_threshold_start_step=3, topk_threshold_first_sets=True, topk_threshold_lr=0.1)
+
+    cfg = dict(total_tokens=256 * 10, log_every_steps=3, dead_after_tokens=256, aux_normalization="residual_variance")
+    whole = Trainer(sae(), small_data(), small_cfg(**cfg), tmp_path / "whole")
+    whole.train()
+    part = Trainer(sae(), small_data(), small_cfg(**cfg), tmp_path / "part")
+    part.train(max_steps=5)
+    resumed = Trainer.resume(tmp_path / "part")
+    assert resumed.cfg.aux_normalization == "residual_variance"
+    resumed.train()
+    assert int(resumed.sae.threshold_batches_seen) == 10 and float(resumed.sae.topk_threshold) > 0
+    for (name, a), b in zip(whole.sae.state_dict().items(), resumed.sae.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_the_cli_flag_sets_aux_normalization():
+    from fastsae.cli import build_parser
+    from fastsae.cli.train import build_run
+    from fastsae.training.synthetic import SyntheticActivations
+
+    data = SyntheticActivations(d_in=16, n_features=32, l0=2, seed=0)
+    args = ["train", "--data", "synthetic", "--architecture", "matryoshka_batchtopk", "--d-sae", "64"]
+    assert build_run(build_parser().parse_args(args), data)[1].aux_normalization == "dead_fraction"
+    _, cfg = build_run(build_parser().parse_args([*args, "--aux-normalization", "residual_variance"]), data)
+    assert cfg.aux_normalization == "residual_variance"
