@@ -189,8 +189,12 @@ class SAEConfig:
         if not rules.uses_k:
             d.pop("k")
             d.pop("rescale_acts_by_decoder_norm")
-        for option in {o for r in _RULES.values() for o in r.options} - set(rules.options):
-            d.pop(option, None)
+        # Architecture options are saved only where they are set: a file of a default SAE keeps
+        # the keys it always had.
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for option in {o for r in _RULES.values() for o in r.options}:
+            if option not in rules.options or d.get(option) == defaults[option]:
+                d.pop(option, None)
         if self.d_out is None:
             d.pop("d_out")
         if not self.skip_connection:
