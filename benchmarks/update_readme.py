@@ -24,6 +24,8 @@ def _step(row: dict) -> str:
     """The step a row times: its architecture and, with AuxK, the dead fraction (older results
     files, without these fields, timed TopK without AuxK)."""
     arch = row.get("architecture", "topk")
+    if row.get("transcoder"):
+        arch += " skip transcoder" if row.get("skip") else " transcoder"
     dead = row.get("dead_fraction")
     return arch if dead is None else f"{arch}, AuxK {dead:.0%} dead"
 
@@ -36,7 +38,8 @@ def _speedup(pairs: dict, baseline: str) -> str:
 def _headline(result: dict) -> str:
     """The step training runs most: TopK with AuxK at 1% dead latents, against SAELens' math."""
     rows = [r for r in result["rows"] if r["op"] == "train_step" and r.get("architecture") == "topk"
-            and r.get("dead_fraction") == 0.01 and not r["is_baseline"] and r["baseline"] == "torch-dense"]
+            and r.get("dead_fraction") == 0.01 and not r.get("transcoder") and not r["is_baseline"]
+            and r["baseline"] == "torch-dense"]
     if not rows:
         return ""
     best = min(rows, key=lambda r: r["ms"])

@@ -11,10 +11,12 @@
   F.embedding_bag (on CUDA in 16 bits, whose embedding_bag has no backward, a gather of the k rows
   and a weighted sum); AuxK the same way (masked dense top-k, then the embedding-bag decoder).
 
-Both hold SAELens-layout parameters (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec,
-JumpReLU's threshold), copied from the fastsae SAE being compared, and compute the loss
-`SAE.training_forward` computes (MSE summed over d_in and averaged over rows, plus the sparsity
-and AuxK terms with the same coefficients), so every contender does the same work on the same numbers.
+Both hold SAELens-layout parameters (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_out], b_dec,
+JumpReLU's threshold, a transcoder's W_skip [d_out, d_in]), copied from the fastsae SAE being
+compared, and compute the loss `SAE.training_forward` computes (MSE summed over d_out and averaged
+over rows, plus the sparsity and AuxK terms with the same coefficients), so every contender does
+the same work on the same numbers. A transcoder's step takes a target: its output (decode + b_dec
++ x @ W_skip.T) is compared with the target, and AuxK reconstructs the residual target - output.
 """
 
 from __future__ import annotations
@@ -106,8 +108,8 @@ def gather_weighted_sum(values: Tensor, indices: Tensor, weight: Tensor) -> Tens
     return torch.bmm(values.unsqueeze(1), weight[indices]).squeeze(1)
 
 
-def aux_k(d_in: int, d_sae: int) -> int:
-    return min(d_in // 2, d_sae)
+def aux_k(d_out: int, d_sae: int) -> int:
+    return min(d_out // 2, d_sae)
 
 
 class DenseSAE(nn.Module):
@@ -125,8 +127,12 @@ class DenseSAE(nn.Module):
         self.b_dec = nn.Parameter(sae.b_dec.detach().clone())
         for name in self.math.extra_parameters:
             setattr(self, name, nn.Parameter(getattr(sae, name).detach().clone()))
+        skip = None if sae.W_skip is None else nn.Parameter(sae.W_skip.detach().clone())
+        self.register_parameter("W_skip", skip)
 
     def pre(self, x: Tensor) -> Tensor:
+        if not self.cfg.apply_b_dec_to_input:  # transcoders (SAELens', sparsify's) encode x as it is
+            return x @ self.W_enc + self.b_enc
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
     def activate(self, pre: Tensor) -> Tensor:
@@ -142,21 +148,27 @@ class DenseSAE(nn.Module):
         """AuxK's reconstruction from the dead latents' top k_aux: SAELens scatters them dense."""
         return torch.zeros_like(like).scatter(-1, top.indices, top.values) @ self.W_dec
 
-    def loss(self, x: Tensor, dead_mask: Optional[Tensor] = None, coefficient: float = 0.0) -> Tensor:
+    def loss(self, x: Tensor, dead_mask: Optional[Tensor] = None, coefficient: float = 0.0,
+             target: Optional[Tensor] = None) -> Tensor:
+        y = x if target is None else target  # what the output is trained to match
         pre = self.pre(x)
         acts = self.sparse_form(pre)
         x_hat = self.decode(acts)
-        loss = (x_hat - x).pow(2).sum(-1).mean()
+        if self.W_skip is not None:
+            x_hat = x_hat + x @ self.W_skip.T
+        loss = (x_hat - y).pow(2).sum(-1).mean()
         if self.math.nested is not None:
-            loss = loss + self.math.nested(self, x, acts)
+            # the levels reconstruct what the skip connection leaves of the target
+            goal = y if self.W_skip is None else y - x @ self.W_skip.T
+            loss = loss + self.math.nested(self, goal, acts)
         if self.math.penalty is not None and coefficient:
             loss = loss + coefficient * self.math.penalty(self, pre, acts)
         if dead_mask is not None and self.math.auxk:
             n_dead = int(dead_mask.sum())  # a host sync on a GPU, as SAELens does
             if n_dead:
-                k_aux = aux_k(x.shape[1], pre.shape[1])
+                k_aux = aux_k(y.shape[1], pre.shape[1])
                 top = pre.masked_fill(~dead_mask, float("-inf")).topk(min(k_aux, n_dead), dim=-1, sorted=False)
-                residual = (x - x_hat).detach()
+                residual = (y - x_hat).detach()
                 e_hat = self.aux_decode(top, pre)
                 loss = loss + AUX_COEFFICIENT * min(1.0, n_dead / k_aux) * (e_hat - residual).pow(2).sum(-1).mean()
         return loss

@@ -7,7 +7,9 @@ What each op times:
 - train_step: the steps training runs (`STEP_CASES`): TopK with AuxK at 0%, 1% and 10% dead
               latents (a dead mask passed every step, as `fastsae train` does once latents can be
               dead), BatchTopK with AuxK at 1%, ReLU with its L1 penalty and JumpReLU with its
-              L0 penalty (their dead latents are resampled between steps, or left: no mask).
+              L0 penalty (their dead latents are resampled between steps, or left: no mask),
+              and TopK as a skip transcoder with AuxK at 1% (d_out = d_in, trained on a second
+              random input as its target; its rows say "transcoder": true, "skip": true).
               ReLU and JumpReLU SAEs are set so that rows hold about k active latents, as a
               trained one does (their bias or threshold at each latent's 1 - k/d_sae quantile).
               Each row names its `architecture` and `dead_fraction`; the baselines and peers run
@@ -74,20 +76,29 @@ class Shape:
 @dataclass(frozen=True)
 class StepCase:
     """A training step to time: the architecture and, for AuxK (topk, batchtopk), the fraction of
-    latents marked dead (None: no dead mask)."""
+    latents marked dead (None: no dead mask); a transcoder (d_out = d_in, so the shapes stay the
+    bench's; apply_b_dec_to_input off, as SAELens' and sparsify's) trains on a target, with a skip
+    connection W_skip if `skip`."""
 
     architecture: str
     dead_fraction: Optional[float] = None
+    transcoder: bool = False
+    skip: bool = False
 
     def __str__(self) -> str:
         dead = "" if self.dead_fraction is None else f", {self.dead_fraction:.0%} dead"
-        return f"{self.architecture}{dead}"
+        kind = (", skip transcoder" if self.skip else ", transcoder") if self.transcoder else ""
+        return f"{self.architecture}{kind}{dead}"
 
 
 # TopK at 0%, 1% and 10% dead, BatchTopK at 1%, ReLU, JumpReLU (`baselines.BENCH_MATH`).
-STEP_CASES = tuple(StepCase(name, dead) for name, math in BENCH_MATH.items() for dead in math.dead_fractions)
+SAE_CASES = tuple(StepCase(name, dead) for name, math in BENCH_MATH.items() for dead in math.dead_fractions)
 # The TopK SAE without a dead mask: what encode and decode time.
 ENCODE_CASE = StepCase(next(name for name, math in BENCH_MATH.items() if math.encode_case))
+# The headline architecture as a skip transcoder, AuxK at 1% dead. No peer computes it (SAELens'
+# SkipTranscoder is a ReLU inference class; sparsify's skip coder is not wired as a peer here).
+TRANSCODER_CASES = (StepCase(ENCODE_CASE.architecture, 0.01, transcoder=True, skip=True),)
+STEP_CASES = SAE_CASES + TRANSCODER_CASES
 SPARSITY_COEFFICIENT = 1.0  # the penalty's coefficient (ReLU's L1, JumpReLU's L0), the same for every contender
 CPU_SHAPES = [Shape(2048, 768, 16384, 32)]
 CPU_QUICK = [Shape(1024, 256, 4096, 16)]
@@ -122,13 +133,16 @@ def bench_sae(shape: Shape, case: StepCase, device: torch.device, dtype: torch.d
     like the bench's, so rows hold about k active latents, as in a trained SAE."""
     torch.manual_seed(0)
     math = BENCH_MATH[case.architecture]
+    transcoder = dict(d_out=shape.d_in, apply_b_dec_to_input=False, skip_connection=case.skip) if case.transcoder else {}
     sae = SAE(
         d_in=shape.d_in, d_sae=shape.d_sae, architecture=case.architecture, k=shape.k if math.takes_k else None,
-        dtype=str(dtype).removeprefix("torch."), device=str(device),
+        dtype=str(dtype).removeprefix("torch."), device=str(device), **transcoder,
     )
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.01)
         sae.b_dec.normal_(0, 0.01)
+        if sae.W_skip is not None:
+            sae.W_skip.normal_(0, 0.01)  # a skip connection that has trained a little (it starts at 0)
         if math.calibrate is not None:
             sample = torch.randn(min(shape.n, 4096), shape.d_in, device=device, dtype=torch.float32)
             pre = (sample - sae.b_dec.float()) @ sae.W_enc.float() + sae.b_enc.float()
@@ -154,8 +168,14 @@ def _contenders(
     """{name: fn} for one op, shape and (train_step) case; fns take no arguments and run one call."""
     sae = bench_sae(shape, case, device, dtype)
     baselines = tuple(b for b in baselines if case.architecture in BASELINE_ARCHITECTURES[b])
-    peers = tuple(p for p in peers if case.architecture in PEER_ARCHITECTURES[p])
+    peers = tuple(p for p in peers if case.architecture in PEER_ARCHITECTURES[p] and not case.transcoder)
     xs = _Rotating([torch.randn(shape.n, shape.d_in, device=device, dtype=dtype) for _ in range(n_inputs)])
+    # A transcoder's target for each input: a second random input of the same shape.
+    targets = [torch.randn_like(x) for x in xs.items] if case.transcoder else None
+
+    def batch() -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        x = xs.next()
+        return x, None if targets is None else targets[xs.i]
     fns: dict[str, Callable[[], object]] = {}
 
     if op == "encode":
@@ -196,18 +216,21 @@ def _contenders(
             opt = make_adam(model.parameters(), lr=1e-4, device=device)
 
             def run(b=b, model=model, opt=opt):
+                x, y = batch()
                 with use_backend(b):
-                    harness.train_step(model, opt, xs.next(), sparsity_coefficient=coefficient, dead_mask=mask)
+                    harness.train_step(model, opt, x, target=y, sparsity_coefficient=coefficient, dead_mask=mask)
             fns[b] = run
-            if graph and device.type == "cuda" and BENCH_MATH[case.architecture].capturable:
+            # (a captured step reads no target)
+            if graph and device.type == "cuda" and BENCH_MATH[case.architecture].capturable and not case.transcoder:
                 fns[f"{b}+graph"] = _captured_step(b, sae, xs, device, mask)
         for name in list(baselines) + list(peers):
             base = make_baseline(name, sae) if name in BASELINES else make_peer(name, sae, coefficient)
             opt = torch.optim.Adam(base.parameters(), lr=1e-4)
 
             def run(base=base, opt=opt):
+                x, y = batch()
                 opt.zero_grad(set_to_none=True)
-                base.loss(xs.next(), mask, coefficient).backward()
+                (base.loss(x, mask, coefficient) if y is None else base.loss(x, mask, coefficient, y)).backward()
                 opt.step()
             fns[name] = run
     else:
@@ -397,6 +420,7 @@ def _rows(op, shape, meta, times, mems, floor, matmul_ms, case: StepCase = ENCOD
             "shape": str(shape),
             "architecture": case.architecture,
             "dead_fraction": case.dead_fraction,
+            **({"transcoder": True, "skip": case.skip} if case.transcoder else {}),
             "n": shape.n, "d_in": shape.d_in, "d_sae": shape.d_sae, "k": shape.k,
             "dtype": meta["dtype"],
             "device": meta["device"],

@@ -58,6 +58,8 @@ def _bench(args: argparse.Namespace) -> int:
             if name not in benched:
                 raise SystemExit(f"fastsae bench: --architectures: expected some of {benched}, got {name!r}")
         cases = tuple(case for case in runner.STEP_CASES if case.architecture in wanted)
+    if args.transcoders != "include":
+        cases = tuple(case for case in cases if case.transcoder == (args.transcoders == "only"))
     result = runner.run_bench(
         device=args.device, quick=args.quick, ops=ops, shapes=shapes, backends=backends, reps=args.reps,
         peers=args.peers.split(",") if args.peers else None, graph=args.graph, cases=cases,
@@ -128,6 +130,8 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--shape", action="append", metavar="N,D_IN,D_SAE,K", help="custom shape (repeatable)")
     bench.add_argument("--architectures", help="comma-separated: time train_step for these architectures only "
                        "(default: every architecture the bench compares)")
+    bench.add_argument("--transcoders", choices=("include", "only", "exclude"), default="include",
+                       help="train_step: time the transcoder cases too (default), only them, or not")
     bench.add_argument("--peers", help="comma-separated of saelens,sparsify,saelens+fastsae,sparsify+fastsae (default: those importable, on cuda)")
     bench.add_argument("--graph", action="store_true", help="also time each backend's train_step captured as a CUDA graph")
     bench.set_defaults(func=_bench)

@@ -35,6 +35,7 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     x: Tensor,
     *,
+    target: Optional[Tensor] = None,
     dead_mask=None,
     sparsity_coefficient: Optional[float] = None,
     k_aux: Optional[int] = None,
@@ -48,10 +49,10 @@ def train_step(
 
     found_inf (a 0-d float tensor on the device): set to 1 when the loss is not finite and handed
     to the fused Adam, which then skips the whole update (no host sync, so it can be captured).
-    None-valued keywords take `training_forward`'s defaults.
+    None-valued keywords take `training_forward`'s defaults (target None: x, an autoencoder).
     """
     optimizer.zero_grad(set_to_none=True)
-    kwargs = {"dead_mask": dead_mask}
+    kwargs = {"dead_mask": dead_mask, "target": target}
     for name, value in (("sparsity_coefficient", sparsity_coefficient), ("k_aux", k_aux),
                         ("aux_coefficient", aux_coefficient)):
         if value is not None:

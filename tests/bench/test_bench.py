@@ -26,10 +26,10 @@ def _case_sae(case, d_in=48, d_sae=333, k=7, n=29):
     return sae, torch.randn(n, d_in), runner.dead_mask_for(case, d_sae, torch.device("cpu"))
 
 
-def _assert_same_step(sae, other, x, mask, coefficient, params):
+def _assert_same_step(sae, other, x, mask, coefficient, params, target=None):
     """`other`'s loss (the contender's whole loss) and gradients equal fastsae's training step's."""
-    out = sae.training_forward(x, sparsity_coefficient=coefficient, dead_mask=mask)
-    loss = other.loss(x, mask, coefficient)
+    out = sae.training_forward(x, target=target, sparsity_coefficient=coefficient, dead_mask=mask)
+    loss = other.loss(x, mask, coefficient) if target is None else other.loss(x, mask, coefficient, target)
     assert_rel_close(loss.detach(), out.loss.detach().double(), 1e-5, "loss")
     out.loss.backward()
     loss.backward()
@@ -47,7 +47,12 @@ def test_baselines_compute_fastsae_loss_and_gradients(name, case):
     coefficient = runner.SPARSITY_COEFFICIENT if case.architecture in ("relu", "jumprelu") else 0.0
     base = baselines.make_baseline(name, sae)
     params = ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if case.architecture == "jumprelu" else ())
-    out = _assert_same_step(sae, base, x, mask, coefficient, params)
+    # A transcoder's step: a second random input as its target, and the skip connection's gradient.
+    target = torch.randn_like(x) if case.transcoder else None
+    if case.skip:
+        assert sae.W_skip is not None and sae.W_skip.abs().sum() > 0 and not sae.cfg.apply_b_dec_to_input
+        params += ("W_skip",)
+    out = _assert_same_step(sae, base, x, mask, coefficient, params, target)
     if case.dead_fraction:
         assert out.aux_loss > 0  # AuxK took part
     if case.architecture in ("relu", "jumprelu"):
@@ -91,8 +96,14 @@ def test_run_bench_rows():
     # the same contender's time is the same in every row that names it
     by = {}
     for r in rows:
-        by.setdefault((r["op"], r["architecture"], r["dead_fraction"], r["backend"]), set()).add(r["ms"])
+        by.setdefault((r["op"], r["architecture"], r["dead_fraction"], r.get("transcoder"), r["backend"]), set()).add(r["ms"])
     assert all(len(v) == 1 for v in by.values())
+    # the skip transcoder's step: TopK with AuxK at 1%, against both baselines; other rows unmarked
+    transcoder_rows = [r for r in rows if "transcoder" in r]
+    assert {(r["architecture"], r["dead_fraction"], r["transcoder"], r["skip"]) for r in transcoder_rows} == {
+        ("topk", 0.01, True, True)}
+    assert {r["backend"] for r in transcoder_rows} == set(backends) | {"torch-dense", "torch-sparse"}
+    assert all("skip" not in r for r in rows if "transcoder" not in r)
     table = runner.format_table([r for r in rows if r["op"] == "train_step" and r["dead_fraction"] == 0.01])
     assert "torch-dense" in table and "x floor" in table
 
@@ -123,6 +134,17 @@ def test_bench_cli_times_the_architectures_asked_for(tmp_path, capsys):
     assert {r["architecture"] for r in rows} == {"matryoshka_batchtopk", "relu"}
     with pytest.raises(SystemExit, match="--architectures: expected some of .* got 'toppk'"):
         main(["bench", "--ops", "train_step", "--architectures", "toppk"])
+
+
+def test_bench_cli_times_the_transcoder_cases_asked_for(tmp_path):
+    out = tmp_path / "t.json"
+    args = ["bench", "--shape", "40,12,50,2", "--reps", "2", "--ops", "train_step", "--architectures", "topk"]
+    assert main(args + ["--transcoders", "only", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["transcoder"] and r["skip"] and r["dead_fraction"] == 0.01 for r in rows)
+    assert main(args + ["--transcoders", "exclude", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["dead_fraction"] for r in rows} == {0.0, 0.01, 0.1} and not any("transcoder" in r for r in rows)
 
 
 def test_bench_cli_rejects_bad_arguments():
@@ -171,7 +193,7 @@ def test_bench_graph_needs_cuda_and_peers_are_checked():
 
 
 @pytest.mark.skipif(not peers.importable("saelens"), reason="sae_lens is not installed")
-@pytest.mark.parametrize("case", runner.STEP_CASES, ids=str)
+@pytest.mark.parametrize("case", runner.SAE_CASES, ids=str)  # no peer runs the transcoder cases
 def test_saelens_peer_computes_fastsae_loss_and_gradients(case):
     """SAELens' own training SAE, as the bench runs it, computes fastsae's step (AuxK on the same
     mask, the same sparsity penalty): a like-for-like comparison."""

@@ -99,8 +99,11 @@ def test_bench_math_is_keyed_by_the_architecture_registry():
     assert baselines.BASELINE_ARCHITECTURES["torch-dense"] == tuple(baselines.BENCH_MATH)
     for name, math in baselines.BENCH_MATH.items():
         assert math.auxk == architectures.get(name).supports_auxk, name
-        assert math.dead_fractions == tuple(c.dead_fraction for c in runner.STEP_CASES if c.architecture == name)
+        assert math.dead_fractions == tuple(c.dead_fraction for c in runner.SAE_CASES if c.architecture == name)
         assert (runner.sparsity_coefficient(runner.StepCase(name)) > 0) == (math.penalty is not None)
+    # and the transcoder cases: the headline architecture as a skip transcoder, AuxK at 1% dead
+    assert runner.STEP_CASES == runner.SAE_CASES + runner.TRANSCODER_CASES
+    assert runner.TRANSCODER_CASES == (runner.StepCase(runner.ENCODE_CASE.architecture, 0.01, True, True),)
 
 
 def test_the_bench_follows_each_architectures_reference_training():
