@@ -72,6 +72,9 @@ class Architecture:
     aliases: tuple[str, ...] = ()
     # SAEConfig fields that only this architecture reads (see `complete_config`).
     config_options: tuple[str, ...] = ()
+    # The dictionary_learning class fastsae writes it as (`fastsae.formats.save(..., to="dictionary_learning")`),
+    # or "" where fastsae writes none.
+    dictionary_learning_class = ""
     # What the trainer does with dead latents when asked for "auto", and whether AuxK applies.
     default_dead_strategy = "none"
     supports_auxk = False

@@ -31,6 +31,7 @@ class BatchTopK(Architecture):
         "BatchTopKTrainingSAE", activate=lambda model, pre: batch_topk(pre.relu(), model.cfg.k)
     )
     saelens_training_name = "batchtopk"  # SAELens' BatchTopK training class; saved and inferred as JumpReLU
+    dictionary_learning_class = "BatchTopKSAE"  # the dictionary_learning module fastsae saves it as
     saelens_transcoder_names = ("jumprelu_transcoder", "jumprelu_skip_transcoder")  # as JumpReLU, too
 
     # dictionary_learning's threshold rule (fastsae.config's comment), off by default.

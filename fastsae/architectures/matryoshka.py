@@ -82,6 +82,7 @@ def check_weights(weights, n_levels: int) -> tuple[float, ...]:
 class MatryoshkaBatchTopK(BatchTopK):
     name = "matryoshka_batchtopk"
     config_options = BatchTopK.config_options + ("matryoshka_widths", "matryoshka_weights")
+    dictionary_learning_class = "MatryoshkaBatchTopKSAE"  # the dictionary_learning module fastsae saves it as
 
     # SAELens' MatryoshkaBatchTopKTrainingSAE, densely (fastsae.bench's baselines and peers).
     reference_training = ReferenceTraining(

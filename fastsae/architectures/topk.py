@@ -33,6 +33,7 @@ class TopK(Architecture):
     saelens_pre_6_0_activation = "topk"
     saelens_pre_6_0_kwargs = ("k",)
     sparsify_activation = "topk"
+    dictionary_learning_class = "AutoEncoderTopK"  # the dictionary_learning module fastsae saves it as
 
     def encode_sparse(self, sae, x2: Tensor) -> SparseActivations:
         values, indices, _ = self.topk_flat(sae, x2)

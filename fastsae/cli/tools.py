@@ -144,11 +144,14 @@ def add_other_parsers(sub) -> None:
     convert = sub.add_parser(
         "convert",
         help="convert a checkpoint (SAELens, sparsify, dictionary_learning, OpenAI .pt, Gemma Scope .npz)",
-        description="Read SRC in any format fastsae reads (detected) and write DST as SAELens (default) or sparsify.",
+        description="Read SRC in any format fastsae reads (detected) and write DST as SAELens (default), sparsify, "
+        "circuit-tracer or dictionary_learning.",
     )
     convert.add_argument("src", metavar="SRC", help="checkpoint folder or file")
     convert.add_argument("dst", metavar="DST", help="output folder")
-    convert.add_argument("--to", choices=("saelens", "sparsify"), default="saelens", help="output format")
+    from fastsae.formats import SAVE_FORMATS
+
+    convert.add_argument("--to", choices=SAVE_FORMATS, default="saelens", help="output format")
     convert.add_argument("--overwrite", action="store_true", help="write into DST even if it is not empty")
     convert.set_defaults(func=_convert)
 

@@ -29,7 +29,7 @@ from fastsae.formats import circuit_tracer, dictionary_learning, gemmascope, ope
 from fastsae.formats._common import read_json, read_torch
 
 FORMATS = ("saelens", "sparsify", "dictionary_learning", "openai", "gemma_scope", "circuit_tracer")
-SAVE_FORMATS = ("saelens", "sparsify", "circuit_tracer")
+SAVE_FORMATS = ("saelens", "sparsify", "circuit_tracer", "dictionary_learning")
 
 
 def detect(path: Union[str, Path]) -> str:
@@ -134,6 +134,12 @@ def save(sae, path: Union[str, Path], to: str = "saelens") -> Path:
     path = Path(path)
     if to == "circuit_tracer":
         return circuit_tracer.save(sae if isinstance(sae, dict) else {0: sae}, path)
+    if to == "dictionary_learning":
+        if isinstance(sae, dict):  # one trainer folder per SAE, as dictionary_learning's sweeps write them
+            for name, one in sae.items():
+                dictionary_learning.save(one, path / name)
+            return path
+        return dictionary_learning.save(sae, path)
     if isinstance(sae, dict):
         if to == "sparsify":
             return sparsify.save_run(sae, path)

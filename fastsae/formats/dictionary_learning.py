@@ -30,9 +30,10 @@ from typing import Optional, Union
 
 import torch
 
+from fastsae import architectures
 from fastsae.architectures.matryoshka import widths_from_group_sizes
 from fastsae.config import SAEConfig
-from fastsae.formats._common import build_sae, read_json, read_torch
+from fastsae.formats._common import build_sae, read_json, read_torch, sae_tensors, write_json
 
 WEIGHTS_FILENAME = "ae.pt"
 CONFIG_FILENAME = "config.json"
@@ -204,3 +205,42 @@ def load(path: Union[str, Path], device=None, dtype=None):
     if config is not None and not isinstance(config.get("trainer", {}), dict):
         raise ValueError(f"{config_path}: 'trainer': expected a JSON object")
     return from_state_dict(read_torch(weights), weights, config, device=device, dtype=dtype)
+
+
+# ------------------------------------------------------------ writing
+
+
+def save(sae, path: Union[str, Path]) -> Path:
+    """Write `sae` as a dictionary_learning folder (ae.pt + config.json) of the class its
+    architecture names (`dictionary_learning_class`: TopK, BatchTopK and Matryoshka BatchTopK
+    SAEs), which dictionary_learning's `load_dictionary` and `fastsae.load` read back computing the
+    same. Decoder-norm rescaling is folded in (dictionary_learning has none; same outputs to
+    rounding); the tensors are float32, as its modules are."""
+    path = Path(path)
+    dict_class = sae.arch.dictionary_learning_class
+    if not dict_class:
+        writable = [n for n in architectures.names() if architectures.get(n).dictionary_learning_class]
+        raise ValueError(f"{path}: fastsae writes dictionary_learning files of {writable} SAEs, not {sae.architecture!r}")
+    if sae.cfg.d_out is not None or sae.cfg.skip_connection or not sae.cfg.apply_b_dec_to_input:
+        raise ValueError(
+            f"{path}: dictionary_learning's {dict_class} subtracts b_dec from its input and has no transcoder "
+            "or skip connection; this SAE does not compute that"
+        )
+    t = {name: v.detach().to(torch.float32).cpu() for name, v in sae_tensors(sae, fold_decoder_norm=True).items()}
+    threshold = t.get("topk_threshold", torch.tensor(-1.0))  # TopK: none (-1, dictionary_learning's unset)
+    state = {"k": torch.tensor(int(sae.cfg.k), dtype=torch.int), "threshold": threshold.reshape(())}
+    trainer = {"dict_class": dict_class, "activation_dim": sae.d_in, "dict_size": sae.d_sae, "k": int(sae.cfg.k)}
+    if dict_class == "MatryoshkaBatchTopKSAE":
+        sizes = [b - a for a, b in zip((0, *sae.cfg.matryoshka_widths), sae.cfg.matryoshka_widths)]
+        state.update(group_sizes=torch.tensor(sizes), W_enc=t["W_enc"], b_enc=t["b_enc"], W_dec=t["W_dec"], b_dec=t["b_dec"])
+        trainer["group_sizes"] = sizes
+    else:
+        state.update({"encoder.weight": t["W_enc"].t().contiguous(), "encoder.bias": t["b_enc"],
+                      "decoder.weight": t["W_dec"].t().contiguous(), "b_dec": t["b_dec"]})
+    for key, name in (("lm_name", "model_name"), ("layer", "layer"), ("submodule_name", "submodule_name")):
+        if sae.cfg.metadata.get(name) is not None:
+            trainer[key] = sae.cfg.metadata[name]
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path / WEIGHTS_FILENAME)
+    write_json(path / CONFIG_FILENAME, {"trainer": trainer})
+    return path
