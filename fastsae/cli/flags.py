@@ -108,6 +108,14 @@ def _ints(text: str) -> Union[int, list[int]]:
     return values[0] if len(values) == 1 else values
 
 
+class _Repeatable(argparse.Action):
+    """A flag given once holds its value (as any flag), given again the list of its values."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        was = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, values if was is None else [*(was if isinstance(was, list) else [was]), values])
+
+
 def _weights(text: str) -> tuple[float, ...]:
     """--matryoshka-weights' value: numbers, comma-separated."""
     try:
@@ -185,7 +193,7 @@ TRAIN_FLAGS = (
     Flag("hook", "module whose output is read (default {default}); a transcoder's input (--hook-in). Repeatable, and "
          "fnmatch patterns (encoder.layer.*): one SAE per hook, all from one forward pass, in OUT/<hook>/",
          "data.hook", default="encoder.layer.3", group=TRANSFORMER, kind="transformer", aliases=("--hook-in",),
-         action="append"),
+         action=_Repeatable),
     Flag("hook_out", "train a transcoder: module whose output is its target, read in the same pass as --hook-in",
          "data.hook_out", group=TRANSFORMER, kind="transformer", none_is_a_value=True),
     Flag("text", "'pydoc' (default), a .txt file or a folder of .txt files", "data.text", default="pydoc",

@@ -110,7 +110,7 @@ def _trains_several(args) -> bool:
     """Several hooks, a hook pattern, a list of --k or --d-sae, or --resume of such a run."""
     from glob import escape
 
-    hooks = args.hook or []
+    hooks = [] if args.hook is None else _values(args.hook)
     return (len(hooks) > 1 or any(hook != escape(hook) for hook in hooks) or isinstance(args.k, list)
             or isinstance(args.d_sae, list) or bool(args.resume and args.out and (Path(args.out) / SEVERAL_RUNS).is_file()))
 
@@ -195,7 +195,7 @@ def _run_several(args, device) -> int:
             steps = {name: trainer.step for name, trainer in trainers.items()}
             print(f"resuming {len(trainers)} SAEs in {out} at steps {steps}")
         else:
-            hooks = [None] if args.data is not None else (args.hook or [setting(args, "hook")])
+            hooks = [None] if args.data is not None else _values(setting(args, "hook"))
             sources = _open_several(args, hooks)
             plan = _several_plan(args, list(sources))
             for entry in plan:
@@ -263,8 +263,6 @@ def _run_train(args: argparse.Namespace) -> int:
                   "is not supported for them yet", file=sys.stderr)
             return 2
         return _run_several(args, device)
-    if isinstance(args.hook, list):  # one hook: today's run, in --out itself
-        args.hook = args.hook[0]
     if args.resume:
         if args.out is None:
             print("fastsae train: --resume needs --out (the run folder to continue)", file=sys.stderr)
