@@ -119,16 +119,18 @@ def _values(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def _several_plan(args, hooks: list[str]) -> list[dict]:
+def _several_plan(args, sources: dict) -> list[dict]:
     """One SAE per (hook, k, d_sae): its folder under --out, OUT/<hook>[/k<k>-d<d_sae>] (the second part
     only for a sweep: when --k or --d-sae lists several values)."""
-    ks, widths = _values(args.k), _values(args.d_sae)
-    sweep = len(ks) > 1 or len(widths) > 1
+    from fastsae import architectures
+
+    arch = architectures.get(setting(args, "architecture"))
+    sweep = isinstance(args.k, list) or isinstance(args.d_sae, list)
     plan = []
-    for hook in hooks:
-        for k in ks:
-            for d_sae in widths:
-                name = f"k{k if k is not None else 'default'}-d{d_sae if d_sae is not None else 'default'}"
+    for hook, data in sources.items():
+        for k in _values(setting(args, "k")):
+            for d_sae in _values(setting(args, "d_sae", arch, data.d_in)):
+                name = f"k{k}-d{d_sae}"
                 folder = name if hook is None else f"{hook}/{name}" if sweep else hook  # hook None: --data
                 plan.append({"folder": folder, "hook": hook, "k": k, "d_sae": d_sae})
     return plan
@@ -195,9 +197,11 @@ def _run_several(args, device) -> int:
             steps = {name: trainer.step for name, trainer in trainers.items()}
             print(f"resuming {len(trainers)} SAEs in {out} at steps {steps}")
         else:
+            if args.data is not None and args.hook is not None:
+                raise ValueError("--hook: several hooks read a model's activations; --data gives one SAE's (drop one)")
             hooks = [None] if args.data is not None else _values(setting(args, "hook"))
             sources = _open_several(args, hooks)
-            plan = _several_plan(args, list(sources))
+            plan = _several_plan(args, sources)
             for entry in plan:
                 run_args = copy.copy(args)
                 run_args.hook, run_args.k, run_args.d_sae = entry["hook"], entry["k"], entry["d_sae"]

@@ -130,3 +130,14 @@ def test_one_hook_keeps_the_single_run_layout(tiny_bert, corpus, tmp_path):
     out = tmp_path / "run"
     assert _train(tiny_bert, corpus, out, "--hook", "encoder.layer.1") == 0
     assert (out / "metrics.jsonl").is_file() and not (out / "sae_runs.json").exists()
+
+
+def test_a_sweep_on_activation_data_shares_one_stream(tmp_path):
+    import fastsae
+    from fastsae.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", "synthetic", "--k", "2,4", "--tokens", "600", "--batch-size", "100", "--out",
+                 str(out), "--no-progress", "--eval-tokens", "0"]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["k2-d512", "k4-d512"]
+    assert fastsae.load(out / "k4-d512").cfg.k == 4
