@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from fastsae import architectures
 
@@ -99,6 +99,23 @@ def _group_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def _ints(text: str) -> Union[int, list[int]]:
+    """--k's and --d-sae's value: an integer, or a comma-separated list of them (a sweep)."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or a list such as 16,32,64, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+class _Repeatable(argparse.Action):
+    """A flag given once holds its value (as any flag), given again the list of its values."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        was = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, values if was is None else [*(was if isinstance(was, list) else [was]), values])
+
+
 def _weights(text: str) -> tuple[float, ...]:
     """--matryoshka-weights' value: numbers, comma-separated."""
     try:
@@ -134,8 +151,10 @@ TRAIN_FLAGS = (
     # TopK by default (Gao et al. 2024, sparsify's choice): on 2 CPU cores with the cpp backend,
     # 300k MiniLM tokens took 11 s to FVU 0.16 at L0 32; ReLU + L1 took 38 s to FVU 0.38 at L0 108.
     Flag("architecture", "default {default}", "sae.architecture", choices=architectures.names(), default="topk"),
-    Flag("d_sae", f"latents (default {EXPANSION} x d_in)", "sae.d_sae", int, default=lambda arch, d_in: EXPANSION * d_in),
-    Flag("k", "topk/batchtopk: active latents per token (default {default})", "sae.k", int, 32, applies=_uses_k),
+    Flag("d_sae", f"latents (default {EXPANSION} x d_in); a comma-separated list trains one SAE per value", "sae.d_sae",
+         _ints, default=lambda arch, d_in: EXPANSION * d_in),
+    Flag("k", "topk/batchtopk: active latents per token (default {default}); a comma-separated list trains one SAE "
+         "per value", "sae.k", _ints, 32, applies=_uses_k),
     Flag("matryoshka_groups", "matryoshka_batchtopk: the nested groups' sizes, comma-separated, summing to --d-sae "
          "(default: levels doubling up to d_sae, sizes d_sae/16, d_sae/16, d_sae/8, d_sae/4, d_sae/2)",
          "sae.matryoshka_widths", _group_sizes, applies=lambda arch: "matryoshka_widths" in arch.config_options,
@@ -171,8 +190,10 @@ TRAIN_FLAGS = (
     Flag("overwrite", "start afresh even if --out holds a run", action="store_true", parser_default=False),
     Flag("model", "Hugging Face model folder, or 'minilm' (default)", "data.model", default="minilm", group=TRANSFORMER,
          kind="transformer"),
-    Flag("hook", "module whose output is read (default {default}); a transcoder's input (--hook-in)", "data.hook",
-         default="encoder.layer.3", group=TRANSFORMER, kind="transformer", aliases=("--hook-in",)),
+    Flag("hook", "module whose output is read (default {default}); a transcoder's input (--hook-in). Repeatable, and "
+         "fnmatch patterns (encoder.layer.*): one SAE per hook, all from one forward pass, in OUT/<hook>/",
+         "data.hook", default="encoder.layer.3", group=TRANSFORMER, kind="transformer", aliases=("--hook-in",),
+         action=_Repeatable),
     Flag("hook_out", "train a transcoder: module whose output is its target, read in the same pass as --hook-in",
          "data.hook_out", group=TRANSFORMER, kind="transformer", none_is_a_value=True),
     Flag("text", "'pydoc' (default), a .txt file or a folder of .txt files", "data.text", default="pydoc",

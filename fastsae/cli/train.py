@@ -103,6 +103,133 @@ def _join_processes(args) -> "Optional[torch.device]":
     return rank_device
 
 
+SEVERAL_RUNS = "sae_runs.json"  # in --out of several SAEs: each one's folder, hook, k and d_sae
+
+
+def _trains_several(args) -> bool:
+    """Several hooks, a hook pattern, a list of --k or --d-sae, or --resume of such a run."""
+    from glob import escape
+
+    hooks = [] if args.hook is None else _values(args.hook)
+    return (len(hooks) > 1 or any(hook != escape(hook) for hook in hooks) or isinstance(args.k, list)
+            or isinstance(args.d_sae, list) or bool(args.resume and args.out and (Path(args.out) / SEVERAL_RUNS).is_file()))
+
+
+def _values(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _several_plan(args, sources: dict) -> list[dict]:
+    """One SAE per (hook, k, d_sae): its folder under --out, OUT/<hook>[/k<k>-d<d_sae>] (the second part
+    only for a sweep: when --k or --d-sae lists several values)."""
+    from fastsae import architectures
+
+    arch = architectures.get(setting(args, "architecture"))
+    sweep = isinstance(args.k, list) or isinstance(args.d_sae, list)
+    plan = []
+    for hook, data in sources.items():
+        for k in _values(setting(args, "k")):
+            for d_sae in _values(setting(args, "d_sae", arch, data.d_in)):
+                name = f"k{k}-d{d_sae}"
+                folder = name if hook is None else f"{hook}/{name}" if sweep else hook  # hook None: --data
+                plan.append({"folder": folder, "hook": hook, "k": k, "d_sae": d_sae})
+    return plan
+
+
+def _open_several(args, hooks, description: Optional[dict] = None):
+    """{hook: data source}: views of one several-hook model pass, or the one --data source for every SAE."""
+    if args.data is not None or (description is not None and description.get("kind") != "transformer"):
+        from fastsae.training.data import open_source
+
+        data = open_source(description) if description is not None else _open_data(args)
+        return {hook: data for hook in hooks}
+    from fastsae.training.multi import hook_views
+    from fastsae.training.transformer import TransformerActivations
+
+    settings = data_settings(args, "transformer")
+    if description is not None:  # --resume: the runs' own data
+        settings = {key: description[key] for key in ("model", "text", "seq_len", "max_tokens")}
+        settings["seqs_per_chunk"] = description["seqs_per_chunk"]
+    settings["hook"] = hooks
+    print(f"loading {settings['model']} and tokenizing {settings['text']!r} ...", flush=True)
+    source = TransformerActivations(**settings, device=setting(args, "device"))
+    return hook_views(source, buffer_rows=1 << 16)
+
+
+def _run_several(args, device) -> int:
+    """Several SAEs trained together (fastsae.training.multi): one pass of the data feeds them all."""
+    import copy
+
+    from fastsae.runs import latest_checkpoint
+    from fastsae.training import BadDataError, Trainer
+    from fastsae.training.config import TrainerConfig
+    from fastsae.training.multi import MultiTrainer
+
+    if args.out is None:
+        print("fastsae train: several SAEs need --out (each gets a run folder in it)", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    started = time.perf_counter()
+    try:
+        set_threads(args.threads, device)
+        trainers = {}
+        if args.resume:
+            plan = json.loads((out / SEVERAL_RUNS).read_text())["runs"]
+            given = copy.copy(args)
+            given.hook = given.k = given.d_sae = None  # each SAE's own, from its folder
+            folders = {}
+            for entry in plan:
+                folder = latest_checkpoint(out / entry["folder"])
+                if folder is None:
+                    raise FileNotFoundError(f"{out / entry['folder']}: no complete checkpoint to resume "
+                                            "(start again with --overwrite)")
+                differences = resume_differences(given, folder)
+                if differences:
+                    raise ValueError(f"--resume continues {folder} with the run's own settings, and these flags "
+                                     f"differ from them: {'; '.join(differences)}")
+                folders[entry["folder"]] = folder
+            description = TrainerConfig.load(next(iter(folders.values()))).data
+            sources = _open_several(args, list(dict.fromkeys(e["hook"] for e in plan)), description)
+            for entry in plan:
+                trainers[entry["folder"]] = Trainer.resume(out / entry["folder"], sources[entry["hook"]],
+                                                           progress=False, dtype=args.dtype, device=device)
+            # Each SAE continues from its own step; the one furthest behind trains first until they meet.
+            steps = {name: trainer.step for name, trainer in trainers.items()}
+            print(f"resuming {len(trainers)} SAEs in {out} at steps {steps}")
+        else:
+            if args.data is not None and args.hook is not None:
+                raise ValueError("--hook: several hooks read a model's activations; --data gives one SAE's (drop one)")
+            hooks = [None] if args.data is not None else _values(setting(args, "hook"))
+            sources = _open_several(args, hooks)
+            plan = _several_plan(args, sources)
+            for entry in plan:
+                run_args = copy.copy(args)
+                run_args.hook, run_args.k, run_args.d_sae = entry["hook"], entry["k"], entry["d_sae"]
+                run_args.no_progress = True  # several bars would interleave; each logs to its metrics.jsonl
+                sae, cfg = build_run(run_args, sources[entry["hook"]], device)
+                trainers[entry["folder"]] = Trainer(sae, sources[entry["hook"]], cfg, out / entry["folder"],
+                                                    overwrite=args.overwrite)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / SEVERAL_RUNS).write_text(json.dumps({"runs": plan}, indent=2))
+    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError, RuntimeError) as exc:
+        print(f"fastsae train: {exc}", file=sys.stderr)
+        return 2
+    for name, trainer in trainers.items():
+        print(f"{name}: {trainer.data!r}; sae {trainer.sae}; {trainer.cfg.total_steps:,} steps of "
+              f"{trainer.cfg.batch_size:,} tokens")
+    before = {name: trainer.elapsed for name, trainer in trainers.items()}
+    try:
+        results = MultiTrainer(trainers).train()
+    except BadDataError as exc:
+        print(f"fastsae train: {exc}", file=sys.stderr)
+        return 1
+    rc = 0
+    for name, trainer in trainers.items():
+        print(f"\n== {name} ==")
+        rc = max(rc, _report(args, trainer, trainer.data, out / name, results[name], started, before[name]))
+    return rc
+
+
 def _secs(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
 
@@ -134,6 +261,12 @@ def _run_train(args: argparse.Namespace) -> int:
     torch.manual_seed(setting(args, "seed"))
     device = setting(args, "device")
     rank_device = _join_processes(args)  # under torchrun: this rank's device
+    if _trains_several(args):
+        if rank_device is not None:
+            print("fastsae train: several SAEs (hooks, or lists of --k/--d-sae) train in one process; torchrun "
+                  "is not supported for them yet", file=sys.stderr)
+            return 2
+        return _run_several(args, device)
     if args.resume:
         if args.out is None:
             print("fastsae train: --resume needs --out (the run folder to continue)", file=sys.stderr)
@@ -195,6 +328,11 @@ def _run_train(args: argparse.Namespace) -> int:
     except BadDataError as exc:
         print(f"fastsae train: {exc}", file=sys.stderr)
         return 1
+    return _report(args, trainer, data, out, result, started, trained_before)
+
+
+def _report(args, trainer, data, out: Path, result: dict, started: float, trained_before: float) -> int:
+    """What a finished run prints and writes after its steps: times, metrics, eval, features, summary.json."""
     m = trainer.last_metrics
     wall = time.perf_counter() - started
     this_session = result["elapsed_s"] - trained_before
@@ -204,10 +342,9 @@ def _run_train(args: argparse.Namespace) -> int:
     print(f"done: {result['step']:,} steps, {result['tokens']:,} tokens; {times}")
     if result["refused_batches"]:
         print(f"refused batches (NaN/Inf): {result['refused_batches']:,}, not trained on (messages above)")
-    print(
-        f"final metrics (last logged steps): mse {m['mse']:.4g}  fvu {m['fvu']:.4f}  "
-        f"l0 {m['l0']:.1f}  dead {m['dead_fraction']:.1%}"
-    )
+    if "mse" in m:  # none yet when stopped before the first logged step
+        print(f"final metrics (last logged steps): mse {m['mse']:.4g}  fvu {m['fvu']:.4f}  "
+              f"l0 {m['l0']:.1f}  dead {m['dead_fraction']:.1%}")
     print(f"final SAE: {result['checkpoint']} (SAELens layout; fastsae.load({str(out)!r}) and "
           f"`fastsae convert {out} DST` read a run folder's newest checkpoint)")
     print(f"metrics: {out / 'metrics.jsonl'}")

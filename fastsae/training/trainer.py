@@ -1,34 +1,29 @@
-"""`fastsae.Trainer`: trains an `SAE` on a source of activations. This module is the loop; its
-stateful parts are their own modules: precision.py (mixed precision, master gradients, clipping),
-guard.py (refused batches, roll-back), dead_latents.py, metrics.py, initialization.py (the
-normalisation factor, b_dec, the saved SAE), checkpoint.py (files, schedule, state codec),
-resume.py, data.py (the shuffled stream and its read-ahead).
+"""`fastsae.Trainer`: trains an `SAE` on a source of activations. This module is the loop; its stateful parts are
+their own modules: precision.py (mixed precision, master gradients, clipping), guard.py (refused batches, roll-back),
+dead_latents.py, metrics.py, initialization.py (the normalisation factor, b_dec, the saved SAE), checkpoint.py (files,
+schedule, state codec), resume.py, data.py (the shuffled stream and its read-ahead).
 
-The loop uses the module and its losses only (`SAE.training_forward`, the decoder-constraint
-methods, `save`); it never calls a backend. Per step:
-  x = the next batch of the shuffled stream, read ahead by a background thread (pinned host
-      buffers, non_blocking copies on a GPU), times the normalisation factor, in the compute dtype
-  refuse the batch if it holds NaN/Inf (counted on the host by the reading thread; several in a
-  row stop training)
+The loop uses the module and its losses only (`SAE.training_forward`, the decoder-constraint methods, `save`); it never
+calls a backend. Per step:
+  x = the next batch of the shuffled stream, read ahead by a background thread (pinned host buffers, non_blocking
+      copies on a GPU), times the normalisation factor, in the compute dtype
+  refuse the batch if it holds NaN/Inf (counted on the host by the reading thread; several in a row stop training)
   loss = training_forward(x, sparsity coefficient warmed up, dead_mask for AuxK)
-  backward; the gradients go to the float32 master weights (unscaled for float16) while a device
-  flag notes any non-finite loss or gradient; unit-norm decoders: drop the gradient along each
-  decoder row; Adam step on the master weights (`optim.make_adam`: torch's fused Adam on CUDA, the
-  chunked in-place one on the CPU; warm-up then decay of the learning rate);
-  unit-norm decoders: renormalise rows; the architecture's own constraints (`after_optimizer_step`);
+  backward; the gradients go to the float32 master weights (unscaled for float16) while a device flag notes any
+  non-finite loss or gradient; unit-norm decoders: drop the gradient along each decoder row; Adam step on the master
+  weights (`optim.make_adam`: torch's fused Adam on CUDA, the chunked in-place one on the CPU; warm-up then decay of
+  the learning rate); unit-norm decoders: renormalise rows; the architecture's own constraints (`after_optimizer_step`);
   count tokens since each latent last fired (on the device); add the step's metrics to a device window
   resample strategy: every N steps resample dead latents (Bricken et al. 2023)
-Nothing in a step waits for the device. At each log step (and before a checkpoint, a
-resampling, the end) the trainer reads the flag and the metrics: if a step since the last such
-check had a non-finite loss or gradient, it restores the state copied at that check (weights,
-Adam, counters, metrics) and replays those steps checking each one, refusing the bad batch.
-Metrics go to metrics.jsonl every `log_every_steps`; checkpoints every few minutes and at the end.
+Nothing in a step waits for the device. At each log step (and before a checkpoint, a resampling, the end) the trainer
+reads the flag and the metrics: if a step since the last such check had a non-finite loss or gradient, it restores the
+state copied at that check (weights, Adam, counters, metrics) and replays those steps checking each one, refusing the
+bad batch. Metrics go to metrics.jsonl every `log_every_steps`; checkpoints every few minutes and at the end.
 
-Several processes (torchrun; `fastsae.distributed`): with an `SAE`, data parallel (each rank
-reads its slice of every global batch, DDP all-reduces the gradients, slices' losses weighted by
-their share); with a `ShardedSAE`, latents split across the ranks, which all read the whole
-batch. The ranks take every decision together (refusals, roll-backs, checkpoint times); rank 0
-writes the files, and a checkpoint holds the whole SAE and Adam state in either case.
+Several processes (torchrun; `fastsae.distributed`): with an `SAE`, data parallel (each rank reads its slice of every
+global batch, DDP all-reduces the gradients, slices' losses weighted by their share); with a `ShardedSAE`, latents
+split across the ranks, which all read the whole batch. The ranks take every decision together (refusals, roll-backs,
+checkpoint times); rank 0 writes the files, and a checkpoint holds the whole SAE and Adam state in either case.
 """
 
 from __future__ import annotations
@@ -105,8 +100,9 @@ class Trainer:
         offset, rows = fdist.batch_slice(cfg.batch_size) if self.data_parallel else (0, cfg.batch_size)
         self._rows = slice(offset, offset + rows)
         self._loss_weight = fdist.slice_loss_weight(rows, cfg.batch_size) if self.data_parallel else 1.0
-        if self.data_parallel:
-            _broadcast_module(sae)  # every rank starts from rank 0's weights
+        if self.data_parallel:  # every rank starts from rank 0's weights (state_dict: detached views)
+            for tensor in sae.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
         if not cfg.data:
             try:
                 cfg.data = data.describe()
@@ -150,7 +146,6 @@ class Trainer:
     generator = property(lambda self: self.dead.generator)
     bad_in_row = property(lambda self: self.refusals.in_row)
     refused_batches = property(lambda self: self.refusals.total)  # NaN/Inf batches skipped, over resumed sessions
-
     tokens_since_fired = property(lambda self: self.dead.tokens_since_fired,
                                   lambda self, value: setattr(self.dead, "tokens_since_fired", value))
 
@@ -165,12 +160,11 @@ class Trainer:
         device: Optional[str] = None,
         shard_latents: Optional[bool] = None,
     ) -> "Trainer":
-        """A trainer that continues the newest complete checkpoint in `out_dir` (data: the saved
-        source description is reopened unless a source is given; `dtype`: a compute dtype other
-        than the run's, e.g. float32 to continue a bfloat16 run at full precision, no longer
-        bit-exact with an uninterrupted run). Under torchrun: `device` is this rank's (default: the
-        run's), `shard_latents` splits the latents (default: as the run did); the checkpoint holds
-        the whole SAE, so a run continues on any number of processes, re-sharded or re-sliced."""
+        """A trainer that continues the newest complete checkpoint in `out_dir` (data: the saved source description
+        is reopened unless a source is given; `dtype`: a compute dtype other than the run's, e.g. float32 to continue a
+        bfloat16 run at full precision, no longer bit-exact with an uninterrupted run). Under torchrun: `device` is
+        this rank's (default: the run's), `shard_latents` splits the latents (default: as the run did); the checkpoint
+        holds the whole SAE, so a run continues on any number of processes, re-sharded or re-sliced."""
         run = open_saved_run(out_dir, data, progress=progress, dtype=dtype, device=device, shard_latents=shard_latents)
         # Built as a fresh trainer (no out_dir: no "folder holds a run" check), then its state loaded.
         trainer = cls(run.sae, run.data, run.cfg)
@@ -208,6 +202,17 @@ class Trainer:
     def train(self, max_steps: Optional[int] = None) -> dict:
         """Train to `cfg.total_tokens` (or for at most `max_steps` more steps, then checkpoint);
         returns the last metrics, the step, tokens and the checkpoint folder."""
+        self.begin(max_steps)
+        try:
+            while self.advance():
+                pass
+        finally:
+            self.close()
+        return self.finish()
+
+    def begin(self, max_steps: Optional[int] = None) -> None:
+        """Start a session of steps (`train` is begin, advance until False, close, finish; a driver of several trainers
+        on one data stream interleaves their `advance`)."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -215,46 +220,56 @@ class Trainer:
         self.compute_sae.train()
         if not self.initialized:
             self._initialize()
-        total = cfg.total_steps if max_steps is None else min(cfg.total_steps, self.step + max_steps)
+        self._total = cfg.total_steps if max_steps is None else min(cfg.total_steps, self.step + max_steps)
+        self._ending = False
         self._bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not cfg.progress or self.rank != 0, unit="step",
                          dynamic_ncols=True, file=sys.stderr, desc="training")
         self._prefetcher = BatchPrefetcher(self.stream, cfg.batch_size, self.position, self.sae.device, rows=self._rows)
         self.dead.note_possible()
         self._take_snapshot()
-        schedule = ckpt.CheckpointSchedule(cfg, self.world_size, self.sae.device)
+        self._schedule = ckpt.CheckpointSchedule(cfg, self.world_size, self.sae.device)
         self._clock = time.perf_counter()
-        try:
-            while self.step < total:
-                if not self._next_batch():
-                    continue
-                resample = self.dead.resample_due(self.step)
-                log = self.step % cfg.log_every_steps == 0 or self.step == cfg.total_steps
-                save = self.out_dir is not None and schedule.due(self.step, log)
-                if not (resample or log or save):
-                    continue
-                if not self._check():
-                    continue
-                if resample:
-                    self.resample_dead_latents()
-                if log:
-                    self._log_metrics()
-                if save:
-                    self.save_checkpoint()
-                    schedule.saved()
-                self._take_snapshot()
-                self._clock = time.perf_counter()
+
+    def advance(self) -> bool:
+        """One step (with its check, log, resampling or checkpoint when due); False once the session's steps are all
+        taken and checked."""
+        cfg = self.cfg
+        if self._ending or self.step >= self._total:
             # The last steps (max_steps, or a refused batch at the end) are checked before leaving;
             # after a roll-back they are taken again, each checked.
-            while not self._check():
-                while self.step < total:
-                    self._next_batch()
-        finally:
-            self._bar.close()
-            self._bar = None
-            if self._prefetcher is not None:
-                self._prefetcher.close()
-                self._prefetcher = None
-        if self.window.steps and self.step == cfg.total_steps:
+            self._ending = True
+            if self.step < self._total:
+                self._next_batch()
+                return True
+            return not self._check()
+        if not self._next_batch():
+            return True
+        resample = self.dead.resample_due(self.step)
+        log = self.step % cfg.log_every_steps == 0 or self.step == cfg.total_steps
+        save = self.out_dir is not None and self._schedule.due(self.step, log)
+        if not (resample or log or save) or not self._check():
+            return True
+        if resample:
+            self.resample_dead_latents()
+        if log:
+            self._log_metrics()
+        if save:
+            self.save_checkpoint()
+            self._schedule.saved()
+        self._take_snapshot()
+        self._clock = time.perf_counter()
+        return True
+
+    def close(self) -> None:
+        """Stop the session's progress bar and read-ahead thread."""
+        for part in (self._bar, self._prefetcher):
+            if part is not None:
+                part.close()
+        self._bar = self._prefetcher = None
+
+    def finish(self) -> dict:
+        """After `close`: the last metrics row and checkpoint; the run's step, tokens, time."""
+        if self.window.steps and self.step == self.cfg.total_steps:
             self._log_metrics()
         if self.out_dir is not None and self.last_checkpoint_step() != self.step:
             self.save_checkpoint()
@@ -363,9 +378,9 @@ class Trainer:
     # ------------------------------------------------------------ checks and roll-back
 
     def _check(self) -> bool:
-        """Wait for the device and read the non-finite flag. True if every step since the last
-        check was finite; otherwise the state of that check is restored, the steps after it are
-        taken again with a check each (refusing the bad batch) and False is returned."""
+        """Wait for the device and read the non-finite flag. True if every step since the last check was finite;
+        otherwise the state of that check is restored, the steps after it are taken again with a check each
+        (refusing the bad batch) and False is returned."""
         if self.world_size > 1:  # every rank rolls back together
             torch.distributed.all_reduce(self._nonfinite)
         bad = bool(self._nonfinite.item())
@@ -445,10 +460,10 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def export_sae(self) -> SAE:
-        """The SAE for use on raw activations (the normalisation factor folded in), in eval mode:
-        the float32 master weights, with the training dtype noted in cfg.metadata["trained_dtype"]
-        (`fastsae.load(folder, dtype=torch.bfloat16)` gives it in that dtype). Latent-sharded:
-        collective; the whole SAE, gathered on the CPU of rank 0 (None on the other ranks)."""
+        """The SAE for use on raw activations (the normalisation factor folded in), in eval mode: the float32 master
+        weights, with the training dtype noted in cfg.metadata["trained_dtype"] (`fastsae.load(folder,
+        dtype=torch.bfloat16)` gives it in that dtype). Latent-sharded: collective; the whole SAE, gathered on
+        the CPU of rank 0 (None on the other ranks)."""
         whole = self._whole_sae()
         return None if whole is None else self._export(whole)
 
@@ -483,11 +498,4 @@ class Trainer:
 
         self.last_checkpoint = ckpt.write_checkpoint(self.out_dir, self.step, write)
         return self.last_checkpoint
-
-
-@torch.no_grad()
-def _broadcast_module(module: torch.nn.Module) -> None:
-    """Rank 0's parameters and buffers on every rank."""
-    for t in module.state_dict().values():
-        torch.distributed.broadcast(t, src=0)
 

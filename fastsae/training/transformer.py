@@ -100,7 +100,7 @@ class TransformerActivations:
     def __init__(
         self,
         model: Union[str, Path] = "minilm",
-        hook: str = "encoder.layer.3",
+        hook: Union[str, Sequence[str]] = "encoder.layer.3",
         text: Union[str, Path, Sequence[str]] = PYDOC_CORPUS,
         seq_len: int = 128,
         seqs_per_chunk: int = 32,
@@ -122,7 +122,7 @@ class TransformerActivations:
             raise ValueError(f"seqs_per_chunk: expected a positive integer, got {seqs_per_chunk}")
         self.model_spec = str(model)
         self.model_path = resolve_model(model)
-        self.hook, self.hook_out = hook, hook_out
+        self.hook_out = hook_out
         self.text_spec = text if isinstance(text, (str, Path)) else None
         self.seq_len = seq_len
         self.seqs_per_chunk = seqs_per_chunk
@@ -132,7 +132,13 @@ class TransformerActivations:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
         self.tokenizer.model_max_length = 1 << 30  # we cut the stream into windows ourselves
         self.model = AutoModel.from_pretrained(str(self.model_path)).to(self.device).eval()
-        self.modules = [self._module(name) for name in (hook, hook_out) if name is not None]
+        # `hook`: a module name or fnmatch patterns; with several, `load_chunk` is the first's rows and
+        # `load_chunks_of_all` every hook's, from one forward pass.
+        self.hooks = expand_hooks(self.model, [hook] if isinstance(hook, str) else list(hook), self.model_path)
+        if hook_out is not None and len(self.hooks) > 1:
+            raise ValueError(f"hook_out: a transcoder reads one input hook, got {self.hooks}")
+        self.hook = self.hooks[0]
+        self.modules = [self._module(name) for name in (*self.hooks, hook_out) if name is not None]
         self.module = self.modules[0]
 
         ids: list[int] = []
@@ -148,6 +154,7 @@ class TransformerActivations:
         self.window = seq_len - 2
         self.n_windows = -(-len(ids) // self.window)
         widths = [int(t.shape[1]) for t in self._run_windows(0, 1, split=True)]
+        self.widths = dict(zip(self.hooks, widths))
         self._d_in, self.d_out = widths[0], (widths[1] if hook_out is not None else None)
 
         self.cache_dir: Optional[Path] = None
@@ -189,12 +196,19 @@ class TransformerActivations:
                     path.unlink(missing_ok=True)  # a damaged cache file is recomputed
         first = index * self.seqs_per_chunk
         rows = self._run_windows(first, min(self.n_windows, first + self.seqs_per_chunk))
+        if len(self.hooks) > 1:
+            rows = rows[0]
         if self.cache_dir is not None:
             from fastsae.formats._common import atomic_write
             from safetensors.torch import save_file
 
             atomic_write(path, lambda tmp: save_file({"activations": rows}, tmp))
         return rows
+
+    def load_chunks_of_all(self, index: int) -> list[Tensor]:
+        """Chunk `index`'s rows at every hook, in `hooks` order, from one forward pass (not cached)."""
+        first = index * self.seqs_per_chunk
+        return self._run_windows(first, min(self.n_windows, first + self.seqs_per_chunk), split=True)
 
     def describe(self) -> dict:
         if self.text_spec is None:
@@ -262,8 +276,7 @@ class TransformerActivations:
         try:
             return self.model.get_submodule(name)
         except AttributeError:
-            names = [n for n, _ in self.model.named_modules() if n][:12]
-            raise ValueError(f"hook: {self.model_path} has no module {name!r} (modules include {names}, ...)") from None
+            raise ValueError(f"hook: {self.model_path} has no module {name!r}; {_some_module_names(self.model)}") from None
 
     @torch.inference_mode()
     def _run_windows(self, first: int, stop: int, split: bool = False):
@@ -271,7 +284,7 @@ class TransformerActivations:
         side, [rows, d_in + d_out]; with `split`, the list of each hook's)."""
         n = stop - first
         input_ids, mask, keep = self.window_inputs(first, stop)
-        names = [name for name in (self.hook, self.hook_out) if name is not None]
+        names = [name for name in (*self.hooks, self.hook_out) if name is not None]
         captured: dict[int, Tensor] = {}
 
         def grabber(slot: int):
@@ -299,4 +312,39 @@ class TransformerActivations:
                     f"hook {name!r}: expected an output [batch, seq, d] = [{n}, {self.seq_len}, d], got {tuple(acts.shape)}"
                 )
             rows.append(acts[keep.to(acts.device)].float().cpu().contiguous())
-        return rows if split else rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+        if split or len(self.hooks) > 1:
+            return rows
+        return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+
+
+def _some_module_names(model, limit: int = 40) -> str:
+    """The model's module names for an error: all of them, or the `limit` shallowest when there are more."""
+    names = [name for name, _ in model.named_modules() if name]
+    if len(names) <= limit:
+        return f"its modules are {', '.join(names)}"
+    shallow = sorted(names, key=lambda name: name.count("."))[:limit]  # stable: the model's order within a depth
+    return f"its modules include {', '.join(shallow)}, ... ({len(names)} in all)"
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """fnmatch part by part: `encoder.layer.*` is the layers, not every module inside them."""
+    from fnmatch import fnmatchcase
+
+    parts, wanted = name.split("."), pattern.split(".")
+    return len(parts) == len(wanted) and all(fnmatchcase(part, want) for part, want in zip(parts, wanted))
+
+
+def expand_hooks(model, patterns: Sequence[str], where: Union[str, Path] = "the model") -> list[str]:
+    """Module names of `model` matching the fnmatch `patterns` (`*` stays within one part of the dotted name), in
+    the patterns' order then the model's, each once; a pattern matching nothing is an error listing module names."""
+    from glob import escape as glob_escape
+
+    names = [name for name, _ in model.named_modules() if name]
+    found: list[str] = []
+    for pattern in patterns:
+        matched = [name for name in names if _matches(name, pattern)]
+        if not matched:
+            what = f"has no module {pattern!r}" if pattern == glob_escape(pattern) else f"has no module matching {pattern!r}"
+            raise ValueError(f"hook: {where} {what}; {_some_module_names(model)}")
+        found.extend(name for name in matched if name not in found)
+    return found
