@@ -52,7 +52,6 @@ from fastsae.training.optim import make_adam
 from fastsae.training.precision import FLOAT16_LOSS_SCALE, Precision
 from fastsae.training.resume import open_saved_run, processes_note
 
-# Also offered from here, as they always were: BadDataError, FLOAT16_LOSS_SCALE, METRIC_NAMES, ...
 __all__ = ["BadDataError", "FLOAT16_LOSS_SCALE", "METRIC_NAMES", "Trainer", "fold_input_scale", "geometric_median"]
 
 
