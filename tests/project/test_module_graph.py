@@ -155,3 +155,12 @@ def test_the_library_part_of_browse_imports_no_training():
     browse = [name for name in graph if (name == "fastsae.browse" or name.startswith("fastsae.browse.")) and name not in CLI_MODULES]
     assert len(browse) >= 3
     assert sorted(f"{a} -> {b}" for a in browse for b in graph[a] if b.startswith("fastsae.training")) == []
+
+
+def test_no_module_outside_the_kernels_is_over_500_lines():
+    """Small files with one job each (ARCHITECTURE.md): a module that grows past 500 lines is split."""
+    package = ROOT / "fastsae"
+    sizes = {p.relative_to(package).as_posix(): len(p.read_text().splitlines()) for p in package.rglob("*.py")
+             if not p.relative_to(package).as_posix().startswith(("kernels/", "csrc/"))}
+    assert len(sizes) > 50
+    assert {name: n for name, n in sizes.items() if n > 500} == {}
