@@ -53,8 +53,12 @@ class Precision:
 
     @torch.no_grad()
     def refresh_compute_weights(self) -> None:
+        """The twin's weights from the master's, and its buffers (BatchTopK's threshold), which a
+        roll-back restores in the master only."""
         if self.mixed:
             torch._foreach_copy_(list(self.compute.parameters()), list(self.master.parameters()))
+            for twin, master in zip(self.compute.buffers(), self.master.buffers()):
+                twin.copy_(master)
 
     def zero_grads(self) -> None:
         self.compute.zero_grad(set_to_none=True)

@@ -217,20 +217,21 @@ class _PoisonedSource(PoisonedSource):
     with_inf = False  # NaN alone
 
 
-def _one_chunk_per_batch(out_dir=None, **kw):
+def _one_chunk_per_batch(out_dir=None, arch="topk", **kw):
     data = _PoisonedSource(d_in=16, n_features=48, l0=3, n_rows=256 * 16, seed=1, chunk_rows=256)
     cfg = _cfg(total_tokens=256 * 10, shuffle_buffer_rows=256, init_sample_rows=256, log_every_steps=4, **kw)
     torch.manual_seed(0)
-    return Trainer(_sae("topk"), data, cfg, out_dir)
+    return Trainer(_sae(arch), data, cfg, out_dir)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_non_finite_step_rolls_back_to_the_last_check_and_its_batch_is_refused(monkeypatch, tmp_path, dtype):
+# BatchTopK in bfloat16: its threshold (a buffer the compute twin updates) must roll back too.
+@pytest.mark.parametrize("dtype,arch", [("float32", "topk"), ("bfloat16", "topk"), ("bfloat16", "batchtopk")])
+def test_a_non_finite_step_rolls_back_to_the_last_check_and_its_batch_is_refused(monkeypatch, tmp_path, dtype, arch):
     # Batch 5 (the 6th) gives a NaN loss from finite rows (as an overflow would): the flag is read
     # at step 8, the state of step 4 comes back, steps 5.. are taken again checking each, and
     # that batch is refused. The result is bit for bit the run that refused it from the start.
     bad_position = 5 * 256
-    trainer = _one_chunk_per_batch(tmp_path / "rolled", dtype=dtype)
+    trainer = _one_chunk_per_batch(tmp_path / "rolled", arch, dtype=dtype)
     compute = trainer.compute_sae
     real = compute.training_forward
     losses_seen = []
@@ -251,7 +252,7 @@ def test_a_non_finite_step_rolls_back_to_the_last_check_and_its_batch_is_refused
     assert "steps 5..8: a non-finite loss or gradient; rolled back to step 4" in said
     assert "step 6: the loss is not finite (nan); batch refused" in said
 
-    reference = _one_chunk_per_batch(tmp_path / "reference", dtype=dtype)
+    reference = _one_chunk_per_batch(tmp_path / "reference", arch, dtype=dtype)
     order = [g[0] for g in reference.stream._epoch_plan(0)[0]]
     reference.data.poisoned = {order[5]}
     reference.train()
