@@ -46,6 +46,11 @@ def widths_from_group_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
     return tuple(widths)
 
 
+def group_sizes_from_widths(widths: Sequence[int]) -> tuple[int, ...]:
+    """Group sizes from cumulative level widths (the inverse of `widths_from_group_sizes`)."""
+    return tuple(b - a for a, b in zip((0, *widths), widths))
+
+
 def check_widths(widths, d_sae: int) -> tuple[int, ...]:
     """`widths` as a tuple of strictly increasing positive ints ending at d_sae, or a ValueError
     naming what came."""
@@ -60,7 +65,7 @@ def check_widths(widths, d_sae: int) -> tuple[int, ...]:
     if out[-1] != d_sae:
         raise ValueError(
             f"matryoshka_widths: the last level must be d_sae={d_sae} (group sizes must sum to d_sae), "
-            f"got widths {list(out)} (group sizes {[b - a for a, b in zip((0, *out), out)]}, sum {out[-1]})"
+            f"got widths {list(out)} (group sizes {list(group_sizes_from_widths(out))}, sum {out[-1]})"
         )
     return out
 

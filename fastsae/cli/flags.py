@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from fastsae import architectures
+from fastsae.architectures.matryoshka import group_sizes_from_widths, widths_from_group_sizes
 
 # d_sae = EXPANSION x d_in unless --d-sae is given.
 EXPANSION = 8
@@ -126,17 +127,11 @@ def _weights(text: str) -> tuple[float, ...]:
 
 def _widths_of(sizes):
     """Group sizes -> the config's cumulative level widths (SAELens' matryoshka_widths)."""
-    if sizes is None:
-        return None
-    widths, total = [], 0
-    for size in sizes:
-        total += size
-        widths.append(total)
-    return tuple(widths)
+    return None if sizes is None else widths_from_group_sizes(sizes)
 
 
 def _sizes_of(widths):
-    return None if widths is None else tuple(b - a for a, b in zip((0, *widths), widths))
+    return None if widths is None else group_sizes_from_widths(widths)
 
 
 TRANSFORMER = "transformer data"

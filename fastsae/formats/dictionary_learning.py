@@ -31,7 +31,7 @@ from typing import Optional, Union
 import torch
 
 from fastsae import architectures
-from fastsae.architectures.matryoshka import widths_from_group_sizes
+from fastsae.architectures.matryoshka import group_sizes_from_widths, widths_from_group_sizes
 from fastsae.config import SAEConfig
 from fastsae.formats._common import build_sae, read_json, read_torch, sae_tensors, write_json
 
@@ -231,7 +231,7 @@ def save(sae, path: Union[str, Path]) -> Path:
     state = {"k": torch.tensor(int(sae.cfg.k), dtype=torch.int), "threshold": threshold.reshape(())}
     trainer = {"dict_class": dict_class, "activation_dim": sae.d_in, "dict_size": sae.d_sae, "k": int(sae.cfg.k)}
     if dict_class == "MatryoshkaBatchTopKSAE":
-        sizes = [b - a for a, b in zip((0, *sae.cfg.matryoshka_widths), sae.cfg.matryoshka_widths)]
+        sizes = list(group_sizes_from_widths(sae.cfg.matryoshka_widths))
         state.update(group_sizes=torch.tensor(sizes), W_enc=t["W_enc"], b_enc=t["b_enc"], W_dec=t["W_dec"], b_dec=t["b_dec"])
         trainer["group_sizes"] = sizes
     else:
