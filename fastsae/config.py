@@ -36,6 +36,12 @@ def install_architecture(rules: ArchitectureRules) -> None:
     _RULES[rules.name] = rules
 
 
+def _option_defaults() -> dict[str, Any]:
+    """Every installed architecture's own config options, each with its field's default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(SAEConfig)}
+    return {option: defaults[option] for r in _RULES.values() for option in r.options}
+
+
 def __getattr__(name: str):
     if name == "ARCHITECTURES":
         return tuple(_RULES)
@@ -152,12 +158,10 @@ class SAEConfig:
         if self.jumprelu_bandwidth <= 0:
             raise ValueError(f"jumprelu_bandwidth: expected > 0, got {self.jumprelu_bandwidth}")
         self.dtype = dtype_to_str(dtype_from_str(self.dtype))
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for other in _RULES.values():
-            for option in other.options:
-                if option not in rules.options and getattr(self, option) != defaults[option]:
-                    owners = " and ".join(r.name for r in _RULES.values() if option in r.options)
-                    raise ValueError(f"{option} applies to {owners}, not {self.architecture!r}")
+        for option, default in _option_defaults().items():
+            if option not in rules.options and getattr(self, option) != default:
+                owners = " and ".join(r.name for r in _RULES.values() if option in r.options)
+                raise ValueError(f"{option} applies to {owners}, not {self.architecture!r}")
         if rules.complete is not None:
             rules.complete(self)
 
@@ -191,9 +195,8 @@ class SAEConfig:
             d.pop("rescale_acts_by_decoder_norm")
         # Architecture options are saved only where they are set: a file of a default SAE keeps
         # the keys it always had.
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for option in {o for r in _RULES.values() for o in r.options}:
-            if option not in rules.options or d.get(option) == defaults[option]:
+        for option, default in _option_defaults().items():
+            if option not in rules.options or d.get(option) == default:
                 d.pop(option, None)
         if self.d_out is None:
             d.pop("d_out")
