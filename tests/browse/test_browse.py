@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastsae.browse import FeatureStatsAccumulator, nearest_by_decoder, token_strings
+from helpers.tiny_models import save_tiny_bert
 
 
 def random_sparse_stream(n, d_sae, max_width, seed=0):
@@ -108,15 +109,7 @@ DOCS = ["the value of x is in the list . def name ( x ) : return x",
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     pytest.importorskip("transformers", reason="transformers is installed by the [train] and [test] extras")
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)}).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(WORDS), hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=64)
-    BertModel(config).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), WORDS, num_hidden_layers=2)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import fastsae
 from fastsae import SAE
 from fastsae.evals import ACTIVATION_KEYS, ActivationMetrics, activation_metrics, downstream_metrics, evaluate
 from fastsae.training.data import ActivationFiles, save_activations
+from helpers.tiny_models import save_tiny_bert
 
 D_IN, D_SAE, K = 16, 64, 4
 HOOK = "blocks.0.hook_resid_post"
@@ -223,14 +224,7 @@ def tiny_gpt2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     pytest.importorskip("transformers")
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)}).save_pretrained(folder)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(WORDS), hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=48, max_position_embeddings=64)).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), WORDS, hidden_size=WIDTH, num_hidden_layers=2)
 
 
 def identity_sae(d):

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from helpers.tiny_models import save_tiny_bert
 
 pytest.importorskip("transformers", reason="transformers is installed by the [train] and [test] extras")
 
@@ -13,15 +14,7 @@ WORDS = "[PAD] [UNK] [CLS] [SEP] [MASK] the a of to and is in it for def class r
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)}).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(WORDS), hidden_size=24, num_hidden_layers=3, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=64)
-    BertModel(config).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), WORDS)
 
 
 @pytest.fixture

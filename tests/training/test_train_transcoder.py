@@ -13,6 +13,7 @@ from fastsae import SAE
 from fastsae.cli import main
 from fastsae.training import ActivationFiles, Trainer, TrainerConfig, save_activations
 from fastsae.training.synthetic import mean_max_cosine
+from helpers.tiny_models import save_tiny_bert
 
 D_IN, D_OUT, N_FEATURES, ROWS = 20, 12, 24, 8192
 
@@ -127,16 +128,8 @@ def test_fastsae_train_on_paired_files(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     pytest.importorskip("transformers", reason="transformers is installed by the [train] and [test] extras")
-    from transformers import BertConfig, BertModel, BertTokenizer
-
     words = "[PAD] [UNK] [CLS] [SEP] [MASK] the a of to and is in it for def class return print x y".split()
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(words), hidden_size=24, num_hidden_layers=3, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=64)
-    BertModel(config).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), words)
 
 
 DOCS = ["the x of y is in it for def class return print x", "to and is in it the a of x y print return class"] * 3

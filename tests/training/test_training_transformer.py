@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("transformers", reason="transformers is installed by the [train] and [test] extras")
 
 from fastsae.training.transformer import TransformerActivations, find_minilm, load_corpus  # noqa: E402
+from helpers.tiny_models import save_tiny_bert
 
 WORDS = ("[PAD] [UNK] [CLS] [SEP] [MASK] the a of to and is in it for def class return print import from with as "
          "if else while . , ( ) : = x y value list name").split()
@@ -21,15 +22,7 @@ DOCS = [
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)}).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(WORDS), hidden_size=24, num_hidden_layers=3, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=64)
-    BertModel(config).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), WORDS)
 
 
 def test_rows_are_the_hooked_layers_outputs_at_real_tokens(tiny_bert):
