@@ -153,12 +153,6 @@ def aux_coefficients(aux_pre: Tensor) -> Tensor:
     return torch.nan_to_num(aux_pre, nan=float("nan"), posinf=float("inf"), neginf=0.0)
 
 
-def aux_kept(aux_pre: Tensor) -> Tensor:
-    """1 where AuxK kept an entry (not -inf), else 0, in aux_pre's dtype: the mask of its gradient
-    (a multiply, several times faster than torch.where on a CPU)."""
-    return torch.isneginf(aux_pre).logical_not_().to(aux_pre.dtype)
-
-
 def aux_norms(aux_latents: Tensor, dec_norm: Tensor) -> Tensor:
     """The decoder norms [C] at the listed latents, 1 at the empty entries (-1): an empty entry's
     coefficient is 0, and 0 / 1 stays 0 where latent 0's norm (which it would read) may be 0."""
@@ -169,11 +163,16 @@ def aux_decode(aux_pre: Tensor, aux_latents: Tensor, W_dec: Tensor, dec_norm: Op
     """AuxK's reconstruction [N, d_in]: sum over the entries j of aux_pre [N, C] that are not -inf
     of aux_pre[n, j] * W_dec[aux_latents[j]] (/ ||W_dec|| when rescaled): a dense product over the
     listed rows of W_dec. Empty entries (latent -1) must be -inf, as `aux_select` leaves them."""
-    rows = aux_latents.clamp(min=0)
-    coef = aux_coefficients(aux_pre)
+    return aux_coefficients(aux_pre) @ aux_decoder_rows(aux_latents, W_dec, dec_norm)
+
+
+def aux_decoder_rows(aux_latents: Tensor, W_dec: Tensor, dec_norm: Optional[Tensor]) -> Tensor:
+    """The listed rows of W_dec [C, d_in], each divided by its decoder norm when rescaled: the
+    norms scale the [C, d_in] rows rather than the [N, C] coefficients, which are the larger."""
+    rows = W_dec[aux_latents.clamp(min=0)]
     if dec_norm is not None:
-        coef = coef / aux_norms(aux_latents, dec_norm)
-    return coef @ W_dec[rows]
+        rows = rows / aux_norms(aux_latents, dec_norm)[:, None]
+    return rows
 
 
 def threshold_encode(

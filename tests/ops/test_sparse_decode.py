@@ -69,6 +69,35 @@ def test_sparse_decode_gradcheck(backend, use_b_dec, use_norm):
         )
 
 
+@pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
+@pytest.mark.parametrize("use_norm", [False, True])
+def test_sparse_decode_with_aux_gradcheck(backend, use_norm):
+    """AuxK's reconstruction through the op's own autograd: the listed rows of W_dec, their norms
+    and the kept aux entries take gradients; dropped (-inf) and empty (-1) entries are constants."""
+    n, d_in, d_sae, m = 5, 6, 13, 3
+    f64 = dict(dtype=torch.float64)
+    values = torch.randn(n, m, **f64, requires_grad=True)
+    indices = torch.randint(0, d_sae, (n, m))
+    W_dec = torch.randn(d_sae, d_in, **f64, requires_grad=True)
+    dec_norm = (torch.rand(d_sae, **f64) + 0.5).requires_grad_() if use_norm else None
+    latents = torch.tensor([7, 2, 11, 4, -1, -1])  # four dead latents, two empty entries
+    aux_pre = torch.randn(n, latents.shape[0], **f64)
+    aux_pre[:, 4:] = float("-inf")
+    aux_pre[torch.arange(n), torch.randint(0, 4, (n,))] = float("-inf")  # one dropped entry per row
+    aux_pre.requires_grad_()
+
+    def f(v, w, nrm, a):
+        _, e_hat = ops.sparse_decode_with_aux(v, indices, w, None, nrm, a, latents)
+        return e_hat
+
+    with ops.use_backend(backend):
+        assert torch.autograd.gradcheck(f, (values, W_dec, dec_norm, aux_pre))
+        a = aux_pre.detach().clone().requires_grad_()
+        f(values, W_dec, dec_norm, a).square().sum().backward()
+    assert (a.grad[torch.isneginf(aux_pre)] == 0).all()
+    assert (a.grad[~torch.isneginf(aux_pre)] != 0).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("d_in,d_sae,m", [(48, 333, 7), (100, 1000, 16), (100, 333, 1)])
 @pytest.mark.parametrize("use_norm", [False, True])
