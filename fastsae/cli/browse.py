@@ -23,7 +23,7 @@ def add_browse_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("sae", metavar="RUN_OR_SAE", help="a `fastsae train` run folder, or an SAE checkpoint (SAELens, sparsify, ...)")
     p.add_argument("--out", required=True, help="folder for the site (created; a previous site there is replaced)")
     p.add_argument("--model", help="Hugging Face model folder or 'minilm' (default: the run's, else minilm)")
-    p.add_argument("--hook", help="module whose output the SAE reads (default: the run's, else encoder.layer.3)")
+    p.add_argument("--hook", "--hook-in", help="module whose output the SAE reads (default: the run's, else encoder.layer.3)")
     p.add_argument("--hook-out", help=HOOK_OUT_HELP)
     p.add_argument("--text", help="'pydoc', a .txt file or a folder of .txt files (default: the run's, else pydoc)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the run's, else 128)")

@@ -290,5 +290,5 @@ def test_transcoder_run_prints_evals_builds_the_browser_and_reopens(tiny_gpt2, c
     assert main(["eval", str(bare.save(tmp_path / "bare")), *common]) == 2
     assert "pass --hook-out" in capsys.readouterr().err
     plain = SAE(d_in=WIDTH, d_sae=16, architecture="topk", k=2).save(tmp_path / "plain")
-    assert main(["eval", str(plain), *common, "--hook", HOOK_IN, "--hook-out", HOOK_OUT]) == 2
+    assert main(["eval", str(plain), *common, "--hook-in", HOOK_IN, "--hook-out", HOOK_OUT]) == 2
     assert "--hook-out: reads a transcoder's target" in capsys.readouterr().err
