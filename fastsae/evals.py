@@ -29,6 +29,14 @@ the window's real tokens (not the special tokens added around it):
   hidden_score = 1 - hidden_mse_with_sae / hidden_mse_with_ablation (1: the SAE changes nothing
   downstream, 0: as bad as zeroing the hook), hidden_score_mean_ablation likewise;
   hidden_cosine_with_sae = mean over tokens of cos(h_sae, h).
+
+Transcoders (`cfg.d_out` set; paired sources, whose rows are an input and its target side by side):
+the activation metrics compare the transcoder's output sae(x) (its skip term included) with the
+target y instead of x_hat with x (explained variance, FVU, MSE, cosine, L2 ratio, relative
+reconstruction bias and the mean all over y); L0, L1 and the densities come from the latents of x.
+Downstream, the model runs once per variant: the output of `hook_out`'s module is replaced at the
+window's real tokens by sae(the output of `hook`'s module, from the same forward pass), by zeros or
+by y's mean, and scored as above (the MLP replaced by the transcoder, as circuit-tracer does).
 """
 
 from __future__ import annotations
@@ -47,7 +55,8 @@ HISTOGRAM_EDGES = tuple(float(e) for e in range(-8, 1))  # log10 density bins [-
 
 class ActivationMetrics:
     """Streaming sums for the activation metrics. `add(x, x_hat, values, indices)` per batch
-    (`values`/`indices`: the sparse latents, or `values` dense [n, d_sae] with indices None)."""
+    (`values`/`indices`: the sparse latents, or `values` dense [n, d_sae] with indices None); for a
+    transcoder x is the target and x_hat its prediction, `d_in` their width (d_out)."""
 
     def __init__(self, d_in: int, d_sae: int, dense_threshold: float = DENSE_THRESHOLD):
         self.d_in, self.d_sae, self.dense_threshold = d_in, d_sae, dense_threshold
@@ -133,17 +142,43 @@ class ActivationMetrics:
 
 @torch.no_grad()
 def reconstruct(sae, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(x_hat, values, indices) of `sae` on rows x [n, d_in] through the sparse path."""
-    sparse = sae.encode_sparse(x.to(device=sae.device, dtype=sae.dtype))
-    return sae.decode(sparse), sparse.values, sparse.indices
+    """(output, values, indices) of `sae` on rows x [n, d_in] through the sparse path: the
+    reconstruction, or a transcoder's prediction of its target (its skip term included, as sae(x))."""
+    x = x.to(device=sae.device, dtype=sae.dtype)
+    sparse = sae.encode_sparse(x)
+    out = sae.decode(sparse)
+    if sae.W_skip is not None:
+        out = torch.addmm(out, x, sae.W_skip.t())
+    return out, sparse.values, sparse.indices
 
 
-def check_width(sae, d_in: int, what: str) -> None:
-    if sae.cfg.is_transcoder:  # its output is not decode(encode(x)), nor compared with x
-        raise ValueError("eval: the metrics measure an SAE's reconstruction of its input; this SAE is a transcoder "
-                         f"(d_out={sae.cfg.d_out}, skip_connection={sae.cfg.skip_connection}), which they do not measure")
-    if d_in != sae.d_in:
-        raise ValueError(f"{what}: expected activations of width d_in={sae.d_in} (the SAE's), got width {d_in}")
+def is_paired(sae) -> bool:
+    """Whether `sae` is measured against targets (a transcoder, d_out set) rather than its input."""
+    return sae.cfg.d_out is not None
+
+
+def split_rows(source, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """(inputs, targets) of a chunk's rows: a paired source's rows are both side by side; a plain
+    source's rows are their own targets."""
+    if getattr(source, "d_out", None) is None:
+        return rows, rows
+    return rows[:, : source.d_in], rows[:, source.d_in :]
+
+
+def check_source(sae, source, what: str) -> None:
+    """A ValueError naming what is wrong when `source`'s rows do not fit `sae`."""
+    if source.d_in != sae.d_in:
+        raise ValueError(f"{what}: expected activations of width d_in={sae.d_in} (the SAE's), got width {source.d_in}")
+    d_out = getattr(source, "d_out", None)
+    if is_paired(sae) and d_out is None:
+        raise ValueError(f"{what}: a transcoder (d_out={sae.d_out}) is measured against targets; expected paired "
+                         "activations (files holding `inputs` and `targets`, or a model read at --hook and --hook-out), "
+                         "got its inputs only")
+    if not is_paired(sae) and d_out is not None:
+        raise ValueError(f"{what}: pairs inputs with targets of width {d_out}, a transcoder's data; this SAE "
+                         "(d_out unset) reconstructs its input: pass its inputs alone")
+    if d_out is not None and d_out != sae.d_out:
+        raise ValueError(f"{what}: expected targets of width d_out={sae.d_out} (the transcoder's), got width {d_out}")
 
 
 @torch.no_grad()
@@ -152,8 +187,8 @@ def activation_metrics(sae, source, max_tokens: Optional[int] = None, batch_rows
     """Stream up to `max_tokens` rows of `source` (`d_in`, `chunk_sizes`, `load_chunk`), from chunk
     `first_chunk` on, through the SAE in batches of `batch_rows`; returns the filled accumulator
     (`.compute()` for the dict)."""
-    check_width(sae, source.d_in, repr(source))
-    acc = ActivationMetrics(sae.d_in, sae.d_sae, dense_threshold)
+    check_source(sae, source, repr(source))
+    acc = ActivationMetrics(sae.d_out, sae.d_sae, dense_threshold)  # over the targets (a plain SAE's: its inputs)
     for index in range(first_chunk, len(source.chunk_sizes)):
         left = None if max_tokens is None else max_tokens - acc.n
         if left is not None and left <= 0:
@@ -162,8 +197,9 @@ def activation_metrics(sae, source, max_tokens: Optional[int] = None, batch_rows
         if left is not None:
             rows = rows[:left]
         for part in rows.split(batch_rows):
-            x_hat, values, indices = reconstruct(sae, part)
-            acc.add(part, x_hat, values, indices)
+            inputs, targets = split_rows(source, part)
+            output, values, indices = reconstruct(sae, inputs)
+            acc.add(targets, output, values, indices)
     return acc
 
 
@@ -254,10 +290,12 @@ def downstream_metrics(sae, source, mean: Tensor, max_tokens: Optional[int] = No
                        model=None, first_window: int = 0) -> dict:
     """Run `source`'s model (a `TransformerActivations`) over its windows, up to `max_tokens` real
     tokens, clean and with the hook's output replaced at the real tokens by the SAE's
-    reconstruction, by zeros and by `mean` [d_in]. A causal LM (config architectures ending in
-    ForCausalLM / LMHeadModel) is scored by CE loss and KL; any other model by its final hidden
-    states. `model`: the causal LM to use (default: loaded from the source's folder). Windows from
-    `first_window` on."""
+    reconstruction, by zeros and by `mean` [d_out] (a transcoder: `source.hook_out`'s output
+    replaced by its prediction from `source.hook`'s output in the same pass). A causal LM (config
+    architectures ending in ForCausalLM / LMHeadModel) is scored by CE loss and KL; any other
+    model by its final hidden states. `model`: the causal LM to use (default: loaded from the
+    source's folder). Windows from `first_window` on."""
+    check_source(sae, source, repr(source))
     causal = model is not None or is_causal_lm(source.model_path)
     if causal and model is None:
         from transformers import AutoModelForCausalLM
@@ -266,12 +304,23 @@ def downstream_metrics(sae, source, mean: Tensor, max_tokens: Optional[int] = No
     if not causal:
         model = source.model
     base = model.base_model if causal else model
-    try:
-        module = base.get_submodule(source.hook)
-    except AttributeError:
-        raise ValueError(f"hook: {source.model_path} has no module {source.hook!r} in {type(base).__name__}") from None
+    paired = is_paired(sae)
+    hook_out = source.hook_out if paired else source.hook  # the module whose output is replaced
+
+    def module_at(name: str):
+        try:
+            return base.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"hook: {source.model_path} has no module {name!r} in {type(base).__name__}") from None
+
+    reads, module = module_at(source.hook), module_at(hook_out)
     acc = DownstreamMetrics(causal)
-    state: dict = {"mode": None, "keep": None}
+    state: dict = {"mode": None, "keep": None, "inputs": None}
+
+    def capture(_module, _inputs, output):  # a transcoder's input, from the pass it splices into
+        if state["mode"] == "sae":
+            acts = output[0] if isinstance(output, (tuple, list)) else output
+            state["inputs"] = acts[state["keep"].to(acts.device)]
 
     def splice(_module, _inputs, output):
         mode = state["mode"]
@@ -281,6 +330,11 @@ def downstream_metrics(sae, source, mean: Tensor, max_tokens: Optional[int] = No
         keep = state["keep"].to(acts.device)
         x = acts[keep]
         if mode == "sae":
+            if paired:
+                x, state["inputs"] = state["inputs"], None
+                if x is None:
+                    raise ValueError(f"hook_out {hook_out!r}: its module ran before the hook {source.hook!r} in "
+                                     "the forward pass (a transcoder reads its input upstream of its output)")
             new = sae(x.to(device=sae.device, dtype=sae.dtype))
         elif mode == "ablation":
             new = torch.zeros_like(x)
@@ -294,7 +348,8 @@ def downstream_metrics(sae, source, mean: Tensor, max_tokens: Optional[int] = No
             return [acts, *output[1:]]
         return acts
 
-    handle = module.register_forward_hook(splice)
+    handles = [reads.register_forward_hook(capture)] if paired else []
+    handles.append(module.register_forward_hook(splice))
     seen = 0
     try:
         for first in range(first_window, source.n_windows, batch_windows):
@@ -322,8 +377,9 @@ def downstream_metrics(sae, source, mean: Tensor, max_tokens: Optional[int] = No
             else:
                 acc.add_encoder(clean, spliced, keep.to(clean.device))
     finally:
-        handle.remove()
-        state["mode"] = None
+        for handle in handles:
+            handle.remove()
+        state["mode"] = state["inputs"] = None
     if seen == 0:
         raise ValueError("downstream: no tokens to evaluate")
     return acc.compute()
@@ -336,6 +392,8 @@ def evaluate(sae, source, max_tokens: Optional[int] = None, downstream: bool = T
     same tokens, in one dict."""
     acc = activation_metrics(sae, source, max_tokens, batch_rows, dense_threshold, first_chunk)
     result = acc.compute()
+    if is_paired(sae):
+        result["transcoder"] = True  # the metrics compare its output with the targets
     if downstream and hasattr(source, "window_inputs"):
         result.update(downstream_metrics(sae, source, acc.mean, max_tokens, batch_windows,
                                          first_window=first_chunk * source.seqs_per_chunk))
@@ -354,7 +412,8 @@ def tail_chunk(source, tokens: int) -> int:
 
 def format_metrics(m: dict) -> str:
     """A few lines for a terminal."""
-    lines = [
+    lines = ["a transcoder: its output against the targets (not its input)"] if m.get("transcoder") else []
+    lines += [
         f"explained variance {m['explained_variance']:.4f}  fvu {m['fvu']:.4f}  mse {m['mse']:.4g}  "
         f"cosine {m['cosine_similarity']:.4f}  l2 ratio {m['l2_ratio']:.4f}  "
         f"rel. reconstruction bias {m['relative_reconstruction_bias']:.4f}",

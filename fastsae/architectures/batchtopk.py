@@ -43,6 +43,9 @@ class BatchTopK(Architecture):
             raise ValueError(f"topk_threshold_start_step: expected a non-negative integer or None, got {start!r}")
         if not isinstance(cfg.topk_threshold_first_sets, bool):
             raise ValueError(f"topk_threshold_first_sets: expected a bool, got {cfg.topk_threshold_first_sets!r}")
+        lr = cfg.topk_threshold_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr <= 1:  # NaN fails too
+            raise ValueError(f"topk_threshold_lr: expected a rate in [0, 1] (the EMA's step), got {lr!r}")
 
     def fold_input_scale(self, folded, scale: float) -> None:
         if folded.cfg.rescale_acts_by_decoder_norm:

@@ -15,6 +15,8 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
+from fastsae.evals import split_rows
+
 EMPTY_EXPONENT = -1000  # a histogram that has seen nothing yet
 
 
@@ -257,7 +259,7 @@ def encoded_batches(sae, source, max_tokens: Optional[int] = None, batch_rows: i
     for index in range(len(source.chunk_sizes)):
         if max_tokens is not None and seen >= max_tokens:
             return
-        rows = source.load_chunk(index)
+        rows = split_rows(source, source.load_chunk(index))[0]  # a transcoder's latents read its inputs
         positions = source.chunk_token_positions(index)
         if max_tokens is not None:
             rows, positions = rows[: max_tokens - seen], positions[: max_tokens - seen]

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 DEFAULT_TOKENS = 100_000
+HOOK_OUT_HELP = "a transcoder's: module whose output it predicts (default: the run's, else its cfg.json's hook_name_out)"
 
 
 def add_browse_parser(sub) -> argparse.ArgumentParser:
@@ -22,7 +23,8 @@ def add_browse_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("sae", metavar="RUN_OR_SAE", help="a `fastsae train` run folder, or an SAE checkpoint (SAELens, sparsify, ...)")
     p.add_argument("--out", required=True, help="folder for the site (created; a previous site there is replaced)")
     p.add_argument("--model", help="Hugging Face model folder or 'minilm' (default: the run's, else minilm)")
-    p.add_argument("--hook", help="module whose output the SAE reads (default: the run's, else encoder.layer.3)")
+    p.add_argument("--hook", "--hook-in", help="module whose output the SAE reads (default: the run's, else encoder.layer.3)")
+    p.add_argument("--hook-out", help=HOOK_OUT_HELP)
     p.add_argument("--text", help="'pydoc', a .txt file or a folder of .txt files (default: the run's, else pydoc)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the run's, else 128)")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"tokens to scan (default {DEFAULT_TOKENS:,})")
@@ -67,22 +69,34 @@ def open_sae(path: Path, device: str = "cpu"):
 def open_transformer_source(args: argparse.Namespace, sae, data: dict):
     """The `TransformerActivations` that --model, --hook, --text, --seq-len, --activation-cache
     and --device describe, each defaulting to the run's (`data`, a run's data description) and
-    then to `fastsae train`'s defaults (MiniLM at encoder.layer.3 on pydoc)."""
+    then to `fastsae train`'s defaults (MiniLM at encoder.layer.3 on pydoc). A transcoder is read
+    at --hook and --hook-out, which default to the run's, then to its cfg.json's hook_name and
+    hook_name_out (as `fastsae train --hook-in/--hook-out` and SAELens record them)."""
     from fastsae.cli.flags import DEFAULTS
+    from fastsae.evals import is_paired
     from fastsae.training.transformer import TransformerActivations
 
     from_run = data if data.get("kind") == "transformer" else {}
+    paired = is_paired(sae)
+    recorded = sae.cfg.metadata if paired else {}
 
     def setting(name: str, default):
         given = getattr(args, name)
         return given if given is not None else from_run.get(name, default)
 
-    model, hook = setting("model", DEFAULTS["model"]), setting("hook", DEFAULTS["hook"])
+    model, hook = setting("model", DEFAULTS["model"]), setting("hook", recorded.get("hook_name") or DEFAULTS["hook"])
+    hook_out = setting("hook_out", recorded.get("hook_name_out")) if paired else None
+    if paired and hook_out is None:
+        raise ValueError(f"{args.sae}: a transcoder (d_out={sae.d_out}) is measured against the output of another "
+                         "module than its input's: pass --hook-out (and --hook, its input)")
+    if not paired and args.hook_out is not None:
+        raise ValueError(f"--hook-out: reads a transcoder's target, but {args.sae} is an SAE (d_out unset); drop it")
     text = setting("text", DEFAULTS["text"])
     cache = args.activation_cache or from_run.get("cache_dir") or "runs/activation-cache"
-    print(f"{args.sae}: {sae}; loading {model} at {hook!r} and tokenizing {text!r} ...", flush=True)
+    where = f"{hook!r}" + (f" -> {hook_out!r}" if paired else "")
+    print(f"{args.sae}: {sae}; loading {model} at {where} and tokenizing {text!r} ...", flush=True)
     return TransformerActivations(
-        model=model, hook=hook, text=text, seq_len=setting("seq_len", DEFAULTS["seq_len"]),
+        model=model, hook=hook, hook_out=hook_out, text=text, seq_len=setting("seq_len", DEFAULTS["seq_len"]),
         # The run's token stream and window settings, so its cached activations are reused.
         seqs_per_chunk=from_run.get("seqs_per_chunk", 32), max_tokens=from_run.get("max_tokens"),
         cache_dir=None if str(cache).lower() == "none" else cache, device=args.device,
@@ -106,6 +120,7 @@ def run_browse(args: argparse.Namespace) -> int:
         features = None if args.features is None else range(min(args.features, sae.d_sae))
         metrics = None
         if args.eval_tokens > 0 and source.d_in == sae.d_in:  # build_browser reports a width mismatch
+            # (a transcoder's metrics: its output against the targets at --hook-out)
             from fastsae.evals import evaluate
 
             metrics = evaluate(sae, source, max_tokens=args.eval_tokens)

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from fastsae.cli.browse import HOOK_OUT_HELP
+
 DEFAULT_TOKENS = 50_000
 
 
@@ -20,12 +22,15 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         description="Stream activations through the SAE (from --data files, or from a model at a hook on a text as "
         "`fastsae browse` does; for a `fastsae train` run folder the run's data by default) and report the metrics "
         "of SAELens' evals. With a model, also splice the reconstruction into it at the hook: CE loss recovered and "
-        "KL for a causal LM, the recovered score of the final hidden states for an encoder.",
+        "KL for a causal LM, the recovered score of the final hidden states for an encoder. A transcoder is "
+        "measured against its targets (paired files, or the model at --hook and --hook-out), and spliced in as the "
+        "output of --hook-out's module computed from --hook's activations.",
     )
     p.add_argument("sae", metavar="RUN_OR_SAE", help="a `fastsae train` run folder, or an SAE checkpoint (SAELens, sparsify, ...)")
     p.add_argument("--data", metavar="FILE", help="activation file or folder of shards (.safetensors/.npy/.pt) instead of a model")
     p.add_argument("--model", help="Hugging Face model folder or 'minilm' (default: the run's, else minilm)")
-    p.add_argument("--hook", help="module whose output the SAE reads (default: the run's, else encoder.layer.3)")
+    p.add_argument("--hook", "--hook-in", help="module whose output the SAE reads (default: the run's, else encoder.layer.3)")
+    p.add_argument("--hook-out", help=HOOK_OUT_HELP)
     p.add_argument("--text", help="'pydoc', a .txt file or a folder of .txt files (default: the run's, else pydoc)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the run's, else 128)")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"tokens (rows) to evaluate on (default {DEFAULT_TOKENS:,})")
@@ -91,7 +96,8 @@ def run_eval(args: argparse.Namespace) -> int:
     metrics["seconds"] = time.perf_counter() - started
     print(format_metrics(metrics))
     if not hasattr(source, "window_inputs"):
-        print("(no downstream metrics: activation files have no model to splice the SAE into; pass --model and --hook)")
+        also = " and --hook-out" if metrics.get("transcoder") else ""
+        print(f"(no downstream metrics: activation files have no model to splice the SAE into; pass --model and --hook{also})")
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,17 @@ def _uses_k(arch) -> bool:
     return arch.uses_k
 
 
+def _has_threshold_rule(arch) -> bool:
+    """Whether the architecture learns BatchTopK's inference threshold (and takes its options)."""
+    return "topk_threshold_start_step" in arch.config_options
+
+
+def _config_default(name: str):
+    from fastsae.config import SAEConfig
+
+    return SAEConfig.__dataclass_fields__[name].default
+
+
 def _group_sizes(text: str) -> tuple[int, ...]:
     """--matryoshka-groups' value: positive group sizes, comma-separated."""
     try:
@@ -223,6 +234,16 @@ TRAIN_FLAGS = (
          "OpenAI: ReLU'd dead latents, divided by the residual's variance) (default {default})",
          "trainer.aux_normalization", default="dead_fraction", choices=("dead_fraction", "residual_variance"),
          group=DETAILS, applies=lambda arch: arch.supports_auxk, off="dead_fraction"),
+    Flag("topk_threshold_lr", "batchtopk/matryoshka: the inference threshold's EMA rate (default {default}; "
+         "dictionary_learning: 1 - threshold_beta)", "sae.topk_threshold_lr", float,
+         _config_default("topk_threshold_lr"), group=DETAILS, applies=_has_threshold_rule,
+         off=_config_default("topk_threshold_lr")),
+    Flag("topk_threshold_start_step", "batchtopk/matryoshka: update the threshold only on steps after this one "
+         "(0-based; dictionary_learning's threshold_start_step; default: every step)", "sae.topk_threshold_start_step",
+         int, group=DETAILS, applies=_has_threshold_rule, none_is_a_value=True),
+    Flag("topk_threshold_first_sets", "batchtopk/matryoshka: the first update sets the threshold instead of moving "
+         "it from 0 (dictionary_learning's rule; default: off)", "sae.topk_threshold_first_sets", default=False,
+         action=argparse.BooleanOptionalAction, group=DETAILS, applies=_has_threshold_rule, off=False),
     Flag("dead_after_tokens", "tokens without firing after which a latent is dead", "trainer.dead_after_tokens", int,
          group=DETAILS, none_is_a_value=True),
     Flag("resample_every", "steps between resamplings (relu)", "trainer.resample_every_steps", int, group=DETAILS,
@@ -293,8 +314,8 @@ def data_settings(args: argparse.Namespace, kind: str) -> dict:
 
 
 def run_flags(sae_cfg, trainer_cfg) -> dict:
-    """Each compared flag's value in a saved run (config -> flags); None where the run does not use
-    the setting (--k for a ReLU SAE); flags of another data kind are left out."""
+    """Each compared flag's value in a saved run (config -> flags); flags the run does not use (--k
+    for a ReLU SAE) and flags of another data kind are left out, so they never differ."""
     arch = architectures.get(sae_cfg.architecture)
     data = trainer_cfg.data or {}
     saved = {}
@@ -308,7 +329,9 @@ def run_flags(sae_cfg, trainer_cfg) -> dict:
             value = data.get(name) if name else data
         else:
             value = getattr(sae_cfg if where == "sae" else trainer_cfg, name)
-        value = flag.from_config(value) if flag.applies(arch) else None
+        if not flag.applies(arch):
+            continue
+        value = flag.from_config(value)
         if value is not _ABSENT:
             saved[flag.name] = value
     return saved

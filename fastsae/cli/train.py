@@ -354,10 +354,9 @@ def _report(args, trainer, data, out: Path, result: dict, started: float, traine
     if hasattr(data, "score"):
         print(f"mean max cosine similarity to the {data.n_features} true features: {data.score(exported):.4f}")
     evaluation = None
-    paired = getattr(data, "d_out", None) is not None
-    if paired and (args.eval_tokens > 0 or args.report_features > 0 or args.browser_tokens > 0):
-        print("a transcoder: `fastsae eval`, the feature report and the browser read an SAE's inputs only (skipped)")
-    if args.eval_tokens > 0 and not paired:
+    # A transcoder's eval compares its output with the targets (and splices it in at --hook-out);
+    # its feature report and browser show what its latents read at --hook-in.
+    if args.eval_tokens > 0:
         from fastsae.evals import evaluate, format_metrics, tail_chunk
 
         eval_started = time.perf_counter()
@@ -369,12 +368,12 @@ def _report(args, trainer, data, out: Path, result: dict, started: float, traine
             print(format_metrics(evaluation))
         except (OSError, ValueError) as exc:  # the trained SAE is saved whatever happens here
             print(f"fastsae train: no eval: {exc}", file=sys.stderr)
-    if hasattr(data, "tokenizer") and args.report_features > 0 and not paired:
+    if hasattr(data, "tokenizer") and args.report_features > 0:
         from fastsae.training.report import feature_report
 
         print()
         print(feature_report(exported, data, n_features=args.report_features))
-    if hasattr(data, "tokenizer") and args.browser_tokens > 0 and not paired:
+    if hasattr(data, "tokenizer") and args.browser_tokens > 0:
         from fastsae import runs
         from fastsae.browse import build_browser
 

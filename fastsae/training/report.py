@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastsae.evals import split_rows
 from fastsae.sae import SAE
 
 
@@ -32,7 +33,7 @@ def top_activations(sae: SAE, source, n_examples: int = 5, max_rows: Optional[in
     for index in range(len(source.chunk_sizes)):
         if max_rows is not None and seen >= max_rows:
             break
-        rows = source.load_chunk(index)
+        rows = split_rows(source, source.load_chunk(index))[0]  # a transcoder's latents read its inputs
         positions = source.chunk_token_positions(index)
         for part, pos in zip(rows.split(batch_rows), positions.split(batch_rows)):
             acts = sae.encode(part.to(device=sae.device, dtype=sae.dtype)).float().cpu()

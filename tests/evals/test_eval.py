@@ -14,7 +14,7 @@ import fastsae
 from fastsae import SAE
 from fastsae.evals import ACTIVATION_KEYS, ActivationMetrics, activation_metrics, downstream_metrics, evaluate
 from fastsae.training.data import ActivationFiles, save_activations
-from helpers.tiny_models import save_tiny_bert
+from helpers.tiny_models import save_tiny_bert, save_tiny_gpt2
 
 D_IN, D_SAE, K = 16, 64, 4
 HOOK = "blocks.0.hook_resid_post"
@@ -212,13 +212,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory):
     pytest.importorskip("transformers")
-    from transformers import BertTokenizer, GPT2Config, GPT2LMHeadModel
-
-    folder = tmp_path_factory.mktemp("tiny_gpt2")
-    BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)}).save_pretrained(folder)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(WORDS), n_embd=WIDTH, n_layer=2, n_head=2, n_positions=64)).save_pretrained(folder)
-    return folder
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"), WORDS, width=WIDTH)
 
 
 @pytest.fixture(scope="module")

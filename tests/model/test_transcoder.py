@@ -245,15 +245,24 @@ def test_a_transcoder_recovers_a_known_sparse_map():
     assert found >= 0.95, found
 
 
-def test_eval_refuses_transcoders():
+def test_eval_measures_transcoders_against_targets_and_refuses_one_without():
+    """(The metrics themselves: tests/evals/test_eval_transcoder.py.) A transcoder given inputs
+    alone is refused; a skip SAE (d_out unset) is measured against its input, skip term included."""
     from fastsae.evals import evaluate
+
+    x = torch.randn(10, 5, generator=torch.Generator().manual_seed(0))
 
     class Rows:
         d_in, chunk_sizes = 5, [10]
 
         def load_chunk(self, index):
-            return torch.randn(10, 5)
+            return x
 
-    sae = SAE(d_in=5, d_sae=8, architecture="topk", k=2, skip_connection=True)
-    with pytest.raises(ValueError, match="eval: the metrics measure an SAE's reconstruction of its input"):
-        evaluate(sae, Rows())
+    transcoder = SAE(d_in=5, d_sae=8, d_out=3, architecture="topk", k=2, apply_b_dec_to_input=False)
+    with pytest.raises(ValueError, match=r"a transcoder \(d_out=3\) is measured against targets"):
+        evaluate(transcoder, Rows())
+    skip = SAE(d_in=5, d_sae=8, architecture="topk", k=2, skip_connection=True).eval()
+    with torch.no_grad():
+        skip.W_skip.copy_(torch.eye(5) * 0.5)
+        mse = (skip(x) - x).pow(2).sum(1).mean().item()
+    assert evaluate(skip, Rows())["mse"] == pytest.approx(mse, rel=1e-5)

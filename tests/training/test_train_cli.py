@@ -356,3 +356,45 @@ def test_matryoshka_recovers_known_features_from_the_command_line(tmp_path, caps
     assert score >= 0.95, said
     last = json.loads((tmp_path / "m" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["l0"] == pytest.approx(2.0) and last["nested_loss"] > last["mse"]  # the inner level's MSE is larger
+
+
+def test_threshold_and_auxk_flags_reach_cfg_json_and_resume_compares_them(tmp_path, capsys):
+    """dictionary_learning's threshold rule and AuxK normalisation from the command line: saved in
+    cfg.json / the trainer's config, compared by --resume, ignored by an architecture without them."""
+    out = tmp_path / "run"
+    flags = ["--topk-threshold-lr", "0.05", "--topk-threshold-start-step", "3", "--topk-threshold-first-sets",
+             "--aux-normalization", "residual_variance"]
+    args = ["train", *SYNTHETIC, "--architecture", "batchtopk", "--k", "2", "--eval-tokens", "0", "--tokens", "1024"]
+    assert main([*args, *flags, "--out", str(out)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    folder = latest_checkpoint(out)
+    saved = json.loads((folder / "cfg.json").read_text())
+    assert (saved["topk_threshold_lr"], saved["topk_threshold_start_step"], saved["topk_threshold_first_sets"]) == (0.05, 3, True)
+    assert TrainerConfig.load(folder).aux_normalization == "residual_variance"
+    assert fastsae.load(out).cfg.topk_threshold_start_step == 3
+    # --resume: the same flags continue; a changed one is named with the run's value (None included).
+    assert main([*args, *flags, "--out", str(out), "--resume"]) == 0
+    capsys.readouterr()
+    for changed, said in ((["--topk-threshold-start-step", "4"], "--topk-threshold-start-step 4 (the run's: 3)"),
+                          (["--topk-threshold-lr", "0.01"], "--topk-threshold-lr 0.01 (the run's: 0.05)"),
+                          (["--no-topk-threshold-first-sets"], "--topk-threshold-first-sets (the run's: True)"),
+                          (["--aux-normalization", "dead_fraction"], "--aux-normalization dead_fraction (the run's: residual_variance)")):
+        assert main(["train", "--resume", "--out", str(out), *changed]) == 2
+        assert said in capsys.readouterr().err
+    plain = tmp_path / "plain"  # defaults: the options are not written, and a start step given later differs from None
+    assert main([*args, "--out", str(plain)]) == 0
+    capsys.readouterr()
+    saved = json.loads((latest_checkpoint(plain) / "cfg.json").read_text())
+    assert "topk_threshold_start_step" not in saved and saved["topk_threshold_lr"] == 0.01
+    assert main(["train", "--resume", "--out", str(plain), "--topk-threshold-start-step", "0"]) == 2
+    assert "--topk-threshold-start-step 0 (the run's: None)" in capsys.readouterr().err
+    # An architecture without the threshold takes none of it (as --k for ReLU), and resuming it with them is fine.
+    topk = tmp_path / "topk"
+    assert main(["train", *SYNTHETIC, "--architecture", "topk", "--k", "2", "--eval-tokens", "0", "--tokens", "1024",
+                 *flags[:5], "--out", str(topk)]) == 0
+    saved = json.loads((latest_checkpoint(topk) / "cfg.json").read_text())
+    assert "topk_threshold_start_step" not in saved and saved["topk_threshold_lr"] == 0.01
+    assert main(["train", "--resume", "--out", str(topk), *flags[:5]]) == 0
+    capsys.readouterr()
+    assert main([*args, "--topk-threshold-lr", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert "topk_threshold_lr: expected a rate in [0, 1]" in capsys.readouterr().err

@@ -160,8 +160,11 @@ def test_fastsae_train_hook_in_hook_out(tiny_bert, tmp_path, capsys):
                "encoder.layer.1.output", "--text", str(corpus), "--seq-len", "8", "--architecture", "relu",
                "--d-sae", "32", "--batch-size", "32", "--tokens", "128", "--out", str(tmp_path / "run"),
                "--activation-cache", "none", "--no-progress", "--threads", "1"])
-    assert rc == 0, capsys.readouterr().err
-    assert "feature report and the browser read an SAE's inputs only" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert rc == 0, said.err
+    # the end of the run as for an SAE: eval against the targets (an encoder: the recovered score), report, browser
+    assert "against the targets" in said.out and "final hidden states: recovered" in said.out
+    assert "features that fired" in said.out and (tmp_path / "run" / "browser" / "index.html").is_file()
     sae = fastsae.load(tmp_path / "run")
     assert (sae.d_in, sae.d_out, sae.architecture) == (24, 24, "relu") and not sae.cfg.apply_b_dec_to_input
     cfg = TrainerConfig.load(next((tmp_path / "run" / "checkpoints").iterdir()))
