@@ -245,3 +245,28 @@ def load_trainer_state(trainer, folder: Path) -> Optional[str]:
         return (f"note: the data has {trainer.stream.rows_per_epoch:,} rows per epoch, the checkpoint's had "
                 f"{info.get('rows_per_epoch')}: the resumed run will not see the same batches")
     return None
+
+
+def save_checkpoint(trainer) -> Path:
+    """`trainer`'s checkpoint at its step, written atomically (collective when its latents are sharded: the whole SAE
+    and Adam state are gathered on rank 0, which writes a one-process checkpoint; the other ranks return its path)."""
+    if trainer.out_dir is None:
+        raise ValueError("save_checkpoint: this trainer has no out_dir")
+    bad = [name for name, param in trainer.sae.named_parameters() if not torch.isfinite(param).all()]
+    if trainer._any_rank(bool(bad)):
+        raise RuntimeError(
+            f"step {trainer.step}: parameter {', '.join(bad) or 'of another rank'} holds NaN/Inf; not overwriting "
+            f"the last good checkpoint {trainer.last_checkpoint}"
+        )
+    whole = trainer._whole_sae()
+    optimizer = trainer.optimizer
+    optimizer_state = trainer.sae.gather_optimizer_state(optimizer, dst=0, device="cpu") if trainer.sharded else None
+    if trainer.rank != 0:  # rank 0 writes the run's files
+        return checkpoint_dir(trainer.out_dir, trainer.step)
+    optimizer_state = optimizer_state if trainer.sharded else optimizer.state_dict()
+    state, info = trainer_state(trainer, whole), trainer_info(trainer)
+
+    def write(folder: Path) -> None:
+        write_training_files(folder, trainer._export(whole), trainer.cfg, optimizer_state, state, info)
+
+    return write_checkpoint(trainer.out_dir, trainer.step, write)

@@ -12,6 +12,7 @@ so the streams stay together and a chunk is computed once for all of them.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from typing import Optional
 
@@ -29,7 +30,7 @@ class SharedChunks:
     def __init__(self, source: TransformerActivations, max_chunks: int = 64):
         self.source = source
         self.max_chunks = max_chunks
-        self.forward_passes = 0  # chunks computed (a chunk taken again after it was dropped counts again)
+        self.forward_passes = 0  # chunks loaded, computed or from the cache (one dropped and taken again counts again)
         self._chunks: OrderedDict[int, tuple[dict[str, Tensor], set[str]]] = OrderedDict()
         self._lock = threading.Lock()  # each stream's read-ahead thread asks for chunks
 
@@ -66,8 +67,8 @@ class HookView:
         return self._chunks.take(index, self.hook)
 
     def describe(self) -> dict:
-        # No activation cache: the one forward pass feeds every hook.
-        return {**self._source.describe(), "hook": self.hook, "cache_dir": None}
+        # The cache root is the shared source's: each hook's chunks sit in that hook's own folder in it.
+        return {**self._source.describe(), "hook": self.hook}
 
     def __getattr__(self, name):
         if name.startswith("_"):  # not delegated (and no recursion before __init__ ran, e.g. in copies)
@@ -97,16 +98,34 @@ def share_streams(trainers: list[Trainer]) -> None:
 
 class MultiTrainer:
     """Train several `Trainer`s together: each takes its own steps (its step, checks, metrics and
-    checkpoints in its own run folder); the driver only chooses whose step comes next."""
+    checkpoints in its own run folder); the driver only chooses whose step comes next.
+
+    Each trainer's tokens_per_s and elapsed_s count only the time in its own `advance` calls: its
+    steps, checks and waits for data (the model's forward runs in the streams' read-ahead threads, so
+    a trainer waits for it only when the read-ahead falls behind). `wall_s` is the whole session's
+    (initialisation included), for the run's overall throughput with `tokens_before`.
+
+    Under a process group the trainers are either all data parallel (the same trainers on every
+    rank: their collectives come in this driver's order, which depends only on their steps, and the
+    ranks agree on those) or all `local` (each rank its own SAEs; no collective at all)."""
 
     def __init__(self, trainers: dict[str, Trainer]):
         if not trainers:
             raise ValueError("MultiTrainer: expected at least one trainer")
         self.trainers = trainers
+        self.wall_s = 0.0
+        self.tokens_before = {name: trainer.tokens_seen for name, trainer in trainers.items()}
         share_streams(list(trainers.values()))
 
     def train(self, max_steps: Optional[int] = None) -> dict[str, dict]:
         """Train every SAE to its total (or `max_steps` more steps each); each one's `train()` result."""
+        started = time.perf_counter()
+        try:
+            return self._train(max_steps)
+        finally:
+            self.wall_s += time.perf_counter() - started
+
+    def _train(self, max_steps: Optional[int]) -> dict[str, dict]:
         running = list(self.trainers.values())
         begun = []
         try:

@@ -60,7 +60,9 @@ class Trainer:
 
     `Trainer(sae, data, cfg, out_dir).train()` starts a run; `Trainer.resume(out_dir)` continues the
     latest checkpoint in `out_dir` exactly where it stopped (same data order, optimizer state and
-    counters), appending to its metrics.jsonl.
+    counters), appending to its metrics.jsonl. Under torchrun it trains data parallel (an `SAE`) or
+    latent-sharded (a `ShardedSAE`); `local=True` trains on this process alone as a one-process run
+    (no collective, its files written by this process): several SAEs spread over the ranks.
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class Trainer:
         out_dir: Union[str, Path, None] = None,
         *,
         overwrite: bool = False,
+        local: bool = False,
     ):
         if not isinstance(sae, (SAE, fdist.ShardedSAE)):
             raise ValueError(f"Trainer: expected a fastsae.SAE (or a fastsae.distributed.ShardedSAE), got {type(sae).__name__}")
@@ -91,8 +94,11 @@ class Trainer:
         self.data = data
         self.cfg = cfg
         # Processes: the data-parallel ranks each take a slice of every batch; the latent-sharded
-        # ranks all take the whole batch, each holding a slice of the latents.
-        self.world_size, self.rank = fdist.get_world_size(), fdist.get_rank()
+        # ranks all take the whole batch, each holding a slice of the latents. `local`: this process
+        # alone, even under a process group (no collective; its files and messages are its own).
+        self.world_size, self.rank = (1, 0) if local else (fdist.get_world_size(), fdist.get_rank())
+        if local and isinstance(sae, fdist.ShardedSAE):
+            raise ValueError("Trainer: local=True trains on this process alone; expected a fastsae.SAE, got a ShardedSAE")
         self.sharded = isinstance(sae, fdist.ShardedSAE)
         self.data_parallel = self.world_size > 1 and not self.sharded
         cfg.world_size, cfg.shard_latents = self.world_size, self.sharded
@@ -158,15 +164,18 @@ class Trainer:
         dtype: Optional[str] = None,
         device: Optional[str] = None,
         shard_latents: Optional[bool] = None,
+        local: bool = False,
     ) -> "Trainer":
         """A trainer that continues the newest complete checkpoint in `out_dir` (data: the saved source description
         is reopened unless a source is given; `dtype`: a compute dtype other than the run's, e.g. float32 to continue a
         bfloat16 run at full precision, no longer bit-exact with an uninterrupted run). Under torchrun: `device` is
         this rank's (default: the run's), `shard_latents` splits the latents (default: as the run did); the checkpoint
-        holds the whole SAE, so a run continues on any number of processes, re-sharded or re-sliced."""
-        run = open_saved_run(out_dir, data, progress=progress, dtype=dtype, device=device, shard_latents=shard_latents)
+        holds the whole SAE, so a run continues on any number of processes, re-sharded or re-sliced (`local`: on this
+        process alone, as `Trainer(..., local=True)`)."""
+        run = open_saved_run(out_dir, data, progress=progress, dtype=dtype, device=device,
+                             shard_latents=False if local else shard_latents)
         # Built as a fresh trainer (no out_dir: no "folder holds a run" check), then its state loaded.
-        trainer = cls(run.sae, run.data, run.cfg)
+        trainer = cls(run.sae, run.data, run.cfg, local=local)
         trainer.out_dir = out_dir = Path(out_dir)
         note = ckpt.load_trainer_state(trainer, run.folder)
         if note:
@@ -227,11 +236,19 @@ class Trainer:
         self.dead.note_possible()
         self._take_snapshot()
         self._schedule = ckpt.CheckpointSchedule(cfg, self.world_size, self.sae.device)
-        self._clock = time.perf_counter()
+        self._clock, self._own_seconds = time.perf_counter(), 0.0  # seconds in advance() since the last check
 
     def advance(self) -> bool:
         """One step (with its check, log, resampling or checkpoint when due); False once the session's steps are all
-        taken and checked."""
+        taken and checked. Only the time inside `advance` is this trainer's (its tokens/s and elapsed_s): a driver of
+        several trainers runs the others' steps between two calls."""
+        self._clock = time.perf_counter()
+        try:
+            return self._advance()
+        finally:
+            self._own_seconds += time.perf_counter() - self._clock
+
+    def _advance(self) -> bool:
         cfg = self.cfg
         if self._ending or self.step >= self._total:
             # The last steps (max_steps, or a refused batch at the end) are checked before leaving;
@@ -383,7 +400,8 @@ class Trainer:
         if self.world_size > 1:  # every rank rolls back together
             torch.distributed.all_reduce(self._nonfinite)
         bad = bool(self._nonfinite.item())
-        seconds = time.perf_counter() - self._clock
+        now = time.perf_counter()
+        seconds, self._own_seconds, self._clock = self._own_seconds + now - self._clock, 0.0, now
         self.elapsed += seconds
         self.window.seconds += seconds
         if not bad:
@@ -475,26 +493,5 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write a complete checkpoint atomically; the previous one stays until this one is in place."""
-        if self.out_dir is None:
-            raise ValueError("save_checkpoint: this trainer has no out_dir")
-        bad = [name for name, param in self.sae.named_parameters() if not torch.isfinite(param).all()]
-        if self._any_rank(bool(bad)):
-            raise RuntimeError(
-                f"step {self.step}: parameter {', '.join(bad) or 'of another rank'} holds NaN/Inf; not overwriting "
-                f"the last good checkpoint {self.last_checkpoint}"
-            )
-        # Sharded: the whole SAE and Adam state, gathered on rank 0, make a one-process checkpoint.
-        whole = self._whole_sae()
-        optimizer_state = self.sae.gather_optimizer_state(self.optimizer, dst=0, device="cpu") if self.sharded else None
-        if self.rank != 0:  # rank 0 writes the run's files
-            self.last_checkpoint = ckpt.checkpoint_dir(self.out_dir, self.step)
-            return self.last_checkpoint
-        optimizer_state = optimizer_state if self.sharded else self.optimizer.state_dict()
-        state, info = ckpt.trainer_state(self, whole), ckpt.trainer_info(self)
-
-        def write(folder: Path) -> None:
-            ckpt.write_training_files(folder, self._export(whole), self.cfg, optimizer_state, state, info)
-
-        self.last_checkpoint = ckpt.write_checkpoint(self.out_dir, self.step, write)
+        self.last_checkpoint = ckpt.save_checkpoint(self)
         return self.last_checkpoint
-

@@ -6,11 +6,13 @@ each run as [CLS] window [SEP] (or the tokenizer's equivalents); the rows are th
 tokens' activations (special tokens and padding are dropped). A chunk is `seqs_per_chunk`
 windows. The forward pass stops at the hooked module (the layers after it are not run).
 With `cache_dir`, each chunk's activations are written once as a safetensors shard and read
-back in later epochs (the cache is keyed by model, hook, window size and token stream).
+back in later epochs and runs (the cache is keyed by model, hook, window size and token stream;
+several hooks: one folder per hook, each chunk's rows at that hook from the one pass).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -153,14 +155,19 @@ class TransformerActivations:
         self.token_ids = torch.tensor(ids, dtype=torch.int64)  # the whole corpus as one stream
         self.window = seq_len - 2
         self.n_windows = -(-len(ids) // self.window)
-        widths = [int(t.shape[1]) for t in self._run_windows(0, 1, split=True)]
+
+        # One cache folder per hook, keyed by that hook (a several-hook run and a one-hook run share a hook's).
+        self.cache_dirs: dict[str, Path] = {}
+        if cache_dir is not None:
+            self.cache_dirs = {hook: Path(cache_dir) / self.fingerprint(hook) for hook in self.hooks}
+            for folder in self.cache_dirs.values():
+                folder.mkdir(parents=True, exist_ok=True)
+        self.cache_dir: Optional[Path] = self.cache_dirs.get(self.hook)
+        widths = self._cached_widths()  # every hook's first chunk cached: no forward pass for the widths
+        if widths is None:
+            widths = [int(t.shape[1]) for t in self._run_windows(0, 1, split=True)]
         self.widths = dict(zip(self.hooks, widths))
         self._d_in, self.d_out = widths[0], (widths[1] if hook_out is not None else None)
-
-        self.cache_dir: Optional[Path] = None
-        if cache_dir is not None:
-            self.cache_dir = Path(cache_dir) / self.fingerprint()
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------ the source protocol
 
@@ -182,33 +189,94 @@ class TransformerActivations:
         return torch.arange(start, start + self.chunk_sizes[index])
 
     def load_chunk(self, index: int) -> Tensor:
+        """Chunk `index`'s rows at the (first) hook (a transcoder's: both hooks side by side)."""
+        self._check_chunk(index)
+        rows = self._cached(self.hook, index)
+        if rows is None:
+            first = index * self.seqs_per_chunk
+            rows = self._run_windows(first, min(self.n_windows, first + self.seqs_per_chunk))
+            if len(self.hooks) > 1:
+                rows = rows[0]
+            self._store(self.hook, index, rows)
+        return rows
+
+    def load_chunks_of_all(self, index: int) -> list[Tensor]:
+        """Chunk `index`'s rows at every hook, in `hooks` order: from the cache when it holds every hook's, else from
+        one forward pass (whose rows the cache then keeps, each hook's in its own folder)."""
+        self._check_chunk(index)
+        cached = [self._cached(hook, index) for hook in self.hooks]
+        if all(rows is not None for rows in cached):
+            return cached
+        first = index * self.seqs_per_chunk
+        computed = self._run_windows(first, min(self.n_windows, first + self.seqs_per_chunk), split=True)
+        for hook, rows, was_cached in zip(self.hooks, computed, cached):
+            if was_cached is None:
+                self._store(hook, index, rows)
+        return computed
+
+    def with_hooks(self, hooks: Sequence[str]) -> "TransformerActivations":
+        """This source (the same model, tokens and cache) read at `hooks` only, some of its own: the forward pass
+        stops after the last of them (each process of a spread several-SAE run reads its own SAEs' hooks)."""
+        unknown = [hook for hook in hooks if hook not in self.hooks]
+        if not hooks or unknown or self.hook_out is not None:
+            raise ValueError(f"with_hooks: expected some of {self.hooks} (not a transcoder's), got {list(hooks)}")
+        view = copy.copy(self)
+        view.hooks, view.hook = list(hooks), hooks[0]
+        view.modules = [self.modules[self.hooks.index(hook)] for hook in hooks]
+        view.module = view.modules[0]
+        view.widths = {hook: self.widths[hook] for hook in hooks}
+        view._d_in = view.widths[view.hook]
+        view.cache_dirs = {hook: self.cache_dirs[hook] for hook in hooks if hook in self.cache_dirs}
+        view.cache_dir = view.cache_dirs.get(view.hook)
+        return view
+
+    # ------------------------------------------------------------ the activation cache
+
+    def _check_chunk(self, index: int) -> None:
         n_chunks = -(-self.n_windows // self.seqs_per_chunk)
         if not 0 <= index < n_chunks:
             raise IndexError(f"chunk {index}: expected 0 <= index < {n_chunks}")
-        if self.cache_dir is not None:
-            path = self.cache_dir / f"chunk_{index:06d}.safetensors"
-            if path.exists():
-                from safetensors.torch import load_file
 
-                try:
-                    return load_file(str(path))["activations"]
-                except Exception:
-                    path.unlink(missing_ok=True)  # a damaged cache file is recomputed
-        first = index * self.seqs_per_chunk
-        rows = self._run_windows(first, min(self.n_windows, first + self.seqs_per_chunk))
-        if len(self.hooks) > 1:
-            rows = rows[0]
-        if self.cache_dir is not None:
+    def _cache_path(self, hook: str, index: int) -> Optional[Path]:
+        folder = self.cache_dirs.get(hook)
+        return None if folder is None else folder / f"chunk_{index:06d}.safetensors"
+
+    def _cached(self, hook: str, index: int) -> Optional[Tensor]:
+        path = self._cache_path(hook, index)
+        if path is None or not path.exists():
+            return None
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))["activations"]
+        except Exception:
+            path.unlink(missing_ok=True)  # a damaged cache file is recomputed
+            return None
+
+    def _store(self, hook: str, index: int, rows: Tensor) -> None:
+        path = self._cache_path(hook, index)
+        if path is not None:
             from fastsae.formats._common import atomic_write
             from safetensors.torch import save_file
 
             atomic_write(path, lambda tmp: save_file({"activations": rows}, tmp))
-        return rows
 
-    def load_chunks_of_all(self, index: int) -> list[Tensor]:
-        """Chunk `index`'s rows at every hook, in `hooks` order, from one forward pass (not cached)."""
-        first = index * self.seqs_per_chunk
-        return self._run_windows(first, min(self.n_windows, first + self.seqs_per_chunk), split=True)
+    def _cached_widths(self) -> Optional[list[int]]:
+        """Each hook's width from its cached first chunk (None unless all are cached; a transcoder's pairs are
+        stored side by side, so it runs the model for them)."""
+        paths = [self._cache_path(hook, 0) for hook in self.hooks]
+        if self.hook_out is not None or not all(path is not None and path.exists() for path in paths):
+            return None
+        from safetensors import safe_open
+
+        try:
+            widths = []
+            for path in paths:
+                with safe_open(str(path), framework="pt") as f:
+                    widths.append(int(f.get_slice("activations").get_shape()[1]))
+            return widths
+        except Exception:  # a damaged file: the model tells the widths (and the chunk is recomputed when read)
+            return None
 
     def describe(self) -> dict:
         if self.text_spec is None:
@@ -235,12 +303,14 @@ class TransformerActivations:
 
     # ------------------------------------------------------------ running the model
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, hook: Optional[str] = None) -> str:
+        """The cache key of `hook`'s activations (default: the first hook; a transcoder's: both its hooks)."""
         h = hashlib.sha256()
         h.update((self.model_path / "config.json").read_bytes())
         for f in sorted(self.model_path.glob("*.safetensors")) + sorted(self.model_path.glob("*.bin")):
             h.update(f"{f.name}:{f.stat().st_size}".encode())
-        hooks = [self.hook] if self.hook_out is None else [self.hook, self.hook_out]
+        hook = self.hook if hook is None else hook
+        hooks = [hook] if self.hook_out is None else [hook, self.hook_out]
         h.update(json.dumps([*hooks, self.seq_len, self.seqs_per_chunk]).encode())
         h.update(self.token_ids.numpy().tobytes())
         return h.hexdigest()[:16]

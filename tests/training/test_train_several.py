@@ -134,3 +134,57 @@ def test_a_sweep_on_activation_data_shares_one_stream(tmp_path):
                  str(out), "--no-progress", "--eval-tokens", "0"]) == 0
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["k2-d512", "k4-d512"]
     assert fastsae.load(out / "k4-d512").cfg.k == 4
+
+
+def test_the_activation_cache_serves_a_second_run_without_the_model(tiny_bert, corpus, tmp_path, monkeypatch):
+    import fastsae
+    from fastsae.training import transformer
+
+    cache, hooks = tmp_path / "cache", ("--hook", "encoder.layer.0", "--hook", "encoder.layer.2")
+    forwards = []
+    original = transformer.TransformerActivations._run_windows
+    monkeypatch.setattr(transformer.TransformerActivations, "_run_windows",
+                        lambda self, first, stop, split=False: forwards.append(first) or original(self, first, stop, split))
+    assert _train(tiny_bert, corpus, tmp_path / "first", *hooks, "--activation-cache", str(cache)) == 0
+    assert forwards  # the first run computed the activations
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 2  # one folder per hook
+    forwards.clear()
+    assert _train(tiny_bert, corpus, tmp_path / "second", *hooks, "--activation-cache", str(cache)) == 0
+    assert forwards == []  # every chunk, and the widths, from the cache
+    for hook in ("encoder.layer.0", "encoder.layer.2"):
+        first, second = fastsae.load(tmp_path / "first" / hook), fastsae.load(tmp_path / "second" / hook)
+        for name, tensor in first.state_dict().items():
+            assert torch.equal(second.state_dict()[name], tensor), (hook, name)
+    # A one-hook run at a cached hook reads the same folder; a hook not cached runs the model.
+    assert _train(tiny_bert, corpus, tmp_path / "single", "--hook", "encoder.layer.2", "--activation-cache", str(cache)) == 0
+    assert forwards == []
+    hooks = ("--hook", "encoder.layer.0", "--hook", "encoder.layer.1")
+    assert _train(tiny_bert, corpus, tmp_path / "other", *hooks, "--activation-cache", str(cache)) == 0
+    assert forwards and len([p for p in cache.iterdir() if p.is_dir()]) == 3
+
+
+def test_each_sae_times_only_its_own_steps(tmp_path):
+    import time
+
+    import fastsae
+    from fastsae.ops import use_backend
+    from fastsae.training import Trainer, TrainerConfig
+    from fastsae.training.multi import MultiTrainer
+    from fastsae.training.synthetic import SyntheticActivations
+
+    data = SyntheticActivations(d_in=8, n_features=20, l0=2.0, n_rows=2048, seed=0)
+    trainers = {}
+    for name in ("quick", "slow"):
+        cfg = TrainerConfig(total_tokens=20 * 32, batch_size=32, log_every_steps=10, checkpoint_every_seconds=None,
+                            progress=False, seed=0, init_sample_rows=256)
+        trainers[name] = Trainer(fastsae.SAE(d_in=8, d_sae=32, architecture="topk", k=2), data, cfg)
+    slow_step = trainers["slow"]._train_step
+    trainers["slow"]._train_step = lambda x: time.sleep(0.1) or slow_step(x)  # 20 steps: 2 s
+    multi = MultiTrainer(trainers)
+    with use_backend("torch"):  # no backend's first-call load inside the quick SAE's first step
+        multi.train()
+    quick, slow = trainers["quick"], trainers["slow"]
+    assert slow.elapsed >= 2.0 and multi.wall_s >= 2.0
+    assert quick.elapsed < 1.0  # before: its window held the other SAE's steps too (over 2 s)
+    assert quick.last_metrics["tokens_per_s"] > 2 * slow.last_metrics["tokens_per_s"]
+    assert multi.tokens_before == {"quick": 0, "slow": 0}
