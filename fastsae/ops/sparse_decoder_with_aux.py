@@ -96,7 +96,7 @@ def _backward(ctx, grad_out, grad_aux_out):
             grad_dec_norm.index_add_(0, rows, -(coef_grad * scaled_rows).sum(1) * inv_norm)
             coef_grad.mul_(inv_norm[:, None])
         grad_W_dec.index_add_(0, rows, coef_grad)
-        grad_aux_pre.masked_fill_(torch.isneginf(aux_pre), 0.0)  # entries AuxK did not keep are constants
+        grad_aux_pre.mul_(reference.aux_kept(aux_pre))  # entries AuxK did not keep are constants
     return grad_values, None, grad_W_dec, grad_b_dec, grad_dec_norm, grad_aux_pre, None, None
 
 

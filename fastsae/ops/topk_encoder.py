@@ -122,9 +122,9 @@ def save_encoder_inputs(ctx, x, enc_weight, b_dec, dec_norm, *selected) -> None:
 def encoder_grads(ctx, grad_act: Tensor, acts: Tensor, idx: Tensor, x, enc_weight, b_dec, dec_norm, aux=None):
     """The encoder's input gradients from d loss / d act at the [N, m] selected entries, where
     act = pre (times dec_norm when rescaled); grad_act is already zero wherever act is constant.
-    `aux`: AuxK's (grad_aux [N, C], aux_pre [N, C], aux_latents [C], not_kept: aux_pre == -inf),
-    dense over its list of latents (grad_aux zero wherever aux_pre is -inf, and this function's to
-    overwrite): added by dense products over the listed
+    `aux`: AuxK's (grad_aux [N, C], aux_pre [N, C], aux_latents [C]), dense over its list of
+    latents (grad_aux zero wherever aux_pre is -inf, and this function's to overwrite): added by
+    dense products over the listed
     rows, into the tensors the sparse backward returned. Returns the gradients of
     (x, enc_weight, b_enc, b_dec, dec_norm)."""
     grad_dec_norm = None
@@ -138,7 +138,7 @@ def encoder_grads(ctx, grad_act: Tensor, acts: Tensor, idx: Tensor, x, enc_weigh
     # The indices are the forward's own output (or checked by it): no range check, no host sync.
     grad_x_in, grad_enc_weight, grad_b_enc = topk_encode_backward_op(grad_pre, idx, x, enc_weight, b_dec, False)
     if aux is not None:
-        grad_aux, aux_pre, aux_latents, not_kept = aux
+        grad_aux, aux_pre, aux_latents = aux
         rows = aux_latents.clamp(min=0)  # an empty entry (-1) has no gradient: it adds 0 at latent 0
         # G^T (x - b_dec) = G^T x - (column sums of G) b_dec: a rank-one term instead of x - b_dec.
         column_sums = grad_aux.sum(0)
@@ -162,8 +162,8 @@ def encoder_grads(ctx, grad_act: Tensor, acts: Tensor, idx: Tensor, x, enc_weigh
             grad_b_dec = -(grad_x_in.sum(0) + column_sums @ enc_rows) if ctx.has_b_dec else None
         if norm is not None:
             # d act/d norm = pre = act / norm: sum_n grad * act, in place (grad_aux is the backward's
-            # own tensor, used for the last time); 0 * -inf at the dropped entries is reset to 0.
-            acts_dot = grad_aux.mul_(aux_pre).masked_fill_(not_kept, 0.0).sum(0)
+            # own tensor, used for the last time; the dropped entries' act is 0, not -inf).
+            acts_dot = grad_aux.mul_(reference.aux_coefficients(aux_pre)).sum(0)
             grad_dec_norm.index_add_(0, rows, acts_dot / norm)
     else:
         grad_b_dec = -grad_x_in.sum(0) if ctx.has_b_dec else None
@@ -185,8 +185,7 @@ def _backward(ctx, grad_values, grad_indices, grad_aux_pre):
     aux = None
     if aux_latents is not None and aux_pre.shape[1] and grad_aux_pre is not None:
         # Entries AuxK did not keep (-inf) are constants.
-        not_kept = torch.isneginf(aux_pre)
-        aux = (grad_aux_pre.masked_fill(not_kept, 0.0), aux_pre, aux_latents, not_kept)
+        aux = (grad_aux_pre * reference.aux_kept(aux_pre), aux_pre, aux_latents)
     grads = encoder_grads(ctx, grad_act, values, indices, x, enc_weight, b_dec, dec_norm, aux)
     return *grads, None, None, None, None
 
