@@ -154,10 +154,9 @@ def aux_coefficients(aux_pre: Tensor) -> Tensor:
 
 
 def aux_kept(aux_pre: Tensor) -> Tensor:
-    """1 where AuxK kept an entry (not -inf; NaN is kept), else 0, in aux_pre's dtype: the mask of
-    its gradient. One comparison written straight into a float tensor, then a multiply: on a CPU
-    about 2x faster than a bool mask cast to float, 4x faster than masked_fill or torch.where."""
-    return torch.ne(aux_pre, float("-inf"), out=torch.empty_like(aux_pre))
+    """1 where AuxK kept an entry (not -inf), else 0, in aux_pre's dtype: the mask of its gradient
+    (a multiply, several times faster than torch.where on a CPU)."""
+    return torch.isneginf(aux_pre).logical_not_().to(aux_pre.dtype)
 
 
 def aux_norms(aux_latents: Tensor, dec_norm: Tensor) -> Tensor:
@@ -170,16 +169,11 @@ def aux_decode(aux_pre: Tensor, aux_latents: Tensor, W_dec: Tensor, dec_norm: Op
     """AuxK's reconstruction [N, d_in]: sum over the entries j of aux_pre [N, C] that are not -inf
     of aux_pre[n, j] * W_dec[aux_latents[j]] (/ ||W_dec|| when rescaled): a dense product over the
     listed rows of W_dec. Empty entries (latent -1) must be -inf, as `aux_select` leaves them."""
-    return aux_coefficients(aux_pre) @ aux_decoder_rows(aux_latents, W_dec, dec_norm)
-
-
-def aux_decoder_rows(aux_latents: Tensor, W_dec: Tensor, dec_norm: Optional[Tensor]) -> Tensor:
-    """The listed rows of W_dec [C, d_in], each divided by its decoder norm when rescaled: the
-    norms scale the [C, d_in] rows rather than the [N, C] coefficients, which are the larger."""
-    rows = W_dec[aux_latents.clamp(min=0)]
+    rows = aux_latents.clamp(min=0)
+    coef = aux_coefficients(aux_pre)
     if dec_norm is not None:
-        rows = rows / aux_norms(aux_latents, dec_norm)[:, None]
-    return rows
+        coef = coef / aux_norms(aux_latents, dec_norm)
+    return coef @ W_dec[rows]
 
 
 def threshold_encode(

@@ -82,21 +82,20 @@ def _backward(ctx, grad_out, grad_aux_out):
     grad_values, grad_W_dec, grad_b_dec, grad_dec_norm = decoder_grads(ctx, grad_out, values, indices, W_dec, dec_norm)
     grad_aux_pre = None
     if grad_aux_out is not None and aux_latents.shape[0]:
-        # e = coef @ (W_dec[rows] / norm), coef = aux_pre with -inf as 0: dense products over the
+        # e = coef @ W_dec[rows], coef = aux_pre (0 where -inf) / norm: dense products over the
         # listed rows, added in place to the decoder gradient the sparse backward made (no second
-        # [d_sae, d_in] tensor for autograd to sum). The norms scale [C, d_in] rows and [C] sums,
-        # never the [N, C] products: each [N, C] temporary costs a pass and, fresh, its page faults.
+        # [d_sae, d_in] tensor for autograd to sum).
         rows = aux_latents.clamp(min=0)
-        scaled_rows = reference.aux_decoder_rows(aux_latents, W_dec, dec_norm)
-        grad_aux_pre = grad_aux_out @ scaled_rows.t()
-        coef_grad = reference.aux_coefficients(aux_pre).t() @ grad_aux_out  # sum_n coef[n, c] grad[n]
+        coef = reference.aux_coefficients(aux_pre)
         if ctx.has_dec_norm:
-            inv_norm = reference.aux_norms(aux_latents, dec_norm).reciprocal()
-            # d e / d norm_c = -coef[:, c] W_c / norm_c^2, so the norm's gradient is -(P_c . W_c / norm_c) / norm_c.
-            grad_dec_norm.index_add_(0, rows, -(coef_grad * scaled_rows).sum(1) * inv_norm)
-            coef_grad.mul_(inv_norm[:, None])
-        grad_W_dec.index_add_(0, rows, coef_grad)
-        grad_aux_pre.mul_(reference.aux_kept(aux_pre))  # entries AuxK did not keep are constants
+            norm = reference.aux_norms(aux_latents, dec_norm)
+            coef = coef / norm
+        grad_coef = grad_aux_out @ W_dec[rows].t()
+        grad_W_dec.index_add_(0, rows, coef.t() @ grad_aux_out)
+        if ctx.has_dec_norm:
+            grad_dec_norm.index_add_(0, rows, -(grad_coef * coef / norm).sum(0))
+            grad_coef = grad_coef / norm
+        grad_aux_pre = grad_coef.mul_(reference.aux_kept(aux_pre))
     return grad_values, None, grad_W_dec, grad_b_dec, grad_dec_norm, grad_aux_pre, None, None
 
 

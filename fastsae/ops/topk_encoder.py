@@ -123,8 +123,7 @@ def encoder_grads(ctx, grad_act: Tensor, acts: Tensor, idx: Tensor, x, enc_weigh
     """The encoder's input gradients from d loss / d act at the [N, m] selected entries, where
     act = pre (times dec_norm when rescaled); grad_act is already zero wherever act is constant.
     `aux`: AuxK's (grad_aux [N, C], aux_pre [N, C], aux_latents [C]), dense over its list of
-    latents (grad_aux zero wherever aux_pre is -inf, and this function's to overwrite): added by
-    dense products over the listed
+    latents (grad_aux zero wherever aux_pre is -inf): added by dense products over the listed
     rows, into the tensors the sparse backward returned. Returns the gradients of
     (x, enc_weight, b_enc, b_dec, dec_norm)."""
     grad_dec_norm = None
@@ -140,31 +139,23 @@ def encoder_grads(ctx, grad_act: Tensor, acts: Tensor, idx: Tensor, x, enc_weigh
     if aux is not None:
         grad_aux, aux_pre, aux_latents = aux
         rows = aux_latents.clamp(min=0)  # an empty entry (-1) has no gradient: it adds 0 at latent 0
+        if ctx.has_dec_norm:
+            norm = reference.aux_norms(aux_latents, dec_norm)
+            grad_dec_norm.index_add_(0, rows, (grad_aux * reference.aux_coefficients(aux_pre) / norm).sum(0))
+            grad_aux = grad_aux * norm
         # G^T (x - b_dec) = G^T x - (column sums of G) b_dec: a rank-one term instead of x - b_dec.
         column_sums = grad_aux.sum(0)
         grad_rows = grad_aux.t() @ x
         if b_dec is not None:
             grad_rows.sub_(column_sums[:, None] * b_dec)
-        norm = None
-        if ctx.has_dec_norm:
-            # act = pre * norm: d act/d pre = norm, applied to the [C] sums and [C, d_in] rows
-            # rather than to the [N, C] gradient.
-            norm = reference.aux_norms(aux_latents, dec_norm)
-            column_sums = column_sums * norm
-            grad_rows.mul_(norm[:, None])
         grad_enc_weight.index_add_(0, rows, grad_rows)
         grad_b_enc.index_add_(0, rows, column_sums)
         enc_rows = enc_weight[rows]
         if ctx.needs_input_grad[0]:
-            grad_x_in = grad_x_in + grad_aux @ (enc_rows * norm[:, None] if norm is not None else enc_rows)
+            grad_x_in = grad_x_in + grad_aux @ enc_rows
             grad_b_dec = -grad_x_in.sum(0) if ctx.has_b_dec else None
         else:  # x takes no gradient: b_dec's needs only the column sums, not the [N, d_in] product
             grad_b_dec = -(grad_x_in.sum(0) + column_sums @ enc_rows) if ctx.has_b_dec else None
-        if norm is not None:
-            # d act/d norm = pre = act / norm: sum_n grad * act, in place (grad_aux is the backward's
-            # own tensor, used for the last time; the dropped entries' act is 0, not -inf).
-            acts_dot = grad_aux.mul_(reference.aux_coefficients(aux_pre)).sum(0)
-            grad_dec_norm.index_add_(0, rows, acts_dot / norm)
     else:
         grad_b_dec = -grad_x_in.sum(0) if ctx.has_b_dec else None
     return grad_x_in, grad_enc_weight, grad_b_enc, grad_b_dec, grad_dec_norm
