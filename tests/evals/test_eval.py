@@ -8,13 +8,14 @@ import math
 
 import pytest
 import torch
-from helpers.format_refs import rand
+from helpers.eval_reference import randomized, reference_metrics
 
 import fastsae
 from fastsae import SAE
 from fastsae.evals import ACTIVATION_KEYS, ActivationMetrics, activation_metrics, downstream_metrics, evaluate
 from fastsae.training.data import ActivationFiles, save_activations
-from helpers.tiny_models import save_tiny_bert, save_tiny_gpt2
+from helpers.text_models import TEXT_WIDTH, corpus, kept_windows, tiny_gpt2  # noqa: F401  (fixtures)
+from helpers.tiny_models import CODE_WORDS, save_tiny_bert
 
 D_IN, D_SAE, K = 16, 64, 4
 HOOK = "blocks.0.hook_resid_post"
@@ -23,12 +24,7 @@ HOOK = "blocks.0.hook_resid_post"
 def random_sae(arch="topk", **kw):
     sae = SAE(d_in=D_IN, d_sae=D_SAE, architecture=arch, metadata={"hook_name": HOOK},
               **({"k": K} if arch == "topk" else {}), **kw)
-    with torch.no_grad():
-        for name, p in sae.named_parameters():
-            p.copy_(rand(*p.shape, scale=0.3 if p.ndim == 2 else 0.1))
-            if name == "threshold":
-                p.abs_()
-    return sae.eval()
+    return randomized(sae)
 
 
 def acts(n, seed=0):
@@ -40,25 +36,7 @@ def acts(n, seed=0):
 def reference(sae, x):
     """The metrics from dense float64 tensors, straight from the definitions in README."""
     with torch.no_grad():
-        a = sae.encode(x).double()
-        xh = sae.decode(sae.encode(x)).double()
-    x = x.double()
-    resid = (x - xh).pow(2).sum(1)
-    var = (x - x.mean(0)).pow(2).sum(1).mean()
-    nx, nh = x.norm(dim=1), xh.norm(dim=1)
-    density = (a != 0).double().mean(0)
-    return {
-        "explained_variance": 1 - (resid.mean() / var).item(),
-        "fvu": (resid.mean() / var).item(),
-        "mse": resid.mean().item(),
-        "cosine_similarity": ((x * xh).sum(1) / (nx * nh)).mean().item(),
-        "l2_ratio": (nh / nx).mean().item(),
-        "relative_reconstruction_bias": (nh.pow(2).sum() / (x * xh).sum()).item(),
-        "l0": (a != 0).double().sum(1).mean().item(),
-        "l1": a.abs().sum(1).mean().item(),
-        "dead_fraction": (density == 0).double().mean().item(),
-        "dense_fraction": (density > 0.1).double().mean().item(),
-    }
+        return reference_metrics(sae.encode(x), sae.decode(sae.encode(x)), x)
 
 
 class Rows:
@@ -194,25 +172,7 @@ def test_activation_metrics_equal_saelens(tmp_path, arch):
 
 # ------------------------------------------------------------ downstream, tiny transformers
 
-WORDS = ("[PAD] [UNK] [CLS] [SEP] [MASK] the a of to and is in it for def class return print import from with as "
-         "if else while . , ( ) : = x y value list name ##s").split()
-DOCS = ["the value of x is in the list . def name ( x ) : return x",
-        "import list from the class , print the name of the value",
-        "while x : if y : print ( x ) else : return the list of values"]
-WIDTH = 24
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text(" ".join(DOCS * 6))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory):
-    pytest.importorskip("transformers")
-    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"), WORDS, width=WIDTH)
+WORDS, WIDTH = CODE_WORDS, TEXT_WIDTH
 
 
 @pytest.fixture(scope="module")
@@ -256,13 +216,8 @@ def test_causal_lm_ce_and_kl(tiny_gpt2, corpus):
     mean = activation_metrics(sae, src, max_tokens=50).mean
     again = downstream_metrics(sae, src, mean, max_tokens=50, batch_windows=3, model=model)
     assert again["ce_loss_with_sae"] == pytest.approx(got["ce_loss_with_sae"], rel=1e-6)  # the batch of windows does not matter
-    nll, n_seen = [], 0
-    for w in range(src.n_windows):
-        ids, attention, keep = src.window_inputs(w, w + 1)
-        keep = keep & (keep.cumsum(1) <= 50 - n_seen)
-        if not keep.any():
-            break
-        n_seen += int(keep.sum())
+    nll = []
+    for ids, attention, keep in kept_windows(src, 50):
 
         def replace(_m, _i, out, keep=keep):
             h = out[0] if isinstance(out, tuple) else out

@@ -14,8 +14,9 @@ import math
 
 import pytest
 import torch
-from helpers.format_refs import rand
-from helpers.tiny_models import save_tiny_bert, save_tiny_gpt2
+from helpers.eval_reference import randomized, reference_metrics
+from helpers.text_models import TEXT_WIDTH, corpus, kept_windows, tiny_gpt2  # noqa: F401  (fixtures)
+from helpers.tiny_models import CODE_WORDS, save_tiny_bert, save_tiny_gpt2
 
 import fastsae
 from fastsae import SAE
@@ -30,12 +31,7 @@ def random_transcoder(arch="topk", d_in=D_IN, d_out=D_OUT, skip=False, d_sae=D_S
     k = {"k": 4} if arch in ("topk", "batchtopk") else {}
     sae = SAE(d_in=d_in, d_sae=d_sae, d_out=d_out, architecture=arch, skip_connection=skip,
               apply_b_dec_to_input=False, **k, **kw)
-    with torch.no_grad():
-        for name, p in sae.named_parameters():
-            p.copy_(rand(*p.shape, scale=0.3 if p.ndim == 2 else 0.1))
-            if name == "threshold":
-                p.abs_()
-    return sae.eval()
+    return randomized(sae)
 
 
 def pairs(n, seed=0):
@@ -48,27 +44,10 @@ def pairs(n, seed=0):
 def reference(sae, x, y):
     """The metrics from dense float64 tensors, straight from README's definitions with y as the target."""
     with torch.no_grad():
-        a = sae.encode(x).double()
-        pred = sae.decode(sae.encode(x)).double()
-    x, y = x.double(), y.double()
+        a, pred = sae.encode(x), sae.decode(sae.encode(x)).double()
     if sae.W_skip is not None:
-        pred = pred + x @ sae.W_skip.detach().double().T
-    resid = (y - pred).pow(2).sum(1)
-    var = (y - y.mean(0)).pow(2).sum(1).mean()
-    ny, npred = y.norm(dim=1), pred.norm(dim=1)
-    density = (a != 0).double().mean(0)
-    return {
-        "explained_variance": 1 - (resid.mean() / var).item(),
-        "fvu": (resid.mean() / var).item(),
-        "mse": resid.mean().item(),
-        "cosine_similarity": ((y * pred).sum(1) / (ny * npred)).mean().item(),
-        "l2_ratio": (npred / ny).mean().item(),
-        "relative_reconstruction_bias": (npred.pow(2).sum() / (y * pred).sum()).item(),
-        "l0": (a != 0).double().sum(1).mean().item(),
-        "l1": a.abs().sum(1).mean().item(),
-        "dead_fraction": (density == 0).double().mean().item(),
-        "dense_fraction": (density > 0.1).double().mean().item(),
-    }, y.mean(0)
+        pred = pred + x.double() @ sae.W_skip.detach().double().T
+    return reference_metrics(a, pred, y), y.double().mean(0)
 
 
 class Pairs:
@@ -130,26 +109,8 @@ def test_paired_files_and_errors_that_name_what_is_wrong(tmp_path, capsys):
 
 # ------------------------------------------------------------ downstream: the MLP replaced
 
-WORDS = ("[PAD] [UNK] [CLS] [SEP] [MASK] the a of to and is in it for def class return print import from with as "
-         "if else while . , ( ) : = x y value list name ##s").split()
-DOCS = ["the value of x is in the list . def name ( x ) : return x",
-        "import list from the class , print the name of the value",
-        "while x : if y : print ( x ) else : return the list of values"]
-WIDTH = 24
+WORDS, WIDTH = CODE_WORDS, TEXT_WIDTH
 HOOK_IN, HOOK_OUT = "h.0.ln_2", "h.0.mlp"  # the MLP's input and its output
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text(" ".join(DOCS * 6))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory):
-    pytest.importorskip("transformers")
-    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"), WORDS, width=WIDTH)
 
 
 @pytest.fixture(scope="module")
@@ -199,13 +160,7 @@ def test_spliced_ce_equals_a_hand_written_mlp_replacement(tiny_gpt2, corpus):
     block = model.transformer.h[0]
     results = {"sae": [], "mean_ablation": []}
     for variant in results:
-        n_seen = 0
-        for w in range(src.n_windows):
-            ids, attention, keep = src.window_inputs(w, w + 1)
-            keep = keep & (keep.cumsum(1) <= 50 - n_seen)
-            if not keep.any():
-                break
-            n_seen += int(keep.sum())
+        for ids, attention, keep in kept_windows(src, 50):
             seen = {}
             grab = block.ln_2.register_forward_hook(lambda _m, _i, out: seen.update(x=out))
 

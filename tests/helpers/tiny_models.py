@@ -2,6 +2,21 @@
 
 import torch
 
+# A word-level vocabulary (special tokens first) and three short documents over it, for the tests
+# that run a tiny model on text (evals, transcoders' evals).
+CODE_WORDS = ("[PAD] [UNK] [CLS] [SEP] [MASK] the a of to and is in it for def class return print import from with as "
+              "if else while . , ( ) : = x y value list name ##s").split()
+CODE_DOCS = ["the value of x is in the list . def name ( x ) : return x",
+             "import list from the class , print the name of the value",
+             "while x : if y : print ( x ) else : return the list of values"]
+
+
+def write_corpus(folder, repeats: int = 6):
+    """CODE_DOCS, `repeats` times, as one text file in `folder`; returns its path."""
+    path = folder / "corpus.txt"
+    path.write_text(" ".join(CODE_DOCS * repeats))
+    return path
+
 
 def save_tiny_bert(folder, words, hidden_size: int = 24, num_hidden_layers: int = 3):
     """A BERT with a word-level vocabulary `words` (special tokens first), saved with its tokenizer
