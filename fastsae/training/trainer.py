@@ -371,9 +371,7 @@ class Trainer:
             return False
         if master.cfg.decoder_norm == "unit_norm":
             master.remove_gradient_parallel_to_decoder_directions()
-        if cfg.grad_clip_norm is not None:
-            self.precision.clip_gradients(cfg.grad_clip_norm, grad_norm)
-        self.optimizer.step()
+        self.precision.step(self.optimizer, cfg.grad_clip_norm, grad_norm)  # clipped (None: not), then Adam
         with torch.no_grad():
             if master.cfg.decoder_norm == "unit_norm":
                 master.set_decoder_norm_to_unit_norm()
