@@ -101,7 +101,8 @@ class Precision:
         """The optimizer's step on the master gradients, clipped to `max_norm` first (None: not
         clipped). The chunked CPU Adam (`optim.Adam`) takes the clip coefficient as its
         `grad_scale` and scales each gradient chunk while it is in cache: one pass over the
-        gradients fewer (0.25 ms a step at 256 -> 4096 on 2 cores), the same bits."""
+        gradients fewer (clipping alone took 0.26 ms of a 35 ms step at 256 -> 4096, 2 cores), the
+        same bits."""
         if max_norm is not None and isinstance(optimizer, ChunkedAdam):
             coef = self.clip_coefficient(max_norm, grad_norm)
             if coef is not None:
