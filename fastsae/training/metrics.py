@@ -15,14 +15,19 @@ from fastsae import runs
 METRIC_NAMES = ("loss", "mse", "fvu", "l0", "sparsity_loss", "aux_loss", "nested_loss")
 
 
-def step_metrics(out, x32: Tensor, l0: Tensor) -> Tensor:
+def step_metrics(out, x32: Tensor, l0: Tensor, scratch: Tensor | None = None) -> Tensor:
     """The step's METRIC_NAMES (float32 [7], on the device) from its `TrainOutput` and the float32
-    batch it trained on."""
+    batch it trained on. `scratch` (x32's shape and dtype) holds the centred batch: no batch-sized
+    allocation per step (the same bits as without it)."""
     if out.x_hat.dtype == torch.float32:  # the step's own MSE is this sum already (over rows)
         err = out.mse_loss.detach() * x32.shape[0]
     else:  # a 16-bit step's MSE is rounded: the float32 error instead
         err = torch.nn.functional.mse_loss(out.x_hat.reshape(x32.shape).float(), x32, reduction="sum")
-    var = (x32 - x32.mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
+    if scratch is None:
+        centred = x32 - x32.mean(0)
+    else:
+        centred = torch.sub(x32, x32.mean(0), out=scratch)
+    var = centred.pow_(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
     nested = out.nested_loss if out.nested_loss is not None else out.aux_loss.new_zeros(())
     return torch.stack(
         [t.float() for t in (out.loss, out.mse_loss, err / var, l0, out.sparsity_loss, out.aux_loss, nested)]
@@ -37,6 +42,14 @@ class MetricsWindow:
         self.steps = 0
         self.tokens = 0
         self.seconds = 0.0
+        self._scratch: Tensor | None = None  # step_metrics' centred batch, reused
+
+    def add_step(self, out, x32: Tensor, l0: Tensor, weight: float, tokens: int) -> None:
+        """Add a step's `step_metrics`."""
+        scratch = self._scratch
+        if scratch is None or scratch.shape != x32.shape or scratch.dtype != x32.dtype or scratch.device != x32.device:
+            self._scratch = scratch = torch.empty_like(x32, memory_format=torch.contiguous_format)
+        self.add(step_metrics(out, x32, l0, scratch), weight, tokens)
 
     def add(self, values: Tensor, weight: float, tokens: int) -> None:
         # Data parallel: weighted by the slice's share, so the ranks' sum / world_size is the

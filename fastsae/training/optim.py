@@ -65,7 +65,10 @@ class Adam(torch.optim.Adam):
         super().__init__(params, lr=lr, betas=betas, eps=eps, foreach=False)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, grad_scale: Tensor | None = None):
+        """The update; `grad_scale` (a 0-d tensor, e.g. gradient clipping's coefficient) first
+        multiplies each gradient in place, a chunk at a time just before the chunk's update, so
+        scaling costs no pass of its own over the gradients (the same bits as scaling them first)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -93,7 +96,10 @@ class Adam(torch.optim.Adam):
                 step_size = lr / (1 - beta1**step)
                 bias_correction2_sqrt = (1 - beta2**step) ** 0.5
                 chunk = _CHUNK_ELEMENTS.get(p.device.type, _DEFAULT_CHUNK_ELEMENTS)
+                scale = None if grad_scale is None else grad_scale.to(p.grad.dtype)
                 for param, grad, exp_avg, exp_avg_sq in _chunks([p, p.grad, state["exp_avg"], state["exp_avg_sq"]], chunk):
+                    if scale is not None:
+                        grad.mul_(scale)
                     exp_avg.lerp_(grad, 1 - beta1)
                     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)

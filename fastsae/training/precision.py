@@ -17,6 +17,7 @@ from torch import Tensor
 from fastsae import distributed as fdist
 from fastsae.config import SAEConfig
 from fastsae.sae import SAE
+from fastsae.training.optim import Adam as ChunkedAdam
 
 # float16 training multiplies the loss by this before backward and divides the float32 gradients
 # by it: the gradient of the mean squared error is ~2 * residual / batch (~1e-5 late in training
@@ -96,17 +97,31 @@ class Precision:
                 grads.append(master.grad)
         return grads
 
-    def clip_gradients(self, max_norm: float, grad_norm: Optional[Tensor] = None) -> None:
-        """Scale the master gradients so their global norm is at most `max_norm` (torch's
-        clip_grad_norm_ rule, SAELens' SAETrainer's step: coefficient max_norm / (norm + 1e-6),
-        at most 1). On the device, no host sync. `grad_norm`: the global norm when the step's
-        finiteness check already computed it from these gradients. Sharded: the norm of the
-        whole SAE's gradient (the shards' squares summed over the ranks; b_dec's gradient is the
-        same on every rank and counted once)."""
+    def step(self, optimizer: torch.optim.Optimizer, max_norm: Optional[float], grad_norm: Optional[Tensor] = None) -> None:
+        """The optimizer's step on the master gradients, clipped to `max_norm` first (None: not
+        clipped). The chunked CPU Adam (`optim.Adam`) takes the clip coefficient as its
+        `grad_scale` and scales each gradient chunk while it is in cache: one pass over the
+        gradients fewer (clipping alone took 0.26 ms of a 35 ms step at 256 -> 4096, 2 cores), the
+        same bits."""
+        if max_norm is not None and isinstance(optimizer, ChunkedAdam):
+            coef = self.clip_coefficient(max_norm, grad_norm)
+            if coef is not None:
+                optimizer.step(grad_scale=coef)
+                return
+        elif max_norm is not None:
+            self.clip_gradients(max_norm, grad_norm)
+        optimizer.step()
+
+    def clip_coefficient(self, max_norm: float, grad_norm: Optional[Tensor] = None) -> Optional[Tensor]:
+        """What the master gradients are multiplied by to bring their global norm to at most
+        `max_norm` (torch's clip_grad_norm_ rule, SAELens' SAETrainer's step: max_norm / (norm +
+        1e-6), at most 1), a 0-d tensor on the device (no host sync); None without gradients.
+        `grad_norm`: the global norm when the step's finiteness check already computed it from
+        these gradients. Sharded: the norm of the whole SAE's gradient (the shards' squares summed
+        over the ranks; b_dec's gradient is the same on every rank and counted once)."""
         named = [(name, p.grad) for name, p in self.master.named_parameters() if p.grad is not None]
         if not named:
-            return
-        grads = [g for _, g in named]
+            return None
         if self.sharded:
             squares = torch.stack([g.float().pow(2).sum() for _, g in named])
             is_sharded = torch.tensor([name != "b_dec" for name, _ in named], device=squares.device)
@@ -114,8 +129,16 @@ class Precision:
             torch.distributed.all_reduce(local)
             grad_norm = (local + squares[~is_sharded].sum()).sqrt()
         elif grad_norm is None:
-            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)), 2)
-        coef = (max_norm / (grad_norm + 1e-6)).clamp(max=1.0)
+            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g for _, g in named])), 2)
+        return (max_norm / (grad_norm + 1e-6)).clamp(max=1.0)
+
+    def clip_gradients(self, max_norm: float, grad_norm: Optional[Tensor] = None) -> None:
+        """Scale the master gradients by `clip_coefficient` (their global norm at most `max_norm`),
+        on the device, no host sync."""
+        coef = self.clip_coefficient(max_norm, grad_norm)
+        if coef is None:
+            return
+        grads = [p.grad for p in self.master.parameters() if p.grad is not None]
         if grads[0].device.type == "cpu":
             # torch 2.13's CPU _foreach_mul_ by a 0-dim tensor takes a slow path: 12 ms for 2M
             # floats where per-tensor mul_ takes 0.5 ms (clip_grad_norm_ uses it: +10% a step).

@@ -14,6 +14,15 @@ from torch import Tensor
 from fastsae.training.data import ShuffledStream
 
 
+def count_non_finite(rows: Tensor) -> int:
+    """How many values of `rows` are NaN or +-Inf. A finite sum proves there are none (a NaN or Inf
+    makes the sum NaN or Inf): one reduction instead of isfinite's passes and bool tensor (0.02 ms
+    against 0.75 ms for 2048 x 256 on 2 cores); the count is taken only when the sum is not finite."""
+    if bool(torch.isfinite(rows.sum())):
+        return 0
+    return int(rows.numel() - torch.isfinite(rows).sum())
+
+
 class BatchPrefetcher:
     """The stream's batches at `position`, `position + batch_size`, ..., read `depth` ahead by a
     background thread for an accelerator, so reading, shuffling and checking rows overlaps the
@@ -60,7 +69,7 @@ class BatchPrefetcher:
             position = self._position
             self._position += self.batch_size
             rows = self.stream.read(position, self.batch_size)
-            n_bad = None if self.on_device else int(rows.numel() - torch.isfinite(rows).sum())
+            n_bad = None if self.on_device else count_non_finite(rows)
             return position, rows[self.rows].to(self.device, non_blocking=True), n_bad
         item = self._ready.get()
         if isinstance(item, BaseException):
@@ -150,7 +159,7 @@ class BatchPrefetcher:
                     rows = self.stream.read(position, self.batch_size, out=buffer)
                 else:
                     rows = self.stream.read(position, self.batch_size)
-                n_bad = int(rows.numel() - torch.isfinite(rows).sum())
+                n_bad = count_non_finite(rows)
                 if not self._hand_over((position, rows, n_bad)):
                     if self.pinned:
                         self._free.put((rows, None))

@@ -47,7 +47,7 @@ from fastsae.training.dead_latents import DeadLatentTracker, resolve_dead_strate
 from fastsae.training.guard import BadDataError, Refusals, RollbackGuard, bad_batch_message
 from fastsae.training.initialization import export_for_raw_inputs, finite_rows, initial_b_dec, normalising_scale, paired_width
 from fastsae.training.initialization import fold_input_scale, geometric_median  # noqa: F401  (re-exported)
-from fastsae.training.metrics import METRIC_NAMES, MetricsWindow, append_metrics_row, progress_postfix, step_metrics
+from fastsae.training.metrics import METRIC_NAMES, MetricsWindow, append_metrics_row, progress_postfix
 from fastsae.training.optim import make_adam
 from fastsae.training.precision import FLOAT16_LOSS_SCALE, Precision
 from fastsae.training.resume import open_saved_run, processes_note
@@ -371,9 +371,7 @@ class Trainer:
             return False
         if master.cfg.decoder_norm == "unit_norm":
             master.remove_gradient_parallel_to_decoder_directions()
-        if cfg.grad_clip_norm is not None:
-            self.precision.clip_gradients(cfg.grad_clip_norm, grad_norm)
-        self.optimizer.step()
+        self.precision.step(self.optimizer, cfg.grad_clip_norm, grad_norm)  # clipped (None: not), then Adam
         with torch.no_grad():
             if master.cfg.decoder_norm == "unit_norm":
                 master.set_decoder_norm_to_unit_norm()
@@ -385,7 +383,7 @@ class Trainer:
                 if self.data_parallel:  # a latent fired if it fired in any rank's slice
                     fired = fdist.all_reduce_fired(fired)
             self.dead.record(fired, cfg.batch_size)
-            self.window.add(step_metrics(out, x32 if y32 is None else y32, l0), self._loss_weight, cfg.batch_size)
+            self.window.add_step(out, x32 if y32 is None else y32, l0, self._loss_weight, cfg.batch_size)
         self.step += 1
         self.tokens_seen += cfg.batch_size
         self.refusals.in_row = 0

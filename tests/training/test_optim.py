@@ -35,6 +35,27 @@ def test_same_bits_as_torch_adam(monkeypatch, chunk):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
 
 
+@pytest.mark.parametrize("chunk", [1 << 18, 7])
+def test_grad_scale_is_scaling_the_gradients_first(monkeypatch, chunk):
+    """step(grad_scale=c) (gradient clipping folded into the update) gives the same bits as
+    multiplying every gradient by c, then step()."""
+    monkeypatch.setitem(optim._CHUNK_ELEMENTS, "cpu", chunk)
+    first = _params()
+    second = [torch.empty_strided(p.shape, p.stride()).copy_(p.detach()).requires_grad_() for p in first]
+    a, b = optim.Adam(first, lr=3e-2), optim.Adam(second, lr=3e-2)
+    for scale in (0.37, 1.0, 0.0021):
+        coef = torch.tensor(scale)
+        for p, q in zip(first, second):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()
+            p.grad.mul_(coef)
+        a.step()
+        b.step(grad_scale=coef)
+        for p, q in zip(first, second):
+            assert torch.equal(p, q) and torch.equal(p.grad, q.grad)
+            assert torch.equal(a.state[p]["exp_avg_sq"], b.state[q]["exp_avg_sq"])
+
+
 def test_state_dict_interchanges_with_torch_adam():
     params = _params()
     ours = optim.Adam(params, lr=1e-2)

@@ -393,3 +393,27 @@ def test_timed_checkpoints_replace_each_other_and_metrics_follow_the_schedule(tm
     bar = capsys.readouterr().err  # the progress bar shows the logged figures
     last = rows[-1]
     assert f"fvu {last['fvu']:.3f}" in bar and f"l0 {last['l0']:.1f}" in bar and "dead" in bar
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_step_metrics_with_a_reused_scratch_are_the_same_bits(paired):
+    """The metrics window centres each batch in one reused tensor; the figures are those computed
+    without it (a transcoder's targets are a strided slice of its rows)."""
+    from fastsae.training.metrics import MetricsWindow, step_metrics
+
+    torch.manual_seed(0)
+    sae = fastsae.SAE(d_in=24, d_sae=96, architecture="topk", k=4)
+    window = MetricsWindow("cpu")
+    total = torch.zeros(7, dtype=torch.float64)
+    for _ in range(3):
+        rows = torch.randn(100, 48 if paired else 24) * 3 + 1
+        x32 = rows[:, 24:] if paired else rows
+        out = sae.training_forward(x32.contiguous())
+        l0 = torch.tensor(4.0)
+        expected = step_metrics(out, x32, l0)
+        window.add_step(out, x32, l0, 1.0, 100)
+        total += expected.double()
+        assert torch.equal(window.sums, total)
+        assert torch.equal(step_metrics(out, x32, l0, torch.empty(100, 24)), expected)
+        assert expected[2] > 0  # the FVU's variance is the batch's own
+    assert window.steps == 3

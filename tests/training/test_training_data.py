@@ -101,6 +101,29 @@ def test_stream_is_a_function_of_seed_and_position(tmp_path):
     assert not torch.equal(other, whole[:777])
 
 
+def test_stream_reads_into_a_given_tensor_across_buffers_of_uneven_size(tmp_path):
+    # Buffers share one reused memory: rows of a buffer are taken before the next one loads.
+    src = ActivationFiles(save_activations(tmp_path / "a.safetensors", _rows(700, 3)), chunk_rows=64)
+    stream = ShuffledStream(src, seed=5, buffer_rows=150)  # 3 buffers of ~190 rows, then one of ~60
+    whole = stream.read(0, 1400)
+    assert sorted(whole[:700, 0].long().tolist()) == list(range(700))
+    out = torch.full((450, 3), float("nan"))
+    assert stream.read(600, 450, out=out) is out
+    assert torch.equal(out, whole[600:1050])
+
+
+def test_non_finite_values_are_counted_exactly():
+    from fastsae.training.prefetch import count_non_finite
+
+    x = torch.randn(64, 8)
+    assert count_non_finite(x) == 0
+    big = torch.full((4, 4), 3e38)  # finite values whose sum overflows: still none counted
+    assert count_non_finite(big) == 0 and count_non_finite(-big) == 0
+    x[3, 1], x[7, 2], x[9, 0], x[9, 5] = float("nan"), float("inf"), float("inf"), float("-inf")
+    assert count_non_finite(x) == 4
+    assert count_non_finite(torch.empty(0, 8)) == 0
+
+
 def test_synthetic_source_is_reproducible_and_sparse():
     src = SyntheticActivations(d_in=16, n_features=64, l0=3, n_rows=5000, seed=4, chunk_rows=1000)
     again = SyntheticActivations(d_in=16, n_features=64, l0=3, n_rows=5000, seed=4, chunk_rows=1000)
