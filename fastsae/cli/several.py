@@ -8,12 +8,15 @@ Under torchrun, with W processes and n SAEs:
   reading the model at its own hooks only; each run folder is written by the rank that trains it.
   sparsify's `--distribute_modules` differs: each rank runs the model on its slice of the batch and
   the ranks all-gather every hook's activations, so the model's forward is split over the ranks.
-  Here every rank runs the model on all tokens, up to its deepest hook: no activations cross
-  processes, and the forward is repeated on each rank (the known cost).
+  Here, with an activation cache (a folder every rank sees), the forward is split through it: before
+  training rank r writes chunks r, r + W, ... of those the run reads, at every SAE's hook, into the
+  cache (chunks already there are skipped), the ranks meet, and each trains reading the cache only.
+  Without a cache every rank runs the model on all tokens, up to its deepest hook (the known cost).
 - n < W: every SAE is trained data parallel over all ranks, as a one-SAE torchrun run; the
-  trainers' collectives come in the driver's order, the same on every rank.
-The processes meet only before training (to agree that every rank could set up) and after it (to
-gather the figures rank 0 prints and writes). A run's checkpoints are one-process ones, so
+  trainers' collectives come in the driver's order, the same on every rank (the cache is filled
+  the same way first).
+The processes meet only before training (after filling the cache, then after building the trainers:
+to agree that every rank could set up) and after it (to gather the figures rank 0 prints and writes). A run's checkpoints are one-process ones, so
 `--resume` re-spreads the SAEs over any number of processes (round robin again) and says so.
 """
 
@@ -26,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from fastsae.cli.flags import data_settings, setting
+from fastsae.cli.flags import data_settings, run_config, setting
 from fastsae.cli.one_run import build_run, open_data, report, secs
 from fastsae.cli.resume import resume_differences
 from fastsae.cli.threads import set_threads
@@ -139,24 +142,22 @@ def _gather(value) -> list:
     return gathered
 
 
-def _setup(args, out: Path, device, world: int, rank: int):
-    """(plan with each SAE's rank, how they are placed, this rank's trainers by folder)."""
+def _prepare(args, out: Path, device, world: int, rank: int) -> dict:
+    """The plan, each SAE's rank, this rank's SAEs and the data source (with every SAE's hooks); under torchrun with
+    an activation cache, this rank's share of the chunks the run reads is written into the cache (`_fill_cache`)."""
     from fastsae.runs import latest_checkpoint
-    from fastsae.training import Trainer
     from fastsae.training.config import TrainerConfig
 
     set_threads(args.threads, device)
     if args.shard_latents and world > 1:
         raise ValueError("--shard-latents: several SAEs under torchrun are spread over the processes (or trained data "
                          "parallel when there are fewer SAEs than processes), not latent-sharded; drop --shard-latents")
+    folders = {}
     if args.resume:
         saved = json.loads((out / SEVERAL_RUNS).read_text())
         plan = [{key: entry[key] for key in ("folder", "hook", "k", "d_sae")} for entry in saved["runs"]]
-        how, ranks = _placement(len(plan), world)
-        mine = [entry for entry, owner in zip(plan, ranks) if owner in (rank, "all")]
         given = copy.copy(args)
         given.hook = given.k = given.d_sae = None  # each SAE's own, from its folder
-        folders = {}
         for entry in plan:
             folder = latest_checkpoint(out / entry["folder"])
             if folder is None:
@@ -167,9 +168,49 @@ def _setup(args, out: Path, device, world: int, rank: int):
                 raise ValueError(f"--resume continues {folder} with the run's own settings, and these flags "
                                  f"differ from them: {'; '.join(differences)}")
             folders[entry["folder"]] = folder
-        description = TrainerConfig.load(folders[mine[0]["folder"]]).data
-        hooks = list(dict.fromkeys(entry["hook"] for entry in mine))
-        views = _views(_open_source(args, hooks, description), hooks)
+        configs = [TrainerConfig.load(folder) for folder in folders.values()]
+        source = _open_source(args, list(dict.fromkeys(entry["hook"] for entry in plan)), configs[0].data)
+    else:
+        if args.data is not None and args.hook is not None:
+            raise ValueError("--hook: several hooks read a model's activations; --data gives one SAE's (drop one)")
+        source = _open_source(args, [None] if args.data is not None else _values(setting(args, "hook")))
+        plan = _plan(args, {None: source.d_in} if args.data is not None else dict(source.widths))
+        configs = None  # the same steps and stream for every SAE: the first's config, made when needed
+    how, ranks = _placement(len(plan), world)
+    if world > 1 and getattr(source, "cache_dirs", None) and source.hook_out is None:
+        if configs is None:
+            first = copy.copy(args)
+            first.hook, first.k, first.d_sae = plan[0]["hook"], plan[0]["k"], plan[0]["d_sae"]
+            configs = [TrainerConfig(**run_config(first, source.widths[first.hook])[1])]
+        _fill_cache(source, configs, world, rank)
+    mine = [entry for entry, owner in zip(plan, ranks) if owner in (rank, "all")]
+    return {"plan": plan, "how": how, "ranks": ranks, "mine": mine, "source": source, "folders": folders}
+
+
+def _fill_cache(source, configs: list, world: int, rank: int) -> None:
+    """Write chunks r, r + W, r + 2W, ... of those the run reads into the shared cache, at every SAE's hook, so
+    that after all ranks meet each reads the cache and none runs the model (the forward split over the ranks)."""
+    from fastsae.training.data import ShuffledStream
+
+    needed = set()
+    for cfg in configs:  # the chunks each SAE's stream reads: its steps' rows and the initialisation sample
+        rows = max(cfg.total_steps * cfg.batch_size, cfg.init_sample_rows)
+        needed.update(ShuffledStream(source, seed=cfg.seed, buffer_rows=cfg.shuffle_buffer_rows).chunks_read(rows))
+    share = sorted(needed)[rank::world]
+    started = time.perf_counter()
+    passes = source.cache_chunks(share)
+    print(f"activation cache: rank {rank} of {world} ran the model on {passes} of its {len(share)} chunks (of "
+          f"{len(needed)} the run reads; the rest were cached) in {secs(time.perf_counter() - started)}", flush=True)
+
+
+def _start(args, out: Path, device, world: int, rank: int, prepared: dict) -> dict:
+    """This rank's trainers by folder (fresh, or resumed from each SAE's checkpoint); rank 0 writes the plan."""
+    from fastsae.training import Trainer
+
+    plan, how, mine, folders = prepared["plan"], prepared["how"], prepared["mine"], prepared["folders"]
+    views = _views(prepared["source"], list(dict.fromkeys(entry["hook"] for entry in mine)))
+    if args.resume:
+        saved = json.loads((out / SEVERAL_RUNS).read_text())
         trainers = {entry["folder"]: Trainer.resume(out / entry["folder"], views[entry["hook"]], progress=False,
                                                     dtype=args.dtype, device=device, shard_latents=False,
                                                     local=how == "spread")
@@ -183,14 +224,6 @@ def _setup(args, out: Path, device, world: int, rank: int):
     else:
         import torch
 
-        if args.data is not None and args.hook is not None:
-            raise ValueError("--hook: several hooks read a model's activations; --data gives one SAE's (drop one)")
-        patterns = [None] if args.data is not None else _values(setting(args, "hook"))
-        source = _open_source(args, patterns)
-        plan = _plan(args, {None: source.d_in} if args.data is not None else dict(source.widths))
-        how, ranks = _placement(len(plan), world)
-        mine = [entry for entry, owner in zip(plan, ranks) if owner in (rank, "all")]
-        views = _views(source, list(dict.fromkeys(entry["hook"] for entry in mine)))
         trainers = {}
         for entry in mine:
             run_args = copy.copy(args)
@@ -202,12 +235,27 @@ def _setup(args, out: Path, device, world: int, rank: int):
             sae, cfg = build_run(run_args, views[entry["hook"]], device)
             trainers[entry["folder"]] = Trainer(sae, views[entry["hook"]], cfg, out / entry["folder"],
                                                 overwrite=args.overwrite, local=how == "spread")
-    for entry, owner in zip(plan, ranks):
+    for entry, owner in zip(plan, prepared["ranks"]):
         entry["rank"] = owner
     if rank == 0:  # before training: --resume finds the plan even if the run is stopped
         out.mkdir(parents=True, exist_ok=True)
         (out / SEVERAL_RUNS).write_text(json.dumps({"runs": plan, "world_size": world, "processes": how}, indent=2))
-    return plan, how, trainers
+    return trainers
+
+
+def _all_set(step, device) -> bool:
+    """Run `step` (a setup phase) on every rank; all ranks meet after it (the one collective) and all stop, with the
+    error printed, if it failed on any."""
+    error = None
+    try:
+        step()
+    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError, RuntimeError) as exc:
+        error = str(exc)
+    if _any_rank(error is not None, device):  # every rank stops, not only the one that failed
+        print(f"fastsae train: {error or 'another process could not set up its SAEs (its message is above)'}",
+              file=sys.stderr)
+        return False
+    return True
 
 
 def run_several(args, device) -> int:
@@ -223,15 +271,14 @@ def run_several(args, device) -> int:
     out = Path(args.out)
     world, rank = fdist.get_world_size(), fdist.get_rank()
     started = time.perf_counter()
-    error = None
-    try:
-        plan, how, trainers = _setup(args, out, device, world, rank)
-    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError, RuntimeError) as exc:
-        error = str(exc)
-    if _any_rank(error is not None, device):  # every rank stops, not only the one that failed
-        print(f"fastsae train: {error or 'another process could not set up its SAEs (its message is above)'}",
-              file=sys.stderr)
+    # Two phases, each ending where all ranks meet: after the first, every chunk the run reads is in a shared
+    # activation cache (when there is one), so building the trainers and training run no model forward.
+    state = {}
+    if not _all_set(lambda: state.update(_prepare(args, out, device, world, rank)), device):
         return 2
+    if not _all_set(lambda: state.update(trainers=_start(args, out, device, world, rank, state)), device):
+        return 2
+    plan, how, trainers = state["plan"], state["how"], state["trainers"]
     if world > 1:
         owners = {r: [e["folder"] for e in plan if e["rank"] == r] for r in range(world)} if how == "spread" else {}
         print(f"{world} processes, {len(plan)} SAEs {how}" + "".join(f"; rank {r}: {', '.join(f)}" for r, f in owners.items()))

@@ -297,6 +297,20 @@ class ShuffledStream:
             self._plan_epoch, self._plan = epoch, self._make_plan(epoch)
         return self._plan
 
+    def chunks_read(self, stop: int) -> list[int]:
+        """The chunks whose buffers the stream loads to serve its rows [0, `stop`), sorted (what a run of
+        `stop` rows reads: a cache can be filled with them before training)."""
+        if stop < 0:
+            raise ValueError(f"chunks_read: expected stop >= 0, got {stop}")
+        chunks: set[int] = set()
+        for epoch in range(-(-stop // self.rows_per_epoch)):
+            groups, starts = self._make_plan(epoch)
+            rows_left = stop - epoch * self.rows_per_epoch
+            chunks.update(chunk for group, start in zip(groups, starts) if start < rows_left for chunk in group)
+            if len(chunks) == len(self.sizes):  # every later epoch reads the same chunks again
+                break
+        return sorted(chunks)
+
     def origin(self, position: int, _cache: dict | None = None) -> tuple[int, int]:
         """(chunk index, row within that chunk) of stream row `position`. Recomputes the shuffle
         rather than touching the cached buffer, so it is safe beside a reader."""

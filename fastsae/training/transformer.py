@@ -214,6 +214,28 @@ class TransformerActivations:
                 self._store(hook, index, rows)
         return computed
 
+    def cache_chunks(self, indices: Sequence[int]) -> int:
+        """Write chunks `indices` into the cache at every hook: one forward pass for each chunk that some hook's
+        folder lacks (only those hooks' files are written), none for a chunk every hook has. Returns the number of
+        forward passes. Each file is written under a temporary name and renamed, so processes filling one shared
+        cache never read a partial file."""
+        if not self.cache_dirs or self.hook_out is not None:
+            raise ValueError("cache_chunks: expected a source with a cache_dir and no hook_out (a transcoder's "
+                             f"pairs are cached by load_chunk), got cache_dir {self.cache_dir} and hook_out {self.hook_out!r}")
+        passes = 0
+        for index in indices:
+            self._check_chunk(index)
+            missing = [hook for hook in self.hooks if not self._cache_path(hook, index).exists()]
+            if not missing:
+                continue
+            first = index * self.seqs_per_chunk
+            computed = self._run_windows(first, min(self.n_windows, first + self.seqs_per_chunk), split=True)
+            passes += 1
+            for hook, rows in zip(self.hooks, computed):
+                if hook in missing:
+                    self._store(hook, index, rows)
+        return passes
+
     def with_hooks(self, hooks: Sequence[str]) -> "TransformerActivations":
         """This source (the same model, tokens and cache) read at `hooks` only, some of its own: the forward pass
         stops after the last of them (each process of a spread several-SAE run reads its own SAEs' hooks)."""

@@ -163,6 +163,24 @@ def test_the_activation_cache_serves_a_second_run_without_the_model(tiny_bert, c
     assert forwards and len([p for p in cache.iterdir() if p.is_dir()]) == 3
 
 
+def test_cache_chunks_runs_the_model_only_for_chunks_some_hook_lacks(tiny_bert, corpus, tmp_path):
+    from fastsae.training.transformer import TransformerActivations
+
+    hooks = ["encoder.layer.0", "encoder.layer.2"]
+    src = TransformerActivations(tiny_bert, hook=hooks, text=corpus, seq_len=8, cache_dir=tmp_path / "cache")
+    passes = []
+    src.model.register_forward_pre_hook(lambda *a: passes.append(1))
+    assert src.cache_chunks([0, 2]) == 2 and len(passes) == 2
+    (src.cache_dirs["encoder.layer.2"] / "chunk_000002.safetensors").unlink()
+    assert src.cache_chunks([0, 1, 2]) == 2 and len(passes) == 4  # chunk 1 new, chunk 2 for its missing hook
+    single = TransformerActivations(tiny_bert, hook="encoder.layer.2", text=corpus, seq_len=8)
+    for index in range(3):  # what the cache holds is what the model gives
+        assert torch.equal(src.load_chunks_of_all(index)[1], single.load_chunk(index))
+    assert len(passes) == 4
+    with pytest.raises(ValueError, match="cache_chunks: expected a source with a cache_dir"):
+        TransformerActivations(tiny_bert, hook=hooks, text=corpus, seq_len=8).cache_chunks([0])
+
+
 def test_each_sae_times_only_its_own_steps(tmp_path):
     import time
 

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import assert_rel_close
@@ -26,11 +27,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(n: int, args: list) -> str:
+def _torchrun(n: int, args: list, counts_dir=None) -> str:
     # The torch backend in every process: compiled ones would cost each process seconds to load.
     env = dict(os.environ, FASTSAE_BACKEND="torch", OMP_NUM_THREADS="1")
+    program = ["-m", "fastsae.cli"]
+    if counts_dir is not None:  # the same command, each rank counting its model forwards into counts_dir
+        root = Path(__file__).resolve().parents[2]
+        env.update(FORWARD_COUNTS=str(counts_dir), PYTHONPATH=os.pathsep.join([str(root), str(root / "tests")]))
+        program = [str(root / "tests" / "helpers" / "count_forwards.py")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "fastsae.cli", "train", *args]
+           "--master-port", str(_free_port()), *program, "train", *args]
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-4000:]
     return proc.stdout
@@ -83,6 +89,41 @@ def test_three_hooks_spread_over_two_processes_equal_the_one_process_run(tiny_be
         assert rows[-1]["step"] == 6 and rows[-1]["world_size"] == 1 and rows[-1]["tokens_per_s"] > 0
         assert (out / "summary.json").is_file()
         assert fastsae.load(out).cfg.metadata["hook_name"] == folder
+
+
+def _counts(folder, world: int) -> list:
+    return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(world)]
+
+
+def test_spread_ranks_split_the_forward_through_the_activation_cache(tiny_bert, tmp_path):
+    from fastsae.training.transformer import TransformerActivations
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(["the x of y is in it for def class return print x to and is a"] * 40))
+    args = ["--model", str(tiny_bert), "--text", str(corpus), "--seq-len", "8", "--k", "3", "--tokens", "600",
+            "--batch-size", "100", "--no-progress", "--report-features", "0", "--browser-tokens", "0",
+            "--eval-tokens", "0", "--hook", "encoder.layer.*"]
+    n_chunks = len(TransformerActivations(tiny_bert, hook="encoder.layer.0", text=corpus, seq_len=8).chunk_sizes)
+    assert n_chunks >= 3  # 600 tokens of the ~680 read: every chunk (one shuffle buffer holds them all)
+    cache = tmp_path / "cache"
+    first = tmp_path / "counts1"
+    first.mkdir()
+    output = _torchrun(2, [*args, "--activation-cache", str(cache), "--out", str(tmp_path / "spread")], first)
+    for rank, counts in enumerate(_counts(first, 2)):
+        share = len(range(rank, n_chunks, 2))
+        # one short pass for the hooks' widths, then its own chunks only, then none while training
+        assert counts == {"setup": 1, "fill": share, "after": 0}, (rank, counts)
+    assert f"activation cache: rank 0 of 2 ran the model on {len(range(0, n_chunks, 2))} of its" in output
+    assert len(list(cache.glob("*/chunk_*.safetensors"))) == 3 * n_chunks  # every hook's folder holds every chunk
+    _one_process([*args, "--activation-cache", "none", "--out", str(tmp_path / "one")])
+    folders = [f"encoder.layer.{layer}" for layer in range(3)]
+    _assert_same_saes(tmp_path / "spread", tmp_path / "one", folders, "spread over 2 processes through the cache")
+
+    second = tmp_path / "counts2"  # a second run on the same cache: no rank runs the model at all
+    second.mkdir()
+    _torchrun(2, [*args, "--activation-cache", str(cache), "--out", str(tmp_path / "again")], second)
+    assert _counts(second, 2) == [{"setup": 0, "fill": 0, "after": 0}] * 2
+    _assert_same_saes(tmp_path / "again", tmp_path / "one", folders, "second run from the cache")
 
 
 def test_resume_under_torchrun_spreads_a_one_process_run(tmp_path, monkeypatch):

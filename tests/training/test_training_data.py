@@ -112,6 +112,21 @@ def test_stream_reads_into_a_given_tensor_across_buffers_of_uneven_size(tmp_path
     assert torch.equal(out, whole[600:1050])
 
 
+@pytest.mark.parametrize("stop", [1, 150, 451, 700, 1300])
+def test_chunks_read_are_the_chunks_the_stream_loads(tmp_path, monkeypatch, stop):
+    src = ActivationFiles(save_activations(tmp_path / "a.safetensors", _rows(700, 3)), chunk_rows=64)  # 11 chunks
+    loaded = []
+    original = ActivationFiles.load_chunk
+    monkeypatch.setattr(ActivationFiles, "load_chunk", lambda self, index: loaded.append(index) or original(self, index))
+    stream = ShuffledStream(src, seed=5, buffer_rows=150)
+    for position in range(0, stop, 50):
+        stream.read(position, min(50, stop - position))
+    assert stream.chunks_read(stop) == sorted(set(loaded))
+    assert (len(stream.chunks_read(stop)) == 11) == (stop >= 700)  # less than an epoch leaves some chunks unread
+    with pytest.raises(ValueError, match="expected stop >= 0, got -1"):
+        stream.chunks_read(-1)
+
+
 def test_non_finite_values_are_counted_exactly():
     from fastsae.training.prefetch import count_non_finite
 
