@@ -208,7 +208,8 @@ TRAIN_FLAGS = (
          kind="transformer"),
     Flag("max_corpus_tokens", "use only the first N tokens of the corpus", "data.max_tokens", int, group=TRANSFORMER,
          kind="transformer", none_is_a_value=True),
-    Flag("activation_cache", "folder caching the model's activations between epochs and runs ('none': off)",
+    Flag("activation_cache", "folder caching the model's activations between epochs and runs ('none': off); under "
+         "torchrun it splits several SAEs' model forward over the processes and must be a folder all of them see",
          group=TRANSFORMER, parser_default="runs/activation-cache"),
     Flag("report_features", "features shown in the final report (0: none)", type=int, group=TRANSFORMER,
          parser_default=6),

@@ -182,13 +182,16 @@ def _prepare(args, out: Path, device, world: int, rank: int) -> dict:
             first = copy.copy(args)
             first.hook, first.k, first.d_sae = plan[0]["hook"], plan[0]["k"], plan[0]["d_sae"]
             configs = [TrainerConfig(**run_config(first, source.widths[first.hook])[1])]
-        _fill_cache(source, configs, world, rank)
+        fill_s = _fill_cache(source, configs, world, rank)
+    else:
+        fill_s = 0.0
     mine = [entry for entry, owner in zip(plan, ranks) if owner in (rank, "all")]
-    return {"plan": plan, "how": how, "ranks": ranks, "mine": mine, "source": source, "folders": folders}
+    return {"plan": plan, "how": how, "ranks": ranks, "mine": mine, "source": source, "folders": folders,
+            "fill_s": fill_s}
 
 
-def _fill_cache(source, configs: list, world: int, rank: int) -> None:
-    """Write chunks r, r + W, r + 2W, ... of those the run reads into the shared cache, at every SAE's hook, so
+def _fill_cache(source, configs: list, world: int, rank: int) -> float:
+    """Seconds spent writing chunks r, r + W, r + 2W, ... of those the run reads into the shared cache, at every SAE's hook, so
     that after all ranks meet each reads the cache and none runs the model (the forward split over the ranks)."""
     from fastsae.training.data import ShuffledStream
 
@@ -199,8 +202,10 @@ def _fill_cache(source, configs: list, world: int, rank: int) -> None:
     share = sorted(needed)[rank::world]
     started = time.perf_counter()
     passes = source.cache_chunks(share)
-    print(f"activation cache: rank {rank} of {world} ran the model on {passes} of its {len(share)} chunks (of "
-          f"{len(needed)} the run reads; the rest were cached) in {secs(time.perf_counter() - started)}", flush=True)
+    seconds = time.perf_counter() - started
+    print(f"activation cache: rank {rank} of {world} ran the model on {passes} of its {len(share)} chunks (its share "
+          f"of the {len(needed)} the run reads; {len(share) - passes} were cached) in {secs(seconds)}", flush=True)
+    return seconds
 
 
 def _start(args, out: Path, device, world: int, rank: int, prepared: dict) -> dict:
@@ -296,7 +301,8 @@ def run_several(args, device) -> int:
     for name, trainer in trainers.items() if rc == 0 else ():
         print(f"\n== {name} ==")
         rc = max(rc, report(args, trainer, trainer.data, out / name, results[name], started, before[name]))
-    mine = {"rc": rc, "wall_s": multi.wall_s, "saes": {name: _figures(trainer, multi.tokens_before[name])
+    # The cache fill is the run's forward too: the overall throughput counts it.
+    mine = {"rc": rc, "wall_s": multi.wall_s + state["fill_s"], "saes": {name: _figures(trainer, multi.tokens_before[name])
                                                            for name, trainer in trainers.items()}}
     ranks = _gather(mine)
     if rank == 0:
@@ -328,6 +334,6 @@ def _summarise(out: Path, plan: list, how: str, world: int, ranks: list) -> None
               f"{'-' if tps is None else f'{tps:,.0f}'} tokens/s in its own steps")
     print(f"overall: {throughput['data_tokens_per_s']:,.0f} tokens/s of data (each feeds every SAE on its hook), "
           f"{throughput['sae_tokens_per_s']:,.0f} tokens/s summed over the SAEs, over {secs(wall)} of wall clock "
-          "(initialisation and the model's forward included)")
+          "(initialisation and the model's forward included, any cache filling before training too)")
     (out / SEVERAL_RUNS).write_text(json.dumps({"runs": plan, "world_size": world, "processes": how,
                                                 "throughput": throughput}, indent=2))
