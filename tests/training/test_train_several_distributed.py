@@ -111,8 +111,9 @@ def test_spread_ranks_split_the_forward_through_the_activation_cache(tiny_bert, 
     output = _torchrun(2, [*args, "--activation-cache", str(cache), "--out", str(tmp_path / "spread")], first)
     for rank, counts in enumerate(_counts(first, 2)):
         share = len(range(rank, n_chunks, 2))
-        # one short pass for the hooks' widths, then its own chunks only, then none while training
-        assert counts == {"setup": 1, "fill": share, "after": 0}, (rank, counts)
+        # at most one short pass for the hooks' widths (none when another rank has already cached chunk 0 at
+        # every hook), then its own chunks only, then none while training
+        assert counts["setup"] <= 1 and (counts["fill"], counts["after"]) == (share, 0), (rank, counts)
     assert f"activation cache: rank 0 of 2 ran the model on {len(range(0, n_chunks, 2))} of its" in output
     assert len(list(cache.glob("*/chunk_*.safetensors"))) == 3 * n_chunks  # every hook's folder holds every chunk
     _one_process([*args, "--activation-cache", "none", "--out", str(tmp_path / "one")])
