@@ -1,6 +1,21 @@
-"""Shared by the SAELens integration tests: SAELens' own trainer on a few small batches."""
+"""Shared by the SAELens integration tests: the tolerances against SAELens, a fixture that leaves
+SAELens unpatched around each test, and SAELens' own trainer on a few small batches."""
 
+import pytest
 import torch
+
+# fastsae's patched classes against SAELens' own code, per dtype.
+SAELENS_TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-5)}
+
+
+@pytest.fixture(autouse=True)
+def unpatched_saelens():
+    """Each test starts and ends with SAELens' classes unpatched (import it into a test module)."""
+    from fastsae.integrations import revert_saelens
+
+    revert_saelens()
+    yield
+    revert_saelens()
 
 
 def fit_with_saelens_trainer(sae, d_in: int, steps: int = 6, batch: int = 16, seed: int = 7):

@@ -12,16 +12,9 @@ from sae_lens.saes.sae import TrainStepInput  # noqa: E402
 
 import fastsae.integrations.saelens as integ  # noqa: E402
 from fastsae.integrations import apply_to_saelens, revert_saelens, saelens_accelerated_classes  # noqa: E402
-from helpers.saelens import fit_with_saelens_trainer  # noqa: E402
+from helpers.saelens import fit_with_saelens_trainer, unpatched_saelens  # noqa: E402,F401  (unpatched_saelens: autouse fixture)
 
 D_IN, D_SAE, K, N = 24, 96, 5, 40
-
-
-@pytest.fixture(autouse=True)
-def _unpatched():
-    revert_saelens()
-    yield
-    revert_saelens()
 
 
 def _training_sae(rescale=True, apply_b_dec=True, seed=0, sparse=False):

@@ -30,18 +30,11 @@ from sae_lens.saes.sae import TrainStepInput  # noqa: E402
 
 import fastsae.integrations.saelens_threshold as threshold_patch  # noqa: E402
 from fastsae.integrations import apply_to_saelens, revert_saelens, saelens_accelerated_classes  # noqa: E402
-from helpers.saelens import fit_with_saelens_trainer  # noqa: E402
+from helpers.saelens import SAELENS_TOL, fit_with_saelens_trainer, unpatched_saelens  # noqa: E402,F401  (unpatched_saelens: autouse fixture)
 
 # d_sae 400: rows of up to 50 entries take the sparse path on the CPU (d_sae / 8).
 D_IN, D_OUT, D_SAE, N = 24, 19, 400, 37
-TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-5)}
-
-
-@pytest.fixture(autouse=True)
-def _unpatched():
-    revert_saelens()
-    yield
-    revert_saelens()
+TOL = SAELENS_TOL
 
 
 @pytest.fixture
