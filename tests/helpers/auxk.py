@@ -58,3 +58,14 @@ def assert_aux_pre_matches(got: torch.Tensor, pre64: torch.Tensor, latents: torc
 def aux_pre_via_reference(pre64: torch.Tensor, latents: torch.Tensor, k_aux: int) -> torch.Tensor:
     """`reference.aux_select` over `reference.aux_columns` (the library's own vectorised rule)."""
     return reference.aux_select(reference.aux_columns(pre64, latents), latents, k_aux)
+
+
+def spread_parameters(sae):
+    """Give a fresh SAE (fastsae's or SAELens': the same parameter names) non-zero biases and decoder
+    rows of different norms, so that b_dec, b_enc and the decoder-norm rescaling all show in the
+    losses and gradients the AuxK tests compare. Returns the SAE."""
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.3)
+        sae.b_enc.normal_(0, 0.1)
+        sae.W_dec.mul_(torch.rand(sae.W_dec.shape[0], 1, dtype=sae.W_dec.dtype) + 0.5)
+    return sae

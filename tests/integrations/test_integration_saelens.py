@@ -12,6 +12,7 @@ from sae_lens.saes.sae import TrainStepInput  # noqa: E402
 
 import fastsae.integrations.saelens as integ  # noqa: E402
 from fastsae.integrations import apply_to_saelens, revert_saelens, saelens_accelerated_classes  # noqa: E402
+from helpers.auxk import spread_parameters  # noqa: E402
 from helpers.saelens import fit_with_saelens_trainer, unpatched_saelens  # noqa: E402,F401  (unpatched_saelens: autouse fixture)
 
 D_IN, D_SAE, K, N = 24, 96, 5, 40
@@ -24,11 +25,7 @@ def _training_sae(rescale=True, apply_b_dec=True, seed=0, sparse=False):
         aux_loss_coefficient=0.75, use_sparse_activations=sparse,
     )
     sae = TopKTrainingSAE(cfg)
-    with torch.no_grad():  # no zero biases, decoder rows of different norms
-        sae.b_dec.normal_(0, 0.3)
-        sae.b_enc.normal_(0, 0.1)
-        sae.W_dec.mul_(torch.rand(D_SAE, 1) + 0.5)
-    return sae
+    return spread_parameters(sae)
 
 
 def _step(sae, x, mask):

@@ -20,6 +20,7 @@ from sae_lens.saes.sae import TrainStepInput  # noqa: E402
 import fastsae.integrations.saelens_batchtopk as batchtopk_patch  # noqa: E402
 from fastsae.integrations._saelens_common import sparse_path_of  # noqa: E402
 from fastsae.integrations import apply_to_saelens, saelens_accelerated_classes  # noqa: E402
+from helpers.auxk import spread_parameters  # noqa: E402
 from helpers.saelens import SAELENS_TOL, fit_with_saelens_trainer, unpatched_saelens  # noqa: E402,F401  (unpatched_saelens: autouse fixture)
 
 D_IN, D_SAE = 24, 96
@@ -52,11 +53,7 @@ def _sae(kind, k, dtype=torch.float64, rescale=True, **kw):
             sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common, **kw))
         else:
             sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(**common, matryoshka_widths=list(WIDTHS), **kw))
-    with torch.no_grad():  # no zero biases, decoder rows of different norms
-        sae.b_dec.normal_(0, 0.3)
-        sae.b_enc.normal_(0, 0.1)
-        sae.W_dec.mul_(torch.rand(D_SAE, 1, dtype=dtype) + 0.5)
-    return sae
+    return spread_parameters(sae)
 
 
 def _step(sae, x, mask):

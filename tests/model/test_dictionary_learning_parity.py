@@ -6,6 +6,8 @@ threshold's sequence over steps (topk_threshold_start_step, topk_threshold_first
 import pytest
 import torch
 
+from helpers.auxk import spread_parameters
+
 import fastsae
 from fastsae import SAE
 from fastsae.training import TrainerConfig
@@ -22,11 +24,7 @@ def _sae(architecture, k, path, **options):
     sae = SAE(d_in=D_IN, d_sae=D_SAE, architecture=architecture, k=k, dtype="float64",
               rescale_acts_by_decoder_norm=False, **options)  # dictionary_learning does not rescale
     sae.sparse_width_limit = {"sparse": D_SAE, "dense": 0}[path]
-    with torch.no_grad():  # no zero biases, decoder rows of different norms
-        sae.b_dec.normal_(0, 0.3)
-        sae.b_enc.normal_(0, 0.1)
-        sae.W_dec.mul_(torch.rand(D_SAE, 1, dtype=sae.dtype) + 0.5)
-    return sae
+    return spread_parameters(sae)
 
 
 def _reference_loss(p, x, k, batch, group_sizes, group_weights, dead):

@@ -7,6 +7,8 @@ import warnings
 import pytest
 import torch
 
+from helpers.auxk import spread_parameters
+
 import fastsae
 from fastsae import SAE
 from fastsae.architectures.matryoshka import default_widths, widths_from_group_sizes
@@ -20,11 +22,7 @@ def _fastsae(k, widths=WIDTHS, dtype="float64", rescale=True, d_in=D_IN, d_sae=D
     sae = SAE(d_in=d_in, d_sae=d_sae, architecture="matryoshka_batchtopk", k=k, matryoshka_widths=widths,
               dtype=dtype, rescale_acts_by_decoder_norm=rescale)
     sae.sparse_width_limit = {"sparse": d_sae, "dense": 0}[path]
-    with torch.no_grad():  # no zero biases, decoder rows of different norms
-        sae.b_dec.normal_(0, 0.3)
-        sae.b_enc.normal_(0, 0.1)
-        sae.W_dec.mul_(torch.rand(d_sae, 1, dtype=sae.dtype) + 0.5)
-    return sae
+    return spread_parameters(sae)
 
 
 def _saelens_twin(sae, aux_coefficient):
