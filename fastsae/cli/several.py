@@ -116,19 +116,6 @@ def _placement(n_saes: int, world: int) -> tuple[str, list]:
     return "data parallel", ["all"] * n_saes
 
 
-def _any_rank(flag: bool, device) -> bool:
-    """True on every rank if `flag` is True on any (collective; `flag` itself outside torchrun)."""
-    from fastsae import distributed as fdist
-
-    if not fdist.is_distributed():
-        return flag
-    import torch
-
-    total = torch.tensor([float(flag)], device=device if torch.device(device).type == "cuda" else "cpu")
-    torch.distributed.all_reduce(total)
-    return bool(total.item())
-
-
 def _gather(value) -> list:
     """Every rank's `value`, in rank order (collective; [value] outside torchrun)."""
     from fastsae import distributed as fdist
@@ -256,7 +243,9 @@ def _all_set(step, device) -> bool:
         step()
     except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError, RuntimeError) as exc:
         error = str(exc)
-    if _any_rank(error is not None, device):  # every rank stops, not only the one that failed
+    from fastsae import distributed as fdist
+
+    if fdist.any_rank(error is not None, device):  # every rank stops, not only the one that failed
         print(f"fastsae train: {error or 'another process could not set up its SAEs (its message is above)'}",
               file=sys.stderr)
         return False

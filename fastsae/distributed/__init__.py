@@ -31,6 +31,7 @@ Kernels and ops stay single-device: this package only calls `fastsae.ops` and to
 
 from fastsae.distributed.data_parallel import all_reduce_fired, data_parallel
 from fastsae.distributed.process import (
+    any_rank,
     exit_process,
     get_rank,
     get_world_size,
@@ -51,8 +52,8 @@ from fastsae.distributed.sharding import (
 )
 
 __all__ = [
-    "SHARDABLE_ARCHITECTURES", "ShardedSAE", "ShardedTrainOutput", "all_reduce_fired", "batch_slice", "data_parallel",
-    "exit_process", "get_rank", "get_world_size", "init_decoder_rows", "init_from_env", "is_distributed",
-    "is_main_process", "latent_dim", "launched_by_torchrun", "shard_range", "sharded_initial_sae", "shutdown",
-    "slice_loss_weight",
+    "SHARDABLE_ARCHITECTURES", "ShardedSAE", "ShardedTrainOutput", "all_reduce_fired", "any_rank", "batch_slice",
+    "data_parallel", "exit_process", "get_rank", "get_world_size", "init_decoder_rows", "init_from_env",
+    "is_distributed", "is_main_process", "latent_dim", "launched_by_torchrun", "shard_range", "sharded_initial_sae",
+    "shutdown", "slice_loss_weight",
 ]

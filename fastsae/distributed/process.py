@@ -16,6 +16,17 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def any_rank(flag: bool, device=None) -> bool:
+    """True on every rank if `flag` is True on any: one decision for all (a collective over the
+    default group; `flag` itself outside one). `device`: where the count goes (CUDA for NCCL)."""
+    if not is_distributed():
+        return bool(flag)
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    total = torch.tensor([float(flag)], device=device if on_cuda else "cpu")
+    dist.all_reduce(total)
+    return bool(total.item())
+
+
 def shutdown(barrier: bool = True) -> None:
     """Leave the process group, if in one. With `barrier`, every rank first waits for the others,
     so none tears its connections down while a peer still finishes its last writes.

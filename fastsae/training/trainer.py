@@ -307,11 +307,8 @@ class Trainer:
 
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank if `flag` is True on any (one decision for all; collective)."""
-        if self.world_size == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=self.sae.device)
-        torch.distributed.all_reduce(t)
-        return bool(t.item())
+        # A local trainer under a process group is one process: no collective.
+        return flag if self.world_size == 1 else fdist.any_rank(flag, self.sae.device)
 
     def last_checkpoint_step(self) -> Optional[int]:
         return None if self.last_checkpoint is None else int(self.last_checkpoint.name.split("_")[-1])
