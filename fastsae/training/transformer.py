@@ -193,8 +193,7 @@ class TransformerActivations:
         self._check_chunk(index)
         rows = self._cached(self.hook, index)
         if rows is None:
-            first = index * self.seqs_per_chunk
-            rows = self._run_windows(first, min(self.n_windows, first + self.seqs_per_chunk))
+            rows = self._run_chunk(index, split=False)
             if len(self.hooks) > 1:
                 rows = rows[0]
             self._store(self.hook, index, rows)
@@ -207,11 +206,8 @@ class TransformerActivations:
         cached = [self._cached(hook, index) for hook in self.hooks]
         if all(rows is not None for rows in cached):
             return cached
-        first = index * self.seqs_per_chunk
-        computed = self._run_windows(first, min(self.n_windows, first + self.seqs_per_chunk), split=True)
-        for hook, rows, was_cached in zip(self.hooks, computed, cached):
-            if was_cached is None:
-                self._store(hook, index, rows)
+        computed = self._run_chunk(index)
+        self._store_missing(index, computed, [hook for hook, rows in zip(self.hooks, cached) if rows is None])
         return computed
 
     def cache_chunks(self, indices: Sequence[int]) -> int:
@@ -228,12 +224,8 @@ class TransformerActivations:
             missing = [hook for hook in self.hooks if not self._cache_path(hook, index).exists()]
             if not missing:
                 continue
-            first = index * self.seqs_per_chunk
-            computed = self._run_windows(first, min(self.n_windows, first + self.seqs_per_chunk), split=True)
+            self._store_missing(index, self._run_chunk(index), missing)
             passes += 1
-            for hook, rows in zip(self.hooks, computed):
-                if hook in missing:
-                    self._store(hook, index, rows)
         return passes
 
     def with_hooks(self, hooks: Sequence[str]) -> "TransformerActivations":
@@ -282,6 +274,12 @@ class TransformerActivations:
             from safetensors.torch import save_file
 
             atomic_write(path, lambda tmp: save_file({"activations": rows}, tmp))
+
+    def _store_missing(self, index: int, computed: list[Tensor], missing: list[str]) -> None:
+        """Write chunk `index`'s rows (`computed`, in `hooks` order) for the hooks in `missing` only."""
+        for hook, rows in zip(self.hooks, computed):
+            if hook in missing:
+                self._store(hook, index, rows)
 
     def _cached_widths(self) -> Optional[list[int]]:
         """Each hook's width from its cached first chunk (None unless all are cached; a transcoder's pairs are
@@ -371,6 +369,11 @@ class TransformerActivations:
             raise ValueError(f"hook: {self.model_path} has no module {name!r}; {_some_module_names(self.model)}") from None
 
     @torch.inference_mode()
+    def _run_chunk(self, index: int, split: bool = True):
+        """Chunk `index`'s rows from the model: `seqs_per_chunk` windows (fewer in the last chunk)."""
+        first = index * self.seqs_per_chunk
+        return self._run_windows(first, min(self.n_windows, first + self.seqs_per_chunk), split=split)
+
     def _run_windows(self, first: int, stop: int, split: bool = False):
         """Activations [rows, d] of the tokens in windows [first, stop) (a transcoder's pairs side by
         side, [rows, d_in + d_out]; with `split`, the list of each hook's)."""
