@@ -104,11 +104,9 @@ class Precision:
         gradients fewer (clipping alone took 0.26 ms of a 35 ms step at 256 -> 4096, 2 cores), the
         same bits."""
         if max_norm is not None and isinstance(optimizer, ChunkedAdam):
-            coef = self.clip_coefficient(max_norm, grad_norm)
-            if coef is not None:
-                optimizer.step(grad_scale=coef)
-                return
-        elif max_norm is not None:
+            optimizer.step(grad_scale=self.clip_coefficient(max_norm, grad_norm))  # None: no gradients to scale
+            return
+        if max_norm is not None:
             self.clip_gradients(max_norm, grad_norm)
         optimizer.step()
 
